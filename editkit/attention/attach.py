@@ -1,0 +1,141 @@
+"""``attach``: install editkit's processor on the sites a controller applies to, restore on exit.
+
+This is the only code in editkit that calls ``set_attn_processor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    XFormersAttnProcessor,
+)
+
+from editkit.attention.controller import AttentionController, compose
+from editkit.attention.kernels import AttentionKernel
+from editkit.attention.processor import EditkitAttnProcessor, UNetCallState
+from editkit.attention.sites import Site
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["attach", "attention_sites"]
+
+# Processors whose computation editkit's processor reproduces exactly: replaced while attached.
+_STOCK = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
+# Processors whose extra work editkit's processor carries along (decoupled image cross-attention).
+_IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+
+
+def attention_sites(model: torch.nn.Module) -> list[Site]:
+    """Every attention site of ``model`` (a UNet), parsed from ``attn_processors``'s names."""
+    modules = dict(model.named_modules())
+    sites = []
+    for key in model.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules.get(name)
+        sites.append(Site.from_name(name, getattr(module, "is_cross_attention", None)))
+    return sites
+
+
+@contextlib.contextmanager
+def attach(
+    unet: torch.nn.Module,
+    controller: AttentionController | Sequence[AttentionController],
+    *,
+    backend: str = "sdpa",
+    sdpa_backends: Sequence[object] | None = None,
+    chunk_size: int = 1024,
+) -> Iterator[AttentionController]:
+    """Run ``unet`` with ``controller`` on the sites it applies to; restore the processors after.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL) or any model exposing
+            ``attn_processors``/``set_attn_processor``.
+        controller: one controller or a list of them (composed, run in order).
+        backend: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning off CUDA).
+        sdpa_backends: optional ``SDPBackend`` members to restrict SDPA to.
+        chunk_size: query rows per chunk where explicit probabilities are requested.
+
+    Yields the (composed) controller. The original processor objects are restored in
+    ``finally``, also when the body raises. Nested ``attach`` calls compose: the inner
+    controller runs after the outer one on the sites both apply to. A site carrying an
+    IP-Adapter processor keeps its image prompt; any other foreign processor is left in place
+    (with a warning if the controller wanted that site). Fused QKV projections and diffusers'
+    xformers toggle are refused while attached (they replace or bypass the processors).
+    """
+    if not isinstance(controller, AttentionController):
+        controller = compose(*controller)
+    _refuse_fused_projections(unet)
+    kernel = AttentionKernel(backend=backend, sdpa_backends=sdpa_backends, chunk_size=chunk_size)
+    call_state = UNetCallState()
+    snapshot = dict(unet.attn_processors)
+    installed = _build_processors(unet, snapshot, controller, kernel, call_state)
+    hook = unet.register_forward_pre_hook(_record_latent_size(call_state), with_kwargs=True)
+    unet.set_attn_processor(dict(installed))  # set_attn_processor empties the dict it is given
+    try:
+        yield controller
+    finally:
+        hook.remove()
+        if any(unet.attn_processors[k] is not installed[k] for k in installed):
+            logger.warning(
+                "attention processors were replaced while an editkit controller was attached "
+                "(e.g. enable_xformers_memory_efficient_attention); restoring the originals"
+            )
+        unet.set_attn_processor(dict(snapshot))
+
+
+def _build_processors(unet, snapshot, controller, kernel, call_state) -> dict:
+    modules = dict(unet.named_modules())
+    processors = dict(snapshot)
+    for key, original in snapshot.items():
+        name = key.removesuffix(".processor")
+        site = Site.from_name(name, getattr(modules.get(name), "is_cross_attention", None))
+        if not controller.applies_to(site):
+            continue
+        if isinstance(original, EditkitAttnProcessor):  # nested attach: compose with the outer one
+            processors[key] = EditkitAttnProcessor(
+                site,
+                compose(original.controller, controller),
+                original.kernel,
+                original.call_state,
+                original.ip_adapter,
+            )
+        elif isinstance(original, _STOCK):
+            processors[key] = EditkitAttnProcessor(site, controller, kernel, call_state)
+        elif isinstance(original, _IP_ADAPTER):
+            processors[key] = EditkitAttnProcessor(site, controller, kernel, call_state, ip_adapter=original)
+        else:
+            logger.warning(
+                "site %s has a foreign attention processor (%s); leaving it in place, the controller "
+                "does not run there",
+                name,
+                type(original).__name__,
+            )
+    return processors
+
+
+def _refuse_fused_projections(unet: torch.nn.Module) -> None:
+    for module in unet.modules():
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+            raise RuntimeError(
+                "the UNet has fused QKV projections (fuse_qkv_projections); call "
+                "unfuse_qkv_projections() before using editkit's attention controllers"
+            )
+
+
+def _record_latent_size(call_state: UNetCallState):
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            call_state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        return None
+
+    return hook

@@ -1,0 +1,171 @@
+"""Ready-made recording controllers: cross-attention maps, per-site q/k/v, self-attention outputs.
+
+Every store keys what it keeps by site name (and timestep where it says so) and overwrites on a
+repeated call, so gradient checkpointing's second run of a processor never duplicates entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from editkit.attention.controller import AttentionController
+from editkit.attention.sites import Site, site_matches
+
+__all__ = ["CrossAttentionMapStore", "QKVRecorder", "SelfAttentionOutputRecorder"]
+
+
+class _SiteFilter(AttentionController):
+    """A controller restricted to a kind of site and, optionally, named sites (patterns)."""
+
+    kind: str = "self"
+
+    def __init__(self, sites: str | Sequence[str] | None = None, role: str | None = None) -> None:
+        super().__init__()
+        self.site_patterns = sites
+        self.role = role
+
+    def applies_to(self, site: Site) -> bool:
+        return site.kind == self.kind and site_matches(site.name, self.site_patterns)
+
+    def rows(self, batch_size: int) -> slice:
+        return self.role_rows(self.role, batch_size) if self.role is not None else slice(0, batch_size)
+
+
+class CrossAttentionMapStore(_SiteFilter):
+    """Head-averaged cross-attention probabilities of chosen grids, for one batch role.
+
+    Args:
+        grids: token grids to keep, e.g. ``[(16, 16)]``; ``None`` keeps every grid.
+        role: the batch role to keep (``"cond"`` under classifier-free guidance); ``None`` keeps
+            the whole batch.
+        sites: optional site patterns (see ``select_sites``).
+        with_grad: keep the autograd graph (for losses on the maps); otherwise detached.
+
+    ``maps[site]`` is ``(batch, height, width, text_tokens)``.
+    """
+
+    kind = "cross"
+
+    def __init__(
+        self,
+        grids: Sequence[tuple[int, int]] | None = None,
+        role: str | None = "cond",
+        sites: str | Sequence[str] | None = None,
+        with_grad: bool = False,
+    ) -> None:
+        super().__init__(sites, role)
+        self.grids = None if grids is None else {tuple(g) for g in grids}
+        self.with_grad = with_grad
+        self.maps: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, list[torch.Tensor]] = {}
+
+    def wants_probs(self, site: Site) -> bool:
+        return site.grid is not None and (self.grids is None or site.grid in self.grids)
+
+    def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
+        probs = probs[self.rows(probs.shape[0])].mean(dim=1)  # (batch, queries, keys)
+        if not self.with_grad:
+            probs = probs.detach()
+        chunks = [] if queries.start == 0 else self._pending.get(site.name, [])
+        chunks.append(probs)
+        height, width = site.grid
+        if queries.stop == height * width:
+            full = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+            self.maps[site.name] = full.reshape(full.shape[0], height, width, full.shape[-1])
+            self._pending.pop(site.name, None)
+        else:
+            self._pending[site.name] = chunks
+
+    def aggregate(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mean of the stored maps over sites (of ``grid`` when given): ``(batch, h, w, tokens)``."""
+        maps = [m for m in self.maps.values() if grid is None or tuple(m.shape[1:3]) == tuple(grid)]
+        if not maps:
+            raise RuntimeError("no cross-attention maps were recorded (wrong grid or sites?)")
+        shapes = {tuple(m.shape) for m in maps}
+        if len(shapes) > 1:
+            raise ValueError(f"stored maps have different shapes {sorted(shapes)}; pass a grid")
+        return torch.stack(maps).mean(dim=0)
+
+    def clear(self) -> None:
+        self.maps.clear()
+        self._pending.clear()
+
+
+class QKVRecorder(_SiteFilter):
+    """Queries, keys and/or values per (site, timestep), for one batch role.
+
+    Args:
+        sites: site patterns (self-attention sites by default kind).
+        keep: which of ``"query"``, ``"key"``, ``"value"`` to record (only those are stored).
+        role: batch role to keep; ``None`` keeps the whole batch.
+        dtype: storage dtype (float16 by default: half the memory of the research code's fp32).
+        offload: move recordings to this device (e.g. ``"cpu"``) as they are made.
+        kind: ``"self"`` or ``"cross"`` sites.
+
+    ``records[(site, timestep)]`` maps ``"query"``/``"key"``/``"value"`` to
+    ``(batch, heads, tokens, head_dim)`` tensors; the timestep is the one given to
+    ``begin_step`` (the exact scheduler timestep).
+    """
+
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = None,
+        keep: Sequence[str] = ("query", "key", "value"),
+        role: str | None = None,
+        dtype: torch.dtype | None = torch.float16,
+        offload: str | torch.device | None = None,
+        kind: str = "self",
+    ) -> None:
+        super().__init__(sites, role)
+        unknown = set(keep) - {"query", "key", "value"}
+        if unknown:
+            raise ValueError(f"QKVRecorder can keep 'query', 'key', 'value', not {sorted(unknown)}")
+        self.kind = kind
+        self.keep = tuple(keep)
+        self.dtype = dtype
+        self.offload = offload
+        self.records: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def on_qkv(self, site, query, key, value):
+        if self.timestep is None:
+            raise RuntimeError("QKVRecorder needs begin_step(index, timestep) before each UNet call")
+        tensors = {"query": query, "key": key, "value": value}
+        rows = self.rows(query.shape[0])
+        self.records[(site.name, self.timestep)] = {name: self._stored(tensors[name][rows]) for name in self.keep}
+        return query, key, value
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        return tensor.to(device=self.offload or tensor.device, dtype=self.dtype or tensor.dtype).clone()
+
+    def nbytes(self) -> int:
+        """Bytes held by the recordings."""
+        return sum(t.numel() * t.element_size() for rec in self.records.values() for t in rec.values())
+
+
+class SelfAttentionOutputRecorder(_SiteFilter):
+    """Self-attention layer outputs (after ``to_out``) by site, for one batch role.
+
+    ``outputs[site]`` is ``(batch, tokens, dim)``; with ``keep_grad`` the tensor stays in the
+    autograd graph (contrastive losses backpropagate through it), otherwise it is detached.
+    """
+
+    def __init__(
+        self, sites: str | Sequence[str] | None = None, role: str | None = None, keep_grad: bool = False
+    ) -> None:
+        super().__init__(sites, role)
+        self.keep_grad = keep_grad
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.grids: dict[str, tuple[int, int] | None] = {}
+
+    def on_output(self, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
+        kept = hidden_states[self.rows(hidden_states.shape[0])]
+        self.outputs[site.name] = kept if self.keep_grad else kept.detach()
+        self.grids[site.name] = site.grid
+        return hidden_states
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.grids.clear()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny offline pipelines (built once per session) and an offline Hub."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ and pipelines/ importable from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def sd15_pipe():
+    from editkit.testing import tiny_sd15_pipeline
+
+    return tiny_sd15_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from editkit.testing import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tmp_path_factory):
+    from editkit.testing import tiny_sd15_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd15")
+    tiny_sd15_pipeline(seed=0, path=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    from editkit.testing import tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(seed=0, path=path)
+    return path
