@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ and pipelines/ importable from a source checkout
     sys.path.insert(0, str(ROOT))

@@ -1,0 +1,59 @@
+"""The ``editkit`` console command: parse, dispatch to a subcommand, map errors to exit codes.
+
+Exit codes: 0 success, 1 unexpected failure (a bug: run with ``--debug`` for the traceback),
+2 a problem the user can fix (bad input, bad option, model not loadable), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from editkit import __version__
+from editkit.errors import EditkitError
+
+# Subcommand modules under editkit.commands, in the order --help lists them.
+COMMANDS = ("env",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editkit",
+        description="Diffusion-based image editing and style transfer.",
+        epilog="Run 'editkit COMMAND --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"editkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"editkit.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="editkit: %(message)s")
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except EditkitError as error:
+        print(f"editkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("editkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        message = f"{type(error).__name__}: {error}"
+        print(f"editkit: unexpected error: {message} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
