@@ -1,0 +1,1 @@
+"""Benchmarks for editkit (importable so tests and other benchmarks can reuse them)."""
