@@ -252,3 +252,25 @@ def test_fused_projections_are_refused(sd15_pipe):
             pass
     finally:
         module.fused_projections = False
+
+
+def test_inserted_context_tokens_are_removed_from_maps(sd15_pipe):
+    unet = sd15_pipe.unet
+
+    class Insert(AttentionController):
+        def applies_to(self, site):
+            return site.is_cross
+
+        def inserted_tokens(self, site):
+            return (1, 3)
+
+        def on_context(self, site, context):
+            extra = torch.zeros(context.shape[0], 3, context.shape[2])
+            return torch.cat([context[:, :1], extra, context[:, 1:]], dim=1)
+
+    store = CrossAttentionMapStore(grids=[(4, 4)], role=None)
+    with attach(unet, [Insert(), store]):
+        _run(unet, _unet_inputs(unet))
+    maps = store.aggregate()
+    assert maps.shape[-1] == 77  # the prompt's own tokens, indices unshifted
+    assert (maps.sum(-1) < 1).all()  # the inserted tokens took some of the attention

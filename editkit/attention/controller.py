@@ -9,7 +9,9 @@ diffusers' layout:
   controller's choice); return ``None`` to keep the kernel's default;
 - ``on_probs``: ``(batch, heads, queries, keys)`` for the query rows ``queries`` (a slice): the
   explicit-probability kernel is chunked over queries, so a controller sees the map in pieces
-  and must not assume one call per layer;
+  and must not assume one call per layer. Keys that a controller inserted into the context
+  (``inserted_tokens``, e.g. SoftREPA's soft tokens) are removed first, so token indices of the
+  prompt never shift;
 - ``on_output``: ``(batch, tokens, dim)``, the layer's output after ``to_out`` (before the
   residual connection and output rescaling).
 
@@ -53,6 +55,10 @@ class AttentionController:
         """Called by the pipeline before the UNet evaluations of denoising/inversion step ``index``."""
         self.step_index = index
         self.timestep = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+
+    def inserted_tokens(self, site: Site) -> tuple[int, int] | None:
+        """``(start, count)`` of context tokens this controller inserts at ``site``, if any."""
+        return None
 
     # -- hooks -------------------------------------------------------------------------------
     def on_context(self, site: Site, context: torch.Tensor) -> torch.Tensor:
@@ -129,6 +135,12 @@ class ControllerList(AttentionController):
 
     def wants_probs(self, site: Site) -> bool:
         return any(c.wants_probs(site) for c in self._active(site))
+
+    def inserted_tokens(self, site: Site) -> tuple[int, int] | None:
+        insertions = [i for i in (c.inserted_tokens(site) for c in self._active(site)) if i is not None]
+        if len(insertions) > 1:
+            raise ValueError(f"several controllers insert context tokens at {site.name}; combine them into one")
+        return insertions[0] if insertions else None
 
     def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
         super().begin_step(index, timestep)

@@ -117,8 +117,12 @@ class EditkitAttnProcessor(nn.Module):
         scale = controller.softmax_scale(site, None)
         on_probs = None
         if controller.wants_probs(site):
+            inserted = controller.inserted_tokens(site) if site.is_cross else None
 
             def on_probs(probs: torch.Tensor, queries: slice) -> None:
+                if inserted is not None:  # prompt token indices never shift
+                    start, count = inserted
+                    probs = torch.cat([probs[..., :start], probs[..., start + count :]], dim=-1)
                 controller.on_probs(site, probs, queries)
 
         hidden_states = self.kernel(query, key, value, attention_mask, scale, on_probs)
