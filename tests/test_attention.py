@@ -79,15 +79,15 @@ def test_infer_grid_handles_odd_latents():
     assert infer_grid(64, None) == (8, 8)
 
 
-class _Boom(RuntimeError):
+class _BoomError(RuntimeError):
     pass
 
 
 def test_attach_restores_original_objects_also_on_error(sd15_pipe):
     unet = sd15_pipe.unet
     before = dict(unet.attn_processors)
-    with pytest.raises(_Boom), attach(unet, AttentionController()):
-        raise _Boom
+    with pytest.raises(_BoomError), attach(unet, AttentionController()):
+        raise _BoomError
     after = unet.attn_processors
     assert all(after[k] is before[k] for k in before)
 
