@@ -1,0 +1,112 @@
+"""Text conditioning for SD 1.x/2.x and SDXL UNets, shared by every editkit pipeline.
+
+``encode_text`` returns what one UNet call needs for a list of prompts: the cross-attention
+context and, for SDXL, ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids),
+computed the way diffusers' own Stable Diffusion pipelines do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TextConditioning", "encode_text", "is_sdxl_unet"]
+
+
+@dataclass
+class TextConditioning:
+    """The UNet's text inputs for a batch of prompts.
+
+    ``prompt_embeds``: ``(batch, tokens, cross_attention_dim)``; ``added_cond_kwargs``: SDXL's
+    ``{"text_embeds", "time_ids"}`` or ``None`` for SD 1.x/2.x.
+    """
+
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def cat(parts: list[TextConditioning]) -> TextConditioning:
+        """Concatenate along the batch (e.g. ``[uncond, cond]`` for classifier-free guidance)."""
+        embeds = torch.cat([p.prompt_embeds for p in parts])
+        if parts[0].added_cond_kwargs is None:
+            return TextConditioning(embeds)
+        added = {key: torch.cat([p.added_cond_kwargs[key] for p in parts]) for key in parts[0].added_cond_kwargs}
+        return TextConditioning(embeds, added)
+
+    def repeat(self, times: int) -> TextConditioning:
+        """Each row repeated ``times`` times (for several images per prompt)."""
+        embeds = self.prompt_embeds.repeat_interleave(times, dim=0)
+        if self.added_cond_kwargs is None:
+            return TextConditioning(embeds)
+        return TextConditioning(
+            embeds, {k: v.repeat_interleave(times, dim=0) for k, v in self.added_cond_kwargs.items()}
+        )
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments for ``unet(sample, t, **kwargs)``."""
+        kwargs: dict = {"encoder_hidden_states": self.prompt_embeds}
+        if self.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
+        return kwargs
+
+
+def is_sdxl_unet(unet) -> bool:
+    """SDXL-style UNets take pooled text embeddings and size/crop ids (``text_time``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+def _encode_sd(pipe, prompts: list[str], device, dtype) -> TextConditioning:
+    ids = _tokenize(pipe.tokenizer, prompts, device)
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = (ids != pipe.tokenizer.pad_token_id).long()
+    embeds = pipe.text_encoder(ids, attention_mask=mask)[0]
+    return TextConditioning(embeds.to(dtype))
+
+
+def _encode_sdxl(pipe, prompts: list[str], device, dtype, height: int, width: int) -> TextConditioning:
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False) and all(p == "" for p in prompts):
+        zero = _encode_sdxl_text(pipe, prompts, device)
+        embeds, pooled = torch.zeros_like(zero[0]), torch.zeros_like(zero[1])
+    else:
+        embeds, pooled = _encode_sdxl_text(pipe, prompts, device)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), device=device, dtype=dtype)
+    return TextConditioning(embeds.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids})
+
+
+def _encode_sdxl_text(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, pooled = [], None
+    encoders = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    for tokenizer, encoder in encoders:
+        if tokenizer is None or encoder is None:
+            continue
+        output = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output[0]  # the projected pooled output of the last (projection) encoder
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_text(
+    pipe, prompts: str | list[str], *, height: int | None = None, width: int | None = None
+) -> TextConditioning:
+    """Encode ``prompts`` with ``pipe``'s tokenizer(s) and text encoder(s) for its UNet.
+
+    ``height``/``width`` (pixels) fill SDXL's size conditioning (original = target size, no crop,
+    as diffusers' defaults); they default to the UNet's native size.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = pipe._execution_device
+    dtype = pipe.unet.dtype
+    if not is_sdxl_unet(pipe.unet):
+        return _encode_sd(pipe, prompts, device, dtype)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return _encode_sdxl(pipe, prompts, device, dtype, height or native, width or native)
