@@ -1,0 +1,357 @@
+"""The only image I/O helpers of editkit: load, normalise, resize, convert and save.
+
+Loading is defensive: the pixel count is checked from the header before any decoding, files are
+fully decoded (so truncated data fails here, not deep inside a pipeline), EXIF orientation is
+applied and every PIL mode is turned into 8-bit RGB. Problems the user can fix raise
+:class:`~editkit.errors.InputError` with a one-line message naming the file. Saving is atomic:
+:func:`atomic_write` writes a temporary file next to the target and renames it into place, so an
+interrupted save never leaves a partial file; other modules reuse it for safetensors files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from editkit.errors import InputError
+
+__all__ = [
+    "atomic_write",
+    "fit_size",
+    "load_image",
+    "load_mask",
+    "mask_coverage",
+    "pil_to_tensor",
+    "resize_to",
+    "save_image",
+    "tensor_to_pil",
+]
+
+logger = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image
+DEFAULT_MAX_PIXELS = 4096 * 4096
+MIN_SIDE = 8  # pixels; smaller images cannot hold one latent pixel
+MAX_ASPECT = 64  # longer side / shorter side
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def load_image(path_or_image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load a path or PIL image as 8-bit RGB, oriented by its EXIF tag, alpha composited on white.
+
+    ``max_pixels`` bounds width * height; it is checked from the header before decoding. PIL's own
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, never changed here) applies as well.
+    """
+    return _to_rgb(_read(path_or_image, max_pixels), _name(path_or_image))
+
+
+def load_mask(path_or_image: ImageInput, size: tuple[int, int], *, threshold: float = 0.5) -> torch.Tensor:
+    """Load a mask as a (1, 1, height, width) float tensor of 0s and 1s; ``size`` is (width, height).
+
+    The mask is the alpha channel when the image has a non-uniform one, its luminance otherwise;
+    it is resized bilinearly to ``size`` and thresholded (``value >= threshold`` is 1). Empty masks
+    are returned as they are: check :func:`mask_coverage`.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"mask threshold must be in (0, 1], got {threshold}")
+    name = _name(path_or_image)
+    gray = _mask_channel(_read(path_or_image, DEFAULT_MAX_PIXELS), name)
+    values = np.asarray(gray)
+    if not np.isin(values, (0, 255)).all():
+        warnings.warn(f"mask {name} is not binary; thresholded at {threshold}", stacklevel=2)
+    if gray.size != tuple(size):
+        warnings.warn(f"mask {name} is {gray.width}x{gray.height}, resized to {size[0]}x{size[1]}", stacklevel=2)
+        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
+    binary = np.asarray(gray, dtype=np.float32) / 255.0 >= threshold
+    return torch.from_numpy(binary.astype(np.float32))[None, None]
+
+
+def mask_coverage(mask: torch.Tensor) -> float:
+    """Fraction of mask pixels that are set (> 0.5): 0.0 for an empty mask, 1.0 for a full one."""
+    return float((mask > 0.5).float().mean()) if mask.numel() else 0.0
+
+
+def fit_size(
+    width: int, height: int, *, multiple: int = 8, max_side: int | None = None, target: int | None = None
+) -> tuple[int, int]:
+    """Scale (width, height) keeping the aspect ratio, then round each side to a multiple.
+
+    ``target`` is the new length of the longer side (None keeps the size), ``max_side`` caps both
+    sides; each side is rounded to the nearest multiple of ``multiple`` and is at least ``multiple``.
+    """
+    if width < 1 or height < 1 or multiple < 1:
+        raise InputError(f"invalid size {width}x{height} or multiple {multiple}")
+    if max_side is not None and max_side < multiple:
+        raise InputError(f"max_side {max_side} is smaller than the size multiple {multiple}")
+    scale = 1.0 if target is None else target / max(width, height)
+    if max_side is not None:
+        scale = min(scale, max_side / max(width, height))
+    limit = math.inf if max_side is None else (max_side // multiple) * multiple
+
+    def _round(side: float) -> int:
+        return int(min(limit, max(multiple, math.floor(side / multiple + 0.5) * multiple)))
+
+    return _round(width * scale), _round(height * scale)
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``size`` = (width, height) with Lanczos filtering (a no-op when already that size)."""
+    size = (int(size[0]), int(size[1]))
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def pil_to_tensor(images: Image.Image | Sequence[Image.Image], *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stack same-size images into a (batch, 3, height, width) tensor in [-1, 1]."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images:
+        raise InputError("pil_to_tensor needs at least one image")
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise InputError(f"images in a batch must share one size, got {sorted(sizes)}")
+    arrays = [np.asarray(_to_rgb(image, "image"), dtype=np.float32) for image in images]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (batch, 3, height, width)
+    return (batch / 127.5 - 1.0).to(dtype)
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> list[Image.Image]:
+    """Convert a (batch, 3 or 1, height, width) or (3 or 1, height, width) tensor in [-1, 1] to images."""
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+        raise InputError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(tensor.shape)}")
+    pixels = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).numpy()  # (batch, height, width, channels)
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(array[..., 0]) for array in pixels]  # mode L
+    return [Image.fromarray(array) for array in pixels]  # mode RGB
+
+
+def save_image(
+    image: Image.Image,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save atomically as PNG, JPEG or WebP (by extension); ``metadata`` goes into PNG text chunks."""
+    path = Path(path).expanduser()
+    image_format = SAVE_FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise InputError(f"cannot save {path}: use a .png, .jpg or .webp file name")
+    options: dict = {}
+    if metadata and image_format == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(str(key), str(value))
+        options["pnginfo"] = info
+    elif metadata:
+        warnings.warn(f"metadata is stored in PNG files only; not written to {path.name}", stacklevel=2)
+    if image_format == "JPEG" and image.mode not in ("RGB", "L"):
+        image = _to_rgb(image, str(path))
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format, **options), overwrite=overwrite)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+    """Write a file atomically: ``write_fn(temp_path)`` writes it, then it is renamed onto ``path``.
+
+    The temporary file lies in the target's folder (so the rename is atomic), is fsynced before
+    the rename and is deleted on any exception, KeyboardInterrupt included, so a partial file is
+    never left. Missing parent folders are created. An existing ``path`` is refused unless
+    ``overwrite``. Usage: ``atomic_write(out, lambda tmp: safetensors.torch.save_file(t, tmp))``.
+    Returns the final path.
+    """
+    path = Path(path).expanduser()
+    _check_target(path, overwrite)
+    tmp = _temp_file(path)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as written:  # flush to disk before the rename makes it visible
+            os.fsync(written.fileno())
+        _move_into_place(tmp, path, overwrite)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno in _DISK_FULL:
+            raise InputError(f"no space left on the device while writing {path}; free some space") from None
+        if error.errno in _NOT_WRITABLE:
+            raise InputError(f"cannot write {path}: {error.strerror}") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("wrote %s", path)
+    return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    """Refuse an existing target (unless ``overwrite``) and create the missing parent folders."""
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {path.parent}: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"the output folder {path.parent} is not writable; choose another path")
+
+
+def _temp_file(path: Path) -> Path:
+    """Create an empty hidden temporary file next to ``path`` (same suffix, so writers see the format).
+
+    NamedTemporaryFile creates it private (0o600); it gets the usual umask-based mode instead.
+    """
+    try:
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", delete=False
+        ) as handle:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(handle.name, 0o666 & ~umask)
+            return Path(handle.name)
+    except OSError as error:
+        raise InputError(f"cannot write in {path.parent}: {error.strerror}") from None
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` onto ``path``; without ``overwrite``, never replace a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic create-if-absent
+    except FileExistsError:
+        raise InputError(f"{path} exists; pass --overwrite to replace it") from None
+    except OSError:  # a file system without hard links
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+
+
+def _name(path_or_image: ImageInput) -> str:
+    return "image" if isinstance(path_or_image, Image.Image) else str(path_or_image)
+
+
+def _read(path_or_image: ImageInput, max_pixels: int) -> Image.Image:
+    """Check, fully decode and orient an image (first frame); its mode is left as it is."""
+    if isinstance(path_or_image, Image.Image):
+        _check_size(path_or_image, "image", max_pixels)
+        _decode(path_or_image, "image")
+        return _orient(path_or_image, "image")
+    path = Path(path_or_image).expanduser()
+    with _open(path) as image:
+        _check_size(image, str(path), max_pixels)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            warnings.warn(f"{path} has {frames} frames; using the first", stacklevel=3)
+        _decode(image, str(path))
+        return _orient(image, str(path))
+
+
+def _open(path: Path) -> Image.Image:
+    """Open (lazily) an image file, turning every failure into an InputError naming the file."""
+    if not path.exists():
+        raise InputError(f"image file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not an image PIL can read; use PNG, JPEG or WebP") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path} exceeds PIL's decompression-bomb pixel limit; downscale it") from None
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
+    """Refuse images over ``max_pixels`` or of a degenerate size, from the header (before decoding)."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(
+            f"{name} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; downscale it"
+        )
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(
+            f"{name} has a degenerate size {width}x{height} (sides must be >= {MIN_SIDE} px "
+            f"and the aspect ratio at most {MAX_ASPECT}:1)"
+        )
+
+
+def _decode(image: Image.Image, name: str) -> None:
+    """Decode all pixel data now, so truncated or corrupt files fail here."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{name} is truncated or corrupt ({error}); re-export or replace it") from None
+
+
+def _orient(image: Image.Image, name: str) -> Image.Image:
+    """Apply the EXIF orientation tag; returns a new image detached from the file."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, KeyError) as error:  # a broken EXIF block
+        logger.warning("ignoring the unreadable EXIF orientation of %s: %s", name, error)
+        return image.copy()
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha over white, integers and floats scaled to 0..255."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith(("I", "F")):
+        return _scale_to_8bit(image, name).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise InputError(f"{name} has the unsupported color mode {image.mode}; save it as RGB") from None
+
+
+def _scale_to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """Scale a 16/32-bit integer or float image to 8-bit grayscale without clipping.
+
+    16-bit modes and 32-bit integers within 0..65535 are 16-bit data (divided by 257: 65535 -> 255);
+    floats within 0..1 are multiplied by 255; other ranges are stretched from min..max, with a warning.
+    """
+    values = np.asarray(image).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if image.mode.startswith("I") and low >= 0 and high <= 65535:
+        scaled = values / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        warnings.warn(f"{name}: pixel values {low:g}..{high:g} stretched to 0..255", stacklevel=4)
+        scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8))  # mode L
+
+
+def _mask_channel(image: Image.Image, name: str) -> Image.Image:
+    """The mask as 8-bit grayscale: a non-uniform alpha channel, else the luminance."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        low, high = alpha.getextrema()
+        if low != high:
+            return alpha
+        image = image.convert("RGBA").convert("RGB")
+    return _to_rgb(image, name).convert("L")

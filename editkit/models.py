@@ -1,0 +1,310 @@
+"""Loading pipelines: device and dtype choice, model sources, family checks and clear errors.
+
+A model is a Hugging Face Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local
+diffusers folder (one with ``model_index.json``, as written by ``save_pretrained``) or a
+single-file ``.safetensors`` checkpoint. Weights are always loaded from safetensors: pickle-based
+files (``.ckpt``, ``.bin``, ...) can run code when loaded and are refused, and remote code is never
+trusted. Failures the user can fix raise :class:`~editkit.errors.ModelLoadError` (sources) or
+:class:`~editkit.errors.InputError` (options), each with a one-line message naming the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import re
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from editkit.errors import EditkitError, InputError, ModelLoadError
+
+__all__ = ["choose_device", "choose_dtype", "is_v_prediction", "load_pipeline", "model_family"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+SINGLE_FILE_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SUPPORTED_FAMILIES = "editkit supports Stable Diffusion 1.x/2.x and SDXL UNet pipelines"
+OFFLINE_MESSAGE = (
+    "model '{model}' is not in the local Hugging Face cache and the Hub cannot be reached (offline). "
+    "Download it once with network access, or pass a local diffusers folder: --model /path/to/folder"
+)
+OFFLINE_SINGLE_FILE_MESSAGE = (
+    "{model}: a single-file checkpoint needs its diffusers config from the Hub, which cannot be reached "
+    "(offline) and is not cached; pass config=<local diffusers folder> or use a diffusers folder"
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+PipelineT = TypeVar("PipelineT")
+_TRUE = ("1", "true", "yes", "on")
+# HTTP client modules (optional imports) and their "could not reach the server" exceptions.
+_HTTP_CONNECTION_ERRORS = (
+    ("httpx2", ("TransportError",)),
+    ("httpx", ("TransportError",)),
+    ("requests", ("ConnectionError", "Timeout")),
+)
+
+
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the given one (checked to exist), else CUDA, else MPS, else CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise InputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    _check_available(resolved)
+    return resolved
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _check_available(device: torch.device) -> None:
+    """Raise an InputError when ``device`` is not present on this machine."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"device '{device}' requested but CUDA is not available (no GPU or a CPU-only torch); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not _mps_available():
+        raise InputError("device 'mps' requested but Apple MPS is not available; use --device cpu")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise InputError("device 'xpu' requested but no Intel XPU is available; use --device cpu")
+
+
+def choose_dtype(device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The weights dtype: the given one (fp16, bf16 or fp32), else float16 on CUDA and float32 elsewhere.
+
+    float16 on the CPU is allowed but slow and poorly supported, so it warns.
+    """
+    device = torch.device(device)
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype if dtype in DTYPES.values() else None
+    else:
+        resolved = DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if resolved is None:
+        raise InputError(f"unsupported dtype {dtype!r}; use fp16, bf16 or fp32")
+    if resolved == torch.float16 and device.type == "cpu":
+        warnings.warn("float16 on the CPU is slow and some operations lack it; fp32 is advised", stacklevel=2)
+    return resolved
+
+
+def model_family(unet_or_pipe: Any) -> str:
+    """``"sdxl"`` for a UNet with ``text_time`` conditioning, ``"sd"`` for SD 1.x/2.x UNets.
+
+    Accepts a pipeline (its ``unet``) or a UNet; anything else (a transformer-based pipeline, a UNet
+    with other added conditioning) raises ModelLoadError.
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(unet_or_pipe, "unet", unet_or_pipe)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ModelLoadError(f"unsupported model family: {type(unet_or_pipe).__name__}; {SUPPORTED_FAMILIES}")
+    addition = unet.config.get("addition_embed_type")
+    if addition == "text_time":
+        return "sdxl"
+    if addition is None:
+        return "sd"
+    raise ModelLoadError(
+        f"unsupported model family: {type(unet_or_pipe).__name__} (UNet conditioning {addition!r}); "
+        f"{SUPPORTED_FAMILIES}"
+    )
+
+
+def is_v_prediction(scheduler: Any) -> bool:
+    """Whether the scheduler (and so the model) predicts velocity v rather than noise epsilon."""
+    return scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+
+
+def load_pipeline(
+    pipeline_class: type[PipelineT],
+    model: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+    **kwargs: Any,
+) -> PipelineT:
+    """Load ``pipeline_class`` from a Hub id, a diffusers folder or a ``.safetensors`` file, on ``device``.
+
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Extra ``kwargs`` go to ``from_pretrained``
+    (or ``from_single_file``, e.g. ``config=``). The SDXL VAE keeps its ``force_upcast`` behaviour
+    in float16. Raises ModelLoadError for anything about the model, InputError for bad options.
+    """
+    if kwargs.get("trust_remote_code") or kwargs.get("use_safetensors") is False:
+        raise InputError("editkit loads safetensors weights only and never trusts remote code")
+    kwargs.pop("trust_remote_code", None)
+    kwargs.pop("use_safetensors", None)
+    device = choose_device(device)
+    dtype = choose_dtype(device, dtype)
+    kind, source = _resolve_source(model)
+    offline = _offline(local_files_only)
+    if kind == "hub" and offline and not _in_cache(source, kwargs):
+        raise ModelLoadError(OFFLINE_MESSAGE.format(model=source))
+    try:
+        if kind == "file":
+            if variant is not None:
+                raise InputError("variant applies to diffusers folders and Hub ids, not single files")
+            pipe = pipeline_class.from_single_file(str(source), dtype=dtype, local_files_only=offline, **kwargs)
+        else:
+            pipe = pipeline_class.from_pretrained(
+                str(source), dtype=dtype, variant=variant, use_safetensors=True, local_files_only=offline, **kwargs
+            )
+    except EditkitError:
+        raise
+    except Exception as error:
+        translated, cause = _translate(error, str(source), kind, kwargs)
+        raise translated from cause
+    family = model_family(pipe)
+    _note_vae_upcast(pipe, family, dtype)
+    logger.info("loaded %s (%s, %s) on %s", model, family, dtype, device)
+    return pipe.to(device)
+
+
+def _resolve_source(model: str | os.PathLike) -> tuple[str, str | Path]:
+    """Classify ``model`` as ("file", path), ("folder", path) or ("hub", id), checking local paths."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{path}: only .safetensors single-file checkpoints are loaded (pickle-based files can run code)"
+        )
+    if path.is_file():
+        if path.suffix.lower() != SINGLE_FILE_SUFFIX:
+            raise ModelLoadError(f"{path} is not a .safetensors checkpoint or a diffusers folder")
+        return "file", path
+    if path.is_dir():
+        _check_folder(path)
+        return "folder", path
+    if isinstance(model, Path) or _looks_like_path(text):
+        raise ModelLoadError(f"no such model folder or file: {text}")
+    return "hub", text
+
+
+def _looks_like_path(text: str) -> bool:
+    """A string meant as a local path: ./x, ../x, /x, ~x, x.safetensors, or with separators but not org/name."""
+    if text.startswith((".", "/", "~")) or text.lower().endswith(SINGLE_FILE_SUFFIX):
+        return True
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    return any(sep in text for sep in separators) and not _HUB_ID.match(text)
+
+
+def _check_folder(folder: Path) -> None:
+    """Require a diffusers ``model_index.json`` naming a UNet pipeline."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{folder} has no model_index.json, so it is not a diffusers pipeline folder; pass a folder "
+            "written by save_pretrained or a .safetensors checkpoint"
+        )
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read {index_file}: {error}") from None
+    if not isinstance(index, dict) or "unet" not in index:
+        name = index.get("_class_name", "unknown") if isinstance(index, dict) else "unknown"
+        raise ModelLoadError(f"unsupported model family: {name} (no unet in {index_file}); {SUPPORTED_FAMILIES}")
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    """Whether to stay off the network: the explicit flag, else HF_HUB_OFFLINE."""
+    if local_files_only is not None:
+        return local_files_only
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_cache(repo_id: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the Hub repo's ``model_index.json`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        repo_id, "model_index.json", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+    )
+    return isinstance(found, str)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the Hub could not be reached (or offline mode forbade it)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+    ]
+    for module_name, names in _HTTP_CONNECTION_ERRORS:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(module_name)
+            errors += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(errors)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and its causes/contexts, outermost first."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _is_offline(error: BaseException) -> bool:
+    return any(isinstance(link, _connection_errors()) for link in _chain(error))
+
+
+def _translate(
+    error: Exception, model: str, kind: str, kwargs: dict[str, Any]
+) -> tuple[ModelLoadError, Exception | None]:
+    """One short ModelLoadError for a loading failure, and the cause worth chaining (None: no traceback)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    chain = _chain(error)
+    if kind != "folder" and any(isinstance(link, GatedRepoError) for link in chain):
+        return ModelLoadError(f"model '{model}' is gated: accept its license on the Hub and run `hf auth login`"), None
+    if kind == "hub" and any(isinstance(link, RepositoryNotFoundError) for link in chain):
+        return ModelLoadError(f"model '{model}' was not found on the Hugging Face Hub; check the id"), None
+    if kind == "hub" and (_is_offline(error) or not _in_cache(model, kwargs)):
+        return ModelLoadError(OFFLINE_MESSAGE.format(model=model)), None
+    if kind == "file" and _is_offline(error):
+        return ModelLoadError(OFFLINE_SINGLE_FILE_MESSAGE.format(model=model)), None
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return ModelLoadError(f"cannot load model '{model}': {type(error).__name__}: {first_line}"), error
+
+
+def _note_vae_upcast(pipe: Any, family: str, dtype: torch.dtype) -> None:
+    """Log that the SDXL VAE decodes in float32 under float16 (diffusers' force_upcast, left intact)."""
+    vae = getattr(pipe, "vae", None)
+    if family == "sdxl" and dtype == torch.float16 and vae is not None and vae.config.get("force_upcast"):
+        logger.info("the SDXL VAE is upcast to float32 for decoding (force_upcast); pass an fp16-fix VAE to avoid it")
