@@ -1,0 +1,410 @@
+"""Compositional text-to-image: constraint losses on cross-attention maps, a verifier, noise refinement.
+
+"Fine-Grained Alignment and Noise Refinement for Compositional Text-to-Image Generation"
+(arXiv 2503.06506), with Attend-and-Excite's guided latent updates, on editkit's shared
+attention layer, for SD 1.x/2.x and SDXL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from editkit.attention import AttentionController, attach, compose
+from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
+from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
+from editkit.errors import InputError
+from editkit.inversion import decode_latents
+from editkit.refine import (
+    GuidanceMapStore,
+    LossWeights,
+    constraint_loss,
+    initno_refine,
+    map_grid,
+    single_step_refine,
+    step_sizes,
+    token_maps,
+)
+from editkit.verifiers import AttentionVerifier, ConstraintStatus, Verifier, verifier_score
+
+logger = logging.getLogger(__name__)
+
+NOISE_REFINERS = ("single-step", "initno")
+
+
+@dataclass
+class ComposePipelineOutput(BaseOutput):
+    """Images and the constraint report.
+
+    ``report_before``/``report_after``: each constraint's status after stage 1 and after noise
+    refinement (``None`` when not run); ``chosen``: ``"stage1"`` or ``"refined"``;
+    ``initial_noise``: the stage-1 z_T; ``refined_noise``: stage 2's z_T (or ``None``).
+    """
+
+    images: Any
+    constraints: Constraints
+    report_before: list[ConstraintStatus] | None
+    report_after: list[ConstraintStatus] | None
+    chosen: str
+    initial_noise: torch.Tensor
+    refined_noise: torch.Tensor | None
+    warnings: list[str]
+
+
+@dataclass
+class _Run:
+    """What one generation needs besides the noise (kept together to keep the loop readable)."""
+
+    cond: TextConditioning
+    cfg: TextConditioning | None
+    aligned: AlignedConstraints
+    weights: LossWeights
+    store: GuidanceMapStore
+    store_grid: tuple[int, int]
+    controller: AttentionController
+    guided_steps: int
+    map_kwargs: dict
+    step_sizes: list[float]
+    thresholds: dict[int, float]
+    max_refinement_steps: int
+    guidance_scale: float
+    capture_steps: int
+
+
+class ComposePipeline(DiffusionPipeline):
+    r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
+
+    Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the
+    cross-attention maps; a verifier scores each constraint; stage 2 refines the SAME initial
+    noise on the faulty constraints and regenerates; the verifier picks the better image.
+
+    Example:
+        ```py
+        >>> from pipelines.compose import ComposePipeline
+        >>> pipe = ComposePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5").to("cuda")
+        >>> out = pipe("a red car on the left of a blue bird", generator=torch.Generator().manual_seed(0))
+        >>> out.images[0].save("car.png"); print(out.chosen, [(s.description, s.satisfied) for s in out.report_before])
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def check_inputs(self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt must be a non-empty string (one prompt per call)")
+        if height % 8 or width % 8:
+            raise InputError(f"height and width must be multiples of 8, got {height}x{width}")
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not 0 <= max_iter_to_alter <= num_inference_steps:
+            raise InputError(f"max_iter_to_alter must be in 0..num_inference_steps, got {max_iter_to_alter}")
+        if not (isinstance(verifier, Verifier) or verifier == "attention"):
+            raise InputError(f"verifier must be 'attention' or a Verifier instance (vqa/detector), got {verifier!r}")
+        if noise_refiner not in NOISE_REFINERS:
+            raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
+
+    def prepare_constraints(
+        self, prompt: str, constraints: Constraints | dict | None, parser: str, notes: list[str]
+    ) -> tuple[Constraints, AlignedConstraints]:
+        """Parse (or take) the constraints and align them to token indices; note what is not constrained."""
+        if isinstance(constraints, dict):
+            constraints = constraints_from_dict(constraints, prompt)
+        elif constraints is None:
+            constraints = parse_prompt(prompt, parser)
+        elif constraints.prompt != prompt:
+            raise InputError("the constraints were made for another prompt")
+        tokens = len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+        if tokens > self.tokenizer.model_max_length - 2:
+            notes.append(
+                f"prompt has {tokens} tokens; truncated to the text encoder's {self.tokenizer.model_max_length}"
+            )
+        aligned = align(constraints, self.tokenizer)
+        notes.extend(f"not constrained: {part}" for part in constraints.unparsed + aligned.dropped)
+        if aligned.empty:
+            notes.append("no entity found in the prompt; generating without constraint guidance")
+        for note in notes:
+            logger.warning(note)
+        return constraints, aligned
+
+    def encode(self, prompt: str, negative_prompt: str | None, height: int, width: int, cfg: bool):
+        """(conditional, CFG batch [uncond, cond] or None) text conditioning."""
+        cond = encode_text(self, prompt, height=height, width=width)
+        if not cfg:
+            return cond, None
+        if negative_prompt is None and is_sdxl_unet(self.unet) and self.config.force_zeros_for_empty_prompt:
+            uncond = TextConditioning(
+                torch.zeros_like(cond.prompt_embeds),
+                {
+                    "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
+                    "time_ids": cond.added_cond_kwargs["time_ids"],
+                },
+            )
+        else:
+            uncond = encode_text(self, negative_prompt or "", height=height, width=width)
+        return cond, TextConditioning.cat([uncond, cond])
+
+    # -- guidance -----------------------------------------------------------------------------
+    def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> torch.Tensor:
+        """One conditional UNet forward; the ``(tokens, h, w)`` float32 token maps it attended with."""
+        run.store.clear()
+        run.store.active = True
+        run.controller.batch_roles = ("cond",)
+        try:
+            latent_in = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
+            self.unet(latent_in, t, **run.cond.unet_kwargs(), return_dict=False)
+        finally:
+            run.store.active = False
+        probs = run.store.aggregate(run.store_grid)[0].float()  # (h, w, keys)
+        return token_maps(probs, run.aligned.last_token, **run.map_kwargs)
+
+    def guided_update(self, latents: torch.Tensor, i: int, t, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """A&E step: ``z_t -= step_size_i * grad(loss)`` (fp32), with iterative refinement at chosen steps."""
+        current = latents.detach().float()
+        target = run.thresholds.get(i)
+        for iteration in range(1 + (run.max_refinement_steps if target is not None else 0)):
+            with torch.enable_grad():
+                current = current.detach().requires_grad_(True)
+                maps = self.attention_maps(current, t, run)
+                loss, terms = constraint_loss(maps, run.aligned, run.weights)
+                done = target is None or float(terms.get("missing", 0.0)) <= 1 - target
+                if iteration > 0 and done:
+                    break
+                (grad,) = torch.autograd.grad(loss, current) if loss.requires_grad else (torch.zeros_like(current),)
+            current = current.detach() - run.step_sizes[i] * grad
+        return current.detach().to(latents.dtype), maps.detach()
+
+    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback_on_step_end):
+        """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
+        latents = noise * self.scheduler.init_noise_sigma
+        captured: list[torch.Tensor] = []
+        extra = {"generator": generator} if "generator" in self._step_params() else {}
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                run.controller.begin_step(i, t)
+                if i < run.guided_steps:
+                    latents, maps = self.guided_update(latents, i, t, run)
+                    captured.append(maps)
+                capture = i < run.capture_steps and i >= run.guided_steps
+                run.store.clear()
+                run.store.active = capture
+                run.controller.batch_roles = ("uncond", "cond") if run.cfg is not None else ("cond",)
+                text = run.cfg if run.cfg is not None else run.cond
+                latent_in = torch.cat([latents] * 2) if run.cfg is not None else latents
+                latent_in = self.scheduler.scale_model_input(latent_in, t)
+                noise_pred = self.unet(latent_in, t, **text.unet_kwargs(), return_dict=False)[0]
+                run.store.active = False
+                if capture:
+                    probs = run.store.aggregate(run.store_grid)[0].float()
+                    captured.append(token_maps(probs, run.aligned.last_token, **run.map_kwargs))
+                if run.cfg is not None:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + run.guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                progress_bar.update()
+        return latents, (torch.stack(captured).mean(dim=0) if captured else None)
+
+    def _step_params(self) -> set[str]:
+        import inspect
+
+        return set(inspect.signature(self.scheduler.step).parameters)
+
+    def refine_noise(self, noise, faulty, timesteps, run: _Run, refiner: str, step_size: float, initno_steps: int):
+        """Stage 2: optimise z_T with the selective loss of the faulty entities (same noise tensor)."""
+        t = timesteps[0]
+
+        def loss_fn(z_t: torch.Tensor, entities: set[int]) -> torch.Tensor:
+            maps = self.attention_maps(z_t * self.scheduler.init_noise_sigma, t, run)
+            return constraint_loss(maps, run.aligned, run.weights, entities=entities)[0]
+
+        run.controller.begin_step(0, t)
+        if refiner == "initno":
+            return initno_refine(noise, faulty, loss_fn, steps=initno_steps)
+        return single_step_refine(noise, faulty, loss_fn, step_size=step_size)
+
+    def verify(self, verifier: Verifier, latents, maps, run: _Run) -> list[ConstraintStatus]:
+        if run.aligned.empty:
+            return []
+        image = (
+            None
+            if verifier.needs_maps
+            else self.image_processor.postprocess(decode_latents(self.vae, latents), output_type="pil")[0]
+        )
+        return verifier.verify(image, run.aligned, maps)
+
+    # -- the algorithm ------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        constraints: Constraints | dict | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        max_iter_to_alter: int = 25,
+        scale_factor: float = 20.0,
+        scale_range: tuple[float, float] = (1.0, 0.5),
+        refinement_thresholds: dict[int, float] | None = None,
+        max_refinement_steps: int = 20,
+        missing_weight: float = 1.0,
+        mixing_weight: float = 0.5,
+        binding_weight: float = 0.5,
+        spatial_weight: float = 1.0,
+        spatial_margin: float = 0.1,
+        token_softmax_scale: float = 100.0,
+        smooth_attention: bool = True,
+        smoothing_kernel_size: int = 3,
+        smoothing_sigma: float = 0.5,
+        refine: bool = True,
+        verifier: str | Verifier = "attention",
+        noise_refiner: str = "single-step",
+        noise_step_size: float = 20.0,
+        initno_steps: int = 10,
+        constraint_parser: str = "auto",
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        attention_controllers: Sequence[AttentionController] | None = None,
+    ):
+        r"""Generate ``prompt`` with its constraints enforced.
+
+        Args:
+            constraints: ``Constraints``, or a dict in its JSON schema; ``None`` parses the prompt.
+            max_iter_to_alter: denoising steps with a guided latent update (A&E/paper: 25 of 50).
+            scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(scale_range))`` per step.
+            refinement_thresholds: A&E's iterative refinement ``{step: min peak attention}``, e.g.
+                ``{0: 0.05, 10: 0.5, 20: 0.8}``; up to ``max_refinement_steps`` extra updates per step.
+            missing_weight, mixing_weight, binding_weight, spatial_weight: weights of the entity
+                missing, entity mixing (soft IoU), attribute binding and spatial losses; all 0 (or
+                ``max_iter_to_alter=0``) turns guidance off. ``spatial_margin``: centroid margin.
+            token_softmax_scale: logit scale of the softmax over real prompt tokens (A&E: 100).
+            smooth_attention, smoothing_kernel_size, smoothing_sigma: Gaussian smoothing of maps.
+            refine: run verification and stage 2 (noise refinement); ``False`` gives stage 1 only.
+            verifier: ``"attention"`` or a ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
+            noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
+                entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
+            attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
+        """
+        # 0. Defaults and checks
+        unet_size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or unet_size, width or unet_size
+        self.check_inputs(prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner)
+        notes: list[str] = []
+        verifier = AttentionVerifier() if verifier == "attention" else verifier
+        device = self._execution_device
+
+        # 1. Constraints -> token indices
+        constraints, aligned = self.prepare_constraints(prompt, constraints, constraint_parser, notes)
+        weights = LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin)
+        guided = 0 if aligned.empty or not weights.any else max_iter_to_alter
+        verify = refine and not aligned.empty
+
+        # 2. Text conditioning
+        cond, cfg = self.encode(prompt, negative_prompt, height, width, guidance_scale > 1.0)
+
+        # 3. Timesteps and the initial noise z_T (kept: stage 2 refines this very tensor)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (1, self.unet.config.in_channels, *latent_hw)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.prompt_embeds.dtype)
+        initial_noise = latents.to(device=device, dtype=cond.prompt_embeds.dtype)
+
+        grid = map_grid(latent_hw)
+        store = GuidanceMapStore(grid)
+        controller = compose(store, *(attention_controllers or []))
+        run = _Run(
+            cond=cond,
+            cfg=cfg,
+            aligned=aligned,
+            weights=weights,
+            store=store,
+            store_grid=grid,
+            controller=controller,
+            guided_steps=guided,
+            map_kwargs={
+                "token_softmax_scale": token_softmax_scale,
+                "smooth": smooth_attention,
+                "kernel_size": smoothing_kernel_size,
+                "sigma": smoothing_sigma,
+            },
+            step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
+            thresholds=dict(refinement_thresholds or {}),
+            max_refinement_steps=max_refinement_steps,
+            guidance_scale=guidance_scale,
+            capture_steps=max(max_iter_to_alter, 1) if verify and verifier.needs_maps else 0,
+        )
+        with attach(self.unet, controller):
+            # 4. Stage 1: guided generation
+            final, maps = self.denoise(initial_noise, timesteps, run, generator, callback_on_step_end)
+
+            # 5. Verification
+            report_before = self.verify(verifier, final, maps, run) if verify else None
+            faulty = sorted({e for s in report_before or [] if not s.satisfied for e in s.entities})
+
+            # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
+            refined_noise, report_after, chosen = None, None, "stage1"
+            if faulty:
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                refined_noise = self.refine_noise(
+                    initial_noise, faulty, timesteps, run, noise_refiner, noise_step_size, initno_steps
+                )
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback_on_step_end)
+                report_after = self.verify(verifier, second, second_maps, run)
+                if verifier_score(report_after) > verifier_score(report_before):
+                    final, chosen = second, "refined"
+
+        # 7. Decode the chosen latents
+        if output_type == "latent":
+            images = final
+        else:
+            images = self.image_processor.postprocess(decode_latents(self.vae, final), output_type=output_type)
+        self.maybe_free_model_hooks()
+        output = ComposePipelineOutput(
+            images, constraints, report_before, report_after, chosen, initial_noise, refined_noise, notes
+        )
+        return output if return_dict else (images,)
