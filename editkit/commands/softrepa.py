@@ -1,0 +1,155 @@
+"""``editkit softrepa``: train SoftREPA soft tokens, and generate images with them.
+
+``train`` runs the same on one CPU, one GPU, or several processes under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from editkit.commands.common import (
+    DEFAULT_SD_MODEL,
+    add_model_options,
+    add_output_options,
+    check_output_path,
+    command_params,
+    finite_float,
+    non_negative_int,
+    png_metadata,
+    positive_float,
+    positive_int,
+    ranged_float,
+)
+
+TRAIN_EXAMPLE = (
+    "example: editkit softrepa train --data coco_subset/ --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
+    "--output tokens.safetensors --max-steps 2000\n"
+    "  several GPUs: accelerate launch -m editkit.cli softrepa train --data coco_subset/ --output tokens.safetensors"
+)
+GENERATE_EXAMPLE = "example: editkit softrepa generate 'a red cube left of a blue ball' --soft-tokens tokens.safetensors -o out.png"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "softrepa",
+        help="train SoftREPA soft tokens; generate with them",
+        description="SoftREPA: soft text tokens trained contrastively on a frozen model (better text alignment).",
+        epilog=f"{TRAIN_EXAMPLE}\n{GENERATE_EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="softrepa_command", metavar="ACTION", required=True)
+    _register_train(actions)
+    _register_generate(actions)
+
+
+def _register_train(actions) -> None:
+    parser = actions.add_parser(
+        "train",
+        help="train soft tokens on captioned images",
+        description="Train m soft tokens (model frozen) with the contrastive denoising loss; writes a .safetensors file.",
+        epilog=TRAIN_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, help="folder with images + metadata.jsonl, or a .csv")
+    parser.add_argument("--model", default=DEFAULT_SD_MODEL, help=f"Hub id, diffusers folder or .safetensors (default: {DEFAULT_SD_MODEL})")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="token file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing token file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate chooses)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--max-steps", type=positive_int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per process and step (B; B^2 pairs)")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-3)
+    parser.add_argument("--weight-decay", type=ranged_float(0, 1), default=1e-4)
+    parser.add_argument("--min-learning-rate", type=ranged_float(0, 1), default=1e-5, help="floor of the cosine schedule")
+    parser.add_argument("--restart-every", type=positive_int, default=1000, help="steps between cosine warm restarts")
+    parser.add_argument("--num-tokens", type=positive_int, default=4, help="m soft tokens")
+    parser.add_argument("--time-buckets", type=non_negative_int, default=0, help="time-embedding buckets (0: none; 100 in the paper)")
+    parser.add_argument("--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)")
+    parser.add_argument("--resolution", type=positive_int, default=None, help="training size in pixels (default: the model's)")
+    parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="s*exp(-err/tau) or -err/tau")
+    parser.add_argument("--tau", type=positive_float, default=0.07)
+    parser.add_argument("--logit-scale", type=positive_float, default=4.0, help="s of the exp form")
+    parser.add_argument("--direction", choices=("rows", "columns", "both"), default="rows")
+    parser.add_argument("--denoise-weight", type=ranged_float(0, 1e6), default=10.0)
+    parser.add_argument("--negative-bank", type=non_negative_int, default=0, help="extra negative captions per step")
+    parser.add_argument("--gather-negatives", action="store_true", help="other processes' captions as negatives")
+    parser.add_argument("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100)
+    parser.add_argument("--validate-every", type=non_negative_int, default=100)
+    parser.add_argument("--val-fraction", type=ranged_float(0, 0.5), default=0.1)
+    parser.add_argument("--patience", type=non_negative_int, default=0, help="validations without gain before stopping")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint file or checkpoint folder to continue")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_train)
+
+
+def _register_generate(actions) -> None:
+    parser = actions.add_parser(
+        "generate",
+        help="text-to-image with soft tokens",
+        description="Plain SoftREPA generation: the model's text-to-image pipeline with the tokens in both CFG branches.",
+        epilog=GENERATE_EXAMPLE,
+    )
+    parser.add_argument("prompt", help="text prompt")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--guidance-scale", type=finite_float, default=7.5)
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--height", type=positive_int, default=None)
+    add_model_options(parser)
+    add_output_options(parser)
+    parser.set_defaults(run=run_generate)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from editkit.softrepa import ContrastiveLossConfig, TrainConfig, train_soft_tokens
+
+    loss = ContrastiveLossConfig(args.logit_form, args.tau, args.logit_scale, args.direction, args.denoise_weight)
+    config = TrainConfig(
+        data=args.data, model=args.model, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, min_learning_rate=args.min_learning_rate,
+        restart_every=args.restart_every, num_tokens=args.num_tokens, time_buckets=args.time_buckets, sites=args.sites,
+        resolution=args.resolution, seed=args.seed, loss=loss, negative_bank=args.negative_bank,
+        gather_negatives=args.gather_negatives, row_chunk=args.row_chunk,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, val_fraction=args.val_fraction,
+        patience=args.patience, device=args.device, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    result = train_soft_tokens(config)
+    if result.unreadable_images:
+        print(f"skipped {result.unreadable_images} unreadable images")
+    if args.output.exists():
+        print(f"wrote {args.output} after {result.steps} steps")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from editkit.image import save_image
+    from editkit.models import load_pipeline
+    from editkit.softrepa import load_soft_tokens, use_soft_tokens
+
+    check_output_path(args.output, args.overwrite)
+    if args.soft_tokens is None:
+        from editkit.errors import InputError
+
+        raise InputError("generate needs --soft-tokens FILE (plain generation without tokens is any diffusers pipeline)")
+    if str(args.model).lower().endswith(".safetensors"):
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    else:
+        from diffusers import DiffusionPipeline as pipeline_class
+    pipe = load_pipeline(pipeline_class, args.model, device=args.device, dtype=args.dtype)
+    controller = load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    with use_soft_tokens(pipe.unet, controller):
+        image = pipe(
+            args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale, width=args.width, height=args.height, generator=generator,
+        ).images[0]  # fmt: skip
+    save_image(image, args.output, metadata=png_metadata("softrepa generate", command_params(args)), overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,81 @@
+"""SoftREPA: soft-token contrastive fine-tuning of a frozen text-to-image model (arXiv 2503.08250).
+
+Use trained tokens with any editkit pipeline (they are one more attention controller)::
+
+    from editkit.softrepa import load_soft_tokens
+
+    tokens = load_soft_tokens("tokens.safetensors", unet=pipe.unet, strength=1.0)
+    image = pipe(..., attention_controllers=[tokens]).images[0]
+
+or with a plain diffusers text-to-image pipeline::
+
+    from editkit.softrepa import use_soft_tokens
+
+    with use_soft_tokens(pipe.unet, tokens):
+        image = pipe("a red cube left of a blue ball").images[0]
+
+Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from editkit.attention import attach
+from editkit.softrepa.loss import ContrastiveLossConfig, contrastive_loss, error_logits, pair_errors
+from editkit.softrepa.tokens import (
+    SoftTokenController,
+    SoftTokens,
+    default_sites,
+    initial_tokens,
+    load_soft_tokens,
+    read_soft_tokens,
+    save_soft_tokens,
+    validate_for_unet,
+)
+from editkit.softrepa.train import TrainConfig, TrainResult, train_soft_tokens
+
+__all__ = [
+    "ContrastiveLossConfig",
+    "SoftTokenController",
+    "SoftTokens",
+    "TrainConfig",
+    "TrainResult",
+    "contrastive_loss",
+    "default_sites",
+    "error_logits",
+    "initial_tokens",
+    "load_soft_tokens",
+    "pair_errors",
+    "read_soft_tokens",
+    "save_soft_tokens",
+    "train_soft_tokens",
+    "use_soft_tokens",
+    "validate_for_unet",
+]
+
+
+@contextlib.contextmanager
+def use_soft_tokens(unet: torch.nn.Module, controller: SoftTokenController) -> Iterator[SoftTokenController]:
+    """Attach ``controller`` to ``unet`` for pipelines that do not call ``begin_step`` (plain diffusers).
+
+    A forward pre-hook passes each UNet call's timestep to the controller (for time-dependent
+    tokens), so ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` run with the tokens as is.
+    """
+
+    def hook(module, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if timestep is not None:
+            value = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
+            controller.begin_step(controller.step_index + 1 if controller.step_index is not None else 0, value)
+        return None
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with attach(unet, controller):
+            yield controller
+    finally:
+        handle.remove()

@@ -1,0 +1,271 @@
+"""Soft tokens: the learnable module, the attention controller that inserts them, the file format.
+
+SoftREPA (arXiv 2503.08250) keeps the text-to-image model frozen and learns ``m`` soft text
+tokens of width ``cross_attention_dim``. They are inserted right after the start-of-text token
+in the cross-attention context of chosen sites (SD 1.x/2.x: down blocks; SDXL: down + mid), so
+the context there is ``77 + m`` tokens long, in both classifier-free-guidance branches. An
+optional time embedding (``time_buckets`` buckets over the training timesteps, ``t // 10`` for
+100 buckets on the 0-999 scale) is added to the tokens.
+
+The injector is the :class:`SoftTokens` method ``tokens_for(site, timestep)``: a variant with
+per-layer tokens (MM-DiT: tokens prepended to the text stream of the first blocks) would
+override it and its ``kind``; the controller and the file format carry the kind along.
+
+Files are safetensors with the configuration in their metadata (format version, kind, ``m``,
+sites, time buckets, token width, base model) and are validated against the UNet on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editkit.attention import AttentionController, Site, attention_sites
+from editkit.errors import InputError, ModelLoadError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SoftTokenController",
+    "SoftTokens",
+    "default_sites",
+    "initial_tokens",
+    "load_soft_tokens",
+    "read_soft_tokens",
+    "save_soft_tokens",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "editkit-softrepa"
+FORMAT_VERSION = 1
+KIND_UNET_CONTEXT = "unet-cross-context"
+INIT_STD = 0.02
+NUM_TRAIN_TIMESTEPS = 1000
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ and torch.save's zip archive
+
+
+class SoftTokens(nn.Module):
+    """``m`` learnable context tokens (and an optional time embedding) for a set of sites.
+
+    Args:
+        tokens: initial tokens ``(m, width)``.
+        sites: names of the cross-attention sites that receive the tokens.
+        time_buckets: number of timestep buckets of the additive time embedding (0: none).
+        num_train_timesteps: the timestep scale the buckets divide (1000 for SD).
+        base_model: the model the tokens were trained for (informational, stored in files).
+    """
+
+    kind = KIND_UNET_CONTEXT
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        sites: list[str],
+        *,
+        time_buckets: int = 0,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+        base_model: str = "",
+    ) -> None:
+        super().__init__()
+        if tokens.ndim != 2:
+            raise ValueError(f"soft tokens must be (m, width), got {tuple(tokens.shape)}")
+        self.tokens = nn.Parameter(tokens.detach().clone().float())
+        self.sites = list(sites)
+        self.time_buckets = int(time_buckets)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.base_model = base_model
+        self.time_embedding = None
+        if self.time_buckets:
+            self.time_embedding = nn.Parameter(torch.zeros(self.time_buckets, *self.tokens.shape))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    def bucket(self, timestep: int) -> int:
+        """Time bucket of ``timestep``: ``t * buckets // num_train_timesteps`` (``t // 10`` for 100/1000)."""
+        return min(max(int(timestep) * self.time_buckets // self.num_train_timesteps, 0), self.time_buckets - 1)
+
+    def tokens_for(self, site: Site, timestep: int | None) -> torch.Tensor:
+        """The ``(m, width)`` tokens inserted at ``site`` at ``timestep``."""
+        if self.time_embedding is None:
+            return self.tokens
+        if timestep is None:
+            raise RuntimeError(
+                "these soft tokens are time-dependent: the pipeline must call controller.begin_step(i, t) "
+                "before each UNet evaluation (or use editkit.softrepa.use_soft_tokens)"
+            )
+        return self.tokens + self.time_embedding[self.bucket(timestep)]
+
+    def metadata(self) -> dict[str, str]:
+        """The file metadata describing this module (all values strings, as safetensors requires)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "kind": self.kind,
+            "num_tokens": str(self.num_tokens),
+            "token_width": str(self.width),
+            "sites": json.dumps(self.sites),
+            "time_buckets": str(self.time_buckets),
+            "num_train_timesteps": str(self.num_train_timesteps),
+            "base_model": self.base_model,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of a token file (detached, CPU, contiguous float32)."""
+        out = {"tokens": self.tokens}
+        if self.time_embedding is not None:
+            out["time_embedding"] = self.time_embedding
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+class SoftTokenController(AttentionController):
+    """Inserts soft tokens right after start-of-text in the cross-attention context of their sites.
+
+    Every row of the batch gets the tokens (both classifier-free-guidance branches, all editing
+    roles). ``strength`` scales the tokens; 0 inserts nothing (exactly the model without tokens).
+    ``inserted_tokens`` reports ``(1, m)`` so cross-attention map stores drop the tokens and
+    prompt token indices never shift.
+    """
+
+    def __init__(self, soft_tokens: SoftTokens, strength: float = 1.0) -> None:
+        super().__init__()
+        self.soft_tokens = soft_tokens
+        self.strength = float(strength)
+        self._sites = frozenset(soft_tokens.sites)
+
+    def applies_to(self, site: Site) -> bool:
+        return site.is_cross and site.name in self._sites
+
+    def inserted_tokens(self, site: Site) -> tuple[int, int] | None:
+        if self.strength == 0 or not self.applies_to(site):
+            return None
+        return 1, self.soft_tokens.num_tokens
+
+    def on_context(self, site: Site, context: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return context
+        tokens = self.soft_tokens.tokens_for(site, self.timestep)
+        if tokens.shape[-1] != context.shape[-1]:
+            raise ValueError(f"soft tokens of width {tokens.shape[-1]} at {site.name} (context {context.shape[-1]})")
+        tokens = (self.strength * tokens).to(context.dtype).to(context.device)
+        tokens = tokens.unsqueeze(0).expand(context.shape[0], -1, -1)  # (batch, m, width)
+        return torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
+
+
+def default_sites(unet) -> list[str]:
+    """The method's sites: cross-attention of the down blocks (SD 1.x/2.x), down + mid (SDXL)."""
+    from editkit.models import model_family
+
+    blocks = ("down", "mid") if model_family(unet) == "sdxl" else ("down",)
+    return [s.name for s in attention_sites(unet) if s.is_cross and s.block in blocks]
+
+
+@torch.no_grad()
+def initial_tokens(pipe, num_tokens: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """SD 1.x: the start-of-text output embedding of the empty prompt, repeated; else N(0, 0.02)."""
+    from editkit.conditioning import encode_text
+    from editkit.models import model_family
+
+    width = pipe.unet.config.cross_attention_dim
+    if model_family(pipe.unet) == "sd" and getattr(pipe, "text_encoder", None) is not None:
+        start = encode_text(pipe, [""]).prompt_embeds[0, 0].float().cpu()
+        return start.expand(num_tokens, width).clone()
+    return torch.randn(num_tokens, width, generator=generator) * INIT_STD
+
+
+def save_soft_tokens(soft_tokens: SoftTokens, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``soft_tokens`` to a ``.safetensors`` file atomically (refuses an existing file unless ``overwrite``)."""
+    from safetensors.torch import save_file
+
+    from editkit.image import atomic_write
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise InputError(f"{path}: soft tokens are written as .safetensors files")
+    tensors, metadata = soft_tokens.tensors(), soft_tokens.metadata()
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+
+
+def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
+    """Read a token file (safetensors only; checks its format and internal consistency)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"soft-token file not found: {path}")
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelLoadError(f"{path} is a safetensors file but not an editkit SoftREPA token file")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path} has token format version {version}; this editkit reads up to {FORMAT_VERSION}")
+    if metadata.get("kind") != KIND_UNET_CONTEXT:
+        raise ModelLoadError(f"{path} holds soft tokens of kind {metadata.get('kind')!r}, not for UNet models")
+    try:
+        module = SoftTokens(
+            tensors["tokens"],
+            json.loads(metadata["sites"]),
+            time_buckets=int(metadata["time_buckets"]),
+            num_train_timesteps=int(metadata.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)),
+            base_model=metadata.get("base_model", ""),
+        )
+        if module.time_embedding is not None:
+            module.time_embedding.data.copy_(tensors["time_embedding"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"{path} is a damaged soft-token file ({type(error).__name__}: {error})") from None
+    if module.num_tokens != int(metadata["num_tokens"]) or module.width != int(metadata["token_width"]):
+        raise ModelLoadError(f"{path}: token tensor shape {tuple(module.tokens.shape)} disagrees with its metadata")
+    return module
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+        raise ModelLoadError(f"{path} is a pickle (torch.save) file; editkit loads soft tokens from .safetensors only")
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({error})") from None
+    return tensors, metadata
+
+
+def validate_for_unet(soft_tokens: SoftTokens, unet, path: str | os.PathLike = "soft tokens") -> None:
+    """Refuse tokens made for another model: width must equal ``cross_attention_dim``, sites must exist."""
+    width = unet.config.cross_attention_dim
+    if soft_tokens.width != width:
+        raise ModelLoadError(
+            f"{path}: tokens of width {soft_tokens.width} do not fit this model (cross_attention_dim {width}); "
+            f"they were trained for {soft_tokens.base_model or 'another model'}"
+        )
+    names = {s.name for s in attention_sites(unet) if s.is_cross}
+    missing = [site for site in soft_tokens.sites if site not in names]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: {len(missing)} token site(s) do not exist in this model (e.g. {missing[0]}); "
+            f"they were trained for {soft_tokens.base_model or 'another model'}"
+        )
+
+
+def load_soft_tokens(path: str | os.PathLike, *, unet, strength: float = 1.0) -> SoftTokenController:
+    """Load a token file, check it against ``unet`` and return the controller that inserts the tokens."""
+    soft_tokens = read_soft_tokens(path)
+    validate_for_unet(soft_tokens, unet, path)
+    soft_tokens.requires_grad_(False)
+    soft_tokens.to(device=unet.device)
+    logger.info("soft tokens %s: m=%d at %d sites", path, soft_tokens.num_tokens, len(soft_tokens.sites))
+    return SoftTokenController(soft_tokens, strength=strength)

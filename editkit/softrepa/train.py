@@ -1,0 +1,462 @@
+"""SoftREPA training: soft tokens on a frozen model, contrastive denoising loss, accelerate underneath.
+
+The same function runs on one CPU, one GPU or several processes (``accelerate launch``): token
+gradients are averaged across processes, each process takes its own slice of every global
+batch, and all randomness of a step (data order, timestep, noise, negatives) is derived from
+``(seed, step, process)``, so a run resumed from a checkpoint continues exactly as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from editkit.attention import attach
+from editkit.errors import InputError
+from editkit.softrepa import checkpoint as ckpt
+from editkit.softrepa.data import CaptionDataset, read_records, split_records
+from editkit.softrepa.loss import ContrastiveLossConfig, contrastive_loss, pair_errors, row_chunks
+from editkit.softrepa.tokens import SoftTokenController, SoftTokens, default_sites, initial_tokens, save_soft_tokens
+
+__all__ = ["TrainConfig", "TrainResult", "train_soft_tokens"]
+
+logger = logging.getLogger(__name__)
+
+# Settings that do not change the trajectory: a resumed run may differ in these.
+_RESUMABLE_CHANGES = (
+    "max_steps", "output", "resume", "overwrite", "progress", "device", "checkpoint_every", "keep_checkpoints",
+    "validate_every", "patience",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """SoftREPA training settings (defaults: the paper's reference settings where it gives them).
+
+    ``row_chunk``: image rows per denoiser call (``None``: all ``B x N`` pairs in one call);
+    ``negative_bank``: extra negative captions per step drawn from the cached training captions;
+    ``gather_negatives``: use the other processes' captions as negatives too; ``val_timesteps``:
+    the fixed timesteps of the held-out alignment metric; ``patience``: validations without
+    improvement before stopping early (0: never).
+    """
+
+    data: str | Path
+    model: str | Path
+    output: str | Path
+    max_steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    min_learning_rate: float = 1e-5
+    restart_every: int = 1000
+    num_tokens: int = 4
+    time_buckets: int = 0
+    sites: list[str] | None = None
+    resolution: int | None = None
+    seed: int = 0
+    loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
+    negative_bank: int = 0
+    gather_negatives: bool = False
+    row_chunk: int | None = None
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    validate_every: int = 100
+    val_fraction: float = 0.1
+    val_group: int = 4
+    val_timesteps: tuple[int, ...] = (250, 500, 750)
+    patience: int = 0
+    device: str | None = None
+    resume: str | Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def fingerprint(self, num_processes: int) -> dict:
+        """The settings a resumed run must share with the checkpoint it resumes."""
+        values = dataclasses.asdict(self)
+        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k not in _RESUMABLE_CHANGES}
+        values["val_timesteps"] = list(self.val_timesteps)
+        values["num_processes"] = num_processes
+        return values
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        output = Path(self.output)
+        return output.parent / f"{output.stem}.checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final tokens (CPU), steps done, losses, best validation metric, files."""
+
+    tokens: SoftTokens
+    steps: int
+    losses: list[float]
+    best_metric: list[float] | None
+    output: Path
+    checkpoint: Path | None
+    unreadable_images: int
+
+
+def _check_config(config: TrainConfig, num_processes: int) -> None:
+    output = Path(config.output)
+    if output.suffix.lower() != ".safetensors":
+        raise InputError(f"{output}: the token file must end in .safetensors")
+    if output.exists() and not (config.overwrite or config.resume):
+        raise InputError(f"{output} exists; pass --overwrite to replace it (or --resume to continue its run)")
+    has_negatives = config.negative_bank > 0 or (config.gather_negatives and num_processes > 1)
+    if config.batch_size < 2 and not has_negatives:
+        raise InputError("batch size 1 has no negative captions: use --batch-size 2 or more, or a --negative-bank")
+    if config.loss.direction != "rows" and config.batch_size < 2:
+        raise InputError("the column direction contrasts images of a batch: it needs --batch-size 2 or more")
+    if config.mixed_precision not in ("no", "fp16", "bf16"):
+        raise InputError(f"mixed precision must be no, fp16 or bf16, not {config.mixed_precision!r}")
+
+
+def _load_pipe(config: TrainConfig, accelerator):
+    from editkit.models import load_pipeline, model_family
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    if str(config.model).lower().endswith(".safetensors"):
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    else:
+        from diffusers import DiffusionPipeline as pipeline_class
+    pipe = load_pipeline(pipeline_class, config.model, device=accelerator.device, dtype=dtype)
+    model_family(pipe)
+    return pipe
+
+
+def _freeze(pipe, config: TrainConfig) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.set_progress_bar_config(disable=True)
+
+
+def _sites(pipe, patterns: list[str] | None) -> list[str]:
+    from editkit.attention import attention_sites, select_sites
+
+    if patterns is None:
+        return default_sites(pipe.unet)
+    try:
+        return select_sites([s.name for s in attention_sites(pipe.unet)], patterns, kind="cross")
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
+    """The generator of one step of one process: every random choice of the step comes from it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + process)
+
+
+class _Trainer:
+    """One training run's state and steps (kept small: each method is one part of the loop)."""
+
+    def __init__(self, config: TrainConfig, accelerator, pipe, train_set: CaptionDataset, val_set: CaptionDataset):
+        self.config, self.accelerator, self.pipe = config, accelerator, pipe
+        self.train_set, self.val_set = train_set, val_set
+        self.device = accelerator.device
+        self.resolution = train_set.resolution
+        self.scheduler_config = pipe.scheduler.config
+        self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        generator = torch.Generator().manual_seed(config.seed)
+        tokens = initial_tokens(pipe, config.num_tokens, generator=generator)
+        self.soft = SoftTokens(
+            tokens,
+            _sites(pipe, config.sites),
+            time_buckets=config.time_buckets,
+            num_train_timesteps=len(self.alphas),
+            base_model=str(config.model),
+        ).to(self.device)
+        self.controller = SoftTokenController(self.soft)
+        optimizer = torch.optim.AdamW(self.soft.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=config.restart_every, eta_min=config.min_learning_rate
+        )
+        self.optimizer = accelerator.prepare(optimizer)
+        self.caption_cache: dict[str, object] = {}
+        self.step, self.best, self.stale, self.losses = 0, None, 0, []
+
+    # -- data -------------------------------------------------------------------------------
+    def encode(self, captions: list[str]):
+        from editkit.conditioning import TextConditioning, encode_text
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self.caption_cache]
+        if missing:
+            encoded = encode_text(self.pipe, missing, height=self.resolution, width=self.resolution)
+            for index, caption in enumerate(missing):
+                added = encoded.added_cond_kwargs
+                row = None if added is None else {k: v[index : index + 1] for k, v in added.items()}
+                self.caption_cache[caption] = TextConditioning(encoded.prompt_embeds[index : index + 1], row)
+        return TextConditioning.cat([self.caption_cache[c] for c in captions])
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        from editkit.inversion import encode_image_latents
+
+        vae = self.pipe.vae
+        return encode_image_latents(vae, images.to(self.device, vae.dtype)).float()
+
+    def batch(self, step: int):
+        """This process's images and captions of global batch ``step`` (an epoch-wise permutation)."""
+        config, process = self.config, self.accelerator.process_index
+        size = len(self.train_set)
+        position = (step * self.accelerator.num_processes + process) * config.batch_size
+        epoch, start = divmod(position, size)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(config.seed + 7919 * epoch)).tolist()
+        return self.train_set.batch(start, config.batch_size, order)
+
+    def negatives(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        """``negative_bank`` training captions other than the batch's, drawn with the step's generator."""
+        pool = sorted({r.text for r in self.train_set.records} - set(captions))
+        if not pool or not self.config.negative_bank:
+            return []
+        picks = torch.randint(len(pool), (self.config.negative_bank,), generator=generator).tolist()
+        return [pool[i] for i in picks]
+
+    def columns(self, captions: list[str], generator: torch.Generator):
+        """Caption conditioning of the error matrix's columns: the batch, then negatives."""
+        from editkit.conditioning import TextConditioning
+
+        parts = [self.encode(captions)]
+        if self.config.gather_negatives and self.accelerator.num_processes > 1:
+            parts.append(self._gathered(parts[0]))
+        negatives = self.negatives(captions, generator)
+        if negatives:
+            parts.append(self.encode(negatives))
+        return TextConditioning.cat(parts)
+
+    def _gathered(self, own):
+        """The other processes' captions of this step (negatives across processes)."""
+        from editkit.conditioning import TextConditioning
+
+        batch, process = own.prompt_embeds.shape[0], self.accelerator.process_index
+        keep = torch.ones(batch * self.accelerator.num_processes, dtype=torch.bool)
+        keep[process * batch : (process + 1) * batch] = False
+        embeds = self.accelerator.gather(own.prompt_embeds.contiguous())[keep.to(self.device)]
+        added = None
+        if own.added_cond_kwargs is not None:
+            added = {k: self.accelerator.gather(v.contiguous())[keep.to(self.device)] for k, v in own.added_cond_kwargs.items()}
+        return TextConditioning(embeds, added)
+
+    # -- one step ---------------------------------------------------------------------------
+    def predictor(self, timestep: int):
+        unet = self.pipe.unet
+
+        def predict(sample: torch.Tensor, context: torch.Tensor, added: dict | None) -> torch.Tensor:
+            sample, context = sample.to(unet.dtype), context.to(unet.dtype)
+            kwargs = {"added_cond_kwargs": added} if added is not None else {}
+            with self.accelerator.autocast():
+                return unet(sample, timestep, encoder_hidden_states=context, **kwargs).sample
+
+        return predict
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator, timestep: int | None = None):
+        """Shared timestep and ONE shared noise sample for every pair; returns ``(t, noisy, target)``."""
+        from editkit.softrepa.loss import diffusion_target, noisy_latents
+
+        if timestep is None:
+            timestep = int(torch.randint(len(self.alphas), (1,), generator=generator))
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(self.device)
+        alpha = self.alphas[timestep]
+        prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        return timestep, noisy_latents(latents, noise, alpha), diffusion_target(latents, noise, alpha, prediction_type)
+
+    def loss_and_backward(self, predict, noisy, target, columns) -> float:
+        """Backpropagate the contrastive loss chunk by chunk; returns the loss value."""
+        config, batch = self.config, noisy.shape[0]
+        chunks = row_chunks(batch, config.row_chunk)
+        added = columns.added_cond_kwargs
+        embeds = columns.prompt_embeds
+        if config.loss.direction == "rows" or len(chunks) == 1:
+            total = 0.0
+            for rows in chunks:
+                loss = contrastive_loss(pair_errors(predict, noisy, target, embeds, rows, added), config.loss, rows, batch)
+                self.accelerator.backward(loss)
+                total += float(loss.detach())
+            return total
+        # Columns need the whole matrix: errors without graph, then d loss / d err chunk by chunk.
+        with torch.no_grad():
+            errors = torch.cat([pair_errors(predict, noisy, target, embeds, rows, added) for rows in chunks])
+        errors.requires_grad_(True)
+        loss = contrastive_loss(errors, config.loss)
+        (grad,) = torch.autograd.grad(loss, errors)
+        for rows in chunks:
+            self.accelerator.backward((pair_errors(predict, noisy, target, embeds, rows, added) * grad[rows]).sum())
+        return float(loss.detach())
+
+    def train_step(self, step: int) -> float:
+        generator = _step_generator(self.config.seed, step, self.accelerator.process_index)
+        images, captions = self.batch(step)
+        latents = self.latents(images)
+        columns = self.columns(captions, generator)
+        timestep, noisy, target = self.noised(latents, generator)
+        self.controller.begin_step(step, timestep)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_and_backward(self.predictor(timestep), noisy, target, columns)
+        if self.accelerator.num_processes > 1:
+            for parameter in self.soft.parameters():
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
+            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.device), "mean"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss
+
+    # -- validation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> list[float]:
+        """Held-out alignment: ``[accuracy, margin]``, the matching caption's error being lowest among a group's.
+
+        Errors are averaged over ``val_timesteps`` with fixed noise; accuracy is the fraction of
+        images whose own caption has the lowest error (chance: 1 / group), margin the mean
+        ``min_{j != i} err[i, j] - err[i, i]`` (tie-breaker).
+        """
+        config, hits, margins = self.config, [], []
+        group = max(2, min(config.val_group, len(self.val_set)))
+        for start in range(0, len(self.val_set) - group + 1, group):
+            images, captions = self.val_set.batch(start, group, list(range(len(self.val_set))))
+            latents, columns = self.latents(images), self.encode(captions)
+            errors = torch.zeros(group, group, device=self.device)
+            for index, timestep in enumerate(config.val_timesteps):
+                generator = torch.Generator().manual_seed(config.seed + 104729 + index)
+                _, noisy, target = self.noised(latents, generator, timestep)
+                self.controller.begin_step(-1, timestep)
+                errors += pair_errors(self.predictor(timestep), noisy, target, columns.prompt_embeds, slice(0, group), columns.added_cond_kwargs)
+            matched = errors.diagonal()
+            others = errors + torch.diag(torch.full((group,), float("inf"), device=self.device))
+            hits += (others.min(dim=1).values > matched).tolist()
+            margins += ((others.min(dim=1).values - matched) / len(config.val_timesteps)).tolist()
+        return [sum(hits) / len(hits), sum(margins) / len(margins)]
+
+    # -- files ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        folder = self.config.checkpoint_dir
+        path = folder / f"step-{self.step:07d}.safetensors"
+        extra = {"best": self.best, "stale": self.stale, "losses": self.losses}
+        fingerprint = self.config.fingerprint(self.accelerator.num_processes)
+        ckpt.save_checkpoint(path, self.soft, self.optimizer, self.scheduler, step=self.step, fingerprint=fingerprint, extra=extra)
+        for old in sorted(folder.glob("step-*.safetensors"))[: -max(1, self.config.keep_checkpoints)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resume(self, source: str | Path) -> None:
+        source = Path(source)
+        path = ckpt.latest_checkpoint(source) if source.is_dir() else source
+        fingerprint = self.config.fingerprint(self.accelerator.num_processes)
+        self.step, extra = ckpt.load_checkpoint(path, self.soft, self.optimizer, self.scheduler, fingerprint=fingerprint)
+        self.best, self.stale, self.losses = extra["best"], extra["stale"], extra["losses"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def write_tokens(self) -> None:
+        if self.accelerator.is_main_process:
+            save_soft_tokens(self.soft, self.config.output, overwrite=True)
+
+    def maybe_validate(self) -> bool:
+        """Validate (main process), keep the best tokens; returns whether to stop early (all processes)."""
+        config, stop = self.config, False
+        if self.val_set.records and self.accelerator.is_main_process:
+            metric = self.validate()
+            logger.info("step %d: held-out alignment accuracy %.3f (margin %.4g)", self.step, *metric)
+            if self.best is None or metric > self.best:
+                self.best, self.stale = metric, 0
+                self.write_tokens()
+            else:
+                self.stale += 1
+            stop = bool(config.patience) and self.stale >= config.patience
+        flag = torch.tensor([int(stop)], device=self.device)
+        return bool(self.accelerator.reduce(flag, "sum").item()) if self.accelerator.num_processes > 1 else stop
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.accelerator.is_main_process), desc="softrepa")
+        columns = config.batch_size + config.negative_bank
+        if config.gather_negatives:
+            columns += config.batch_size * (self.accelerator.num_processes - 1)
+        pairs = config.batch_size * columns * self.accelerator.num_processes
+        last = None
+        try:
+            with attach(self.pipe.unet, self.controller):
+                while self.step < config.max_steps:
+                    started = time.perf_counter()
+                    loss = self.train_step(self.step)
+                    self.step += 1
+                    self.losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", pairs_per_s=f"{pairs / (time.perf_counter() - started):.1f}")
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        last = self.save_checkpoint()
+                    if config.validate_every and self.step % config.validate_every == 0 and self.maybe_validate():
+                        logger.info("early stop at step %d: no improvement in %d validations", self.step, config.patience)
+                        break
+        except KeyboardInterrupt:
+            saved = self.save_checkpoint()
+            logger.warning("interrupted at step %d; resume with --resume %s", self.step, saved)
+            raise
+        finally:
+            bar.close()
+        return last
+
+
+def _datasets(config: TrainConfig, resolution: int) -> tuple[CaptionDataset, CaptionDataset]:
+    records, _ = read_records(config.data)
+    train, val = split_records(records, config.val_fraction, config.seed)
+    if len(train) < config.batch_size:
+        raise InputError(f"{config.data}: {len(train)} training pairs, fewer than the batch size {config.batch_size}")
+    return CaptionDataset(train, resolution), CaptionDataset(val, resolution)
+
+
+def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None) -> TrainResult:
+    """Train SoftREPA tokens as ``config`` says; writes the token file (best held-out tokens) and checkpoints.
+
+    ``pipe``: an already loaded SD/SDXL pipeline (its models are frozen, and gradient
+    checkpointing is turned on when asked); otherwise ``config.model`` is loaded.
+    """
+    from accelerate import Accelerator
+
+    if accelerator is None:
+        if config.device is not None and config.device != "cpu":
+            from editkit.models import choose_device
+
+            choose_device(config.device)
+        accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    _check_config(config, accelerator.num_processes)
+    if config.resume is None and accelerator.is_main_process and config.checkpoint_dir.exists():
+        logger.warning("%s exists; its checkpoints may be replaced", config.checkpoint_dir)
+    pipe = pipe if pipe is not None else _load_pipe(config, accelerator)
+    _freeze(pipe, config)
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    train_set, val_set = _datasets(config, resolution)
+    trainer = _Trainer(config, accelerator, pipe, train_set, val_set)
+    if config.resume is not None:
+        trainer.resume(config.resume)
+    last = trainer.run()
+    if config.gradient_checkpointing:
+        pipe.unet.disable_gradient_checkpointing()
+    last = trainer.save_checkpoint() or last
+    if not val_set.records:
+        trainer.write_tokens()
+    elif trainer.best is None:
+        trainer.maybe_validate()
+    accelerator.wait_for_everyone()
+    if train_set.unreadable:
+        logger.warning("skipped %d unreadable images", len(train_set.unreadable))
+    tokens = SoftTokens(trainer.soft.tokens.detach().cpu(), trainer.soft.sites, time_buckets=config.time_buckets)
+    if trainer.soft.time_embedding is not None:
+        tokens.time_embedding.data.copy_(trainer.soft.time_embedding.detach().cpu())
+    return TrainResult(tokens, trainer.step, trainer.losses, trainer.best, Path(config.output), last, len(train_set.unreadable))
