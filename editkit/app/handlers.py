@@ -1,0 +1,377 @@
+"""One function per app endpoint: validate the inputs, run the method's pipeline, render the result.
+
+Every endpoint returns the result image, a PNG file with the run's parameters in its text chunks
+(the download), and the run's messages (warnings such as a resized mask). Errors a user can fix
+(``EditkitError``) become a ``gr.Error`` with their one-line message; anything else is logged
+with its traceback on the server and shown as a generic message, never as a traceback.
+
+The events run with ``preprocess=False``: images arrive as upload records (``{"path": ...}``)
+and are read here with :func:`editkit.image.load_image`, so an unreadable or oversized image gets
+editkit's own message rather than a decoder error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from editkit.app.models import ModelManager
+from editkit.commands.common import png_metadata
+from editkit.errors import EditkitError, InputError
+from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MAX_PIXELS", "UNEXPECTED_ERROR", "Handlers"]
+
+#: Largest upload in pixels (width * height), checked from the image header before decoding.
+MAX_PIXELS = 4096 * 4096
+#: Guided (attention-loss) denoising steps of the compose tab: the paper's 25 of 50, at most half the steps.
+COMPOSE_GUIDED_STEPS = 25
+UNEXPECTED_ERROR = "Something went wrong on the server (the details are in its log). Please try again."
+
+Outputs = tuple[Image.Image, str, str]
+
+
+# -- input parsing ------------------------------------------------------------------------------
+def upload_path(value: Any) -> str | None:
+    """The file path of an upload record (dict or object with ``path``), a plain path, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
+    if not path:
+        raise InputError("the upload did not arrive; please upload the file again")
+    return str(path)
+
+
+def read_image(value: Any, label: str, *, required: bool = True) -> Image.Image | None:
+    """Load an uploaded image as RGB; the message names ``label``, never the server's temp path."""
+    path = upload_path(value)
+    if path is None:
+        if required:
+            raise InputError(f"upload a {label} image")
+        return None
+    try:
+        return load_image(path, max_pixels=MAX_PIXELS)
+    except InputError as error:
+        raise InputError(str(error).replace(path, f"the {label} image")) from None
+
+
+def read_mask(value: Any, size: tuple[int, int]):
+    """An optional uploaded mask as a (1, 1, H, W) tensor of 0s and 1s at ``size`` = (width, height)."""
+    path = upload_path(value)
+    if path is None:
+        return None
+    try:
+        return load_mask(path, size)
+    except InputError as error:
+        raise InputError(str(error).replace(path, "the mask image")) from None
+
+
+def number(value: Any, label: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite number in [low, high] from a form or API value."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{label} must be a number, got {value!r}") from None
+    if not math.isfinite(result) or not low <= result <= high:
+        raise InputError(f"{label} must be between {low:g} and {high:g}, got {value!r}")
+    return result
+
+
+def whole(value: Any, label: str, low: int = 0, high: int = 2**63 - 1) -> int:
+    """A whole number in [low, high]."""
+    result = number(value, label, low, high)
+    if result != int(result):
+        raise InputError(f"{label} must be a whole number, got {value!r}")
+    return int(result)
+
+
+def text(value: Any, label: str, *, required: bool = True) -> str:
+    """A stripped prompt; required ones must not be empty."""
+    result = "" if value is None else str(value).strip()
+    if required and not result:
+        raise InputError(f"enter a {label}")
+    return result
+
+
+def parse_constraints(value: Any) -> dict | None:
+    """Optional explicit constraints as JSON (the schema of ``editkit.constraints``); empty: parse the prompt."""
+    if isinstance(value, dict):
+        return value
+    raw = text(value, "constraints", required=False)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise InputError(f"constraints are not valid JSON: {error.msg} (line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise InputError('constraints must be a JSON object such as {"entities": ["car", "bird"]}')
+    return data
+
+
+def constraint_report(output: Any) -> dict[str, Any]:
+    """The compose pipeline's constraint report as JSON: each constraint before/after refinement."""
+
+    def rows(statuses: Any) -> list[dict[str, Any]] | None:
+        if statuses is None:
+            return None
+        return [
+            {"kind": s.kind, "constraint": s.description, "satisfied": bool(s.satisfied), "score": round(s.score, 4)}
+            for s in statuses
+        ]
+
+    constraints = getattr(output, "constraints", None)
+    return {
+        "constraints": constraints.to_dict() if constraints is not None else None,
+        "unparsed": list(getattr(constraints, "unparsed", []) or []),
+        "before_refinement": rows(getattr(output, "report_before", None)),
+        "after_refinement": rows(getattr(output, "report_after", None)),
+        "chosen": getattr(output, "chosen", None),
+    }
+
+
+def fit_to_model(image: Image.Image, side: int, multiple: int) -> Image.Image:
+    """Resize so the longer side is the model's native side, each side a multiple of ``multiple``."""
+    return resize_to(image, fit_size(image.width, image.height, multiple=multiple, target=side))
+
+
+def guarded(endpoint: Callable) -> Callable:
+    """Turn an endpoint's errors into messages: EditkitError's own line, a generic one for bugs."""
+
+    @functools.wraps(endpoint)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return endpoint(*args, **kwargs)
+        except gr.Error:
+            raise
+        except EditkitError as error:
+            raise gr.Error(str(error), title="Invalid input", print_exception=False) from None
+        except Exception:
+            logger.exception("the %s endpoint failed", endpoint.__name__)
+            raise gr.Error(UNEXPECTED_ERROR, print_exception=False) from None
+
+    return wrapper
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+class Handlers:
+    """The app's endpoints, bound to one :class:`ModelManager`; results are written to ``output_dir``."""
+
+    def __init__(self, manager: ModelManager, output_dir: str | os.PathLike | None = None) -> None:
+        self.manager = manager
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="editkit-app-"))
+
+    @guarded
+    def stylize(
+        self,
+        content: Any,
+        style: Any,
+        gamma: Any,
+        tau: Any,
+        use_adain: Any,
+        adain_strength: Any,
+        steps: Any,
+        mask: Any,
+        seed: Any,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio's idiom)
+    ) -> Outputs:
+        """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID)."""
+        params = {
+            "gamma": number(gamma, "gamma (query preservation)", 0.0, 1.0),
+            "tau": number(tau, "tau (attention temperature)", 0.1, 10.0),
+            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0) if use_adain else None,
+            "num_inference_steps": whole(steps, "steps", 1, 1000),
+            "seed": whole(seed, "seed"),
+        }
+        content_image = read_image(content, "content")
+        style_image = read_image(style, "style")
+
+        def work(pipe) -> tuple[Image.Image, list[str]]:
+            side, multiple = self.manager.resolution(pipe)
+            content_fit = fit_to_model(content_image, side, multiple)
+            mask_tensor = read_mask(mask, content_fit.size)
+            params["mask"] = mask_tensor is not None
+            output = pipe(
+                content_fit,
+                fit_to_model(style_image, side, multiple),
+                gamma=params["gamma"],
+                tau=params["tau"],
+                adain_strength=params["adain_strength"],
+                num_inference_steps=params["num_inference_steps"],
+                mask=mask_tensor,
+                generator=self.manager.generator(pipe, params["seed"]),
+            )
+            return output.images[0], []
+
+        return self._run("stylize", params, work)
+
+    @guarded
+    def edit(
+        self,
+        image: Any,
+        source_prompt: Any,
+        target_prompt: Any,
+        contrast: Any,
+        steps: Any,
+        guidance_scale: Any,
+        mask: Any,
+        seed: Any,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
+    ) -> Outputs:
+        """Edit ``image`` from ``source_prompt`` towards ``target_prompt`` (contrastive denoising score)."""
+        params = {
+            "source_prompt": text(source_prompt, "source prompt", required=False),
+            "target_prompt": text(target_prompt, "target prompt"),
+            "contrast": text(contrast, "contrast mode"),
+            "num_inference_steps": whole(steps, "steps", 1, 1000),
+            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
+            "seed": whole(seed, "seed"),
+        }
+        source = read_image(image, "input")
+
+        def work(pipe) -> tuple[Image.Image, list[str]]:
+            side, multiple = self.manager.resolution(pipe)
+            fitted = fit_to_model(source, side, multiple)
+            mask_tensor = read_mask(mask, fitted.size)
+            params["mask"] = mask_tensor is not None
+            output = pipe(
+                fitted,
+                params["source_prompt"],
+                params["target_prompt"],
+                contrast=None if params["contrast"] == "none" else params["contrast"],
+                num_inference_steps=params["num_inference_steps"],
+                guidance_scale=params["guidance_scale"],
+                mask=mask_tensor,
+                generator=self.manager.generator(pipe, params["seed"]),
+            )
+            return output.images[0], []
+
+        return self._run("edit", params, work)
+
+    @guarded
+    def compose(
+        self,
+        prompt: Any,
+        constraints: Any,
+        refine: Any,
+        steps: Any,
+        guidance_scale: Any,
+        seed: Any,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
+    ) -> tuple[Image.Image, str, str, dict]:
+        """Generate ``prompt`` with its constraints enforced; also returns the constraint report."""
+        params = {
+            "prompt": text(prompt, "prompt"),
+            "constraints": parse_constraints(constraints),
+            "refine": bool(refine),
+            "num_inference_steps": whole(steps, "steps", 1, 1000),
+            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
+            "seed": whole(seed, "seed"),
+        }
+        report: dict[str, Any] = {}
+
+        def work(pipe) -> tuple[Image.Image, list[str]]:
+            side, _ = self.manager.resolution(pipe)
+            output = pipe(
+                params["prompt"],
+                constraints=params["constraints"],
+                height=side,
+                width=side,
+                refine=params["refine"],
+                num_inference_steps=params["num_inference_steps"],
+                max_iter_to_alter=min(COMPOSE_GUIDED_STEPS, params["num_inference_steps"] // 2),
+                guidance_scale=params["guidance_scale"],
+                generator=self.manager.generator(pipe, params["seed"]),
+            )
+            report.update(constraint_report(output))
+            return output.images[0], list(getattr(output, "warnings", None) or [])
+
+        image, path, messages = self._run("compose", params, work)
+        return image, path, messages, report
+
+    @guarded
+    def generate_with_tokens(
+        self,
+        prompt: Any,
+        tokens: Any,
+        strength: Any,
+        steps: Any,
+        guidance_scale: Any,
+        seed: Any,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
+    ) -> Outputs:
+        """Generate ``prompt`` with a SoftREPA token file inserted at ``strength`` (plain sampling)."""
+        params = {
+            "prompt": text(prompt, "prompt"),
+            "soft_token_strength": number(strength, "token strength", -10.0, 10.0),
+            "num_inference_steps": whole(steps, "steps", 1, 1000),
+            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
+            "seed": whole(seed, "seed"),
+        }
+        token_path = upload_path(tokens)
+        if token_path is None:
+            raise InputError("upload a soft-token file (.safetensors)")
+        params["soft_tokens"] = Path(token_path).name
+
+        def work(pipe) -> tuple[Image.Image, list[str]]:
+            from editkit.softrepa import load_soft_tokens
+
+            try:
+                controller = load_soft_tokens(token_path, unet=pipe.unet, strength=params["soft_token_strength"])
+            except EditkitError as error:
+                raise type(error)(str(error).replace(token_path, "the token file")) from None
+            side, _ = self.manager.resolution(pipe)
+            output = pipe(  # the compose pipeline without guidance or refinement: plain sampling
+                params["prompt"],
+                height=side,
+                width=side,
+                refine=False,
+                max_iter_to_alter=0,
+                num_inference_steps=params["num_inference_steps"],
+                guidance_scale=params["guidance_scale"],
+                generator=self.manager.generator(pipe, params["seed"]),
+                attention_controllers=[controller],
+            )
+            return output.images[0], []
+
+        return self._run("generate_with_tokens", params, work)
+
+    # -- shared run/render ------------------------------------------------------------------
+    def _run(self, command: str, params: dict[str, Any], work: Callable[[Any], tuple[Image.Image, list[str]]]):
+        """Run ``work(pipe)`` holding the shared model, collect its warnings, save the download."""
+        pipe = self.manager.pipeline(command)
+        with self.manager.session(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image, notes = work(pipe)
+        messages = [*notes, *dict.fromkeys(str(w.message) for w in caught if _user_facing(w))]
+        path = self._save(image, command, params)
+        return image, str(path), "\n".join(messages) if messages else "Done."
+
+    def _save(self, image: Image.Image, command: str, params: dict[str, Any]) -> Path:
+        """The downloadable PNG, with the model and parameters in its ``editkit`` text chunk."""
+        name = f"editkit-{command}-seed{params.get('seed', 0)}-{uuid.uuid4().hex[:8]}.png"
+        metadata = png_metadata(command, {"model": self.manager.name, **params})
+        return save_image(image, self.output_dir / name, metadata=metadata)
+
+
+def _user_facing(caught: warnings.WarningMessage) -> bool:
+    """Warnings worth showing: editkit's own UserWarnings, not library deprecation noise."""
+    return issubclass(caught.category, UserWarning) and not issubclass(
+        caught.category, (DeprecationWarning, FutureWarning)
+    )

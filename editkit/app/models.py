@@ -1,0 +1,123 @@
+"""The app's models: one base model loaded on first use, shared by every method's pipeline.
+
+The first request loads the base model once (``editkit.models.load_pipeline``) with the class of
+the method it asks for; every other method's pipeline is built from it with
+``Pipeline.from_pipe(base, dtype=...)``, so all tabs share one UNet, VAE and text encoder. The
+shared UNet gets one attention controller at a time: :meth:`ModelManager.session` is a lock every
+run holds, so two requests never attach controllers to the UNet at once even when the queue lets
+several events run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from editkit.errors import EditkitError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "MethodSpec", "ModelManager"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Where a method's pipeline class lives (imported on first use)."""
+
+    module: str
+    class_name: str
+    title: str
+
+    def load_class(self) -> type:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as error:
+            raise EditkitError(f"{self.title} is not available in this install ({error})") from None
+        return getattr(module, self.class_name)
+
+
+#: The app's methods by endpoint name.
+METHODS: dict[str, MethodSpec] = {
+    "stylize": MethodSpec("pipelines.style_transfer", "StyleTransferPipeline", "style transfer"),
+    "edit": MethodSpec("pipelines.contrastive_edit", "ContrastiveEditPipeline", "contrastive editing"),
+    "compose": MethodSpec("pipelines.compose", "ComposePipeline", "compositional generation"),
+    "generate_with_tokens": MethodSpec("pipelines.compose", "ComposePipeline", "soft-token generation"),
+}
+
+
+class ModelManager:
+    """Loads the base model lazily, once, and hands out per-method pipelines that share its modules.
+
+    ``model`` is a Hub id, a diffusers folder, a ``.safetensors`` file, or an already loaded
+    pipeline (tests, notebooks). Nothing is loaded at construction.
+    """
+
+    def __init__(self, model: Any, *, device: str | None = None, dtype: str | None = None) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self._base = None if isinstance(model, (str, os.PathLike)) else model
+        self._pipelines: dict[str, Any] = {}
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the base model is in memory."""
+        return self._base is not None
+
+    @property
+    def name(self) -> str:
+        """The model as the user gave it (for metadata)."""
+        if isinstance(self.model, (str, os.PathLike)):
+            return os.fspath(self.model)
+        return str(getattr(self.model, "name_or_path", None) or type(self.model).__name__)
+
+    def pipeline(self, method: str) -> Any:
+        """The pipeline of ``method`` (an endpoint name of :data:`METHODS`), loading the base on first use."""
+        spec = METHODS[method]
+        with self._load_lock:
+            pipe_class = spec.load_class()
+            if spec.class_name not in self._pipelines:
+                self._pipelines[spec.class_name] = self._build(pipe_class)
+            return self._pipelines[spec.class_name]
+
+    def _build(self, pipe_class: type) -> Any:
+        if self._base is None:
+            from editkit.models import load_pipeline
+
+            logger.info("loading %s", self.name)
+            self._base = load_pipeline(pipe_class, self.model, device=self.device, dtype=self.dtype)
+        if isinstance(self._base, pipe_class):
+            return self._base
+        try:
+            return pipe_class.from_pipe(self._base, dtype=self._base.dtype)
+        except Exception as error:
+            raise ModelLoadError(f"cannot build {pipe_class.__name__} from the loaded model: {error}") from error
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the shared UNet for one run: at most one attention controller is attached at a time."""
+        with self._run_lock:
+            yield
+
+    def generator(self, pipe: Any, seed: int) -> torch.Generator:
+        """A generator on the pipeline's execution device seeded with ``seed``."""
+        device = getattr(pipe, "_execution_device", None) or pipe.device
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def resolution(self, pipe: Any) -> tuple[int, int]:
+        """(native side, size multiple) in pixels: the UNet's sample size and its downsampling factor."""
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        config = pipe.unet.config
+        side = int(config.sample_size) * scale
+        multiple = scale * 2 ** (len(config.block_out_channels) - 1)
+        return side, multiple
