@@ -1,0 +1,291 @@
+"""Delta denoising score and patch-wise contrastive losses: DDS, CDS and the dual contrastive loss.
+
+The numerics of score-distillation editing as small pure functions, plus the feature recorder that
+collects self-attention features on the shared attention layer:
+
+- DDS (Hertz et al., ICCV 2023): noise the source and the edited latent with the SAME timestep
+  and noise; the edit direction is ``eps_hat(z_t_trg, y_trg) - eps_hat(z_t_src, y_src)`` with
+  classifier-free guidance on both branches (v-prediction converted to eps first).
+- CDS (Nam et al., CVPR 2024): a PatchNCE loss (CUT, Park et al. 2020) between self-attention
+  features of the source branch (no grad) and the target branch (backpropagated to the latent)
+  keeps the structure. CDS anchors on the source patch; CUT anchors on the generated patch;
+  ``"dual"`` (DCLGAN's two NCE terms, the dual contrastive denoising score) is the mean of both.
+
+Features are recorded by site name for a named branch (``"source"``, ``"target"``,
+``"identity"``), never by position in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from editkit.attention import AttentionController, Site, site_matches
+from editkit.inversion import model_eps
+
+__all__ = [
+    "DIRECTIONS",
+    "FEATURES",
+    "ContrastiveFeatureRecorder",
+    "classifier_free_guidance",
+    "contrastive_loss",
+    "dds_gradient",
+    "dds_latent_gradient",
+    "guided_eps",
+    "noise_latents",
+    "patch_nce",
+    "patch_nce_loss",
+    "pool_patches",
+    "sample_locations",
+    "sample_noise",
+    "sample_timestep",
+    "tokens_to_grid",
+]
+
+DIRECTIONS = ("source", "target", "dual")
+FEATURES = ("output", "query", "key", "value")
+DEFAULT_SITES = ("up_blocks",)
+#: Latent pixels of SD 1.x at 512 px, where the reference scale 2000 / (H_lat * W_lat) was tuned.
+REFERENCE_LATENT_PIXELS = 64 * 64
+
+
+# -- DDS ----------------------------------------------------------------------------------------
+def noise_latents(latents: torch.Tensor, noise: torch.Tensor, alpha_prod: torch.Tensor | float) -> torch.Tensor:
+    """z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps  (DDPM forward process, Ho et al. 2020, eq. 4)."""
+    return alpha_prod**0.5 * latents + (1 - alpha_prod) ** 0.5 * noise
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """out = u + w (c - u)  (classifier-free guidance, Ho & Salimans 2022, eq. 6)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def guided_eps(
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    latents: torch.Tensor,
+    alpha_prod: torch.Tensor | float,
+    *,
+    guidance_scale: float = 7.5,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """eps_hat of the guided model output at z_t (v-prediction: eps = sqrt(a_t) v + sqrt(1 - a_t) z_t), fp32."""
+    output = classifier_free_guidance(uncond.float(), cond.float(), guidance_scale)
+    return model_eps(output, latents.float(), alpha_prod, prediction_type)
+
+
+def dds_gradient(eps_target: torch.Tensor, eps_source: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """grad = w(t) (eps_hat(z_t_trg, y_trg) - eps_hat(z_t_src, y_src))  (DDS, Hertz et al. 2023, eq. 5)."""
+    return weight * (eps_target - eps_source)
+
+
+def dds_latent_gradient(
+    gradient: torch.Tensor,
+    *,
+    loss_scale: float = 2000.0,
+    reference_pixels: int = REFERENCE_LATENT_PIXELS,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d/dz of loss_scale * sum(m * z * grad) / reference_pixels: a per-element step free of resolution.
+
+    The reference code divides by the latent's own H * W (2000 / 4096 at 64x64); dividing by a fixed
+    ``reference_pixels`` keeps that step at every resolution.
+    """
+    gradient = gradient * (loss_scale / reference_pixels)
+    return gradient if mask is None else gradient * mask
+
+
+def sample_timestep(generator: torch.Generator | None, *, min_timestep: int = 50, max_timestep: int = 950) -> int:
+    """One timestep uniform in [min_timestep, max_timestep), drawn from ``generator``."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(min_timestep, max_timestep, (1,), generator=generator, device=device).item())
+
+
+def sample_noise(
+    shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal noise from ``generator`` (diffusers' ``randn_tensor``: any generator device)."""
+    return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+# -- PatchNCE -----------------------------------------------------------------------------------
+def tokens_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(batch, tokens, channels) -> (batch, channels, height, width)."""
+    batch, tokens, channels = features.shape
+    height, width = grid
+    if height * width != tokens:
+        raise ValueError(f"{tokens} tokens do not fill a {height}x{width} grid")
+    return features.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def pool_patches(feature_map: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean of each non-overlapping patch_size x patch_size patch: (batch, channels, h // p, w // p)."""
+    if patch_size == 1:
+        return feature_map
+    return F.avg_pool2d(feature_map, kernel_size=patch_size, stride=patch_size)
+
+
+def sample_locations(
+    num_cells: int, num_patches: int, generator: torch.Generator | None, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Up to ``num_patches`` distinct cell indices (of ``allowed`` cells when given), from ``generator``."""
+    candidates = torch.arange(num_cells) if allowed is None else allowed.flatten().nonzero().flatten().cpu()
+    device = generator.device if generator is not None else "cpu"
+    order = torch.randperm(len(candidates), generator=generator, device=device).cpu()
+    return candidates[order[:num_patches]]
+
+
+def patch_nce(anchor: torch.Tensor, positive: torch.Tensor, *, tau: float = 0.07, diagonal_fill: float = -10.0):
+    """PatchNCE: mean_i CE([a_i.p_i, a_i.p_j (j != i), -10] / tau, 0)  (CUT, Park et al. 2020, eq. 2).
+
+    ``anchor`` and ``positive`` are (patches, channels), L2-normalised; row i of ``positive`` is
+    the positive of anchor i and the other rows are its negatives (same image only). The
+    diagonal of the negatives is set to ``diagonal_fill`` before dividing by ``tau``.
+    """
+    positive_logits = (anchor * positive).sum(dim=-1, keepdim=True)  # (patches, 1)
+    negative_logits = anchor @ positive.transpose(0, 1)  # (patches, patches)
+    eye = torch.eye(anchor.shape[0], dtype=torch.bool, device=anchor.device)
+    negative_logits = negative_logits.masked_fill(eye, diagonal_fill)
+    logits = torch.cat([positive_logits, negative_logits], dim=1) / tau
+    target = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
+    return F.cross_entropy(logits, target)
+
+
+def patch_nce_loss(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    direction: str = "dual",
+    tau: float = 0.07,
+    diagonal_fill: float = -10.0,
+) -> torch.Tensor:
+    """Source-anchored (CDS, rows of S), target-anchored (CUT, columns of S) or dual (their mean) PatchNCE.
+
+    ``source`` and ``target``: (patches, channels) features at the same locations (normalised here).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    source = F.normalize(source.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
+    losses = []
+    if direction in ("source", "dual"):
+        losses.append(patch_nce(source, target, tau=tau, diagonal_fill=diagonal_fill))
+    if direction in ("target", "dual"):
+        losses.append(patch_nce(target, source, tau=tau, diagonal_fill=diagonal_fill))
+    return losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
+
+
+def _allowed_cells(region: torch.Tensor | None, grid: tuple[int, int], patch_size: int) -> torch.Tensor | None:
+    """Cells (after pooling) that overlap ``region`` (batch, 1, H, W); None when fewer than two do."""
+    if region is None:
+        return None
+    covered = F.adaptive_avg_pool2d(region.float().amax(dim=0, keepdim=True), grid)
+    covered = pool_patches(covered, patch_size)[0, 0] > 0  # (h // p, w // p)
+    return covered if int(covered.sum()) >= 2 else None
+
+
+def contrastive_loss(
+    source_features: Mapping[str, torch.Tensor],
+    target_features: Mapping[str, torch.Tensor],
+    grids: Mapping[str, tuple[int, int] | None],
+    *,
+    direction: str = "dual",
+    patch_sizes: Sequence[int] = (1, 2),
+    num_patches: int = 256,
+    tau: float = 0.07,
+    diagonal_fill: float = -10.0,
+    generator: torch.Generator | None = None,
+    region: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over sites and patch sizes of the PatchNCE loss (mean over patches and batch items).
+
+    Features are (batch, tokens, channels) by site; the SAME locations (drawn from ``generator``,
+    inside ``region`` when given) are used for source and target. Sites and scales with fewer than
+    two cells are skipped.
+    """
+    total = None
+    for site in sorted(target_features):
+        grid = grids.get(site)
+        if grid is None or site not in source_features:
+            raise KeyError(f"no source features or grid recorded at {site}")
+        source_map = tokens_to_grid(source_features[site], grid)
+        target_map = tokens_to_grid(target_features[site], grid)
+        for patch_size in patch_sizes:
+            source_cells = pool_patches(source_map, patch_size).flatten(2)  # (batch, channels, cells)
+            target_cells = pool_patches(target_map, patch_size).flatten(2)
+            if source_cells.shape[-1] < 2:
+                continue
+            allowed = _allowed_cells(region, grid, patch_size)
+            index = sample_locations(source_cells.shape[-1], num_patches, generator, allowed).to(target_cells.device)
+            options = {"direction": direction, "tau": tau, "diagonal_fill": diagonal_fill}
+            pairs = zip(source_cells[..., index], target_cells[..., index])  # (channels, patches) each
+            per_item = [patch_nce_loss(s.T, t.T, **options) for s, t in pairs]
+            loss = torch.stack(per_item).mean()
+            total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("no contrastive features: every site's grid is smaller than two patches")
+    return total
+
+
+# -- features on the shared attention layer -----------------------------------------------------
+class ContrastiveFeatureRecorder(AttentionController):
+    """Self-attention features by site, for the branch the pipeline names before each UNet call.
+
+    Args:
+        sites: site patterns (up-block self-attention by default).
+        feature: ``"output"`` (after ``to_out``, the default), ``"query"``, ``"key"`` or ``"value"``.
+        role: batch role whose rows are kept (``"cond"``); a call without that role records nothing.
+        grad_branches: branches whose features stay in the autograd graph; the others are detached.
+
+    Set ``branch`` (e.g. ``"source"``, ``"target"``) before a UNet call and back to ``None`` after;
+    ``features[branch][site]`` is ``(batch, tokens, channels)``, ``grids[site]`` its token grid.
+    Repeated calls (gradient checkpointing) overwrite by site.
+    """
+
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = DEFAULT_SITES,
+        feature: str = "output",
+        role: str | None = "cond",
+        grad_branches: Sequence[str] = ("target",),
+    ) -> None:
+        super().__init__()
+        if feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+        self.site_patterns = sites
+        self.feature = feature
+        self.role = role
+        self.grad_branches = tuple(grad_branches)
+        self.branch: str | None = None
+        self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.grids: dict[str, tuple[int, int] | None] = {}
+
+    def applies_to(self, site: Site) -> bool:
+        return site.is_self and site_matches(site.name, self.site_patterns)
+
+    def on_qkv(self, site, query, key, value):
+        if self.feature != "output":
+            tensor = {"query": query, "key": key, "value": value}[self.feature]
+            self._record(site, tensor.transpose(1, 2).flatten(2))  # (batch, tokens, heads * head_dim)
+        return query, key, value
+
+    def on_output(self, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.feature == "output":
+            self._record(site, hidden_states)
+        return hidden_states
+
+    def _record(self, site: Site, tensor: torch.Tensor) -> None:
+        if self.branch is None or (self.batch_roles and self.role not in self.batch_roles):
+            return
+        rows = self.role_rows(self.role, tensor.shape[0]) if self.role is not None else slice(None)
+        kept = tensor[rows]
+        self.features.setdefault(self.branch, {})[site.name] = (
+            kept if self.branch in self.grad_branches else kept.detach()
+        )
+        self.grids[site.name] = site.grid
+
+    def clear(self) -> None:
+        self.features.clear()

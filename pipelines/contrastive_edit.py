@@ -1,0 +1,441 @@
+"""Text-driven editing of a real image with (dual) contrastive denoising score: DDS, CDS, DCDS.
+
+One diffusers pipeline for SD 1.x/2.x and SDXL folders (SDXL's second text encoder and tokenizer
+are optional components). It also works as a diffusers community pipeline (``custom_pipeline=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from editkit.attention import AttentionController, attach, attention_sites, compose, select_sites
+from editkit.conditioning import TextConditioning, encode_text
+from editkit.contrastive import (
+    DEFAULT_SITES,
+    DIRECTIONS,
+    FEATURES,
+    REFERENCE_LATENT_PIXELS,
+    ContrastiveFeatureRecorder,
+    contrastive_loss,
+    dds_gradient,
+    dds_latent_gradient,
+    guided_eps,
+    noise_latents,
+    sample_noise,
+    sample_timestep,
+)
+from editkit.errors import InputError
+from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
+from editkit.inversion import decode_latents, encode_image_latents
+from editkit.models import model_family
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+
+
+@dataclass
+class ContrastiveEditPipelineOutput(BaseOutput):
+    """Edited images, the optimised latent and what each iteration drew and measured.
+
+    ``timesteps[i]`` is iteration i's timestep; ``contrastive_losses[i]`` its contrastive loss
+    (empty for plain DDS).
+    """
+
+    images: list[PIL.Image.Image] | torch.Tensor | np.ndarray
+    latents: torch.Tensor
+    timesteps: list[int]
+    contrastive_losses: list[float]
+
+
+class ContrastiveEditPipeline(DiffusionPipeline):
+    r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
+
+    Each iteration draws one timestep and one noise, noises the source latent and the edited latent
+    with both, and moves the edited latent along the delta denoising score
+    ``eps_hat(z_t_trg, y_trg) - eps_hat(z_t_src, y_src)`` (classifier-free guidance on both). The
+    contrastive term compares self-attention features of the two branches with PatchNCE so the
+    layout stays (CDS anchors on source patches, CUT on edited ones, ``"dual"`` averages both).
+
+    Example:
+        >>> from pipelines.contrastive_edit import ContrastiveEditPipeline
+        >>> from editkit.image import load_image
+        >>> pipe = ContrastiveEditPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5").to("cuda")
+        >>> image = load_image("cat.png")
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> edited = pipe(image, "a photo of a cat", "a photo of a dog", generator=generator).images[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        learning_rate: float,
+        min_timestep: int,
+        max_timestep: int,
+        contrast: str | None,
+        contrast_weight: float,
+        feature: str,
+        patch_sizes: Sequence[int],
+        num_patches: int,
+        tau: float,
+        output_type: str,
+    ) -> None:
+        """Short, specific InputErrors before any heavy work; a warning for identical prompts."""
+        model_family(self.unet)
+        for name, prompt in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{name} must be a non-empty string")
+        if source_prompt.strip() == target_prompt.strip():
+            warnings.warn("source and target prompts are identical: the edit will change little", stacklevel=3)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise InputError(f"the number of iterations must be at least 1, got {num_inference_steps}")
+        if guidance_scale < 1 or learning_rate <= 0 or tau <= 0 or contrast_weight < 0:
+            raise InputError("guidance_scale must be >= 1, learning_rate and tau > 0, contrast_weight >= 0")
+        timesteps = self.scheduler.config.num_train_timesteps
+        if not 0 <= min_timestep < max_timestep <= timesteps:
+            raise InputError(
+                f"need 0 <= min_timestep < max_timestep <= {timesteps}, got {min_timestep}, {max_timestep}"
+            )
+        if contrast is not None and contrast not in DIRECTIONS:
+            raise InputError(f"contrast must be one of {DIRECTIONS} or None, got {contrast!r}")
+        if feature not in FEATURES:
+            raise InputError(f"feature must be one of {FEATURES}, got {feature!r}")
+        if not patch_sizes or any(int(p) != p or p < 1 for p in patch_sizes) or num_patches < 2:
+            raise InputError("patch_sizes must be positive integers and num_patches at least 2")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    def _prepare_image(self, image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+        """PIL (any size; aspect kept, sides rounded to the VAE factor) or (B, 3, H, W) in [-1, 1]."""
+        if isinstance(image, PIL.Image.Image):
+            size = fit_size(*image.size, multiple=self.vae_scale_factor)
+            return pil_to_tensor(resize_to(image.convert("RGB"), size))
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+            raise InputError("image must be a PIL image or a (batch, 3, height, width) tensor in [-1, 1]")
+        if image.shape[-2] % self.vae_scale_factor or image.shape[-1] % self.vae_scale_factor:
+            raise InputError(f"image tensor sides must be multiples of {self.vae_scale_factor}")
+        return image
+
+    def _prepare_mask(self, mask, image: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+        """A {0, 1} mask at the image's size -> (batch, 1, h, w) latent mask (a cell is in if any pixel is)."""
+        if mask is None:
+            return None
+        if isinstance(mask, PIL.Image.Image):
+            mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
+        if mask.ndim != 4 or mask.shape[1] != 1:
+            raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
+        if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
+            height, width = image.shape[-2:]
+            raise InputError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {width}x{height}")
+        if not torch.isin(mask, torch.tensor([0.0, 1.0])).all():
+            raise InputError("mask must be binary (0 and 1 only)")
+        if not mask.any():
+            raise InputError("mask is empty: nothing to edit")
+        latent_mask = F.adaptive_max_pool2d(mask, latents.shape[-2:])
+        return latent_mask.to(latents.device).expand(latents.shape[0], -1, -1, -1)
+
+    def _text(self, prompts: list[str], image: torch.Tensor) -> TextConditioning:
+        height, width = image.shape[-2:]
+        return encode_text(self, prompts, height=int(height), width=int(width))
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def _unet(self, latents, timestep, conditioning: TextConditioning, roles, controller) -> torch.Tensor:
+        """One UNet call with its batch roles declared to the controllers."""
+        controller.batch_roles = roles
+        return self.unet(latents.to(self.unet.dtype), timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+
+    def _eps(self, uncond, cond, z_t, alpha, guidance_scale) -> torch.Tensor:
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        return guided_eps(uncond, cond, z_t, alpha, guidance_scale=guidance_scale, prediction_type=prediction_type)
+
+    def _dds_only(self, z_src_t, z_trg_t, timestep, alpha, text, guidance_scale, controller) -> torch.Tensor:
+        """Plain DDS: one no-grad call on [src, trg] x [uncond, cond]; returns the DDS gradient."""
+        latents = torch.cat([z_src_t, z_trg_t, z_src_t, z_trg_t])
+        output = self._unet(latents, timestep, text["dds"], ("uncond", "cond"), controller)
+        uncond_src, uncond_trg, cond_src, cond_trg = output.chunk(4)
+        eps_src = self._eps(uncond_src, cond_src, z_src_t, alpha, guidance_scale)
+        eps_trg = self._eps(uncond_trg, cond_trg, z_trg_t, alpha, guidance_scale)
+        return dds_gradient(eps_trg, eps_src)
+
+    def _contrastive_step(self, z_trg, noise, z_src_t, timestep, alpha, text, settings, controller, recorder):
+        """DDS gradient and contrastive loss/gradient of one iteration.
+
+        Source branch (uncond + cond, no grad, source features), target uncond (no grad), target
+        cond (grad, target features, its noise prediction reused), identity branch when asked.
+        """
+        z_trg_t = noise_latents(z_trg, noise, alpha)
+        recorder.clear()
+        recorder.branch = "source"
+        source_out = self._unet(torch.cat([z_src_t] * 2), timestep, text["source"], ("uncond", "cond"), controller)
+        recorder.branch = None
+        uncond_trg = self._unet(z_trg_t, timestep, text["uncond"], ("uncond",), controller)
+        if settings["identity_branch"]:
+            recorder.branch = "identity"
+            self._unet(z_trg_t, timestep, text["source_cond"], ("cond",), controller)
+        with torch.enable_grad():
+            z = z_trg.detach().requires_grad_(True)
+            recorder.branch = "target"
+            cond_trg = self._unet(noise_latents(z, noise, alpha), timestep, text["target_cond"], ("cond",), controller)
+            recorder.branch = None
+            loss = self._contrastive_loss(recorder, settings)
+            (contrast_grad,) = torch.autograd.grad(loss * settings["contrast_weight"] * settings["loss_scale"], z)
+        eps_src = self._eps(*source_out.chunk(2), z_src_t, alpha, settings["guidance_scale"])
+        eps_trg = self._eps(uncond_trg, cond_trg.detach(), z_trg_t, alpha, settings["guidance_scale"])
+        return dds_gradient(eps_trg, eps_src), contrast_grad, loss.detach()
+
+    def _iteration(self, index, latents, source_latents, text, settings, controller, recorder):
+        """Draw t and eps, return (t, latent gradient of the total loss, contrastive loss or None)."""
+        generator, device = settings["generator"], latents.device
+        t = sample_timestep(generator, min_timestep=settings["min_timestep"], max_timestep=settings["max_timestep"])
+        noise = sample_noise(latents.shape, generator, device)
+        timestep, alpha = torch.tensor(t, device=device), settings["alphas"][t]
+        controller.begin_step(index, t)
+        z_src_t = noise_latents(source_latents, noise, alpha)
+        loss, contrast_grad = None, 0.0
+        if recorder is None:
+            z_trg_t = noise_latents(latents, noise, alpha)
+            grad = self._dds_only(z_src_t, z_trg_t, timestep, alpha, text, settings["guidance_scale"], controller)
+        else:
+            grad, contrast_grad, loss = self._contrastive_step(
+                latents, noise, z_src_t, timestep, alpha, text, settings, controller, recorder
+            )
+        scale = {"loss_scale": settings["loss_scale"], "reference_pixels": settings["reference_pixels"]}
+        step = dds_latent_gradient(settings["dds_weight"] * grad, **scale) + contrast_grad
+        if settings["region"] is not None:
+            step = step * settings["region"]
+        return t, step, loss
+
+    @staticmethod
+    def _contrastive_loss(recorder: ContrastiveFeatureRecorder, settings: dict) -> torch.Tensor:
+        features = recorder.features
+        if not features.get("target") or not features.get("source"):
+            raise RuntimeError("no self-attention features were recorded at the contrastive sites")
+        options = {k: settings[k] for k in ("direction", "patch_sizes", "num_patches", "tau", "generator", "region")}
+        loss = contrastive_loss(features["source"], features["target"], recorder.grids, **options)
+        if settings["identity_branch"]:
+            identity = contrastive_loss(features["identity"], features["target"], recorder.grids, **options)
+            loss = (loss + identity) / 2
+        return loss
+
+    @contextlib.contextmanager
+    def _frozen_unet(self, gradient_checkpointing: bool) -> Iterator[None]:
+        """UNet weights frozen (no weight gradients) and optional checkpointing, both restored after."""
+        unet = self.unet
+        flags = [p.requires_grad for p in unet.parameters()]
+        was_checkpointing = unet.is_gradient_checkpointing
+        unet.requires_grad_(False)
+        if gradient_checkpointing and not was_checkpointing:
+            unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            for parameter, flag in zip(unet.parameters(), flags):
+                parameter.requires_grad_(flag)
+            if gradient_checkpointing and not was_checkpointing:
+                unet.disable_gradient_checkpointing()
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        image = decode_latents(self.vae, latents)  # (batch, 3, H, W) in [-1, 1]
+        if output_type == "pil":
+            return tensor_to_pil(image)
+        image = (image + 1) / 2
+        return image if output_type == "pt" else image.permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image | torch.Tensor,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        num_inference_steps: int = 200,
+        guidance_scale: float = 7.5,
+        learning_rate: float = 0.1,
+        min_timestep: int = 50,
+        max_timestep: int = 950,
+        contrast: str | None = "dual",
+        contrast_weight: float = 3.0,
+        dds_weight: float = 1.0,
+        num_patches: int = 256,
+        patch_sizes: Sequence[int] = (1, 2),
+        tau: float = 0.07,
+        feature: str = "output",
+        contrast_sites: str | Sequence[str] = DEFAULT_SITES,
+        identity_branch: bool = False,
+        mask: torch.Tensor | PIL.Image.Image | None = None,
+        negative_prompt: str = "",
+        loss_scale: float = 2000.0,
+        reference_latent_pixels: int = REFERENCE_LATENT_PIXELS,
+        gradient_checkpointing: bool = False,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_controllers: Sequence[AttentionController] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ):
+        r"""Edit ``image`` from ``source_prompt`` (what it shows) towards ``target_prompt``.
+
+        Args:
+            image: a PIL image (aspect kept, sides rounded to multiples of the VAE factor) or a
+                ``(batch, 3, H, W)`` tensor in [-1, 1].
+            source_prompt / target_prompt: text describing the input and the wanted result.
+            num_inference_steps: number of optimisation iterations (200 in DDS/CDS).
+            guidance_scale: classifier-free guidance on both branches (7.5).
+            learning_rate: plain SGD step on the fp32 master latent (0.1; Adam's normalisation
+                turns the noisy score into uniform global change).
+            min_timestep / max_timestep: each iteration's t is uniform in [min, max) ([50, 950)).
+            contrast: PatchNCE direction: ``"source"`` (CDS: source patch is the anchor),
+                ``"target"`` (CUT: edited patch is the anchor), ``"dual"`` (mean of both, the dual
+                contrastive denoising score), or ``None`` for plain DDS.
+            contrast_weight: weight of the contrastive loss (3.0 in CDS).
+            dds_weight: weight of the DDS term (1.0).
+            num_patches: locations sampled per site and patch size (256), the same in both branches.
+            patch_sizes: average-pooled patch sides (1 and 2).
+            tau: PatchNCE temperature (0.07).
+            feature: self-attention feature compared: ``"output"`` (after ``to_out``), ``"query"``,
+                ``"key"`` or ``"value"``.
+            contrast_sites: site patterns of the compared self-attention layers (the up blocks).
+            identity_branch: also contrast the edited features with the edited latent under the
+                source prompt (a second reading of "dual"); the two losses are averaged.
+            mask: optional {0, 1} mask at the image's size: the edit (DDS gradient, contrastive
+                patches and the update) is restricted to it; latents outside stay unchanged.
+            negative_prompt: the unconditional prompt of classifier-free guidance.
+            loss_scale: the reference code's 2000; with ``reference_latent_pixels`` (64 x 64) the
+                per-element step is the reference step at 512 px, at every resolution.
+            gradient_checkpointing: recompute UNet activations in the backward pass (less memory).
+            generator: the only source of randomness (timesteps, noise, patch locations).
+            output_type: ``"pil"``, ``"pt"`` (in [0, 1]), ``"np"`` or ``"latent"``.
+            attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
+            callback_on_step_end: ``fn(pipe, i, t, {"latents": ...}) -> dict`` after each iteration;
+                a returned ``"latents"`` replaces the edited latent.
+        """
+        # 1. Check inputs
+        self.check_inputs(
+            source_prompt, target_prompt, num_inference_steps, guidance_scale, learning_rate, min_timestep,
+            max_timestep, contrast, contrast_weight, feature, patch_sizes, num_patches, tau, output_type,
+        )  # fmt: skip
+        if contrast is not None:
+            try:
+                select_sites([s.name for s in attention_sites(self.unet)], contrast_sites, kind="self")
+            except ValueError as error:
+                raise InputError(str(error)) from None
+        device = self._execution_device
+
+        # 2. Encode the image: posterior mean, an fp32 master copy to optimise
+        pixels = self._prepare_image(image)
+        source_latents = encode_image_latents(self.vae, pixels.to(device)).float()
+        latents = source_latents.clone()
+        region = self._prepare_mask(mask, pixels, latents)
+        batch = latents.shape[0]
+
+        # 3. Encode the prompts: [uncond, cond] per branch
+        uncond = self._text([negative_prompt], pixels).repeat(batch)
+        source = self._text([source_prompt], pixels).repeat(batch)
+        target = self._text([target_prompt], pixels).repeat(batch)
+        text = {
+            "dds": TextConditioning.cat([uncond, uncond, source, target]),
+            "source": TextConditioning.cat([uncond, source]),
+            "uncond": uncond,
+            "source_cond": source,
+            "target_cond": target,
+        }
+
+        # 4. Controllers: extra ones (SoftREPA) first, then the feature recorder
+        recorder = ContrastiveFeatureRecorder(contrast_sites, feature=feature) if contrast is not None else None
+        controller = compose(*(attention_controllers or ()), recorder)
+        settings = {
+            "direction": contrast,
+            "patch_sizes": tuple(int(p) for p in patch_sizes),
+            "num_patches": num_patches,
+            "tau": tau,
+            "generator": generator,
+            "region": region,
+            "identity_branch": identity_branch,
+            "contrast_weight": contrast_weight,
+            "loss_scale": loss_scale,
+            "guidance_scale": guidance_scale,
+            "dds_weight": dds_weight,
+            "reference_pixels": reference_latent_pixels,
+            "min_timestep": min_timestep,
+            "max_timestep": max_timestep,
+            "alphas": self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        }
+
+        # 5. Optimise the edited latent
+        drawn, losses = [], []
+        with (
+            attach(self.unet, controller),
+            self._frozen_unet(gradient_checkpointing),
+            self.progress_bar(total=num_inference_steps) as progress,
+        ):
+            for i in range(num_inference_steps):
+                t, step, loss = self._iteration(i, latents, source_latents, text, settings, controller, recorder)
+                latents = latents - learning_rate * step  # plain SGD
+                drawn.append(t)
+                if loss is not None:
+                    losses.append(loss)
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    latents = (callback_on_step_end(self, i, t, callback_kwargs) or {}).get("latents", latents)
+                progress.update()
+
+        # 6. Decode
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        loss_values = [float(v) for v in torch.stack(losses).cpu()] if losses else []
+        if not return_dict:
+            return (images,)
+        return ContrastiveEditPipelineOutput(
+            images=images, latents=latents, timesteps=drawn, contrastive_losses=loss_values
+        )
