@@ -160,7 +160,8 @@ def _is_verb(words: list[tuple[str, int]], index: int, segment: list) -> bool:
     """A gerund between two noun phrases ("a dog chasing a cat"): a non-spatial relation."""
     word = words[index][0].lower()
     following = words[index + 1][0].lower() if index + 1 < len(words) else ""
-    return word.endswith("ing") and bool(segment) and following in ARTICLES
+    before_phrase = following in ARTICLES or _match_relation(words, index + 1) is not None
+    return word.endswith("ing") and bool(segment) and before_phrase
 
 
 def _segments(prompt: str) -> tuple[list[list[tuple[str, int]]], list[tuple[int, str, str]], list[str]]:
@@ -184,7 +185,8 @@ def _segments(prompt: str) -> tuple[list[list[tuple[str, int]]], list[tuple[int,
         if lower in SEPARATORS or _is_verb(words, index, segments[-1]):
             if lower not in ("and", ",", ";", "with"):
                 unparsed.append(f"{word!r} (not a supported relation)")
-            segments.append([])
+            if _match_relation(words, index + 1) is None:  # "sitting on": the relation follows
+                segments.append([])
         else:
             segments[-1].append((word, words[index][1]))
         index += 1

@@ -283,7 +283,7 @@ class ComposePipeline(DiffusionPipeline):
         negative_prompt: str | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
-        max_iter_to_alter: int = 25,
+        max_iter_to_alter: int | None = None,
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
         refinement_thresholds: dict[int, float] | None = None,
@@ -312,7 +312,8 @@ class ComposePipeline(DiffusionPipeline):
 
         Args:
             constraints: ``Constraints``, or a dict in its JSON schema; ``None`` parses the prompt.
-            max_iter_to_alter: denoising steps with a guided latent update (A&E/paper: 25 of 50).
+            max_iter_to_alter: denoising steps with a guided latent update (default: half of
+                ``num_inference_steps``, as A&E/the paper's 25 of 50).
             scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(scale_range))`` per step.
             refinement_thresholds: A&E's iterative refinement ``{step: min peak attention}``, e.g.
                 ``{0: 0.05, 10: 0.5, 20: 0.8}``; up to ``max_refinement_steps`` extra updates per step.
@@ -330,6 +331,7 @@ class ComposePipeline(DiffusionPipeline):
         # 0. Defaults and checks
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
+        max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
         self.check_inputs(prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner)
         notes: list[str] = []
         verifier = AttentionVerifier() if verifier == "attention" else verifier
