@@ -1,0 +1,430 @@
+"""Attention-swapping style transfer (AttenST / StyleID): AdaIN, feature recording, injection, style cache.
+
+- ``content_aware_adain``: the initial latent (AttenST eq. for z_T; ``style_strength=1`` is StyleID's
+  plain AdaIN, ``0`` keeps the content's colours).
+- ``FeatureRecorder``: records, during an inversion, only what injection needs: the style's keys and
+  values, or the content's queries, at the injected self-attention sites and timesteps (fp16,
+  optionally offloaded to the CPU).
+- ``StyleInjectionController``: during generation, at the injected sites and timesteps, the query
+  becomes ``gamma * Q_content(t) + (1 - gamma) * Q(t)``, keys/values become the style's ``K(t), V(t)``
+  and the logits are scaled by ``tau / sqrt(d)``; an optional mask limits the injected output to
+  query tokens inside it.
+- ``StyleCache``: recorded features + the inverted start latent, saved as safetensors with a JSON
+  header (model fingerprint, sites, timesteps, size) validated on load and before reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from editkit.attention import AttentionController, QKVRecorder, Site, attention_sites, select_sites
+from editkit.errors import InputError
+
+__all__ = [
+    "DEFAULT_SITE_PATTERNS",
+    "FeatureRecorder",
+    "StyleCache",
+    "StyleInjectionController",
+    "adain",
+    "channel_stats",
+    "content_aware_adain",
+    "default_style_sites",
+    "model_fingerprint",
+    "resolve_style_sites",
+]
+
+logger = logging.getLogger(__name__)
+
+# Decoder self-attention sites per model family (method note: StyleID's layers 7-12 for SD 1.x/2.x,
+# AttenST's up_blocks.1.attentions.{1,2} for SDXL).
+DEFAULT_SITE_PATTERNS: dict[str, tuple[str, ...]] = {
+    "sd": ("up_blocks.2.attentions", "up_blocks.3.attentions"),
+    "sdxl": ("up_blocks.1.attentions.1", "up_blocks.1.attentions.2"),
+}
+CACHE_FORMAT = "editkit-style-cache/1"
+CACHE_METADATA_KEY = "editkit_style_cache"
+FEATURES_BY_KIND = {"style": ("key", "value"), "content": ("query",)}
+
+
+# -- AdaIN ---------------------------------------------------------------------------------------
+def channel_stats(latents: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and (population) std over the spatial dims: (B, C, 1, 1) each."""
+    mean = latents.mean(dim=(-2, -1), keepdim=True)
+    std = latents.std(dim=(-2, -1), keepdim=True, correction=0) + eps
+    return mean, std
+
+
+def adain(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """AdaIN: (z_c - mu_c) / (sigma_c + eps) * sigma_s + mu_s  (Huang & Belongie 2017, eq. 8)."""
+    return content_aware_adain(content, style, style_strength=1.0, eps=eps)
+
+
+def content_aware_adain(
+    content: torch.Tensor, style: torch.Tensor, style_strength: float = 0.6, eps: float = 1e-5
+) -> torch.Tensor:
+    """z = (z_c - mu_c) / (sigma_c + eps) * (a_s sigma_s + a_c sigma_c) + (a_s mu_s + a_c mu_c), a_c = 1 - a_s.
+
+    AttenST's content-aware AdaIN, per channel over spatial dims (the style may have another size).
+    ``style_strength`` a_s = 1 is plain AdaIN (StyleID); a_s = 0 returns the content unchanged.
+    """
+    if not 0.0 <= style_strength <= 1.0:
+        raise ValueError(f"style_strength must be in [0, 1], got {style_strength}")
+    if style_strength == 0.0:
+        return content
+    dtype = content.dtype
+    content, style = content.float(), style.float()
+    mu_c, sigma_c = channel_stats(content)
+    mu_s, sigma_s = channel_stats(style)
+    a_s, a_c = style_strength, 1.0 - style_strength
+    normalized = (content - mu_c) / (sigma_c + eps)
+    return (normalized * (a_s * sigma_s + a_c * sigma_c) + (a_s * mu_s + a_c * mu_c)).to(dtype)
+
+
+# -- sites and model identity ------------------------------------------------------------------
+def default_style_sites(unet: torch.nn.Module) -> list[str]:
+    """The decoder self-attention sites the method note recommends for this UNet's family."""
+    from editkit.models import model_family
+
+    return resolve_style_sites(unet, DEFAULT_SITE_PATTERNS[model_family(unet)])
+
+
+def resolve_style_sites(unet: torch.nn.Module, patterns: str | Sequence[str] | None) -> list[str]:
+    """Self-attention site names of ``unet`` matching ``patterns`` (``None``: the family defaults)."""
+    if patterns is None:
+        return default_style_sites(unet)
+    names = [site.name for site in attention_sites(unet)]
+    try:
+        return select_sites(names, patterns, kind="self")
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    """A short hash of the UNet's config and its first and last convolution weights."""
+    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for module in (getattr(unet, "conv_in", None), getattr(unet, "conv_out", None)):
+        if module is not None:
+            digest.update(module.weight.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -- recording -----------------------------------------------------------------------------------
+class FeatureRecorder(QKVRecorder):
+    """Records ``keep`` (e.g. the style's key and value) at the given self-attention sites and timesteps.
+
+    Only the timesteps in ``timesteps`` are stored (the injection window); a repeated call at the same
+    (site, timestep), as when inversion resamples, overwrites: the last evaluation is kept.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[str],
+        keep: Sequence[str],
+        timesteps: Iterable[int],
+        dtype: torch.dtype = torch.float16,
+        offload: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(sites=None, keep=keep, dtype=dtype, offload=offload, kind="self")
+        self.site_names = frozenset(sites)
+        self.timesteps = frozenset(int(t) for t in timesteps)
+
+    def applies_to(self, site: Site) -> bool:
+        return site.kind == "self" and site.name in self.site_names
+
+    def on_qkv(self, site, query, key, value):
+        if self.timestep in self.timesteps:
+            return super().on_qkv(site, query, key, value)
+        return query, key, value
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One contiguous copy (as a reloaded cache is), so reuse from memory and from disk agree bit for bit."""
+        device = self.offload or tensor.device
+        return torch.empty(tensor.shape, dtype=self.dtype or tensor.dtype, device=device).copy_(tensor.detach())
+
+
+# -- the style cache -----------------------------------------------------------------------------
+@dataclass
+class StyleCache:
+    """An image's recorded attention features and inverted start latent, reusable across runs.
+
+    ``kind="style"`` holds keys/values, ``kind="content"`` queries, per (site, timestep) as
+    ``(1, heads, tokens, head_dim)`` tensors. ``final_latent`` is the inverted latent at the first
+    generation timestep (for AdaIN and, for a content, the start of generation). ``size`` is the
+    image's (width, height) in pixels; ``model`` a ``model_fingerprint``.
+    """
+
+    kind: str
+    features: dict[tuple[str, int], dict[str, torch.Tensor]]
+    final_latent: torch.Tensor
+    model: str
+    size: tuple[int, int]
+    num_inference_steps: int
+    resample_steps: int
+    sites: tuple[str, ...]
+    timesteps: tuple[int, ...]
+    model_name: str = ""
+    image_embeds: torch.Tensor | None = None  # CLIP image embedding (1, 1, dim), when an IP-Adapter was used
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def feature(self, site: str, timestep: int, name: str) -> torch.Tensor:
+        """The recorded ``name`` (query/key/value) at ``site`` and ``timestep``."""
+        return self.features[(site, int(timestep))][name]
+
+    def nbytes(self) -> int:
+        """Bytes of the recorded attention features (the start latent excluded)."""
+        return sum(t.numel() * t.element_size() for rec in self.features.values() for t in rec.values())
+
+    def header(self) -> dict:
+        return {
+            "format": CACHE_FORMAT,
+            "kind": self.kind,
+            "model": self.model,
+            "model_name": self.model_name,
+            "size": list(self.size),
+            "num_inference_steps": self.num_inference_steps,
+            "resample_steps": self.resample_steps,
+            "sites": list(self.sites),
+            "timesteps": list(self.timesteps),
+            "features": list(FEATURES_BY_KIND[self.kind]),
+            "extra": self.extra,
+        }
+
+    def validate(
+        self,
+        *,
+        kind: str,
+        model: str,
+        sites: Sequence[str],
+        timesteps: Sequence[int],
+        size: tuple[int, int] | None = None,
+        label: str = "style cache",
+    ) -> None:
+        """Refuse (InputError, one line) a cache made for another model, size, site set or schedule."""
+        if self.kind != kind:
+            raise InputError(f"{label} holds {self.kind} features, a {kind} cache is needed")
+        if self.model != model:
+            raise InputError(
+                f"{label} was made with another model ({self.model_name or '?'}, fingerprint {self.model}); "
+                f"this model's fingerprint is {model}: recompute the cache with this model"
+            )
+        if size is not None and tuple(size) != tuple(self.size):
+            raise InputError(
+                f"{label} was made at {self.size[0]}x{self.size[1]} px, this run needs {size[0]}x{size[1]}: "
+                "recompute it (or use the size it was made at)"
+            )
+        missing_sites = sorted(set(sites) - set(self.sites))
+        if missing_sites:
+            raise InputError(f"{label} lacks the attention sites {missing_sites[:3]}{'...' * (len(missing_sites) > 3)}")
+        missing_steps = sorted(set(int(t) for t in timesteps) - set(self.timesteps))
+        if missing_steps:
+            raise InputError(
+                f"{label} was made with {self.num_inference_steps} steps and lacks timesteps {missing_steps[:5]}; "
+                "use the same number of steps and injection window"
+            )
+
+    def to(self, device: str | torch.device) -> StyleCache:
+        """A copy with every tensor on ``device``."""
+        features = {k: {n: t.to(device) for n, t in rec.items()} for k, rec in self.features.items()}
+        embeds = None if self.image_embeds is None else self.image_embeds.to(device)
+        return _replace(self, features=features, final_latent=self.final_latent.to(device), image_embeds=embeds)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write atomically to a ``.safetensors`` file with the header in its metadata."""
+        from safetensors.torch import save_file
+
+        from editkit.image import atomic_write
+
+        tensors = {"final_latent": self.final_latent.detach().cpu().contiguous()}
+        if self.image_embeds is not None:
+            tensors["image_embeds"] = self.image_embeds.detach().cpu().contiguous()
+        for (site, timestep), record in self.features.items():
+            for name, tensor in record.items():
+                tensors[f"{site}/{timestep}/{name}"] = tensor.detach().cpu().contiguous()
+        metadata = {CACHE_METADATA_KEY: json.dumps(self.header())}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleCache:
+        """Read a cache written by ``save``; a missing, foreign or corrupt file raises InputError."""
+        path = Path(path).expanduser()
+        header, tensors = _read_cache_file(path)
+        try:
+            return cls._from_parts(header, tensors, device)
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{path} is not a valid editkit style cache ({error})") from None
+
+    @classmethod
+    def _from_parts(cls, header: dict, tensors: dict[str, torch.Tensor], device) -> StyleCache:
+        if header.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {CACHE_FORMAT!r}")
+        kind = header["kind"]
+        names = FEATURES_BY_KIND[kind]
+        sites, timesteps = tuple(header["sites"]), tuple(int(t) for t in header["timesteps"])
+        features = {
+            (site, t): {name: tensors[f"{site}/{t}/{name}"].to(device) for name in names}
+            for site in sites
+            for t in timesteps
+        }
+        return cls(
+            kind=kind,
+            features=features,
+            final_latent=tensors["final_latent"].to(device),
+            model=str(header["model"]),
+            size=(int(header["size"][0]), int(header["size"][1])),
+            num_inference_steps=int(header["num_inference_steps"]),
+            resample_steps=int(header["resample_steps"]),
+            sites=sites,
+            timesteps=timesteps,
+            model_name=str(header.get("model_name", "")),
+            image_embeds=tensors["image_embeds"].to(device) if "image_embeds" in tensors else None,
+            extra=dict(header.get("extra", {})),
+        )
+
+    @classmethod
+    def from_recorder(cls, recorder: FeatureRecorder, final_latent: torch.Tensor, **header) -> StyleCache:
+        """Wrap a finished recording (``header``: kind, model, size, steps, resample_steps, sites, timesteps)."""
+        return cls(features=dict(recorder.records), final_latent=final_latent.detach().contiguous(), **header)
+
+
+def _replace(cache: StyleCache, **changes) -> StyleCache:
+    import dataclasses
+
+    return dataclasses.replace(cache, **changes)
+
+
+def _read_cache_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise InputError(f"style cache not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path} is not a readable safetensors file ({error})") from None
+    if CACHE_METADATA_KEY not in metadata:
+        raise InputError(f"{path} is a safetensors file but not an editkit style cache (no header)")
+    try:
+        header = json.loads(metadata[CACHE_METADATA_KEY])
+    except json.JSONDecodeError:
+        raise InputError(f"{path} has a corrupt style cache header") from None
+    return header, tensors
+
+
+# -- injection ------------------------------------------------------------------------------------
+class StyleInjectionController(AttentionController):
+    """AttenST's style-guided self-attention on ``sites`` at ``timesteps``.
+
+    Args:
+        sites: self-attention site names to inject at.
+        style: a ``StyleCache`` of kind ``"style"`` (keys/values per site and timestep).
+        content: a ``StyleCache`` of kind ``"content"`` (queries); needed when ``gamma > 0``.
+        gamma: query preservation: ``Q = gamma * Q_content + (1 - gamma) * Q`` (AttenST/StyleID).
+        tau: attention temperature: logits scaled by ``tau / sqrt(d)`` (> 1 sharpens).
+        timesteps: the timesteps to inject at (``None``: every timestep the style cache holds).
+        mask: optional ``(1, 1, H, W)`` mask in {0, 1} (any resolution): the injected attention output
+            is used for query tokens inside it, the unmodified one elsewhere. This computes both
+            attentions at the injected sites (one kernel call on a doubled batch).
+
+    Every injected (site, timestep) is logged in ``injected`` (a set) for inspection.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[str],
+        style: StyleCache,
+        content: StyleCache | None = None,
+        *,
+        gamma: float = 0.75,
+        tau: float = 1.5,
+        timesteps: Iterable[int] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if gamma > 0 and content is None:
+            raise ValueError("gamma > 0 needs the content's recorded queries")
+        self.sites = frozenset(sites)
+        self.style = style
+        self.content = content
+        self.gamma = float(gamma)
+        self.tau = float(tau)
+        self.timesteps = frozenset(int(t) for t in (style.timesteps if timesteps is None else timesteps))
+        self.mask = mask
+        self.injected: set[tuple[str, int]] = set()
+        self._token_masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._head_dim: dict[str, int] = {}
+
+    def applies_to(self, site: Site) -> bool:
+        return site.kind == "self" and site.name in self.sites
+
+    def _active(self, site: Site) -> bool:
+        return self.timestep in self.timesteps and site.name in self.sites
+
+    def on_qkv(self, site, query, key, value):
+        if not self._active(site):
+            return query, key, value
+        batch = query.shape[0]
+        self._head_dim[site.name] = query.shape[-1]
+        self.injected.add((site.name, self.timestep))
+        style_key = self._recorded(self.style, site, "key", query).expand(batch, -1, -1, -1)
+        style_value = self._recorded(self.style, site, "value", query).expand(batch, -1, -1, -1)
+        injected_query = query
+        if self.gamma > 0:
+            content_query = self._recorded(self.content, site, "query", query)
+            injected_query = preserve_query(content_query, query, self.gamma)
+        if self.mask is None:
+            return injected_query, style_key, style_value
+        if style_key.shape[-2] != key.shape[-2]:
+            raise InputError("a style mask needs the style at the content's size (same token count per layer)")
+        return _doubled_batch(injected_query * self.tau, query, style_key, key, style_value, value)
+
+    def softmax_scale(self, site: Site, default: float | None) -> float | None:
+        if not self._active(site) or self.mask is not None:  # masked: tau is folded into the query
+            return default
+        base = default if default is not None else 1.0 / math.sqrt(self._head_dim[site.name])
+        return self.tau * base
+
+    def on_output(self, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or not self._active(site):
+            return hidden_states
+        tokens = hidden_states.shape[1] // 2
+        injected, plain = hidden_states[:, :tokens], hidden_states[:, tokens:]
+        inside = self._token_mask(site.grid, tokens, hidden_states)
+        return torch.where(inside, injected, plain)
+
+    def _recorded(self, cache: StyleCache, site: Site, name: str, like: torch.Tensor) -> torch.Tensor:
+        tensor = cache.feature(site.name, self.timestep, name)
+        return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+    def _token_mask(self, grid: tuple[int, int] | None, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        if grid is None or grid[0] * grid[1] != tokens:
+            raise RuntimeError(f"cannot place the mask on a layer of {tokens} tokens (unknown grid)")
+        if grid not in self._token_masks:
+            resized = F.interpolate(self.mask.float(), size=grid, mode="area")[0, 0]
+            self._token_masks[grid] = (resized >= 0.5).reshape(1, tokens, 1)
+        return self._token_masks[grid].to(like.device)
+
+
+def preserve_query(content_query: torch.Tensor, query: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Q = gamma * Q_content + (1 - gamma) * Q  (StyleID query preservation, eq. 5)."""
+    return gamma * content_query + (1.0 - gamma) * query
+
+
+def _doubled_batch(query_a, query_b, key_a, key_b, value_a, value_b):
+    """Interleave rows (a_0, b_0, a_1, b_1, ...): the processor's reshape then puts b's tokens after a's."""
+
+    def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.stack([a, b], dim=1).flatten(0, 1)  # (2 * batch, heads, tokens, head_dim)
+
+    return interleave(query_a, query_b), interleave(key_a, key_b), interleave(value_a, value_b)
