@@ -25,9 +25,13 @@ from editkit.commands.common import (
 TRAIN_EXAMPLE = (
     "example: editkit softrepa train --data coco_subset/ --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
     "--output tokens.safetensors --max-steps 2000\n"
-    "  several GPUs: accelerate launch -m editkit.cli softrepa train --data coco_subset/ --output tokens.safetensors"
+    "  several GPUs: accelerate launch --multi_gpu --num_processes 4 -m editkit.cli softrepa train --data coco_subset/ "
+    "--output tokens.safetensors\n"
+    "  several CPU processes: the same with --device cpu"
 )
-GENERATE_EXAMPLE = "example: editkit softrepa generate 'a red cube left of a blue ball' --soft-tokens tokens.safetensors -o out.png"
+GENERATE_EXAMPLE = (
+    "example: editkit softrepa generate 'a red cube left of a blue ball' --soft-tokens tokens.safetensors -o out.png"
+)
 
 
 def register(subparsers) -> None:
@@ -47,12 +51,16 @@ def _register_train(actions) -> None:
     parser = actions.add_parser(
         "train",
         help="train soft tokens on captioned images",
-        description="Train m soft tokens (model frozen) with the contrastive denoising loss; writes a .safetensors file.",
+        description="Train m soft tokens (model frozen) with the contrastive denoising loss; writes .safetensors.",
         epilog=TRAIN_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, required=True, help="folder with images + metadata.jsonl, or a .csv")
-    parser.add_argument("--model", default=DEFAULT_SD_MODEL, help=f"Hub id, diffusers folder or .safetensors (default: {DEFAULT_SD_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_SD_MODEL,
+        help=f"Hub id, diffusers folder or .safetensors (default: {DEFAULT_SD_MODEL})",
+    )
     parser.add_argument("--output", "-o", type=Path, required=True, help="token file to write (.safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing token file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate chooses)")
@@ -61,12 +69,20 @@ def _register_train(actions) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="images per process and step (B; B^2 pairs)")
     parser.add_argument("--learning-rate", type=positive_float, default=1e-3)
     parser.add_argument("--weight-decay", type=ranged_float(0, 1), default=1e-4)
-    parser.add_argument("--min-learning-rate", type=ranged_float(0, 1), default=1e-5, help="floor of the cosine schedule")
+    parser.add_argument(
+        "--min-learning-rate", type=ranged_float(0, 1), default=1e-5, help="floor of the cosine schedule"
+    )
     parser.add_argument("--restart-every", type=positive_int, default=1000, help="steps between cosine warm restarts")
     parser.add_argument("--num-tokens", type=positive_int, default=4, help="m soft tokens")
-    parser.add_argument("--time-buckets", type=non_negative_int, default=0, help="time-embedding buckets (0: none; 100 in the paper)")
-    parser.add_argument("--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)")
-    parser.add_argument("--resolution", type=positive_int, default=None, help="training size in pixels (default: the model's)")
+    parser.add_argument(
+        "--time-buckets", type=non_negative_int, default=0, help="time-embedding buckets (0: none; 100 in the paper)"
+    )
+    parser.add_argument(
+        "--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)"
+    )
+    parser.add_argument(
+        "--resolution", type=positive_int, default=None, help="training size in pixels (default: the model's)"
+    )
     parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="s*exp(-err/tau) or -err/tau")
     parser.add_argument("--tau", type=positive_float, default=0.07)
     parser.add_argument("--logit-scale", type=positive_float, default=4.0, help="s of the exp form")
@@ -90,7 +106,7 @@ def _register_generate(actions) -> None:
     parser = actions.add_parser(
         "generate",
         help="text-to-image with soft tokens",
-        description="Plain SoftREPA generation: the model's text-to-image pipeline with the tokens in both CFG branches.",
+        description="Plain SoftREPA generation: text-to-image with the tokens in both CFG branches.",
         epilog=GENERATE_EXAMPLE,
     )
     parser.add_argument("prompt", help="text prompt")
@@ -120,6 +136,10 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )  # fmt: skip
     result = train_soft_tokens(config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     if result.unreadable_images:
         print(f"skipped {result.unreadable_images} unreadable images")
     if args.output.exists():
@@ -133,17 +153,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from editkit.image import save_image
     from editkit.models import load_pipeline
     from editkit.softrepa import load_soft_tokens, use_soft_tokens
+    from editkit.softrepa.train import text_to_image_class
 
     check_output_path(args.output, args.overwrite)
     if args.soft_tokens is None:
         from editkit.errors import InputError
 
-        raise InputError("generate needs --soft-tokens FILE (plain generation without tokens is any diffusers pipeline)")
-    if str(args.model).lower().endswith(".safetensors"):
-        from diffusers import StableDiffusionPipeline as pipeline_class
-    else:
-        from diffusers import DiffusionPipeline as pipeline_class
-    pipe = load_pipeline(pipeline_class, args.model, device=args.device, dtype=args.dtype)
+        raise InputError(
+            "generate needs --soft-tokens FILE (plain generation without tokens is any diffusers pipeline)"
+        )
+    pipe = load_pipeline(text_to_image_class(args.model), args.model, device=args.device, dtype=args.dtype)
     controller = load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with use_soft_tokens(pipe.unet, controller):
@@ -151,5 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale, width=args.width, height=args.height, generator=generator,
         ).images[0]  # fmt: skip
-    save_image(image, args.output, metadata=png_metadata("softrepa generate", command_params(args)), overwrite=args.overwrite)
+    save_image(
+        image, args.output, metadata=png_metadata("softrepa generate", command_params(args)), overwrite=args.overwrite
+    )
     return 0

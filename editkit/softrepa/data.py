@@ -155,7 +155,9 @@ class CaptionDataset:
                 captions.append(self.records[index].text)
             if len(images) == size:
                 return torch.stack(images), captions
-        raise InputError(f"only {len(images)} readable images; a batch needs {size} (unreadable: {len(self.unreadable)})")
+        raise InputError(
+            f"only {len(images)} readable images; a batch needs {size} (unreadable: {len(self.unreadable)})"
+        )
 
 
 def _center_square(image, resolution: int):

@@ -228,8 +228,7 @@ def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as handle:
         head = handle.read(4)
@@ -238,7 +237,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as reader:
             metadata = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({error})") from None
     return tensors, metadata

@@ -120,15 +120,20 @@ def _check_config(config: TrainConfig, num_processes: int) -> None:
         raise InputError(f"mixed precision must be no, fp16 or bf16, not {config.mixed_precision!r}")
 
 
+def text_to_image_class(model: str | Path):
+    """diffusers' pipeline class for ``model``: the folder's own class, SD for a single ``.safetensors`` file."""
+    import diffusers
+
+    if str(model).lower().endswith(".safetensors"):
+        return diffusers.StableDiffusionPipeline
+    return diffusers.DiffusionPipeline
+
+
 def _load_pipe(config: TrainConfig, accelerator):
     from editkit.models import load_pipeline, model_family
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    if str(config.model).lower().endswith(".safetensors"):
-        from diffusers import StableDiffusionPipeline as pipeline_class
-    else:
-        from diffusers import DiffusionPipeline as pipeline_class
-    pipe = load_pipeline(pipeline_class, config.model, device=accelerator.device, dtype=dtype)
+    pipe = load_pipeline(text_to_image_class(config.model), config.model, device=accelerator.device, dtype=dtype)
     model_family(pipe)
     return pipe
 
@@ -246,7 +251,10 @@ class _Trainer:
         embeds = self.accelerator.gather(own.prompt_embeds.contiguous())[keep.to(self.device)]
         added = None
         if own.added_cond_kwargs is not None:
-            added = {k: self.accelerator.gather(v.contiguous())[keep.to(self.device)] for k, v in own.added_cond_kwargs.items()}
+            added = {
+                k: self.accelerator.gather(v.contiguous())[keep.to(self.device)]
+                for k, v in own.added_cond_kwargs.items()
+            }
         return TextConditioning(embeds, added)
 
     # -- one step ---------------------------------------------------------------------------
@@ -281,7 +289,9 @@ class _Trainer:
         if config.loss.direction == "rows" or len(chunks) == 1:
             total = 0.0
             for rows in chunks:
-                loss = contrastive_loss(pair_errors(predict, noisy, target, embeds, rows, added), config.loss, rows, batch)
+                loss = contrastive_loss(
+                    pair_errors(predict, noisy, target, embeds, rows, added), config.loss, rows, batch
+                )
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
             return total
@@ -332,7 +342,14 @@ class _Trainer:
                 generator = torch.Generator().manual_seed(config.seed + 104729 + index)
                 _, noisy, target = self.noised(latents, generator, timestep)
                 self.controller.begin_step(-1, timestep)
-                errors += pair_errors(self.predictor(timestep), noisy, target, columns.prompt_embeds, slice(0, group), columns.added_cond_kwargs)
+                errors += pair_errors(
+                    self.predictor(timestep),
+                    noisy,
+                    target,
+                    columns.prompt_embeds,
+                    slice(0, group),
+                    columns.added_cond_kwargs,
+                )
             matched = errors.diagonal()
             others = errors + torch.diag(torch.full((group,), float("inf"), device=self.device))
             hits += (others.min(dim=1).values > matched).tolist()
@@ -347,7 +364,9 @@ class _Trainer:
         path = folder / f"step-{self.step:07d}.safetensors"
         extra = {"best": self.best, "stale": self.stale, "losses": self.losses}
         fingerprint = self.config.fingerprint(self.accelerator.num_processes)
-        ckpt.save_checkpoint(path, self.soft, self.optimizer, self.scheduler, step=self.step, fingerprint=fingerprint, extra=extra)
+        ckpt.save_checkpoint(
+            path, self.soft, self.optimizer, self.scheduler, step=self.step, fingerprint=fingerprint, extra=extra
+        )
         for old in sorted(folder.glob("step-*.safetensors"))[: -max(1, self.config.keep_checkpoints)]:
             old.unlink(missing_ok=True)
         return path
@@ -356,7 +375,9 @@ class _Trainer:
         source = Path(source)
         path = ckpt.latest_checkpoint(source) if source.is_dir() else source
         fingerprint = self.config.fingerprint(self.accelerator.num_processes)
-        self.step, extra = ckpt.load_checkpoint(path, self.soft, self.optimizer, self.scheduler, fingerprint=fingerprint)
+        self.step, extra = ckpt.load_checkpoint(
+            path, self.soft, self.optimizer, self.scheduler, fingerprint=fingerprint
+        )
         self.best, self.stale, self.losses = extra["best"], extra["stale"], extra["losses"]
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -384,7 +405,12 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.accelerator.is_main_process), desc="softrepa")
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            disable=not (config.progress and self.accelerator.is_main_process),
+            desc="softrepa",
+        )
         columns = config.batch_size + config.negative_bank
         if config.gather_negatives:
             columns += config.batch_size * (self.accelerator.num_processes - 1)
@@ -402,7 +428,9 @@ class _Trainer:
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last = self.save_checkpoint()
                     if config.validate_every and self.step % config.validate_every == 0 and self.maybe_validate():
-                        logger.info("early stop at step %d: no improvement in %d validations", self.step, config.patience)
+                        logger.info(
+                            "early stop at step %d: no improvement in %d validations", self.step, config.patience
+                        )
                         break
         except KeyboardInterrupt:
             saved = self.save_checkpoint()
@@ -459,4 +487,6 @@ def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None) -> Tr
     tokens = SoftTokens(trainer.soft.tokens.detach().cpu(), trainer.soft.sites, time_buckets=config.time_buckets)
     if trainer.soft.time_embedding is not None:
         tokens.time_embedding.data.copy_(trainer.soft.time_embedding.detach().cpu())
-    return TrainResult(tokens, trainer.step, trainer.losses, trainer.best, Path(config.output), last, len(train_set.unreadable))
+    return TrainResult(
+        tokens, trainer.step, trainer.losses, trainer.best, Path(config.output), last, len(train_set.unreadable)
+    )
