@@ -34,15 +34,22 @@ INTRO = (
 )
 
 
-def _result_column(report: bool = False) -> list[gr.components.Component]:
+def _result_column(tab: str, report: bool = False) -> list[gr.components.Component]:
     """The outputs every tab shares: image, PNG download with parameters, messages (+ report)."""
     outputs = [
-        gr.Image(label="Result", type="pil", format="png", interactive=False, buttons=["download", "fullscreen"]),
-        gr.File(label="PNG with parameters", interactive=False),
-        gr.Textbox(label="Messages", interactive=False, lines=2),
+        gr.Image(
+            label="Result",
+            type="pil",
+            format="png",
+            interactive=False,
+            buttons=["download", "fullscreen"],
+            elem_id=f"{tab}-result",
+        ),
+        gr.File(label="PNG with parameters", interactive=False, elem_id=f"{tab}-download"),
+        gr.Textbox(label="Messages", interactive=False, lines=2, elem_id=f"{tab}-messages"),
     ]
     if report:
-        outputs.append(gr.JSON(label="Constraint report"))
+        outputs.append(gr.JSON(label="Constraint report", elem_id=f"{tab}-report"))
     return outputs
 
 
@@ -71,64 +78,71 @@ def _seed() -> gr.Number:
 
 
 def _stylize_tab(handlers: Handlers) -> None:
-    with gr.Tab("Stylize"), gr.Row():
-        with gr.Column():
-            with gr.Row():
-                content = gr.Image(label="Content", type="filepath", elem_id="stylize-content")
-                style = gr.Image(label="Style", type="filepath", elem_id="stylize-style")
-            gamma = gr.Slider(0, 1, value=0.75, step=0.05, label="gamma: query preservation (1 keeps the content)")
-            tau = gr.Slider(0.5, 3, value=1.5, step=0.1, label="tau: attention temperature (sharpens the style)")
-            use_adain = gr.Checkbox(value=True, label="Content-aware AdaIN of the start latent")
-            adain = gr.Slider(0, 1, value=0.6, step=0.05, label="AdaIN style strength (0 keeps the content's colours)")
-            steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
-            mask = gr.Image(label="Mask (optional: stylize only the white part)", type="filepath")
-            seed = _seed()
-            run = gr.Button("Stylize", variant="primary", elem_id="stylize-run")
-        with gr.Column():
-            outputs = _result_column()
-    _wire(run, handlers.stylize, [content, style, gamma, tau, use_adain, adain, steps, mask, seed], outputs, "stylize")
-    _examples([["content.png", "style.png"]], [content, style])
+    with gr.Tab("Stylize"):
+        with gr.Row():
+            with gr.Column():
+                with gr.Row():
+                    content = gr.Image(label="Content", type="filepath", elem_id="stylize-content")
+                    style = gr.Image(label="Style", type="filepath", elem_id="stylize-style")
+                gamma = gr.Slider(0, 1, value=0.75, step=0.05, label="gamma: query preservation (1 keeps the content)")
+                tau = gr.Slider(0.5, 3, value=1.5, step=0.1, label="tau: attention temperature (sharpens the style)")
+                use_adain = gr.Checkbox(value=True, label="Content-aware AdaIN of the start latent")
+                adain = gr.Slider(
+                    0, 1, value=0.6, step=0.05, label="AdaIN style strength (0 keeps the content's colours)"
+                )
+                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="stylize-steps")
+                mask = gr.Image(label="Mask (optional: stylize only the white part)", type="filepath")
+                seed = _seed()
+                run = gr.Button("Stylize", variant="primary", elem_id="stylize-run")
+            with gr.Column():
+                outputs = _result_column("stylize")
+        _wire(
+            run, handlers.stylize, [content, style, gamma, tau, use_adain, adain, steps, mask, seed], outputs, "stylize"
+        )
+        _examples([["content.png", "style.png"]], [content, style])
 
 
 def _edit_tab(handlers: Handlers) -> None:
-    with gr.Tab("Edit"), gr.Row():
-        with gr.Column():
-            image = gr.Image(label="Image", type="filepath")
-            source = gr.Textbox(label="Source prompt (what the image shows)")
-            target = gr.Textbox(label="Target prompt (what it should show)")
-            contrast = gr.Radio(
-                ["dual", "source", "target", "none"],
-                value="dual",
-                label="Contrast: dual (both anchors), source (CDS), target (CUT) or none (plain DDS)",
-            )
-            steps = gr.Slider(1, 400, value=200, step=1, label="Optimisation steps")
-            guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
-            mask = gr.Image(label="Mask (optional: edit only the white part)", type="filepath")
-            seed = _seed()
-            run = gr.Button("Edit", variant="primary")
-        with gr.Column():
-            outputs = _result_column()
-    _wire(run, handlers.edit, [image, source, target, contrast, steps, guidance, mask, seed], outputs, "edit")
-    _examples([["edit.png", "mask.png"]], [image, mask])
+    with gr.Tab("Edit"):
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath")
+                source = gr.Textbox(label="Source prompt (what the image shows)")
+                target = gr.Textbox(label="Target prompt (what it should show)")
+                contrast = gr.Radio(
+                    ["dual", "source", "target", "none"],
+                    value="dual",
+                    label="Contrast: dual (both anchors), source (CDS), target (CUT) or none (plain DDS)",
+                )
+                steps = gr.Slider(1, 400, value=200, step=1, label="Optimisation steps")
+                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                mask = gr.Image(label="Mask (optional: edit only the white part)", type="filepath")
+                seed = _seed()
+                run = gr.Button("Edit", variant="primary")
+            with gr.Column():
+                outputs = _result_column("edit")
+        _wire(run, handlers.edit, [image, source, target, contrast, steps, guidance, mask, seed], outputs, "edit")
+        _examples([["edit.png", "mask.png"]], [image, mask])
 
 
 def _compose_tab(handlers: Handlers) -> None:
-    with gr.Tab("Compose"), gr.Row():
-        with gr.Column():
-            prompt = gr.Textbox(label="Prompt", placeholder="a red circle to the left of a blue square")
-            constraints = gr.Code(
-                label='Constraints (optional JSON; empty parses the prompt), e.g. {"entities": ["circle", "square"]}',
-                language="json",
-            )
-            refine = gr.Checkbox(value=True, label="Verify and refine the initial noise")
-            steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
-            guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
-            seed = _seed()
-            run = gr.Button("Compose", variant="primary")
-        with gr.Column():
-            outputs = _result_column(report=True)
-    _wire(run, handlers.compose, [prompt, constraints, refine, steps, guidance, seed], outputs, "compose")
-    gr.Examples(examples=[["a red circle to the left of a blue square"]], inputs=[prompt])
+    with gr.Tab("Compose"):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder="a red circle to the left of a blue square")
+                constraints = gr.Code(
+                    label='Constraints (optional JSON; empty: parsed from the prompt), e.g. {"entities": ["circle"]}',
+                    language="json",
+                )
+                refine = gr.Checkbox(value=True, label="Verify and refine the initial noise")
+                steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
+                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                seed = _seed()
+                run = gr.Button("Compose", variant="primary")
+            with gr.Column():
+                outputs = _result_column("compose", report=True)
+        _wire(run, handlers.compose, [prompt, constraints, refine, steps, guidance, seed], outputs, "compose")
+        gr.Examples(examples=[["a red circle to the left of a blue square"]], inputs=[prompt])
 
 
 def _tokens_tab(handlers: Handlers) -> None:
@@ -142,7 +156,7 @@ def _tokens_tab(handlers: Handlers) -> None:
             seed = _seed()
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
-            outputs = _result_column()
+            outputs = _result_column("tokens")
     inputs = [prompt, tokens, strength, steps, guidance, seed]
     _wire(run, handlers.generate_with_tokens, inputs, outputs, "generate_with_tokens")
 
@@ -165,10 +179,11 @@ def build_demo(
     handlers = Handlers(manager, output_dir)
     with gr.Blocks(title="editkit", analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}\n\nModel: `{manager.name}` (loaded on the first run).")
-        _stylize_tab(handlers)
-        _edit_tab(handlers)
-        _compose_tab(handlers)
-        _tokens_tab(handlers)
+        with gr.Tabs():
+            _stylize_tab(handlers)
+            _edit_tab(handlers)
+            _compose_tab(handlers)
+            _tokens_tab(handlers)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.editkit_manager = manager  # for tests and launchers: the shared models
     return demo
