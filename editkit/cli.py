@@ -15,7 +15,7 @@ from editkit import __version__
 from editkit.errors import EditkitError
 
 # Subcommand modules under editkit.commands, in the order --help lists them.
-COMMANDS = ("env", "softrepa", "app", "edit")
+COMMANDS = ("env", "softrepa", "app", "edit", "compose")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,83 @@
+"""``editkit compose`` end to end on a saved tiny SD 1.5 folder (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from editkit.cli import main
+
+PROMPT = "a red car on the left of a blue bird"
+
+
+def _run(sd15_dir, tmp_path, *extra, prompt=PROMPT, output="out.png"):
+    argv = ["compose", prompt, "-o", str(tmp_path / output), "--model", str(sd15_dir), "--device", "cpu"]
+    return main([*argv, "--steps", "2", "--height", "64", "--width", "64", *extra])
+
+
+def test_compose_writes_image_report_and_metadata(sd15_dir, tmp_path, capsys):
+    assert _run(sd15_dir, tmp_path, "--seed", "1") == 0
+    out = capsys.readouterr().out
+    assert "entity    car" in out and "relation  car left bird" in out and "chosen image: " in out
+    image = Image.open(tmp_path / "out.png")
+    assert image.size == (64, 64)
+    meta = json.loads(image.text["editkit"])
+    assert meta["command"] == "compose" and meta["prompt"] == PROMPT and meta["seed"] == 1
+    assert meta["constraints_used"]["relations"] == [{"subject": "car", "relation": "left", "object": "bird"}]
+    assert meta["chosen"] in ("stage1", "refined")
+    assert _run(sd15_dir, tmp_path) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_no_refine_and_user_constraints(sd15_dir, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"entities": ["car"], "attributes": [{"attribute": "red", "entity": "car"}]}))
+    assert _run(sd15_dir, tmp_path, "--no-refine", "--constraints", str(path)) == 0
+    out = capsys.readouterr().out
+    assert "constraints (user)" in out and "entities: car (not verified)" in out and "chosen image: stage1" in out
+
+
+@pytest.mark.parametrize(
+    ("constraints", "message"),
+    [
+        ({"entities": ["boat"]}, "does not occur in the prompt"),
+        ({"objects": ["car"]}, "keys entities"),
+        ({"relations": [{"subject": "car", "relation": "inside", "object": "bird"}]}, "not one of"),
+    ],
+)
+def test_bad_constraints_exit_2(sd15_dir, tmp_path, capsys, constraints, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(constraints))
+    assert _run(sd15_dir, tmp_path, "--constraints", str(path)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_verifier_errors_exit_2(sd15_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(sd15_dir, tmp_path, "--verifier", "clip")
+    assert exit_info.value.code == 2
+    assert _run(sd15_dir, tmp_path, "--verifier", "vqa") == 2
+    assert "needs weights" in capsys.readouterr().err
+    assert _run(sd15_dir, tmp_path, "--verifier", "detector", "--verifier-model", str(tmp_path / "owlvit")) == 2
+    assert "cannot load the detector verifier" in capsys.readouterr().err
+
+
+def test_unparseable_and_too_long_prompts_warn(sd15_dir, tmp_path, capsys):
+    assert _run(sd15_dir, tmp_path, prompt="a photo", output="a.png") == 0
+    out = capsys.readouterr().out
+    assert "no entity found" in out and "entities: none" in out
+    long_prompt = "a red car and " + "a small tree, " * 10 + "a blue bird"  # > 77 character-level tokens
+    assert _run(sd15_dir, tmp_path, prompt=long_prompt, output="b.png") == 0
+    out = capsys.readouterr().out
+    assert "truncated" in out and "not constrained: entity 'bird'" in out
+
+
+def test_bad_options_exit_2(sd15_dir, tmp_path, capsys):
+    assert _run(sd15_dir, tmp_path, prompt="  ") == 2
+    assert _run(sd15_dir, tmp_path, "--max-iter-to-alter", "5") == 2
+    assert _run(sd15_dir, tmp_path, "--constraints", str(tmp_path / "none.json")) == 2
+    err = capsys.readouterr().err
+    assert "prompt is empty" in err and "exceeds --steps" in err and "does not exist" in err
