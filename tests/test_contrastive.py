@@ -1,0 +1,340 @@
+"""Contrastive editing: DDS gradient, PatchNCE, feature recording and ContrastiveEditPipeline mechanics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from editkit.attention import AttentionController, attach, attention_sites, select_sites
+from editkit.conditioning import encode_text
+from editkit.contrastive import (
+    ContrastiveFeatureRecorder,
+    contrastive_loss,
+    dds_latent_gradient,
+    patch_nce,
+    patch_nce_loss,
+    sample_locations,
+    sample_noise,
+    sample_timestep,
+)
+from editkit.errors import InputError
+from editkit.image import pil_to_tensor
+from editkit.inversion import encode_image_latents
+from pipelines.contrastive_edit import ContrastiveEditPipeline
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def edit_pipe(sd15_pipe):
+    pipe = ContrastiveEditPipeline.from_pipe(sd15_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- PatchNCE -------------------------------------------------------------------------------------
+def _reference_rows(source: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """CE over rows of S = f_src f_trg^T (source-anchored), written out element by element."""
+    source, target = torch.nn.functional.normalize(source, dim=-1), torch.nn.functional.normalize(target, dim=-1)
+    total = 0.0
+    n = source.shape[0]
+    for i in range(n):
+        positive = float(source[i] @ target[i]) / tau
+        negatives = [float(source[i] @ target[j]) / tau for j in range(n) if j != i] + [-10.0 / tau]
+        total += -positive + math.log(math.exp(positive) + sum(math.exp(v) for v in negatives))
+    return torch.tensor(total / n)
+
+
+def test_patch_nce_directions_match_rows_and_columns():
+    generator = torch.Generator().manual_seed(1)
+    source = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    target = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    row = patch_nce_loss(source, target, direction="source", tau=0.5)
+    column = patch_nce_loss(source, target, direction="target", tau=0.5)
+    torch.testing.assert_close(row, _reference_rows(source, target, 0.5).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(column, _reference_rows(target, source, 0.5).float(), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(row, column)
+    torch.testing.assert_close(patch_nce_loss(source, target, direction="dual", tau=0.5), (row + column) / 2)
+
+
+def test_identical_features_give_the_minimum_loss():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(32, 64, generator=generator)
+    same = patch_nce_loss(features, features.clone())
+    assert float(same) < 1e-3  # every positive at similarity 1, negatives near 0
+    for scale in (0.05, 0.2, 1.0):
+        perturbed = features + scale * torch.randn(32, 64, generator=generator)
+        for direction in ("source", "target", "dual"):
+            assert patch_nce_loss(features, perturbed, direction=direction) > patch_nce_loss(
+                features, features, direction=direction
+            )
+
+
+@pytest.mark.parametrize("direction", ["source", "target", "dual"])
+def test_patch_nce_gradient_matches_finite_differences(direction):
+    generator = torch.Generator().manual_seed(3)
+    source = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def loss(s, t):
+        s, t = torch.nn.functional.normalize(s, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+        if direction == "source":
+            return patch_nce(s, t, tau=0.3)
+        if direction == "target":
+            return patch_nce(t, s, tau=0.3)
+        return (patch_nce(s, t, tau=0.3) + patch_nce(t, s, tau=0.3)) / 2
+
+    assert torch.autograd.gradcheck(loss, (source, target), eps=1e-6, atol=1e-5)
+    # the public function (float32 inside) agrees with the double-precision reference
+    torch.testing.assert_close(
+        patch_nce_loss(source.detach(), target.detach(), direction=direction, tau=0.3).double(),
+        loss(source, target).detach(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_patch_locations_come_from_the_generator():
+    first = sample_locations(100, 10, torch.Generator().manual_seed(5))
+    again = sample_locations(100, 10, torch.Generator().manual_seed(5))
+    other = sample_locations(100, 10, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len(set(first.tolist())) == 10
+    allowed = torch.zeros(10, 10, dtype=torch.bool)
+    allowed[2:4, 5:9] = True
+    inside = sample_locations(100, 50, torch.Generator().manual_seed(5), allowed)
+    assert len(inside) == 8 and all(allowed.flatten()[inside])
+
+
+def test_contrastive_loss_sums_sites_and_scales_with_shared_locations():
+    generator = torch.Generator().manual_seed(7)
+    source = {"a": torch.randn(1, 16, 8, generator=generator), "b": torch.randn(1, 4, 8, generator=generator)}
+    target = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in source.items()}
+    grids = {"a": (4, 4), "b": (2, 2)}
+    options = {"patch_sizes": (1, 2), "num_patches": 256, "direction": "source"}
+    total = contrastive_loss(source, target, grids, generator=torch.Generator().manual_seed(0), **options)
+    # all cells are used (num_patches >= cells), so the loss is the sum of full-grid PatchNCE terms
+    expected = 0.0
+    for site, (h, w) in grids.items():
+        for p in (1, 2):
+            s = torch.nn.functional.avg_pool2d(source[site].transpose(1, 2).reshape(1, 8, h, w), p).flatten(2)[0].T
+            t = torch.nn.functional.avg_pool2d(target[site].transpose(1, 2).reshape(1, 8, h, w), p).flatten(2)[0].T
+            if s.shape[0] >= 2:
+                expected = expected + patch_nce_loss(s, t, direction="source")
+    torch.testing.assert_close(total, expected)
+    # on a smaller sample of locations, identical features still beat perturbed ones
+    same = contrastive_loss(source, source, grids, generator=torch.Generator().manual_seed(1), num_patches=3)
+    perturbed = contrastive_loss(source, target, grids, generator=torch.Generator().manual_seed(1), num_patches=3)
+    assert same < perturbed
+
+
+# -- DDS helpers ----------------------------------------------------------------------------------
+def test_dds_step_is_independent_of_resolution_and_masked():
+    small, large = torch.ones(1, 4, 8, 8), torch.ones(1, 4, 64, 64)
+    assert dds_latent_gradient(small).flatten()[0] == dds_latent_gradient(large).flatten()[0] == 2000 / 4096
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    masked = dds_latent_gradient(small, mask=mask)
+    assert masked[..., 4:].abs().sum() == 0 and masked[..., :4].min() > 0
+
+
+def test_timesteps_are_uniform_in_the_range():
+    generator = torch.Generator().manual_seed(0)
+    drawn = [sample_timestep(generator, min_timestep=50, max_timestep=60) for _ in range(200)]
+    assert min(drawn) == 50 and max(drawn) == 59
+
+
+# -- features on the shared layer ---------------------------------------------------------------
+def test_recorder_keeps_the_role_rows_of_named_sites_per_branch(sd15_pipe):
+    unet = sd15_pipe.unet
+    sites = select_sites([s.name for s in attention_sites(unet)], "up_blocks.2", kind="self")
+    recorder = ContrastiveFeatureRecorder("up_blocks.2")
+    latents = torch.randn(2, 4, 16, 16)
+    context = torch.randn(2, 77, 16)
+    with attach(unet, recorder):
+        recorder.branch = "source"
+        recorder.batch_roles = ("uncond", "cond")
+        unet(latents, 500, encoder_hidden_states=context)
+        recorder.branch = None
+        recorder.batch_roles = ("uncond",)
+        unet(latents[:1], 500, encoder_hidden_states=context[:1])  # no cond rows: nothing recorded
+        with torch.enable_grad():
+            z = latents[1:].clone().requires_grad_(True)
+            recorder.branch, recorder.batch_roles = "target", ("cond",)
+            unet(z, 500, encoder_hidden_states=context[1:])
+        recorder.branch = None
+        reference = ContrastiveFeatureRecorder("up_blocks.2", role=None)
+        reference.branch = "alone"
+    with attach(unet, reference):
+        unet(latents[1:], 500, encoder_hidden_states=context[1:])  # the cond row alone
+    assert sorted(recorder.features["source"]) == sorted(sites) == sorted(recorder.features["target"])
+    for site in sites:
+        source, target = recorder.features["source"][site], recorder.features["target"][site]
+        assert source.shape[0] == 1 and not source.requires_grad and target.requires_grad
+        torch.testing.assert_close(source, reference.features["alone"][site], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(target.detach(), source, rtol=1e-4, atol=1e-5)
+        assert recorder.grids[site][0] * recorder.grids[site][1] == source.shape[1]
+
+
+def test_recorder_query_features_have_the_projection_width(sd15_pipe):
+    recorder = ContrastiveFeatureRecorder("up_blocks.3", feature="query", role=None)
+    recorder.branch = "source"
+    with attach(sd15_pipe.unet, recorder):
+        sd15_pipe.unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 77, 16))
+    for site, tensor in recorder.features["source"].items():
+        module = sd15_pipe.unet.get_submodule(site)
+        assert tensor.shape == (1, math.prod(recorder.grids[site]), module.to_q.out_features)
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+def _branch_eps(pipe, z_t, t, prompt, negative, guidance_scale):
+    """Reference: each branch and CFG half as its own batch-1 UNet call, converted to eps."""
+    alpha = pipe.scheduler.alphas_cumprod[t].float()
+    outputs = []
+    for text in (negative, prompt):
+        embeds = encode_text(pipe, [text]).prompt_embeds
+        outputs.append(pipe.unet(z_t, t, encoder_hidden_states=embeds, return_dict=False)[0])
+    guided = outputs[0] + guidance_scale * (outputs[1] - outputs[0])
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        return alpha**0.5 * guided + (1 - alpha) ** 0.5 * z_t
+    return guided
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "contrast"), [("epsilon", None), ("v_prediction", None), ("v_prediction", "dual")]
+)
+@torch.no_grad()
+def test_dds_gradient_equals_the_per_branch_reference(edit_pipe, image, prediction_type, contrast):
+    edit_pipe.scheduler = DDIMScheduler.from_config(edit_pipe.scheduler.config, prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(11)
+    seen = {}
+
+    def remember(pipe, i, t, kwargs):
+        if i == 0:
+            seen["latents"], seen["state"] = kwargs["latents"].clone(), generator.get_state()
+        return kwargs
+
+    out = edit_pipe(
+        image, "a cat", "a dog", num_inference_steps=2, learning_rate=1.0, guidance_scale=3.0, contrast=contrast,
+        contrast_weight=0.0, generator=generator, output_type="latent", callback_on_step_end=remember,
+    )  # fmt: skip
+    source = encode_image_latents(edit_pipe.vae, pil_to_tensor(image)).float()
+    replay = torch.Generator().set_state(seen["state"])  # the second iteration's t and noise
+    t = sample_timestep(replay)
+    noise = sample_noise(source.shape, replay, torch.device("cpu"))
+    assert t == out.timesteps[1]
+    alpha = edit_pipe.scheduler.alphas_cumprod[t].float()
+    z_src_t = alpha**0.5 * source + (1 - alpha) ** 0.5 * noise
+    z_trg_t = alpha**0.5 * seen["latents"] + (1 - alpha) ** 0.5 * noise
+    assert not torch.allclose(z_src_t, z_trg_t)  # the second iteration tells the branches apart
+    eps_src = _branch_eps(edit_pipe, z_src_t, t, "a cat", "", 3.0)
+    eps_trg = _branch_eps(edit_pipe, z_trg_t, t, "a dog", "", 3.0)
+    expected = seen["latents"] - (2000 / 4096) * (eps_trg - eps_src)
+    torch.testing.assert_close(out.latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_edit_other_seed_other_draws(edit_pipe, image):
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        generator = torch.Generator().manual_seed(seed)
+        return edit_pipe(image, "a cat", "a dog", num_inference_steps=2, generator=generator, output_type="latent")
+
+    first, again, other = run(1, 0), run(1, 99), run(2, 0)
+    assert torch.equal(first.latents, again.latents) and first.timesteps == again.timesteps
+    assert first.contrastive_losses == again.contrastive_losses
+    assert first.timesteps != other.timesteps and not torch.allclose(first.latents, other.latents)
+
+
+class _CallSpy(AttentionController):
+    """Records, per UNet call, the batch roles, batch size and grad mode seen at one self-attention site."""
+
+    def __init__(self, site: str) -> None:
+        super().__init__()
+        self.site, self.calls = site, []
+
+    def applies_to(self, site) -> bool:
+        return site.name == self.site
+
+    def on_output(self, site, hidden_states):
+        self.calls.append((self.batch_roles, hidden_states.shape[0], hidden_states.requires_grad))
+        return hidden_states
+
+
+def test_unet_calls_per_iteration_and_extra_controllers(edit_pipe, image):
+    site = "up_blocks.3.attentions.0.transformer_blocks.0.attn1"
+    spy = _CallSpy(site)
+    before = dict(edit_pipe.unet.attn_processors)
+    flags = [p.requires_grad for p in edit_pipe.unet.parameters()]
+    edit_pipe(image, "a cat", "a dog", num_inference_steps=2, attention_controllers=[spy], output_type="latent")
+    per_iteration = [(("uncond", "cond"), 2, False), (("uncond",), 1, False), (("cond",), 1, True)]
+    assert spy.calls == per_iteration * 2  # source no grad; target uncond no grad; target cond with grad
+    spy.calls.clear()
+    edit_pipe(image, "a cat", "a dog", num_inference_steps=1, contrast=None, attention_controllers=[spy])
+    assert spy.calls == [(("uncond", "cond"), 4, False)]  # plain DDS: one batched no-grad call
+    assert dict(edit_pipe.unet.attn_processors) == before
+    assert [p.requires_grad for p in edit_pipe.unet.parameters()] == flags
+
+
+def test_mask_keeps_latents_outside(edit_pipe, image):
+    mask = torch.zeros(64, 64)
+    mask[:, :32] = 1
+    out = edit_pipe(image, "a cat", "a dog", num_inference_steps=3, mask=mask, output_type="latent")
+    source = encode_image_latents(edit_pipe.vae, pil_to_tensor(image)).float()
+    assert torch.equal(out.latents[..., 4:], source[..., 4:])
+    assert (out.latents[..., :4] - source[..., :4]).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_edit(edit_pipe, image):
+    def run(checkpointing):
+        generator = torch.Generator().manual_seed(3)
+        return edit_pipe(
+            image, "a cat", "a dog", num_inference_steps=1, gradient_checkpointing=checkpointing,
+            identity_branch=True, generator=generator, output_type="latent",
+        )  # fmt: skip
+
+    plain, checkpointed = run(False), run(True)
+    torch.testing.assert_close(plain.latents, checkpointed.latents, rtol=1e-4, atol=1e-5)
+    assert not edit_pipe.unet.is_gradient_checkpointing
+
+
+def test_sdxl_edit_runs_with_both_text_encoders(sdxl_pipe, image):
+    pipe = ContrastiveEditPipeline.from_pipe(sdxl_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(image, "a cat", "a dog", num_inference_steps=2, contrast="source", feature="value")
+    assert out.images[0].size == (64, 64) and len(out.contrastive_losses) == 2
+    assert all(math.isfinite(v) and v > 0 for v in out.contrastive_losses)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source_prompt": ""}, "source_prompt"),
+        ({"target_prompt": "  "}, "target_prompt"),
+        ({"num_inference_steps": 0}, "iterations"),
+        ({"contrast": "both"}, "contrast"),
+        ({"mask": torch.ones(32, 32)}, "mask is 32x32"),
+        ({"mask": torch.full((64, 64), 0.5)}, "binary"),
+        ({"mask": torch.zeros(64, 64)}, "empty"),
+        ({"contrast_sites": "up_blocks.9"}, "matches no"),
+        ({"min_timestep": 900, "max_timestep": 100}, "min_timestep"),
+    ],
+)
+def test_bad_inputs_raise_input_errors(edit_pipe, image, kwargs, message):
+    arguments = {"source_prompt": "a cat", "target_prompt": "a dog", "num_inference_steps": 1, **kwargs}
+    with pytest.raises(InputError, match=message):
+        edit_pipe(image, arguments.pop("source_prompt"), arguments.pop("target_prompt"), **arguments)
+
+
+def test_identical_prompts_warn_and_still_run(edit_pipe, image):
+    with pytest.warns(UserWarning, match="identical"):
+        out = edit_pipe(image, "a cat", "a cat", num_inference_steps=1, output_type="latent")
+    assert out.latents.shape == (1, 4, 8, 8)
