@@ -15,7 +15,7 @@ from editkit import __version__
 from editkit.errors import EditkitError
 
 # Subcommand modules under editkit.commands, in the order --help lists them.
-COMMANDS = ("env", "softrepa", "app", "edit", "compose")
+COMMANDS = ("env", "softrepa", "app", "edit", "compose", "stylize")
 
 
 def build_parser() -> argparse.ArgumentParser:

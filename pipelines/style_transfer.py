@@ -282,7 +282,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
         callback_on_step_end: Callable | None = None,
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
-        r"""Stylize ``content_image`` with each style (image or cache); one output image per style.
+        r"""Stylize ``content_image`` with each style; one output per style image, then one per style cache.
 
         Args:
             content_image: PIL image or (1, 3, H, W) tensor in [-1, 1] (ignored pixels-wise when
@@ -310,9 +310,9 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the whole run.
         """
         styles = _as_list(style_image)
-        caches = _as_list(style_cache)
+        given_caches = _as_list(style_cache)
         self.check_inputs(
-            content_image, styles, caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
+            content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
             injection_timesteps,
         )  # fmt: skip
         if output_type not in ("pil", "pt", "latent"):
@@ -354,6 +354,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
                 )  # fmt: skip
 
                 # 4. Style inversions (their keys and values), unless cached.
+                caches = []  # one per style image (in order), then the given caches
                 for style in styles:
                     style_tensor = self._prepare_image(style, style_size)
                     style_px = (style_tensor.shape[-1], style_tensor.shape[-2])
@@ -363,6 +364,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
                             num_inference_steps, resample_steps, offload, ip_count, extra, progress,
                         )
                     )  # fmt: skip
+                caches += given_caches
                 for cache in caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
 
