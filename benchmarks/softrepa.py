@@ -1,0 +1,196 @@
+"""SoftREPA benchmark: training-step efficiency, inference overhead of tokens, memory, shapes-world alignment.
+
+- ``step_efficiency``: the floor (one forward + backward of the UNet on the B^2 pairs as one
+  batch, gradient into the text context, no tokens) divided by a SoftREPA step (tokens inserted
+  by the attention controller, B x B error matrix, contrastive loss, backward, AdamW step);
+  measured interleaved in the same run, on the full-size SD 1.5 UNet architecture (random weights).
+- ``inference_overhead``: a CFG UNet call with tokens attached over the same call without them.
+- memory: peak CUDA bytes where there is a GPU; everywhere, the bytes autograd saves for backward
+  (the activation memory), with and without row chunking and gradient checkpointing.
+- shapes world: held-out alignment of the project's shapes model before and after training
+  tokens on the world's captions (runs only when ``assets/models/shapes-sd`` exists).
+
+Usage: ``python -m benchmarks.softrepa [--resolution 128] [--batch-size 2] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
+from editkit.attention import attach
+from editkit.softrepa import ContrastiveLossConfig, SoftTokenController, SoftTokens, default_sites
+from editkit.softrepa.loss import contrastive_loss, pair_errors, row_chunks
+from editkit.testing import full_size_sd15_unet
+
+SHAPES_MODEL = Path("assets/models/shapes-sd")
+
+
+def _inputs(unet, batch: int, resolution: int, device):
+    generator = torch.Generator().manual_seed(0)
+    latent = resolution // 8
+    latents = torch.randn(batch, 4, latent, latent, generator=generator).to(device)
+    embeds = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator).to(device)
+    noise = torch.randn(1, 4, latent, latent, generator=generator).to(device)
+    return latents, embeds, noise
+
+
+def _step_fn(unet, soft, optimizer, latents, embeds, noise, row_chunk=None):
+    config, batch, timestep = ContrastiveLossConfig(), latents.shape[0], 500
+    noisy = 0.5**0.5 * latents + 0.5**0.5 * noise
+
+    def predict(sample, context, added):
+        return unet(sample, timestep, encoder_hidden_states=context).sample
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        for rows in row_chunks(batch, row_chunk):
+            contrastive_loss(pair_errors(predict, noisy, noise, embeds, rows), config, rows, batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def _floor_fn(unet, latents, embeds, noise):
+    """B^2 forward + backward passes as one batch, gradient into the context (no tokens, no loss logic)."""
+    batch = latents.shape[0]
+    sample = latents.repeat_interleave(batch, dim=0)
+    context = embeds.repeat(batch, 1, 1).clone().requires_grad_(True)
+
+    def floor():
+        context.grad = None
+        prediction = unet(sample, 500, encoder_hidden_states=context).sample
+        ((prediction - noise) ** 2).mean().backward()
+
+    return floor
+
+
+def saved_bytes(run) -> int:
+    """Peak bytes autograd keeps for backward during ``run`` (per chunk: graphs are freed by each backward)."""
+    state = {"now": 0, "peak": 0}
+
+    def pack(tensor):
+        state["now"] += tensor.numel() * tensor.element_size()
+        state["peak"] = max(state["peak"], state["now"])
+        return tensor
+
+    def unpack(tensor):
+        return tensor
+
+    original = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        state["now"] = 0
+        return result
+
+    torch.Tensor.backward = backward
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            run()
+    finally:
+        torch.Tensor.backward = original
+    return state["peak"]
+
+
+def memory_table(unet, soft, optimizer, latents, embeds, noise, device) -> dict:
+    table = {}
+    for checkpointing in (False, True):
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        for chunk in (None, 1):
+            step = _step_fn(unet, soft, optimizer, latents, embeds, noise, row_chunk=chunk)
+            name = f"chunk_{chunk or 'none'}_checkpointing_{'on' if checkpointing else 'off'}"
+            table[name] = {
+                "saved_for_backward_mb": saved_bytes(step) / 2**20,
+                "cuda_peak_bytes": peak_memory(step, device),
+            }
+    unet.disable_gradient_checkpointing()
+    return table
+
+
+def shapes_alignment(steps: int, prompts: int, device: str) -> dict:
+    """Held-out alignment of the shapes model without and with tokens trained on the world's captions."""
+    if not (SHAPES_MODEL / "model_index.json").is_file():
+        return {"skipped": f"{SHAPES_MODEL} not found (train it with python -m benchmarks.shapes.train)"}
+    import json
+
+    from PIL import Image
+
+    from benchmarks.shapes.evaluate import evaluate, load_pipeline
+    from benchmarks.shapes.world import sample_batch
+    from editkit.softrepa import TrainConfig, load_soft_tokens, train_soft_tokens, use_soft_tokens
+
+    pipe = load_pipeline(str(SHAPES_MODEL), device)
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "data"
+        data.mkdir()
+        images, captions, _ = sample_batch(seed=1, n=512, training=True)
+        rows = []
+        for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
+            Image.fromarray(image).save(data / f"{index}.png")
+            rows.append(json.dumps({"file_name": f"{index}.png", "text": caption}))
+        (data / "metadata.jsonl").write_text("\n".join(rows))
+        output = Path(folder) / "tokens.safetensors"
+        config = TrainConfig(
+            data=data, model=SHAPES_MODEL, output=output, max_steps=steps, batch_size=4, device=device,
+            validate_every=max(1, steps // 4), val_fraction=0.1, progress=False, checkpoint_every=0,
+        )  # fmt: skip
+        train_soft_tokens(config, pipe=pipe)
+        before = evaluate(pipe, num_prompts=prompts)
+        with use_soft_tokens(pipe.unet, load_soft_tokens(output, unet=pipe.unet)):
+            after = evaluate(pipe, num_prompts=prompts)
+    return {"steps": steps, "before": before, "after": after}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes-steps", type=int, default=200)
+    parser.add_argument("--shapes-prompts", type=int, default=100)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    unet = full_size_sd15_unet(device=device)
+    soft = SoftTokens(torch.randn(4, 768) * 0.02, default_sites(unet)).to(device)
+    optimizer = torch.optim.AdamW(soft.parameters(), lr=1e-3, weight_decay=1e-4)
+    latents, embeds, noise = _inputs(unet, args.batch_size, args.resolution, device)
+    cfg_sample, cfg_context = latents[:1].repeat(2, 1, 1, 1), embeds[:1].repeat(2, 1, 1)  # (uncond, cond)
+    result = {"environment": environment(), "resolution": args.resolution, "batch_size": args.batch_size}
+    result["pairs_per_step"] = args.batch_size**2
+    controller = SoftTokenController(soft)
+    with attach(unet, controller):
+        step = _step_fn(unet, soft, optimizer, latents, embeds, noise)
+        timing = interleaved_medians(
+            {"floor": _floor_fn(unet, latents, embeds, noise), "softrepa_step": step}, args.repeats, 1, str(device)
+        )
+    result["training"] = timing
+    for clock in ("median_s", "cpu_median_s"):
+        result[f"step_efficiency_{clock.removesuffix('_s')}"] = timing["floor"][clock] / timing["softrepa_step"][clock]
+
+    def plain():
+        with torch.no_grad():
+            unet(cfg_sample, 500, encoder_hidden_states=cfg_context)
+
+    def with_tokens():
+        with torch.no_grad(), attach(unet, controller):
+            unet(cfg_sample, 500, encoder_hidden_states=cfg_context)
+
+    inference = interleaved_medians({"plain": plain, "tokens": with_tokens}, args.repeats * 2, 1, str(device))
+    result["inference"] = inference
+    for clock in ("median_s", "cpu_median_s"):
+        ratio = inference["tokens"][clock] / inference["plain"][clock]
+        result[f"inference_overhead_{clock.removesuffix('_s')}"] = ratio - 1
+    with attach(unet, controller):
+        result["memory"] = memory_table(unet, soft, optimizer, latents, embeds, noise, str(device))
+    result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device))
+    print_json(result)
+
+
+if __name__ == "__main__":
+    main()
