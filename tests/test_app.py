@@ -239,3 +239,15 @@ def test_app_launchers_load_no_model_and_document_an_example():
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "--model" in result.stdout and "--port" in result.stdout and "example:" in result.stdout
+
+
+def test_tabs_share_one_model(server, client):
+    manager = server[0].editkit_manager
+    client.predict(*_edit(EXAMPLES / "edit.png"), api_name="/edit")  # loads (or reuses) the base model
+    pipes = [manager.pipeline(name) for name in ENDPOINTS]
+    assert len({id(pipe.unet) for pipe in pipes}) == 1 and len({id(pipe.vae) for pipe in pipes}) == 1
+    assert {type(pipe).__name__ for pipe in pipes} == {
+        "StyleTransferPipeline",
+        "ContrastiveEditPipeline",
+        "ComposePipeline",
+    }
