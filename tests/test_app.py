@@ -246,8 +246,5 @@ def test_tabs_share_one_model(server, client):
     client.predict(*_edit(EXAMPLES / "edit.png"), api_name="/edit")  # loads (or reuses) the base model
     pipes = [manager.pipeline(name) for name in ENDPOINTS]
     assert len({id(pipe.unet) for pipe in pipes}) == 1 and len({id(pipe.vae) for pipe in pipes}) == 1
-    assert {type(pipe).__name__ for pipe in pipes} == {
-        "StyleTransferPipeline",
-        "ContrastiveEditPipeline",
-        "ComposePipeline",
-    }
+    names = {type(pipe).__name__ for pipe in pipes}  # soft tokens ride on the family's plain pipeline, like the CLI
+    assert names == {"StyleTransferPipeline", "ContrastiveEditPipeline", "ComposePipeline", "StableDiffusionPipeline"}

@@ -316,7 +316,7 @@ class Handlers:
         seed: Any,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
     ) -> Outputs:
-        """Generate ``prompt`` with a SoftREPA token file inserted at ``strength`` (plain sampling)."""
+        """Generate ``prompt`` with a SoftREPA token file inserted at ``strength`` (the family's plain pipeline)."""
         params = {
             "prompt": text(prompt, "prompt"),
             "soft_token_strength": number(strength, "token strength", -10.0, 10.0),
@@ -330,24 +330,22 @@ class Handlers:
         params["soft_tokens"] = Path(token_path).name
 
         def work(pipe) -> tuple[Image.Image, list[str]]:
-            from editkit.softrepa import load_soft_tokens
+            from editkit.softrepa import load_soft_tokens, use_soft_tokens
 
             try:
                 controller = load_soft_tokens(token_path, unet=pipe.unet, strength=params["soft_token_strength"])
             except EditkitError as error:
                 raise type(error)(str(error).replace(token_path, "the token file")) from None
             side, _ = self.manager.resolution(pipe)
-            output = pipe(  # the compose pipeline without guidance or refinement: plain sampling
-                params["prompt"],
-                height=side,
-                width=side,
-                refine=False,
-                max_iter_to_alter=0,
-                num_inference_steps=params["num_inference_steps"],
-                guidance_scale=params["guidance_scale"],
-                generator=self.manager.generator(pipe, params["seed"]),
-                attention_controllers=[controller],
-            )
+            with use_soft_tokens(pipe.unet, controller):  # as `editkit softrepa generate` does
+                output = pipe(
+                    params["prompt"],
+                    height=side,
+                    width=side,
+                    num_inference_steps=params["num_inference_steps"],
+                    guidance_scale=params["guidance_scale"],
+                    generator=self.manager.generator(pipe, params["seed"]),
+                )
             return output.images[0], []
 
         return self._run("generate_with_tokens", params, work)

@@ -25,15 +25,16 @@ from editkit.errors import EditkitError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MethodSpec", "ModelManager"]
+__all__ = ["METHODS", "MethodSpec", "ModelManager", "text_to_image_class"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Where a method's pipeline class lives (imported on first use)."""
+    """Where a method's pipeline class lives (imported on first use); ``class_name`` None: the
+    model family's plain diffusers text-to-image pipeline (what ``editkit softrepa generate`` uses)."""
 
     module: str
-    class_name: str
+    class_name: str | None
     title: str
 
     def load_class(self) -> type:
@@ -44,12 +45,22 @@ class MethodSpec:
         return getattr(module, self.class_name)
 
 
+def text_to_image_class(pipe: Any) -> type:
+    """diffusers' text-to-image pipeline of ``pipe``'s model family (SD 1.x/2.x or SDXL)."""
+    import diffusers
+
+    from editkit.models import model_family
+
+    sdxl = model_family(pipe) == "sdxl"
+    return diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+
+
 #: The app's methods by endpoint name.
 METHODS: dict[str, MethodSpec] = {
     "stylize": MethodSpec("pipelines.style_transfer", "StyleTransferPipeline", "style transfer"),
     "edit": MethodSpec("pipelines.contrastive_edit", "ContrastiveEditPipeline", "contrastive editing"),
     "compose": MethodSpec("pipelines.compose", "ComposePipeline", "compositional generation"),
-    "generate_with_tokens": MethodSpec("pipelines.compose", "ComposePipeline", "soft-token generation"),
+    "generate_with_tokens": MethodSpec("diffusers", None, "soft-token generation"),
 }
 
 
@@ -85,10 +96,16 @@ class ModelManager:
         """The pipeline of ``method`` (an endpoint name of :data:`METHODS`), loading the base on first use."""
         spec = METHODS[method]
         with self._load_lock:
-            pipe_class = spec.load_class()
-            if spec.class_name not in self._pipelines:
-                self._pipelines[spec.class_name] = self._build(pipe_class)
-            return self._pipelines[spec.class_name]
+            if spec.class_name is None:
+                if self._base is None:  # the base loads with a method class: no safety checker, no extras
+                    base = self._build(METHODS["compose"].load_class())
+                    self._pipelines[type(base).__name__] = base
+                pipe_class = text_to_image_class(self._base)
+            else:
+                pipe_class = spec.load_class()
+            if pipe_class.__name__ not in self._pipelines:
+                self._pipelines[pipe_class.__name__] = self._build(pipe_class)
+            return self._pipelines[pipe_class.__name__]
 
     def _build(self, pipe_class: type) -> Any:
         if self._base is None:
@@ -99,7 +116,18 @@ class ModelManager:
         if isinstance(self._base, pipe_class):
             return self._base
         try:
-            return pipe_class.from_pipe(self._base, dtype=self._base.dtype)
+            if (
+                not hasattr(pipe_class, "_optional_components")
+                or "safety_checker" not in pipe_class._optional_components
+            ):
+                return pipe_class.from_pipe(self._base, dtype=self._base.dtype)
+            return pipe_class.from_pipe(  # the plain SD pipeline: no safety checker to load or skip
+                self._base,
+                dtype=self._base.dtype,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         except Exception as error:
             raise ModelLoadError(f"cannot build {pipe_class.__name__} from the loaded model: {error}") from error
 
