@@ -148,4 +148,4 @@ class ModelManager:
         config = pipe.unet.config
         side = int(config.sample_size) * scale
         multiple = scale * 2 ** (len(config.block_out_channels) - 1)
-        return side, multiple
+        return side, min(multiple, side)
