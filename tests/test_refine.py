@@ -274,6 +274,25 @@ def test_grad_forwards_only_on_guided_steps(compose_pipe):
     assert not torch.equal(guided.images, unguided.images)
 
 
+def test_maps_captured_only_where_needed(compose_pipe, monkeypatch):
+    from editkit.refine import GuidanceMapStore
+
+    captures = []
+    original = GuidanceMapStore.on_probs
+
+    def recording(self, site, probs, queries):
+        captures.append((self.step_index, torch.is_grad_enabled(), site.grid))
+        return original(self, site, probs, queries)
+
+    monkeypatch.setattr(GuidanceMapStore, "on_probs", recording)
+    _generate(compose_pipe, refine=False, num_inference_steps=4, max_iter_to_alter=2)
+    assert captures and {(step, grad) for step, grad, _ in captures} == {(0, True), (1, True)}
+    assert {grid for *_, grid in captures} == {(2, 2)}  # 64 px: latent 8x8, a quarter of its side
+    captures.clear()
+    _generate(compose_pipe, refine=False, max_iter_to_alter=0)
+    assert captures == []  # plain generation: no explicit-probability path at all
+
+
 def test_stage2_refines_exactly_the_stage1_noise(compose_pipe, monkeypatch):
     import pipelines.compose as module
 

@@ -1,0 +1,158 @@
+"""ComposePipeline cost against plain generation, and (when the shapes model exists) its accuracy.
+
+Speed: the full-size SD 1.5 UNet architecture with random weights (it costs what the real model
+costs), a small CLIP text encoder of the right width and a tiny VAE (decoded once per image in
+every configuration). Interleaved medians of: diffusers' plain ``StableDiffusionPipeline``,
+stage 1 only (guided latent updates for half of the steps), and the full two-stage pipeline
+forced through stage 2 (a verifier that fails every constraint: the worst case). Targets:
+stage 1 <= 1.8x plain, full <= 2.6x plain (the paper's code is about 4x).
+
+Accuracy (only when ``assets/models/shapes-sd/model_index.json`` exists): two-object colour
+binding and relation accuracy on held-out shapes-world prompts with fixed seeds, measured by the
+deterministic detector, for plain generation, stage 1, stage 2 alone (always refined) and the
+verifier's choice, so the gain from selection is reported apart from the gain from refinement.
+
+    python -m benchmarks.compose --size 128 --steps 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.timing import environment, interleaved_medians, print_json
+from editkit.verifiers import AttentionVerifier
+from pipelines.compose import ComposePipeline
+
+PROMPT = "a red car on the left of a blue bird"
+SHAPES_MODEL = Path("assets/models/shapes-sd")
+
+
+def build_components(device: str, dtype: torch.dtype) -> dict:
+    """Full-size SD 1.5 UNet (random), a 768-wide 2-layer CLIP text encoder, a tiny VAE."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from editkit.testing import full_size_sd15_unet, tiny_sd15_components
+
+    parts = tiny_sd15_components(seed=0, words=PROMPT.split())
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=768,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    keep = {k: parts[k] for k in ("vae", "tokenizer", "scheduler")}
+    keep["text_encoder"] = CLIPTextModel(config).eval().to(device, dtype)
+    keep["unet"] = full_size_sd15_unet(dtype=dtype, device=device)
+    keep["vae"] = keep["vae"].to(device, dtype)
+    return keep
+
+
+def speed(args) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    dtype = getattr(torch, args.dtype)
+    parts = build_components(args.device, dtype)
+    plain = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    compose = ComposePipeline(**parts)
+    for pipe in (plain, compose):
+        pipe.set_progress_bar_config(disable=True)
+    common = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "output_type": "pt"}
+    half = args.steps // 2
+
+    runs = {
+        "plain": lambda: plain(PROMPT, generator=_seeded(0), **common),
+        "stage1": lambda: compose(PROMPT, generator=_seeded(0), refine=False, max_iter_to_alter=half, **common),
+        "full": lambda: compose(
+            PROMPT,
+            generator=_seeded(0),
+            verifier=AttentionVerifier(peak_threshold=2.0),
+            max_iter_to_alter=half,
+            **common,
+        ),
+    }
+    timings = interleaved_medians(runs, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    result = {"timings": timings}
+    for name in ("stage1", "full"):
+        result[f"{name}_wall_ratio"] = timings[name]["median_s"] / timings["plain"]["median_s"]
+        result[f"{name}_cpu_ratio"] = timings[name]["cpu_median_s"] / timings["plain"]["cpu_median_s"]
+    result["targets"] = {"stage1": 1.8, "full": 2.6}
+    return result
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def shapes_accuracy(args) -> dict:
+    """Pair colour binding and relation accuracy for plain / stage 1 / always refined / chosen images."""
+    from benchmarks.shapes.detect import detect_batch
+    from benchmarks.shapes.evaluate import score_pair, score_relation
+    from benchmarks.shapes.world import held_out_prompts
+
+    pipe = ComposePipeline.from_pretrained(SHAPES_MODEL).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
+    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps}
+    scorers = {"pair": score_pair, "relation": score_relation}
+    for category, scorer in scorers.items():
+        prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
+        images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
+        chosen_refined = 0
+        for seed, prompt in enumerate(prompts):
+            images["plain"].append(
+                pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
+            )
+            out = pipe(prompt.caption, generator=_seeded(seed), **common)
+            stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **common).images
+            refined = stage1
+            if out.refined_noise is not None:  # stage 2 alone: stage 1 from the refined noise
+                refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **common).images
+            images["stage1"].append(stage1)
+            images["refined"].append(refined)
+            images["chosen"].append(out.images)
+            chosen_refined += out.chosen == "refined"
+        for name, batch in images.items():
+            scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
+            results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
+        results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--shapes-prompts", type=int, default=50)
+    parser.add_argument("--shapes-steps", type=int, default=25)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+
+    result: dict = {"benchmark": "compose", "environment": environment(), "size": args.size, "steps": args.steps}
+    if not args.skip_speed:
+        result["speed"] = speed(args)
+    if (SHAPES_MODEL / "model_index.json").is_file():
+        result["shapes"] = shapes_accuracy(args)
+    else:
+        result["shapes"] = f"skipped: {SHAPES_MODEL}/model_index.json not found (train it: benchmarks/shapes/train.py)"
+    print_json(result)
+
+
+if __name__ == "__main__":
+    main()
