@@ -92,10 +92,25 @@ def content_aware_adain(
 
 # -- sites and model identity ------------------------------------------------------------------
 def default_style_sites(unet: torch.nn.Module) -> list[str]:
-    """The decoder self-attention sites the method note recommends for this UNet's family."""
+    """The decoder self-attention sites the method note recommends for this UNet's family.
+
+    A UNet of another layout (no such blocks) gets the self-attention of its last two up blocks
+    that have attention, the closest equivalent (the highest-resolution decoder layers).
+    """
     from editkit.models import model_family
 
-    return resolve_style_sites(unet, DEFAULT_SITE_PATTERNS[model_family(unet)])
+    patterns = DEFAULT_SITE_PATTERNS[model_family(unet)]
+    sites = [site for site in attention_sites(unet) if site.kind == "self"]
+    chosen = [site.name for site in sites if any(_under(site.name, p) for p in patterns)]
+    if chosen:
+        return chosen
+    blocks = sorted({site.block_index for site in sites if site.block == "up"})[-2:]
+    logger.info("no %s sites in this UNet; using the self-attention of up blocks %s", patterns, blocks)
+    return [site.name for site in sites if site.block == "up" and site.block_index in blocks]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def resolve_style_sites(unet: torch.nn.Module, patterns: str | Sequence[str] | None) -> list[str]:
