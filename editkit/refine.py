@@ -23,6 +23,7 @@ from editkit.constraints import AlignedConstraints
 __all__ = [
     "GuidanceMapStore",
     "LossWeights",
+    "MapsCaptured",
     "binding_loss",
     "centroid",
     "constraint_loss",
@@ -41,15 +42,37 @@ __all__ = [
 ]
 
 
+class MapsCaptured(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by :class:`GuidanceMapStore` once the last needed map is in: the rest of the UNet is skipped."""
+
+
 class GuidanceMapStore(CrossAttentionMapStore):
-    """A map store that asks for probabilities only while ``active`` (grad-enabled guidance passes)."""
+    """A map store that asks for probabilities only while ``active`` (guidance and verification passes).
+
+    With ``early_exit`` it raises :class:`MapsCaptured` as soon as the map of ``stop_after`` (the
+    last site of the grid in execution order, learnt on the first full pass) is complete: a guided
+    pass needs the maps, not the UNet's output, so the layers after them (SD 1.5: the 32x32 and
+    64x64 up blocks) are neither run nor backpropagated through.
+    """
 
     def __init__(self, grid: tuple[int, int], role: str = "cond", with_grad: bool = True) -> None:
         super().__init__(grids=[grid], role=role, with_grad=with_grad)
         self.active = False
+        self.early_exit = False
+        self.stop_after: str | None = None
 
     def wants_probs(self, site: Site) -> bool:
         return self.active and super().wants_probs(site)
+
+    def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
+        super().on_probs(site, probs, queries)
+        if self.early_exit and site.name == self.stop_after and site.name in self.maps:
+            raise MapsCaptured
+
+    def learn_last_site(self) -> None:
+        """Remember the last site recorded by a full pass (``maps`` keeps completion order after ``clear``)."""
+        if self.stop_after is None and self.maps:
+            self.stop_after = list(self.maps)[-1]
 
 
 def map_grid(latent_hw: tuple[int, int], divisor: int = 4) -> tuple[int, int]:

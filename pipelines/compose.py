@@ -28,6 +28,7 @@ from editkit.inversion import decode_latents
 from editkit.refine import (
     GuidanceMapStore,
     LossWeights,
+    MapsCaptured,
     constraint_loss,
     initno_refine,
     map_grid,
@@ -184,13 +185,16 @@ class ComposePipeline(DiffusionPipeline):
     def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> torch.Tensor:
         """One conditional UNet forward; the ``(tokens, h, w)`` float32 token maps it attended with."""
         run.store.clear()
-        run.store.active = True
+        run.store.active = run.store.early_exit = True
         run.controller.batch_roles = ("cond",)
         try:
             latent_in = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
             self.unet(latent_in, t, **run.cond.unet_kwargs(), return_dict=False)
+        except MapsCaptured:  # every needed map is in: the later UNet layers are skipped
+            pass
         finally:
-            run.store.active = False
+            run.store.active = run.store.early_exit = False
+        run.store.learn_last_site()
         probs = run.store.aggregate(run.store_grid)[0].float()  # (h, w, keys)
         return token_maps(probs, run.aligned.last_token, **run.map_kwargs)
 

@@ -274,6 +274,21 @@ def test_grad_forwards_only_on_guided_steps(compose_pipe):
     assert not torch.equal(guided.images, unguided.images)
 
 
+def test_guided_passes_stop_after_the_last_needed_map(compose_pipe, monkeypatch):
+    from editkit.refine import GuidanceMapStore
+
+    outputs = []
+    handle = compose_pipe.unet.conv_out.register_forward_hook(lambda *a: outputs.append(torch.is_grad_enabled()))
+    try:
+        early = _generate(compose_pipe, refine=False, num_inference_steps=4, max_iter_to_alter=3)
+    finally:
+        handle.remove()
+    assert outputs.count(True) == 1 and outputs.count(False) == 4  # only the first guided pass runs to the end
+    monkeypatch.setattr(GuidanceMapStore, "learn_last_site", lambda self: None)  # never exit early
+    full = _generate(compose_pipe, refine=False, num_inference_steps=4, max_iter_to_alter=3)
+    assert torch.equal(early.images, full.images)  # skipping the later layers changes nothing
+
+
 def test_maps_captured_only_where_needed(compose_pipe, monkeypatch):
     from editkit.refine import GuidanceMapStore
 
