@@ -174,7 +174,7 @@ class ContrastiveEditPipeline(DiffusionPipeline):
         if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
             height, width = image.shape[-2:]
             raise InputError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {width}x{height}")
-        if not torch.isin(mask, torch.tensor([0.0, 1.0])).all():
+        if not ((mask == 0) | (mask == 1)).all():
             raise InputError("mask must be binary (0 and 1 only)")
         if not mask.any():
             raise InputError("mask is empty: nothing to edit")
