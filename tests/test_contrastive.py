@@ -338,3 +338,35 @@ def test_identical_prompts_warn_and_still_run(edit_pipe, image):
     with pytest.warns(UserWarning, match="identical"):
         out = edit_pipe(image, "a cat", "a cat", num_inference_steps=1, output_type="latent")
     assert out.latents.shape == (1, 4, 8, 8)
+
+
+def test_contrastive_gradient_equals_a_per_branch_reference(edit_pipe, image):
+    generator = torch.Generator().manual_seed(4)
+    out = edit_pipe(
+        image, "a cat", "a dog", num_inference_steps=1, learning_rate=1.0, dds_weight=0.0, contrast="dual",
+        contrast_weight=0.5, generator=generator, output_type="latent",
+    )  # fmt: skip
+    source = encode_image_latents(edit_pipe.vae, pil_to_tensor(image)).float()
+    replay = torch.Generator().manual_seed(4)
+    t = sample_timestep(replay)
+    noise = sample_noise(source.shape, replay, torch.device("cpu"))
+    alpha = edit_pipe.scheduler.alphas_cumprod[t].float()
+    recorder = ContrastiveFeatureRecorder(role=None)
+    with attach(edit_pipe.unet, recorder), torch.enable_grad():
+        recorder.branch = "source"
+        with torch.no_grad():
+            edit_pipe.unet(alpha**0.5 * source + (1 - alpha) ** 0.5 * noise, t, **_embeds(edit_pipe, "a cat"))
+        z = source.clone().requires_grad_(True)
+        recorder.branch = "target"
+        edit_pipe.unet(alpha**0.5 * z + (1 - alpha) ** 0.5 * noise, t, **_embeds(edit_pipe, "a dog"))
+        features = recorder.features
+        loss = contrastive_loss(features["source"], features["target"], recorder.grids, generator=replay)
+        (gradient,) = torch.autograd.grad(loss, z)
+    assert out.contrastive_losses[0] == pytest.approx(float(loss.detach()), rel=1e-4)
+    expected = source - 0.5 * 2000.0 * gradient  # descent on contrast_weight * loss_scale * loss
+    torch.testing.assert_close(out.latents, expected, rtol=1e-4, atol=1e-4)
+    assert (out.latents - source).abs().max() > 1e-4
+
+
+def _embeds(pipe, prompt):
+    return {"encoder_hidden_states": encode_text(pipe, [prompt]).prompt_embeds}
