@@ -16,6 +16,7 @@ Usage: ``python -m benchmarks.softrepa [--resolution 128] [--batch-size 2] [--re
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from editkit.softrepa.loss import contrastive_loss, pair_errors, row_chunks
 from editkit.testing import full_size_sd15_unet
 
 SHAPES_MODEL = Path("assets/models/shapes-sd")
+logger = logging.getLogger(__name__)
 
 
 def _inputs(unet, batch: int, resolution: int, device):
@@ -42,6 +44,7 @@ def _inputs(unet, batch: int, resolution: int, device):
 def _step_fn(unet, soft, optimizer, latents, embeds, noise, row_chunk=None):
     config, batch, timestep = ContrastiveLossConfig(), latents.shape[0], 500
     noisy = 0.5**0.5 * latents + 0.5**0.5 * noise
+    target = noise.expand_as(latents)  # epsilon target, the one noise shared by every pair
 
     def predict(sample, context, added):
         return unet(sample, timestep, encoder_hidden_states=context).sample
@@ -49,7 +52,7 @@ def _step_fn(unet, soft, optimizer, latents, embeds, noise, row_chunk=None):
     def step():
         optimizer.zero_grad(set_to_none=True)
         for rows in row_chunks(batch, row_chunk):
-            contrastive_loss(pair_errors(predict, noisy, noise, embeds, rows), config, rows, batch).backward()
+            contrastive_loss(pair_errors(predict, noisy, target, embeds, rows), config, rows, batch).backward()
         optimizer.step()
 
     return step
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes-steps", type=int, default=200)
     parser.add_argument("--shapes-prompts", type=int, default=100)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
     unet = full_size_sd15_unet(device=device)
     soft = SoftTokens(torch.randn(4, 768) * 0.02, default_sites(unet)).to(device)
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             {"floor": _floor_fn(unet, latents, embeds, noise), "softrepa_step": step}, args.repeats, 1, str(device)
         )
     result["training"] = timing
+    logger.info("training: %s", timing)
     for clock in ("median_s", "cpu_median_s"):
         result[f"step_efficiency_{clock.removesuffix('_s')}"] = timing["floor"][clock] / timing["softrepa_step"][clock]
 
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
     inference = interleaved_medians({"plain": plain, "tokens": with_tokens}, args.repeats * 2, 1, str(device))
     result["inference"] = inference
+    logger.info("inference: %s", inference)
     for clock in ("median_s", "cpu_median_s"):
         ratio = inference["tokens"][clock] / inference["plain"][clock]
         result[f"inference_overhead_{clock.removesuffix('_s')}"] = ratio - 1
