@@ -161,11 +161,6 @@ class FeatureRecorder(QKVRecorder):
             return super().on_qkv(site, query, key, value)
         return query, key, value
 
-    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """One contiguous copy (as a reloaded cache is), so reuse from memory and from disk agree bit for bit."""
-        device = self.offload or tensor.device
-        return torch.empty(tensor.shape, dtype=self.dtype or tensor.dtype, device=device).copy_(tensor.detach())
-
 
 # -- the style cache -----------------------------------------------------------------------------
 @dataclass

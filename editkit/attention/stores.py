@@ -137,8 +137,9 @@ class QKVRecorder(_SiteFilter):
         return query, key, value
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        return tensor.to(device=self.offload or tensor.device, dtype=self.dtype or tensor.dtype).clone()
+        """One contiguous copy: reuse from memory and from a reloaded (contiguous) file agree bit for bit."""
+        device = self.offload or tensor.device
+        return torch.empty(tensor.shape, dtype=self.dtype or tensor.dtype, device=device).copy_(tensor.detach())
 
     def nbytes(self) -> int:
         """Bytes held by the recordings."""
