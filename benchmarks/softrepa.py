@@ -72,11 +72,20 @@ def _floor_fn(unet, latents, embeds, noise):
     return floor
 
 
-def saved_bytes(run) -> int:
-    """Peak bytes autograd keeps for backward during ``run`` (per chunk: graphs are freed by each backward)."""
-    state = {"now": 0, "peak": 0}
+def saved_bytes(run, model: torch.nn.Module) -> int:
+    """Peak activation bytes autograd keeps for backward during ``run`` (model weights and repeats not counted).
+
+    Per chunk: each backward frees its graph. Tensors saved inside checkpointed regions are not
+    seen (they are recomputed), which is the point of checkpointing.
+    """
+    weights = {p.data_ptr() for p in model.parameters()}
+    state = {"now": 0, "peak": 0, "seen": set()}
 
     def pack(tensor):
+        pointer = tensor.data_ptr()
+        if pointer in weights or pointer in state["seen"]:
+            return tensor
+        state["seen"].add(pointer)
         state["now"] += tensor.numel() * tensor.element_size()
         state["peak"] = max(state["peak"], state["now"])
         return tensor
@@ -89,6 +98,7 @@ def saved_bytes(run) -> int:
     def backward(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         state["now"] = 0
+        state["seen"].clear()
         return result
 
     torch.Tensor.backward = backward
@@ -108,7 +118,7 @@ def memory_table(unet, soft, optimizer, latents, embeds, noise, device) -> dict:
             step = _step_fn(unet, soft, optimizer, latents, embeds, noise, row_chunk=chunk)
             name = f"chunk_{chunk or 'none'}_checkpointing_{'on' if checkpointing else 'off'}"
             table[name] = {
-                "saved_for_backward_mb": saved_bytes(step) / 2**20,
+                "saved_for_backward_mb": saved_bytes(step, unet) / 2**20,
                 "cuda_peak_bytes": peak_memory(step, device),
             }
     unet.disable_gradient_checkpointing()
