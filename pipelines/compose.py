@@ -7,6 +7,7 @@ attention layer, for SD 1.x/2.x and SDXL.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -247,8 +248,6 @@ class ComposePipeline(DiffusionPipeline):
         return latents, (torch.stack(captured).mean(dim=0) if captured else None)
 
     def _step_params(self) -> set[str]:
-        import inspect
-
         return set(inspect.signature(self.scheduler.step).parameters)
 
     def refine_noise(self, noise, faulty, timesteps, run: _Run, refiner: str, step_size: float, initno_steps: int):
