@@ -1,7 +1,8 @@
 """The ``editkit`` console command: parse, dispatch to a subcommand, map errors to exit codes.
 
 Exit codes: 0 success, 1 unexpected failure (a bug: run with ``--debug`` for the traceback),
-2 a problem the user can fix (bad input, bad option, model not loadable), 130 interrupted.
+2 a problem the user can fix (bad input, bad option, model not loadable, out of memory),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -47,12 +48,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("editkit: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # a bug: one line unless --debug
+    except MemoryError as error:  # host RAM, or torch.OutOfMemoryError (a RuntimeError) below
+        return _out_of_memory(error, args.debug)
+    except Exception as error:  # a bug (one line unless --debug), or out of memory
+        if _is_out_of_memory(error):
+            return _out_of_memory(error, args.debug)
         if args.debug:
             raise
         message = f"{type(error).__name__}: {error}"
         print(f"editkit: unexpected error: {message} (run with --debug for details)", file=sys.stderr)
         return 1
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, MPS, XPU), without importing torch for commands that do not."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(error, oom)
+
+
+def _out_of_memory(error: BaseException, debug: bool) -> int:
+    """One line with the knobs that reduce memory; exit code 2 (the user can change the run)."""
+    if debug:
+        raise error
+    from editkit.numerics import out_of_memory_message
+
+    print(f"editkit: error: {out_of_memory_message(error)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,11 +7,18 @@ computed the way diffusers' own Stable Diffusion pipelines do.
 
 from __future__ import annotations
 
+import unicodedata
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TextConditioning", "encode_text", "is_sdxl_unet"]
+from editkit.errors import InputError
+
+__all__ = ["TextConditioning", "clean_prompt", "encode_text", "is_sdxl_unet"]
+
+#: Longest prompt accepted at all (characters); CLIP reads 77 tokens, the rest is truncated with a warning.
+MAX_PROMPT_CHARS = 10_000
 
 
 @dataclass
@@ -54,6 +61,35 @@ class TextConditioning:
 def is_sdxl_unet(unet) -> bool:
     """SDXL-style UNets take pooled text embeddings and size/crop ids (``text_time``)."""
     return unet.config.get("addition_embed_type") == "text_time"
+
+
+def clean_prompt(prompt: str) -> str:
+    """NFC-normalise ``prompt`` and replace control characters (NUL, ESC, newlines, ...) by spaces.
+
+    Non-ASCII text is kept. A non-string or absurdly long prompt raises InputError; a changed
+    prompt warns once.
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"the prompt has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+    text = unicodedata.normalize("NFC", prompt)
+    cleaned = "".join(" " if unicodedata.category(char) == "Cc" else char for char in text)
+    if any(unicodedata.category(char) == "Cc" and char not in "\t\n\r" for char in text):
+        warnings.warn("control characters in the prompt were replaced by spaces", stacklevel=3)
+    return cleaned
+
+
+def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
+    """Warn when a prompt is longer than the text encoder reads (CLIP: 77 tokens, start/end included)."""
+    limit = tokenizer.model_max_length - 2
+    for prompt in prompts:
+        count = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if count > limit:
+            warnings.warn(
+                f"prompt has {count} tokens; truncated to the text encoder's {tokenizer.model_max_length}",
+                stacklevel=4,
+            )
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -103,7 +139,8 @@ def encode_text(
     ``height``/``width`` (pixels) fill SDXL's size conditioning (original = target size, no crop,
     as diffusers' defaults); they default to the UNet's native size.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [clean_prompt(p) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+    _warn_if_truncated(pipe.tokenizer, prompts)
     device = pipe._execution_device
     dtype = pipe.unet.dtype
     if not is_sdxl_unet(pipe.unet):

@@ -8,7 +8,7 @@ instead of a traceback. Anything else that escapes is a bug.
 
 from __future__ import annotations
 
-__all__ = ["EditkitError", "InputError", "ModelLoadError"]
+__all__ = ["EditkitError", "InputError", "ModelLoadError", "NumericalError"]
 
 
 class EditkitError(Exception):
@@ -21,3 +21,7 @@ class InputError(EditkitError, ValueError):
 
 class ModelLoadError(EditkitError):
     """A model cannot be loaded: not found, not cached while offline, unsupported family, unsafe file."""
+
+
+class NumericalError(EditkitError):
+    """A run produced NaN or infinite values (float16 overflow, divergence); the message names the fix."""

@@ -18,11 +18,14 @@ inversion exactly when the model's eps does not depend on the latent):
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from editkit.numerics import check_finite, is_finite
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -38,6 +41,8 @@ __all__ = [
     "predicted_x0",
     "v_to_eps",
 ]
+
+logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -226,10 +231,10 @@ def ddim_invert(
 
 
 @contextlib.contextmanager
-def _vae_precision(vae: AutoencoderKL) -> Iterator[torch.dtype]:
-    """Run a float16 VAE with ``force_upcast`` (SDXL: fp16 overflow) in float32, restoring it after."""
+def _vae_precision(vae: AutoencoderKL, *, force: bool = False) -> Iterator[torch.dtype]:
+    """Run a float16 VAE with ``force_upcast`` (SDXL: fp16 overflow), or ``force``, in float32, restoring it after."""
     dtype = vae.dtype
-    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    upcast = dtype == torch.float16 and (force or getattr(vae.config, "force_upcast", False))
     if upcast:
         vae.to(torch.float32)
     try:
@@ -254,9 +259,21 @@ def encode_image_latents(
 
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> image in [-1, 1], (batch, 3, H, W), float32."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with _vae_precision(vae) as dtype:
-        latents = latents.to(device=vae.device, dtype=dtype) / vae.config.scaling_factor + shift
-        image = vae.decode(latents, return_dict=False)[0]
+    """Scaled latents -> image in [-1, 1], (batch, 3, H, W), float32.
+
+    NaN/inf latents raise NumericalError; a float16 decode that overflows is retried once in float32.
+    """
+    check_finite(latents, "the denoising loop (the latents to decode)")
+    image = _decode(vae, latents, upcast=False)
+    if not is_finite(image) and vae.dtype == torch.float16:
+        logger.warning("the float16 VAE decode overflowed (NaN/inf); retrying in float32")
+        image = _decode(vae, latents, upcast=True)
+    check_finite(image, "the VAE decode", advice="try --dtype fp32 or a VAE fixed for float16")
     return image.float().clamp(-1, 1)
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor, *, upcast: bool) -> torch.Tensor:
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with _vae_precision(vae, force=upcast) as dtype:
+        latents = latents.to(device=vae.device, dtype=dtype) / vae.config.scaling_factor + shift
+        return vae.decode(latents, return_dict=False)[0]

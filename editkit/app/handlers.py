@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 from PIL import Image
 
 from editkit.app.models import ModelManager
 from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
 from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
+from editkit.numerics import out_of_memory_message
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,10 @@ def guarded(endpoint: Callable) -> Callable:
             raise
         except EditkitError as error:
             raise gr.Error(str(error), title="Invalid input", print_exception=False) from None
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            logger.warning("the %s endpoint ran out of memory: %s", endpoint.__name__, error)
+            _release_cached_memory()
+            raise gr.Error(out_of_memory_message(error), title="Out of memory", print_exception=False) from None
         except Exception:
             logger.exception("the %s endpoint failed", endpoint.__name__)
             raise gr.Error(UNEXPECTED_ERROR, print_exception=False) from None
@@ -366,6 +372,12 @@ class Handlers:
         name = f"editkit-{command}-seed{params.get('seed', 0)}-{uuid.uuid4().hex[:8]}.png"
         metadata = png_metadata(command, {"model": self.manager.name, **params})
         return save_image(image, self.output_dir / name, metadata=metadata)
+
+
+def _release_cached_memory() -> None:
+    """Return cached accelerator memory after an out-of-memory error, so the next request can run."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _user_facing(caught: warnings.WarningMessage) -> bool:
