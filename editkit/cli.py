@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from editkit import __version__
 from editkit.errors import EditkitError
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each distinct warning once
+            warnings.showwarning = _show_warning
+            return int(args.run(args) or 0)
     except EditkitError as error:
         print(f"editkit: error: {error}", file=sys.stderr)
         return 2
@@ -58,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(error).__name__}: {error}"
         print(f"editkit: unexpected error: {message} (run with --debug for details)", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning for the user as one line on stderr; library deprecation noise only in --debug logs."""
+    if issubclass(category, (DeprecationWarning, FutureWarning)):
+        logging.getLogger("py.warnings").debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+        return
+    print(f"editkit: warning: {message}", file=sys.stderr)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

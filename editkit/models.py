@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from editkit.errors import EditkitError, InputError, ModelLoadError
+from editkit.safefiles import is_pickle
 
 __all__ = ["choose_device", "choose_dtype", "is_v_prediction", "load_pipeline", "model_family"]
 
@@ -200,6 +201,8 @@ def _resolve_source(model: str | os.PathLike) -> tuple[str, str | Path]:
     if path.is_file():
         if path.suffix.lower() != SINGLE_FILE_SUFFIX:
             raise ModelLoadError(f"{path} is not a .safetensors checkpoint or a diffusers folder")
+        if is_pickle(path):
+            raise ModelLoadError(f"{path} is a pickle renamed .safetensors; pickle-based checkpoints can run code")
         return "file", path
     if path.is_dir():
         _check_folder(path)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from editkit.attention import AttentionController, QKVRecorder, Site, attention_sites, select_sites
 from editkit.errors import InputError
+from editkit.safefiles import is_pickle
 
 __all__ = [
     "DEFAULT_SITE_PATTERNS",
@@ -317,6 +318,8 @@ def _read_cache_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     if not path.is_file():
         raise InputError(f"style cache not found: {path}")
+    if is_pickle(path):
+        raise InputError(f"{path} is a pickle (torch.save) file; editkit reads style caches from .safetensors only")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

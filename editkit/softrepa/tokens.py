@@ -27,6 +27,7 @@ from torch import nn
 
 from editkit.attention import AttentionController, Site, attention_sites
 from editkit.errors import InputError, ModelLoadError
+from editkit.safefiles import is_pickle
 
 __all__ = [
     "FORMAT_NAME",
@@ -47,7 +48,6 @@ FORMAT_VERSION = 1
 KIND_UNET_CONTEXT = "unet-cross-context"
 INIT_STD = 0.02
 NUM_TRAIN_TIMESTEPS = 1000
-PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ and torch.save's zip archive
 
 
 class SoftTokens(nn.Module):
@@ -230,9 +230,7 @@ def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+    if is_pickle(path) or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
         raise ModelLoadError(f"{path} is a pickle (torch.save) file; editkit loads soft tokens from .safetensors only")
     try:
         with safe_open(str(path), framework="pt") as reader:
