@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -128,9 +129,13 @@ class ComposePipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # -- inputs -------------------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner):
+    def check_inputs(
+        self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale=7.5
+    ):
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("prompt must be a non-empty string (one prompt per call)")
+        if not (isinstance(guidance_scale, int | float) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         if height % 8 or width % 8:
             raise InputError(f"height and width must be multiples of 8, got {height}x{width}")
         if num_inference_steps < 1:
@@ -335,7 +340,9 @@ class ComposePipeline(DiffusionPipeline):
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
-        self.check_inputs(prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner)
+        self.check_inputs(
+            prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
+        )
         notes: list[str] = []
         verifier = AttentionVerifier() if verifier == "attention" else verifier
         device = self._execution_device
