@@ -134,7 +134,7 @@ def _load(model_class, processor_class, model: str | None, what: str, example: s
         raise InputError(f"the {what} verifier needs weights: pass --verifier-model (e.g. {example})")
     try:
         processor = processor_class.from_pretrained(model)
-        network = model_class.from_pretrained(model).to(device).eval()
+        network = model_class.from_pretrained(model, use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"cannot load the {what} verifier weights {model!r} ({type(error).__name__}); download them once or "
