@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from editkit.commands.batch import Job, Manifest, ProcessShare, run_batch
+from editkit.commands.batch import Job, Manifest, ProcessShare, check_batch_outputs, run_batch
 from editkit.errors import InputError
 
 
@@ -28,16 +28,21 @@ def test_shares_cover_every_job_once(n, count):
 def test_interrupted_batch_resumes_without_redoing(tmp_path):
     jobs, produced = _jobs(5), []
 
-    def produce(job, fail_at=None):
+    def produce(task, fail_at=None):
+        job = task.job
         if job.key == fail_at:
             raise KeyboardInterrupt
-        (tmp_path / job.output).write_text(job.key)
+        assert task.pending == (job.output,)
+        task.path(job.output).write_text(job.key)
+        task.written(job.output)
         produced.append(job.key)
         return {"note": job.key.upper()}
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(jobs, tmp_path, "test", {}, lambda job: produce(job, fail_at="job3"))
+        run_batch(jobs, tmp_path, "test", {"a": 1}, lambda task: produce(task, fail_at="job3"))
     assert produced == ["job0", "job1", "job2"]
+    with pytest.raises(InputError, match="other options"):  # resuming with other parameters is refused
+        run_batch(jobs, tmp_path, "test", {"a": 2}, produce)
     path = run_batch(jobs, tmp_path, "test", {"a": 1}, produce)
     assert produced == ["job0", "job1", "job2", "job3", "job4"]
     manifest = json.loads(path.read_text())
@@ -45,8 +50,44 @@ def test_interrupted_batch_resumes_without_redoing(tmp_path):
     assert manifest["params"] == {"a": 1} and manifest["outputs"][3]["note"] == "JOB3"
     assert not list(tmp_path.glob(".manifest.json.part-*"))
     (tmp_path / "out1.txt").unlink()  # a deleted output is redone on the next run
-    run_batch(jobs, tmp_path, "test", {}, produce)
+    run_batch(jobs, tmp_path, "test", {"a": 1}, produce)
     assert produced[-1] == "job1" and len(produced) == 6
+    run_batch(jobs, tmp_path, "test", {"a": 3}, produce, overwrite=True)  # --overwrite starts afresh
+    assert len(produced) == 11
+    assert json.loads(path.read_text())["params"] == {"a": 3}
+
+
+def test_multi_output_jobs_resume_with_only_the_missing_outputs(tmp_path):
+    jobs = [Job(key=f"c{i}", output=(f"c{i}_s0.txt", f"c{i}_s1.txt")) for i in range(2)]
+    written = []
+
+    def produce(task, fail_on=None):
+        for name in task.pending:
+            if name == fail_on:
+                raise KeyboardInterrupt
+            task.path(name).write_text(name)
+            task.written(name)
+            written.append(name)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(jobs, tmp_path, "test", {}, lambda task: produce(task, fail_on="c0_s1.txt"))
+    assert written == ["c0_s0.txt"]
+    run_batch(jobs, tmp_path, "test", {}, produce)
+    assert written == ["c0_s0.txt", "c0_s1.txt", "c1_s0.txt", "c1_s1.txt"]  # c0_s0 not written twice
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    listed = [name for entry in manifest["outputs"] for name in entry["output"]]
+    assert sorted(listed) == sorted(written) and all(entry["done"] for entry in manifest["outputs"])
+
+
+def test_unrecorded_files_in_the_way_are_refused(tmp_path):
+    jobs = [Job("a", "a.png"), Job("b", "b.png")]
+    (tmp_path / "b.png").write_text("precious")
+    with pytest.raises(InputError, match="not recorded"):
+        check_batch_outputs(jobs, tmp_path, "test", {}, overwrite=False)
+    check_batch_outputs(jobs, tmp_path, "test", {}, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        check_batch_outputs(jobs, tmp_path / "file", "test", {}, overwrite=False)
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):
@@ -58,7 +99,7 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
 def test_duplicate_outputs_are_refused(tmp_path):
     jobs = [Job("a", "same.png"), Job("b", "same.png")]
     with pytest.raises(InputError, match="unique"):
-        run_batch(jobs, tmp_path, "test", {}, lambda job: None)
+        run_batch(jobs, tmp_path, "test", {}, lambda task: None)
 
 
 SCRIPT = textwrap.dedent(
@@ -71,7 +112,8 @@ SCRIPT = textwrap.dedent(
     jobs = [Job(key=f"job{i}", output=f"out{i}.txt") for i in range(7)]
     share, _ = current_share()
 
-    def produce(job):
+    def produce(task):
+        job = task.job
         (folder / job.output).write_text(str(share.index))
         with open(folder / f"log-{share.index}.txt", "a") as log:
             log.write(job.key + "\\n")

@@ -29,11 +29,36 @@ MANIFEST_VERSION = 1
 
 @dataclass(frozen=True)
 class Job:
-    """One output of a batch: a unique key, its output file name and its inputs."""
+    """One unit of a batch: a unique key, its output file name(s) and its inputs.
+
+    A job may write several outputs (e.g. one content image stylized by every style); each is
+    recorded as soon as it is written, so a resumed batch writes only the missing ones.
+    """
 
     key: str
-    output: str
+    output: str | tuple[str, ...]
     inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output,) if isinstance(self.output, str) else tuple(self.output)
+
+
+@dataclass
+class Task:
+    """What ``produce`` gets: the job, the outputs still to write, and a way to record each one written."""
+
+    job: Job
+    folder: Path
+    pending: tuple[str, ...]
+    _written: Callable[[str], None]
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def written(self, name: str) -> None:
+        """Record ``name`` (one of the job's outputs) as written; call it right after each save."""
+        self._written(name)
 
 
 @dataclass(frozen=True)
@@ -76,40 +101,85 @@ def images_in(folder: Path) -> list[Path]:
 
 
 class Manifest:
-    """What a batch in ``folder`` has produced, merged from per-process part files."""
+    """What a batch in ``folder`` has produced, merged from per-process part files.
 
-    def __init__(self, folder: Path, command: str, params: dict[str, Any]) -> None:
+    ``overwrite`` starts afresh (the recorded outputs are ignored and will be replaced). A
+    manifest made with other parameters is refused: resuming it would mix two configurations.
+    """
+
+    def __init__(self, folder: Path, command: str, params: dict[str, Any], *, overwrite: bool = False) -> None:
         self.folder = folder
         self.command = command
-        self.params = params
+        self.params = json.loads(json.dumps(params, sort_keys=True, default=str))
         self.entries: dict[str, dict[str, Any]] = {}
+        if overwrite:
+            return
         # the merged manifest, then the parts an interrupted run left behind
         for path in [folder / MANIFEST_NAME, *sorted(folder.glob(f".{MANIFEST_NAME}.part-*"))]:
             self.entries.update(self._read(path))
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, dict[str, Any]]:
+    def _read(self, path: Path) -> dict[str, dict[str, Any]]:
         if not path.exists():
             return {}
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return {entry["key"]: entry for entry in data["outputs"]}
+            entries = {entry["key"]: entry for entry in data["outputs"]}
         except (ValueError, KeyError, TypeError):
             raise InputError(
-                f"{path} is not an editkit manifest; move it away or choose another --output-dir"
+                f"{path} is not an editkit manifest; move it away or choose another output folder"
             ) from None
+        if data.get("command", self.command) != self.command or data.get("params", self.params) != self.params:
+            raise InputError(
+                f"{path} records a batch made with other options; use another output folder, "
+                "or pass --overwrite to start it again"
+            )
+        return entries
+
+    def written(self, job: Job) -> set[str]:
+        """The outputs of ``job`` recorded as written and still on disk."""
+        entry = self.entries.get(job.key)
+        if entry is None:
+            return set()
+        names = job.outputs if entry.get("done", "written" not in entry) else entry.get("written", [])
+        return {name for name in names if name in job.outputs and (self.folder / name).exists()}
 
     def is_done(self, job: Job) -> bool:
-        """Whether ``job`` is recorded as done and its output is still on disk."""
-        return job.key in self.entries and (self.folder / job.output).exists()
+        """Whether ``job`` is recorded as done and all its outputs are still on disk."""
+        return job.key in self.entries and self.written(job) == set(job.outputs)
+
+    def unrecorded(self, jobs: Iterable[Job]) -> list[Path]:
+        """Outputs already on disk that this batch did not record (another run's files)."""
+        return [
+            self.folder / name
+            for job in jobs
+            for name in job.outputs
+            if (self.folder / name).exists() and name not in self.written(job)
+        ]
+
+    def record_output(self, job: Job, share: ProcessShare, name: str) -> None:
+        """Record one written output of an unfinished job."""
+        entry = self.entries.get(job.key)
+        if entry is None or entry.get("process") != share.index or entry.get("done"):
+            entry = self._entry(job, share, done=False)
+        entry["written"] = sorted({*entry.get("written", []), name})
+        self.entries[job.key] = entry
+        self._write_part(share)
 
     def record(self, job: Job, share: ProcessShare, **details: Any) -> None:
         """Record a finished job in this process's part file (atomically rewritten)."""
-        entry = {"key": job.key, "output": job.output, "inputs": job.inputs, "process": share.index, **details}
-        self.entries[job.key] = entry
+        self.entries[job.key] = {**self._entry(job, share, done=True), **details}
+        self._write_part(share)
+
+    def _entry(self, job: Job, share: ProcessShare, *, done: bool) -> dict[str, Any]:
+        outputs = list(job.outputs)
+        return {"key": job.key, "output": job.output if isinstance(job.output, str) else outputs,
+                "inputs": job.inputs, "process": share.index, "done": done,
+                "written": outputs if done else []}  # fmt: skip
+
+    def _write_part(self, share: ProcessShare) -> None:
         part = self.folder / f".{MANIFEST_NAME}.part-{share.index}"
         mine = [e for e in self.entries.values() if e.get("process") == share.index]
-        _write_json(part, {"outputs": mine})
+        _write_json(part, {"command": self.command, "params": self.params, "outputs": mine})
 
     def merge(self, jobs: Iterable[Job]) -> Path:
         """Main process: merge every part into ``manifest.json`` (in job order) and remove the parts."""
@@ -126,6 +196,22 @@ class Manifest:
         return path
 
 
+def check_batch_outputs(jobs: Sequence[Job], folder: Path, command: str, params: dict[str, Any], overwrite: bool):
+    """Before any heavy work: unique outputs, a resumable manifest, no unrecorded file in the way."""
+    names = [name for job in jobs for name in job.outputs]
+    if len({job.key for job in jobs}) != len(jobs) or len(set(names)) != len(names):
+        raise InputError("batch jobs must have unique keys and output names")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file; give a folder for the batch's outputs")
+    manifest = Manifest(folder, command, params, overwrite=overwrite)
+    clash = [] if overwrite else manifest.unrecorded(jobs)
+    if clash:
+        raise InputError(f"{clash[0]} exists and is not recorded in this batch's manifest; pass --overwrite")
+    done = sum(manifest.is_done(job) for job in jobs)
+    if done:
+        logger.warning("resuming: %d of %d jobs are already done in %s", done, len(jobs), folder)
+
+
 def _write_json(path: Path, data: dict) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True, default=str)
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
@@ -136,22 +222,36 @@ def run_batch(
     folder: Path,
     command: str,
     params: dict[str, Any],
-    produce: Callable[[Job], dict[str, Any] | None],
+    produce: Callable[[Task], dict[str, Any] | None],
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Produce this process's share of ``jobs`` into ``folder`` and write the merged manifest.
 
-    ``produce(job)`` writes ``folder / job.output`` and returns details for the manifest.
-    Returns the manifest path.
+    ``produce(task)`` writes ``task.path(name)`` for each name in ``task.pending`` (calling
+    ``task.written(name)`` after each) and returns details for the manifest. Done jobs are skipped
+    unless ``overwrite``. Returns the manifest path.
     """
-    if len({job.key for job in jobs}) != len(jobs) or len({job.output for job in jobs}) != len(jobs):
-        raise InputError("batch jobs must have unique keys and output names")
-    folder.mkdir(parents=True, exist_ok=True)
     share, barrier = current_share()
-    manifest = Manifest(folder, command, params)
+    check_batch_outputs(jobs, folder, command, params, overwrite)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {folder}: {error.strerror}") from None
+    barrier()  # every process has checked the folder before any writes to it
+    if overwrite:  # start afresh: this process's old part (and, for the main one, those of absent processes)
+        for part in folder.glob(f".{MANIFEST_NAME}.part-*"):
+            index = part.name.rsplit("-", 1)[-1]
+            if index == str(share.index) or (share.is_main and not (index.isdigit() and int(index) < share.count)):
+                part.unlink(missing_ok=True)
+    manifest = Manifest(folder, command, params, overwrite=overwrite)
     todo = [job for job in share.take(jobs) if not manifest.is_done(job)]
     logger.info("process %d/%d: %d of its jobs to do", share.index + 1, share.count, len(todo))
     for job in todo:
-        manifest.record(job, share, **(produce(job) or {}))
+        written = manifest.written(job)
+        pending = tuple(name for name in job.outputs if name not in written)
+        task = Task(job, folder, pending, lambda name, job=job: manifest.record_output(job, share, name))
+        manifest.record(job, share, **(produce(task) or {}))
     barrier()
     path = folder / MANIFEST_NAME
     if share.is_main:
