@@ -68,7 +68,8 @@ def test_folders_give_all_pairs_and_each_style_is_inverted_once(sd15_dir, tmp_pa
     out, caches = tmp_path / "out", tmp_path / "caches"
     code, _, err = _run(capsys, contents, styles, "-o", out, "--model", sd15_dir, *FAST, "--save-style-cache", caches)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["c0__s0.png", "c0__s1.png", "c1__s0.png", "c1__s1.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["c0__s0.png", "c0__s1.png", "c1__s0.png", "c1__s1.png"]
+    assert (out / "manifest.json").is_file()  # batch mode: resumable
     assert sorted(inversions) == ["content", "content", "style", "style"]
     assert sorted(p.name for p in caches.iterdir()) == ["s0.safetensors", "s1.safetensors"]
 

@@ -95,9 +95,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
     )
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """-o/--output, --overwrite."""
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output image (.png keeps the parameters)")
+def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """-o/--output (``required=False`` for commands that also have a batch mode), --overwrite."""
+    parser.add_argument("-o", "--output", type=Path, required=required, help="output image (.png keeps the parameters)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -127,5 +127,5 @@ def png_metadata(command: str, params: dict[str, Any]) -> dict[str, str]:
 
 def command_params(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The parsed options worth recording in metadata (not callables, not the output path)."""
-    ignored = {"run", "command", "output", "overwrite", *skip}
+    ignored = {"run", "command", "output", "overwrite", "debug", *skip}
     return {key: value for key, value in vars(args).items() if key not in ignored and not callable(value)}

@@ -22,7 +22,9 @@ from editkit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE = 'example: editkit compose "a red car on the left of a blue bird" -o car.png --seed 0'
+EXAMPLE = """examples:
+  editkit compose "a red car on the left of a blue bird" -o car.png --seed 0
+  editkit compose --prompts prompts.txt --output-dir out/   (one prompt per line; resumable)"""
 VERIFIER_CHOICES = ("attention", "vqa", "detector")
 
 
@@ -38,7 +40,13 @@ def register(subparsers) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prompt", help="the text prompt")
+    parser.add_argument("prompt", nargs="?", default=None, help="the text prompt")
+    parser.add_argument(
+        "--prompts", type=Path, default=None, help="batch mode: a text file with one prompt per line (# comments)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="batch mode: folder for the images and manifest.json"
+    )
     parser.add_argument("--constraints", type=Path, default=None, help="JSON constraints overriding the parser")
     parser.add_argument("--no-refine", action="store_true", help="stage 1 only: no verification or noise refinement")
     parser.add_argument(
@@ -59,13 +67,47 @@ def register(subparsers) -> None:
     parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the model's)")
     add_model_options(parser)
-    add_output_options(parser)
+    add_output_options(parser, required=False)
     parser.set_defaults(run=run)
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Either PROMPT -o FILE, or --prompts FILE --output-dir DIR."""
+    if args.prompts is None and args.output_dir is None:
+        if args.prompt is None or args.output is None:
+            raise InputError("give a PROMPT and -o FILE (or --prompts FILE --output-dir DIR for a batch)")
+    elif args.prompts is None or args.output_dir is None or args.prompt is not None or args.output is not None:
+        raise InputError("batch mode takes --prompts FILE and --output-dir DIR, without PROMPT or -o")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a batch file: one per line, blank lines and # comments skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the prompt file {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def _jobs(prompts: list[str]) -> list:
+    from editkit.commands.batch import Job
+
+    def slug(text: str) -> str:
+        return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:40] or "prompt"
+
+    return [
+        Job(key=f"{i:04d} {p}", output=f"{i:04d}-{slug(p)}.png", inputs={"prompt": p}) for i, p in enumerate(prompts)
+    ]
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """User mistakes caught before anything is loaded."""
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         raise InputError("the prompt is empty; describe the image, e.g. 'a red car and a blue bird'")
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -98,15 +140,22 @@ def format_report(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.constraints import load_constraints
     from editkit.image import save_image
     from editkit.models import load_pipeline
     from editkit.verifiers import make_verifier
     from pipelines.compose import ComposePipeline
 
-    check_output_path(args.output, args.overwrite)
+    _check_mode(args)
     _check_arguments(args)
-    constraints = load_constraints(args.constraints, args.prompt) if args.constraints else None
+    if args.prompts is None:
+        check_output_path(args.output, args.overwrite)
+        jobs, params = [], {}
+    else:
+        jobs, params = _jobs(read_prompts(args.prompts)), command_params(args, skip=("prompts", "output_dir"))
+        check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
+    constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
     pipe = load_pipeline(ComposePipeline, args.model, device=args.device, dtype=args.dtype)
     verifier = "attention"
     if not args.no_refine and args.verifier != "attention":
@@ -116,25 +165,39 @@ def run(args: argparse.Namespace) -> int:
         from editkit.softrepa import load_soft_tokens
 
         extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
-    result = pipe(
-        args.prompt,
-        constraints=constraints,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        max_iter_to_alter=args.max_iter_to_alter,
-        refine=not args.no_refine,
-        verifier=verifier,
-        noise_refiner=args.noise_refiner,
-        attention_controllers=extra,
-    )
-    print(format_report(result))
-    params = command_params(args)
-    params["constraints_used"] = result.constraints.to_dict()
-    params["chosen"] = result.chosen
-    save_image(result.images[0], args.output, metadata=png_metadata("compose", params), overwrite=args.overwrite)
-    print(f"wrote {args.output}")
+
+    def generate(prompt: str, output: Path, prompt_constraints=None) -> str:
+        result = pipe(
+            prompt,
+            constraints=prompt_constraints,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            max_iter_to_alter=args.max_iter_to_alter,
+            refine=not args.no_refine,
+            verifier=verifier,
+            noise_refiner=args.noise_refiner,
+            attention_controllers=extra,
+        )
+        print(format_report(result))
+        meta = {**command_params(args, skip=("prompts", "output_dir")), "prompt": prompt}
+        meta.update(constraints_used=result.constraints.to_dict(), chosen=result.chosen)
+        save_image(result.images[0], output, metadata=png_metadata("compose", meta), overwrite=args.overwrite)
+        print(f"wrote {output}")
+        return result.chosen
+
+    if args.prompts is None:
+        generate(args.prompt, args.output, constraints)
+        return 0
+
+    def produce(task) -> dict:
+        prompt_constraints = load_constraints(args.constraints, task.job.inputs["prompt"]) if args.constraints else None
+        chosen = generate(task.job.inputs["prompt"], task.path(task.job.output), prompt_constraints)
+        task.written(task.job.output)
+        return {"chosen": chosen}
+
+    print(run_batch(jobs, args.output_dir, "compose", params, produce, overwrite=args.overwrite))
     return 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from editkit.commands.batch import Job, check_batch_outputs
 from editkit.commands.common import (
     add_model_options,
     add_output_options,
@@ -119,9 +121,30 @@ def _plan(args: argparse.Namespace) -> _Plan:
         cache_outputs = [
             args.save_style_cache / f"{p.stem}.safetensors" if many else args.save_style_cache for p in styles
         ]
-    for path in [*outputs.values(), *cache_outputs]:
+    for path in [*(outputs.values() if single else []), *cache_outputs]:
         check_output_path(path, args.overwrite)
-    return _Plan(contents, styles, caches, outputs, cache_outputs)
+    plan = _Plan(contents, styles, caches, outputs, cache_outputs)
+    if not single:
+        check_batch_outputs(_jobs(plan, args), args.output, "stylize", _batch_params(args), args.overwrite)
+    return plan
+
+
+def _jobs(plan: _Plan, args: argparse.Namespace) -> list[Job]:
+    """Batch mode: one job per content image, one output per style (each style inverted once)."""
+    labels = [str(p) for p in plan.styles] + [f"cache:{p}" for p in plan.caches]
+    return [
+        Job(
+            key=str(content),
+            output=tuple(plan.outputs[(ci, si)].name for si in range(len(labels))),
+            inputs={"content": str(content), "styles": json.dumps(labels)},
+        )
+        for ci, content in enumerate(plan.contents)
+    ]
+
+
+def _batch_params(args: argparse.Namespace) -> dict:
+    """The options a resumed batch must share with the interrupted one (the manifest checks them)."""
+    return command_params(args, skip=("debug", "save_style_cache", "content", "style", "style_cache"))
 
 
 def _load_inputs(plan: _Plan, args: argparse.Namespace):
@@ -183,16 +206,18 @@ def run(args: argparse.Namespace) -> int:
         from editkit.softrepa import load_soft_tokens
 
         extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     style_inputs = [resize_to(image, _size(image, target)) if args.mask is None else image for image in styles]
-    caches_all = caches
-    for ci, content in enumerate(contents):
+    state = {"caches": None}  # every style's cache once it is inverted, reused for the other contents
+
+    def stylize(ci: int, pending: set[Path], on_saved=None) -> None:
+        content = contents[ci]
         width, height = _size(content, target)
         mask = _mask(args, (width, height)) if args.mask is not None else None
+        reuse = state["caches"] is not None and args.mask is None
         out = pipe(
             content,
-            style_inputs if ci == 0 or args.mask is not None else None,
-            style_cache=caches if args.mask is not None else caches_all,
+            None if reuse else style_inputs,
+            style_cache=state["caches"] if reuse else caches,
             prompt=args.prompt,
             num_inference_steps=args.steps,
             gamma=args.gamma,
@@ -204,24 +229,50 @@ def run(args: argparse.Namespace) -> int:
             width=width,
             height=height,
             offload_features=len(contents) > 1,
-            generator=generator,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed),
             attention_controllers=extra,
         )
-        if ci == 0:
-            caches_all = out.style_caches  # every style inverted once, reused for the other contents
-            for cache, path in zip(out.style_caches, plan.cache_outputs):
-                cache.save(path, overwrite=args.overwrite)
-        _save_outputs(out.images, ci, plan, args)
+        if state["caches"] is None:
+            state["caches"] = out.style_caches
+            _save_caches(out.style_caches, plan, args)
+        _save_outputs(out.images, ci, plan, args, pending, on_saved)
+
+    if len(plan.outputs) == 1:
+        stylize(0, set(plan.outputs.values()))
+        return 0
+    from editkit.commands.batch import run_batch
+
+    index = {str(content): ci for ci, content in enumerate(plan.contents)}
+
+    def produce(task) -> None:
+        pending = {task.path(name) for name in task.pending}
+        stylize(index[task.job.key], pending, lambda path: task.written(path.name))
+
+    manifest = run_batch(
+        _jobs(plan, args), args.output, "stylize", _batch_params(args), produce, overwrite=args.overwrite
+    )
+    print(manifest)
     return 0
 
 
-def _save_outputs(images, content_index: int, plan: _Plan, args: argparse.Namespace) -> None:
+def _save_caches(caches, plan: _Plan, args: argparse.Namespace) -> None:
+    """Save computed style caches; a cache already there from an interrupted batch is kept."""
+    for cache, path in zip(caches, plan.cache_outputs):
+        if args.overwrite or not path.exists():
+            cache.save(path, overwrite=args.overwrite)
+
+
+def _save_outputs(images, content_index: int, plan: _Plan, args: argparse.Namespace, pending, on_saved) -> None:
     from editkit.image import save_image
 
     labels = [str(p) for p in plan.styles] + [f"cache:{p}" for p in plan.caches]
     for si, image in enumerate(images):
+        path = plan.outputs[(content_index, si)]
+        if path not in pending:
+            continue  # written by an interrupted run of this batch
         params = command_params(args, skip=("style", "style_cache", "content"))
         params.update(content=str(plan.contents[content_index]), style=labels[si])
-        path = plan.outputs[(content_index, si)]
         save_image(image, path, metadata=png_metadata("stylize", params), overwrite=args.overwrite)
+        if on_saved is not None:
+            on_saved(path)
         print(path)
