@@ -57,7 +57,7 @@ def test_training_scenes_avoid_held_out_captions():
 
 
 def test_detector_is_exact_on_clean_renders():
-    images, _, scenes = world.sample_batch(seed=123, n=3000, training=False, pattern_prob=0.6, background_prob=0.6)
+    images, _, scenes = world.sample_batch(seed=123, n=2000, training=False, pattern_prob=0.6, background_prob=0.6)
     detections = detect.detect_batch(images)
     backgrounds = detect.detect_background(images, detect.build_palette())
     assert backgrounds == [s.background for s in scenes]

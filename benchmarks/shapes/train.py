@@ -54,6 +54,9 @@ class TrainConfig:
     vae_batch_size: int = 24
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # phase 3: decoder-only fine-tuning (encoder frozen, so the UNet's latent space is unchanged)
+    decoder_steps: int = 1_000
+    decoder_lr: float = 5e-4
     # text encoder
     text_hidden: int = 64
     text_layers: int = 2
@@ -91,6 +94,7 @@ CONFIGS: dict[str, TrainConfig] = {
         unet_steps=2,
         batch_size=4,
         warmup_steps=1,
+        decoder_steps=2,
         log_every=1,
     ),
     "large": TrainConfig(
@@ -391,6 +395,62 @@ def train_diffusion(
     return ema_unet.eval(), ema_text.eval()
 
 
+def finetune_decoder(config: TrainConfig, vae, images: torch.Tensor, accelerator, generator: torch.Generator):
+    """Phase 3: train only the VAE decoder (and ``post_quant_conv``) to reconstruct from sampled
+    latents of the frozen encoder: sharper corners without moving the latent space."""
+    vae.requires_grad_(False)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for param in decoder_params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder_params, lr=config.decoder_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(50, config.decoder_steps), config.decoder_steps)
+    )
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    vae.decoder.train()
+    start = time.time()
+    for step in range(config.decoder_steps):
+        idx = torch.randint(0, images.shape[0], (config.vae_batch_size,), generator=generator)
+        batch = images[idx].to(accelerator.device)
+        with torch.no_grad():
+            posterior = vae.encode(batch).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(accelerator.device)
+            z = posterior.mean + posterior.std * noise
+        loss = F.mse_loss(vae.decode(z).sample, batch)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        if step % config.log_every == 0 or step == config.decoder_steps - 1:
+            logger.info("decoder step %d loss %.5f (%.0f s)", step, loss.item(), time.time() - start)
+    return vae.eval().requires_grad_(False)
+
+
+def finetune_decoder_of(source: str | Path, config: TrainConfig, output: str | Path, device: str | None = None):
+    """Run phase 3 alone on a saved pipeline (e.g. one trained before phase 3 existed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import StableDiffusionPipeline
+
+    accelerator = Accelerator(cpu=device == "cpu")
+    set_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    pipe = StableDiffusionPipeline.from_pretrained(source)
+    images_np, _, _ = sample_batch(
+        config.seed,
+        config.num_images,
+        training=True,
+        size=config.image_size,
+        pattern_prob=config.pattern_prob,
+        background_prob=config.background_prob,
+    )
+    start = time.time()
+    pipe.vae = finetune_decoder(config, pipe.vae.to(accelerator.device), to_tensor(images_np), accelerator, generator)
+    pipe.vae.cpu()
+    pipe.save_pretrained(output, safe_serialization=True)
+    return {"decoder_seconds": round(time.time() - start, 1)}
+
+
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
     """The ``StableDiffusionPipeline`` (DDIM, no safety checker)."""
     from diffusers import StableDiffusionPipeline
@@ -437,11 +497,15 @@ def train(config: TrainConfig, output: str | Path, device: str | None = None) ->
     unet, text_encoder = train_diffusion(
         config, (means * scaling, stds * scaling), captions, tokenizer, accelerator, generator
     )
+    decoder_start = time.time()
+    vae = finetune_decoder(config, vae, images, accelerator, generator)
+    decoder_time = time.time() - decoder_start
     pipe = assemble_pipeline(vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
     pipe.save_pretrained(output, safe_serialization=True)
     summary = {
         "config": dataclasses.asdict(config),
         "vae_seconds": round(vae_time, 1),
+        "decoder_seconds": round(decoder_time, 1),
         "total_seconds": round(time.time() - start, 1),
         "scaling_factor": scaling,
         "device": str(accelerator.device),
@@ -464,6 +528,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--decoder-steps", type=int, default=None)
+    parser.add_argument(
+        "--finetune-decoder-of",
+        default=None,
+        help="skip phases 1-2: load this pipeline folder, run phase 3 (decoder fine-tuning), save to --output",
+    )
     return parser.parse_args(argv)
 
 
@@ -471,7 +541,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The named configuration with command-line overrides applied."""
     overrides = {
         name: getattr(args, name)
-        for name in ("seed", "vae_steps", "unet_steps", "batch_size", "num_images", "lr", "log_every")
+        for name in (
+            "seed",
+            "vae_steps",
+            "unet_steps",
+            "batch_size",
+            "num_images",
+            "lr",
+            "log_every",
+            "decoder_steps",
+        )
         if getattr(args, name) is not None
     }
     return dataclasses.replace(CONFIGS[args.config], **overrides)
@@ -483,7 +562,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = train(config_from_args(args), args.output, device=args.device)
+    if args.finetune_decoder_of:
+        summary = finetune_decoder_of(args.finetune_decoder_of, config_from_args(args), args.output, args.device)
+    else:
+        summary = train(config_from_args(args), args.output, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
