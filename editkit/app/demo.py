@@ -22,6 +22,8 @@ __all__ = ["CONCURRENCY_ID", "EXAMPLES_DIR", "MAX_FILE_SIZE", "build_demo", "lau
 
 #: Largest accepted upload (gradio rejects bigger files before they reach a handler).
 MAX_FILE_SIZE = "20mb"
+#: (every, older than) seconds: how often gradio's cache of uploads and results is cleaned.
+CACHE_LIFETIME = (3600, 3600)
 #: The concurrency group of every model endpoint: one run on the shared UNet at a time.
 CONCURRENCY_ID = "editkit-model"
 #: Example inputs shipped with a source checkout (absent from an installed wheel: no examples then).
@@ -177,7 +179,8 @@ def build_demo(
             model = os.environ.get("EDITKIT_MODEL", DEFAULT_SD_MODEL)
         manager = ModelManager(model, device=device, dtype=dtype)
     handlers = Handlers(manager, output_dir)
-    with gr.Blocks(title="editkit", analytics_enabled=False) as demo:
+    # delete_cache: gradio removes its cached uploads/results older than an hour, every hour
+    with gr.Blocks(title="editkit", analytics_enabled=False, delete_cache=CACHE_LIFETIME) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}\n\nModel: `{manager.name}` (loaded on the first run).")
         with gr.Tabs():
             _stylize_tab(handlers)

@@ -12,14 +12,18 @@ editkit's own message rather than a decoder error.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,13 @@ __all__ = ["MAX_PIXELS", "UNEXPECTED_ERROR", "Handlers"]
 MAX_PIXELS = 4096 * 4096
 #: Guided (attention-loss) denoising steps of the compose tab: the paper's 25 of 50, at most half the steps.
 COMPOSE_GUIDED_STEPS = 25
+#: Downloads kept in the output folder; older ones are deleted (gradio serves its own cached copies).
+KEPT_OUTPUTS = 64
 UNEXPECTED_ERROR = "Something went wrong on the server (the details are in its log). Please try again."
 
 Outputs = tuple[Image.Image, str, str]
+#: Notes about the current request's uploads (e.g. an animated image), shown with its messages.
+_UPLOAD_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("upload_notes", default=None)
 
 
 # -- input parsing ------------------------------------------------------------------------------
@@ -68,9 +76,19 @@ def read_image(value: Any, label: str, *, required: bool = True) -> Image.Image 
             raise InputError(f"upload a {label} image")
         return None
     try:
-        return load_image(path, max_pixels=MAX_PIXELS)
+        image = load_image(path, max_pixels=MAX_PIXELS)
     except InputError as error:
         raise InputError(str(error).replace(path, f"the {label} image")) from None
+    _note_frames(path, label)
+    return image
+
+
+def _note_frames(path: str, label: str) -> None:
+    """Tell the user that only the first frame of an animated upload is used (the run's messages)."""
+    with contextlib.suppress(OSError, ValueError), Image.open(path) as opened:
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1 and (notes := _UPLOAD_NOTES.get()) is not None:
+            notes.append(f"the {label} image has {frames} frames; using the first")
 
 
 def read_mask(value: Any, size: tuple[int, int]):
@@ -158,6 +176,7 @@ def guarded(endpoint: Callable) -> Callable:
 
     @functools.wraps(endpoint)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _UPLOAD_NOTES.set([])  # per request (thread/context), read by _run
         try:
             return endpoint(*args, **kwargs)
         except gr.Error:
@@ -171,6 +190,8 @@ def guarded(endpoint: Callable) -> Callable:
         except Exception:
             logger.exception("the %s endpoint failed", endpoint.__name__)
             raise gr.Error(UNEXPECTED_ERROR, print_exception=False) from None
+        finally:
+            _UPLOAD_NOTES.reset(token)
 
     return wrapper
 
@@ -182,6 +203,8 @@ class Handlers:
     def __init__(self, manager: ModelManager, output_dir: str | os.PathLike | None = None) -> None:
         self.manager = manager
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="editkit-app-"))
+        if output_dir is None:  # our own temporary folder: removed with the handlers
+            weakref.finalize(self, shutil.rmtree, self.output_dir, ignore_errors=True)
 
     @guarded
     def stylize(
@@ -363,7 +386,8 @@ class Handlers:
         with self.manager.session(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image, notes = work(pipe)
-        messages = [*notes, *dict.fromkeys(str(w.message) for w in caught if _user_facing(w))]
+        uploads = _UPLOAD_NOTES.get() or []
+        messages = [*uploads, *notes, *dict.fromkeys(str(w.message) for w in caught if _user_facing(w))]
         path = self._save(image, command, params)
         return image, str(path), "\n".join(messages) if messages else "Done."
 
@@ -371,7 +395,15 @@ class Handlers:
         """The downloadable PNG, with the model and parameters in its ``editkit`` text chunk."""
         name = f"editkit-{command}-seed{params.get('seed', 0)}-{uuid.uuid4().hex[:8]}.png"
         metadata = png_metadata(command, {"model": self.manager.name, **params})
-        return save_image(image, self.output_dir / name, metadata=metadata)
+        path = save_image(image, self.output_dir / name, metadata=metadata)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        """Keep the newest KEPT_OUTPUTS downloads (gradio serves copies from its own cache)."""
+        files = sorted(self.output_dir.glob("editkit-*.png"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in files[KEPT_OUTPUTS:]:
+            old.unlink(missing_ok=True)
 
 
 def _release_cached_memory() -> None:

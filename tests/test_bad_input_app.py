@@ -1,0 +1,139 @@
+"""The bad-input matrix through the app's handlers (called directly, no server): messages, never tracebacks.
+
+Each endpoint turns a user mistake into a ``gr.Error`` with one specific line that names the
+input by its label (never the server's temporary path); awkward images work; out-of-memory
+becomes advice; downloads are pruned and the handlers' own temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import bad_inputs as bad
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+
+from editkit.app.handlers import KEPT_OUTPUTS, Handlers  # noqa: E402
+from editkit.app.models import ModelManager  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def handlers(sd15_dir, tmp_path_factory):
+    return Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path_factory.mktemp("app-out"))
+
+
+def _stylize(handlers, content, style, **overrides):
+    args = {"gamma": 0.75, "tau": 1.5, "use_adain": True, "adain_strength": 0.6, "steps": 1, "mask": None, "seed": 0}
+    args.update(overrides)
+    return handlers.stylize(content, style, *args.values())
+
+
+def _edit(handlers, image, **overrides):
+    args = {"source": "a cat", "target": "a dog", "contrast": "dual", "steps": 1, "guidance": 7.5, "mask": None}
+    args.update(overrides)
+    return handlers.edit(image, *args.values(), 0)
+
+
+def _message(call) -> str:
+    with pytest.raises(gr.Error) as caught:
+        call()
+    message = str(caught.value.message)
+    assert "Traceback" not in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("case", list(bad.BAD_IMAGES))
+def test_bad_uploads_are_messages_naming_the_input(handlers, tmp_path, case):
+    build, fragment = bad.BAD_IMAGES[case]
+    path = build(tmp_path)
+    good = {"path": str(bad.good_image(tmp_path))}
+    for call, label in [
+        (lambda: _stylize(handlers, {"path": str(path)}, good), "content image"),
+        (lambda: _stylize(handlers, good, {"path": str(path)}), "style image"),
+        (lambda: _edit(handlers, {"path": str(path)}), "input image"),
+    ]:
+        message = _message(call)
+        assert fragment in message and label in message and str(tmp_path) not in message
+
+
+@pytest.mark.parametrize("case", list(bad.AWKWARD_IMAGES))
+def test_awkward_uploads_work(handlers, tmp_path, case):
+    path = {"path": str(bad.AWKWARD_IMAGES[case](tmp_path))}
+    image, download, messages = _stylize(handlers, path, path)
+    assert image.mode == "RGB" and download.endswith(".png")
+    assert ("using the first" in messages) == (case == "animated GIF")
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda h, good: _stylize(h, good, good, gamma="nan"), "gamma"),
+        (lambda h, good: _stylize(h, good, good, tau=float("inf")), "tau"),
+        (lambda h, good: _stylize(h, good, good, steps=0), "steps"),
+        (lambda h, good: _stylize(h, good, good, steps=2.5), "whole number"),
+        (lambda h, good: _stylize(h, None, good), "upload a content image"),
+        (lambda h, good: _edit(h, good, target="   "), "enter a target prompt"),
+        (lambda h, good: _edit(h, good, guidance="abc"), "must be a number"),
+        (lambda h, good: h.compose("", "", False, 2, 7.5, 0), "enter a prompt"),
+        (lambda h, good: h.compose("a car", "[1, 2]", False, 2, 7.5, 0), "JSON object"),
+        (lambda h, good: h.compose("a car", "", False, 2, float("nan"), 0), "guidance scale"),
+        (lambda h, good: h.generate_with_tokens("a car", None, 1.0, 2, 7.5, 0), "soft-token file"),
+    ],
+    ids=[
+        "gamma-nan", "tau-inf", "steps-0", "steps-fraction", "no-content", "empty-target", "guidance-text",
+        "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file",
+    ],
+)  # fmt: skip
+def test_bad_options_are_messages(handlers, tmp_path, call, fragment):
+    good = {"path": str(bad.good_image(tmp_path))}
+    assert fragment in _message(lambda: call(handlers, good))
+
+
+@pytest.mark.parametrize(
+    ("build", "fragment"),
+    [
+        (lambda folder: bad.corrupt_file(folder, "t.safetensors"), "not a readable safetensors"),
+        (lambda folder: bad.pickle_file(folder, "t.safetensors"), "is a pickle"),
+        (lambda folder: bad.foreign_safetensors(folder, "t.safetensors"), "not an editkit SoftREPA token file"),
+    ],
+    ids=["corrupt", "pickle", "foreign"],
+)
+def test_bad_token_files_are_messages(handlers, tmp_path, build, fragment):
+    path = build(tmp_path)
+    message = _message(lambda: handlers.generate_with_tokens("a car", {"path": str(path)}, 1.0, 1, 7.5, 0))
+    assert fragment in message and str(tmp_path) not in message and "the token file" in message
+
+
+def test_masks_empty_other_size_and_unreadable(handlers, tmp_path):
+    good = {"path": str(bad.good_image(tmp_path, size=(80, 64)))}
+    _, _, messages = _stylize(handlers, good, good, mask={"path": str(bad.mask(tmp_path, "other size"))})
+    assert "resized" in messages
+    message = _message(lambda: _stylize(handlers, good, good, mask={"path": str(bad.text_named_png(tmp_path))}))
+    assert "mask image" in message and "not an image" in message
+
+
+def test_out_of_memory_is_advice_not_a_traceback(handlers, tmp_path, monkeypatch):
+    def oom(method):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(handlers.manager, "pipeline", oom)
+    message = _message(lambda: handlers.compose("a car", "", False, 2, 7.5, 0))
+    assert "out of memory" in message and "offload" in message
+
+
+def test_downloads_are_pruned_and_the_temporary_folder_removed(sd15_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import editkit.app.handlers as module
+
+    monkeypatch.setattr(module, "KEPT_OUTPUTS", 3)
+    own = Handlers(ModelManager(sd15_dir, device="cpu"))  # no output_dir: a temporary folder of its own
+    folder = own.output_dir
+    for seed in range(5):
+        own._save(Image.new("RGB", (8, 8)), "compose", {"seed": seed})
+    assert len(list(folder.glob("editkit-*.png"))) == 3 and KEPT_OUTPUTS >= 32
+    del own
+    gc.collect()
+    assert not folder.exists()
