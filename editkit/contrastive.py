@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from editkit.attention import AttentionController, Site, site_matches
+from editkit.errors import InputError
 from editkit.inversion import model_eps
 
 __all__ = [
@@ -214,6 +215,8 @@ def contrastive_loss(
         source_map = tokens_to_grid(source_features[site], grid)
         target_map = tokens_to_grid(target_features[site], grid)
         for patch_size in patch_sizes:
+            if min(grid) < patch_size:  # the grid holds no whole patch of this size
+                continue
             source_cells = pool_patches(source_map, patch_size).flatten(2)  # (batch, channels, cells)
             target_cells = pool_patches(target_map, patch_size).flatten(2)
             if source_cells.shape[-1] < 2:
@@ -226,7 +229,10 @@ def contrastive_loss(
             loss = torch.stack(per_item).mean()
             total = loss if total is None else total + loss
     if total is None:
-        raise ValueError("no contrastive features: every site's grid is smaller than two patches")
+        raise InputError(
+            "the image is too small for the contrastive loss (every feature grid is smaller than two patches); "
+            "use a larger image or no contrast"
+        )
     return total
 
 

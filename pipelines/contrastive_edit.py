@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,11 @@ class ContrastiveEditPipeline(DiffusionPipeline):
             warnings.warn("source and target prompts are identical: the edit will change little", stacklevel=3)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputError(f"the number of iterations must be at least 1, got {num_inference_steps}")
+        numbers = {"guidance_scale": guidance_scale, "learning_rate": learning_rate, "tau": tau}
+        numbers["contrast_weight"] = contrast_weight
+        for name, value in numbers.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
         if guidance_scale < 1 or learning_rate <= 0 or tau <= 0 or contrast_weight < 0:
             raise InputError("guidance_scale must be >= 1, learning_rate and tau > 0, contrast_weight >= 0")
         timesteps = self.scheduler.config.num_train_timesteps

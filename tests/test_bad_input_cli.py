@@ -356,3 +356,9 @@ def test_nan_latents_are_a_clear_error(capsys, ctx, command, monkeypatch):
     real = inversion.check_finite
     monkeypatch.setattr(inversion, "check_finite", lambda t, where, **kw: real(t * float("nan"), where, **kw))
     assert_user_error(run_cli(capsys, ctx.argv(command)), "produced NaN values", ctx.out)
+
+
+def test_edit_of_a_small_image_works(capsys, ctx):
+    """Feature grids smaller than a contrastive patch are skipped (they used to crash avg_pool2d)."""
+    small = bad.good_image(ctx.folder, "small.png", (24, 16))
+    assert_success(run_cli(capsys, ctx.argv("edit", image=small, extra=["--max-side", "24"])), ctx.out)

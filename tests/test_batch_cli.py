@@ -14,6 +14,7 @@ from pathlib import Path
 
 import bad_inputs as bad
 import pytest
+from PIL import Image
 
 import editkit.image
 from editkit.cli import main
@@ -139,6 +140,54 @@ def test_stylize_batch_refuses_files_it_did_not_write(capsys, sd15_dir, tmp_path
     code, err = _cli(capsys, ["stylize", contents, style, "-o", out, "--model", sd15_dir, *STYLIZE_FAST])
     assert code == 2 and "not recorded" in err and "--overwrite" in err
     assert (out / "c1__s.png").read_bytes() == b"precious" and not (out / "c0__s.png").exists()
+
+
+EDIT_FAST = ["--iterations", "1", "--device", "cpu"]
+
+
+def test_edit_batch_resumes_after_ctrl_c(capsys, sd15_dir, tmp_path, saves):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i in range(3):
+        bad.good_image(images, f"p{i}.png", (80, 64), seed=i)
+    argv = ["edit", images, "--source-prompt", "a cat", "--target-prompt", "a dog", "--output-dir", out]
+    argv += ["--model", sd15_dir, *EDIT_FAST]
+    saves.interrupt_at = 2
+    code, err = _cli(capsys, argv)
+    assert code == 130 and sorted(p.name for p in out.glob("*.png")) == ["p0.png"]
+    _assert_clean(out)
+    saves.interrupt_at = None
+    code, err = _cli(capsys, argv)
+    assert code == 0, err
+    assert saves == ["p0.png", "p1.png", "p1.png", "p2.png"]
+    assert sorted(_manifest_outputs(out)) == ["p0.png", "p1.png", "p2.png"]
+    with Image.open(out / "p2.png") as edited:
+        meta = json.loads(edited.text["editkit"])
+    assert meta["image"] == str(images / "p2.png") and meta["target_prompt"] == "a dog"
+
+
+def test_edit_batch_from_a_prompt_file(capsys, sd15_dir, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    bad.good_image(images, "cat.png", (80, 64))
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(
+        '{"image": "cat.png", "source_prompt": "a cat", "target_prompt": "a dog"}\n\n'
+        '{"image": "cat.png", "source_prompt": "a cat", "target_prompt": "a tiger"}\n'
+    )
+    base = ["edit", images, "--output-dir", out, "--model", sd15_dir, *EDIT_FAST]
+    code, err = _cli(capsys, [*base, "--prompts", edits])
+    assert code == 0, err
+    assert sorted(_manifest_outputs(out)) == ["0000-cat.png", "0001-cat.png"]
+    with Image.open(out / "0001-cat.png") as edited:
+        assert json.loads(edited.text["editkit"])["target_prompt"] == "a tiger"
+    edits.write_text('{"image": "cat.png", "source": "a cat"}\n')
+    code, err = _cli(capsys, [*base, "--prompts", edits, "--overwrite"])
+    assert code == 2 and "line 1: expected" in err
+    code, err = _cli(capsys, [*base, "--prompts", edits, "--source-prompt", "a cat"])
+    assert code == 2 and "leave out --source-prompt" in err
+    code, err = _cli(capsys, ["edit", images / "cat.png", "--source-prompt", "a", "--target-prompt", "b"])
+    assert code == 2 and "give -o FILE" in err
 
 
 @pytest.mark.slow

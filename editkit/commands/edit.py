@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -24,10 +25,11 @@ from editkit.errors import InputError
 logger = logging.getLogger(__name__)
 
 CONTRAST_CHOICES = ("dual", "source", "target", "none")
-EXAMPLE = (
-    'example: editkit edit cat.png --source-prompt "a photo of a cat" --target-prompt "a photo of a dog" '
-    "-o dog.png --seed 0"
-)
+EXAMPLE = """examples:
+  editkit edit cat.png --source-prompt "a photo of a cat" --target-prompt "a photo of a dog" -o dog.png --seed 0
+  editkit edit photos/ --source-prompt "a cat" --target-prompt "a dog" --output-dir out/   (every image; resumable)
+  editkit edit photos/ --prompts edits.jsonl --output-dir out/
+      (one edit per line: {"image": "cat.png", "source_prompt": "a cat", "target_prompt": "a dog"})"""
 
 
 def register(subparsers) -> None:
@@ -41,9 +43,15 @@ def register(subparsers) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP)")
-    parser.add_argument("--source-prompt", required=True, help="text describing the input image")
-    parser.add_argument("--target-prompt", required=True, help="text describing the wanted result")
+    parser.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP), or a folder of them (batch mode)")
+    parser.add_argument("--source-prompt", default=None, help="text describing the input image")
+    parser.add_argument("--target-prompt", default=None, help="text describing the wanted result")
+    parser.add_argument(
+        "--prompts", type=Path, default=None, help="batch mode: JSON lines with image, source_prompt, target_prompt"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="batch mode: folder for the edited images and manifest.json"
+    )
     parser.add_argument("--iterations", type=int, default=200, help="optimisation iterations (default: 200)")
     parser.add_argument("--guidance-scale", type=finite_float, default=7.5, help="CFG scale (default: 7.5)")
     parser.add_argument(
@@ -67,14 +75,70 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower backward")
     add_model_options(parser)
-    add_output_options(parser)
+    add_output_options(parser, required=False)
     parser.set_defaults(run=run)
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Either IMAGE -o FILE with both prompts, or FOLDER --output-dir DIR with both prompts or --prompts."""
+    if args.output_dir is None:
+        if args.output is None or args.prompts is not None:
+            raise InputError(
+                "give -o FILE (or --output-dir DIR, with --prompts FILE.jsonl or both prompts, for a batch)"
+            )
+    elif args.output is not None:
+        raise InputError("batch mode writes to --output-dir DIR; leave out -o")
+    elif args.mask is not None:
+        raise InputError("--mask applies to a single image, not to a batch")
+    if args.prompts is None and (args.source_prompt is None or args.target_prompt is None):
+        raise InputError("give --source-prompt and --target-prompt (or --prompts FILE.jsonl with --output-dir)")
+    if args.prompts is not None and (args.source_prompt is not None or args.target_prompt is not None):
+        raise InputError("--prompts gives the prompts of each image; leave out --source-prompt/--target-prompt")
+
+
+def read_edits(path: Path, folder: Path) -> list[dict[str, str]]:
+    """The edits of a JSON-lines file: image (relative to ``folder``), source_prompt, target_prompt."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the prompt file {path}: {error}") from None
+    edits = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            edit = {key: str(entry[key]) for key in ("image", "source_prompt", "target_prompt")}
+        except (ValueError, KeyError, TypeError):
+            raise InputError(
+                f'{path} line {number}: expected {{"image": ..., "source_prompt": ..., "target_prompt": ...}}'
+            ) from None
+        edit["image"] = str(folder / edit["image"])
+        edits.append(edit)
+    if not edits:
+        raise InputError(f"{path} holds no edits (one JSON object per line)")
+    return edits
+
+
+def _jobs(args: argparse.Namespace) -> list:
+    from editkit.commands.batch import Job, images_in
+
+    if args.prompts is None:
+        edits = [
+            {"image": str(p), "source_prompt": args.source_prompt, "target_prompt": args.target_prompt}
+            for p in images_in(args.image)
+        ]
+        return [Job(key=e["image"], output=f"{Path(e['image']).stem}.png", inputs=e) for e in edits]
+    edits = read_edits(args.prompts, args.image)
+    return [Job(key=f"{i:04d}", output=f"{i:04d}-{Path(e['image']).stem}.png", inputs=e) for i, e in enumerate(edits)]
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """User mistakes caught before anything is loaded."""
     for option, prompt in (("--source-prompt", args.source_prompt), ("--target-prompt", args.target_prompt)):
-        if not prompt.strip():
+        if prompt is not None and not prompt.strip():
             raise InputError(f"{option} is empty; describe the image in a few words")
     if args.iterations < 1:
         raise InputError(f"--iterations must be at least 1, got {args.iterations}")
@@ -102,35 +166,61 @@ def _load_mask(path: Path, image_size: tuple[int, int]) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from editkit.image import fit_size, load_image, resize_to, save_image
+    from editkit.commands.batch import check_batch_outputs, run_batch
+    from editkit.image import load_image
     from editkit.models import load_pipeline
     from pipelines.contrastive_edit import ContrastiveEditPipeline
 
-    check_output_path(args.output, args.overwrite)
+    _check_mode(args)
     _check_arguments(args)
-    if args.source_prompt.strip() == args.target_prompt.strip():
-        logger.warning("--source-prompt and --target-prompt are identical: the edit will change little")
-    image = load_image(args.image)
-    mask = _load_mask(args.mask, image.size) if args.mask is not None else None
+    if args.output_dir is None:
+        check_output_path(args.output, args.overwrite)
+        if args.source_prompt.strip() == args.target_prompt.strip():
+            logger.warning("--source-prompt and --target-prompt are identical: the edit will change little")
+        image = load_image(args.image)
+        mask = _load_mask(args.mask, image.size) if args.mask is not None else None
+    else:
+        if not args.image.is_dir():
+            raise InputError(f"batch mode needs a folder of images, got {args.image}")
+        jobs, params = _jobs(args), command_params(args, skip=("prompts", "output_dir", "image"))
+        check_batch_outputs(jobs, args.output_dir, "edit", params, args.overwrite)
 
     pipe = load_pipeline(ContrastiveEditPipeline, args.model, device=args.device, dtype=args.dtype)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    size = fit_size(*image.size, multiple=pipe.vae_scale_factor, max_side=args.max_side or native)
-    if mask is not None and size != image.size:
-        mask = F.interpolate(mask, size=(size[1], size[0]), mode="nearest")
     extra = []
     if args.soft_tokens:
         from editkit.softrepa import load_soft_tokens
 
         extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
+    if args.output_dir is None:
+        _edit(pipe, args, (image, args.image), args.source_prompt, args.target_prompt, mask, args.output, extra)
+        return 0
 
+    def produce(task) -> None:
+        edit, output = task.job.inputs, task.path(task.job.output)
+        picture = (load_image(edit["image"]), edit["image"])
+        _edit(pipe, args, picture, edit["source_prompt"], edit["target_prompt"], None, output, extra)
+        task.written(task.job.output)
+
+    print(run_batch(jobs, args.output_dir, "edit", params, produce, overwrite=args.overwrite))
+    return 0
+
+
+def _edit(pipe, args: argparse.Namespace, picture, source: str, target: str, mask, output: Path, extra) -> None:
+    """Edit one ``picture`` = (image, its path) with the command's options; save it with its parameters."""
+    from editkit.image import fit_size, resize_to, save_image
+
+    image, image_path = picture
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = fit_size(*image.size, multiple=pipe.vae_scale_factor, max_side=args.max_side or native)
+    if mask is not None and size != image.size:
+        mask = F.interpolate(mask, size=(size[1], size[0]), mode="nearest")
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="source and target prompts are identical")
         result = pipe(
             resize_to(image, size),
-            args.source_prompt,
-            args.target_prompt,
+            source,
+            target,
             num_inference_steps=args.iterations,
             guidance_scale=args.guidance_scale,
             learning_rate=args.learning_rate,
@@ -143,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
             generator=generator,
             attention_controllers=extra,
         )
-    params = command_params(args)
-    params["size"] = list(size)
-    save_image(result.images[0], args.output, metadata=png_metadata("edit", params), overwrite=args.overwrite)
-    print(f"wrote {args.output}")
-    return 0
+    params = command_params(args, skip=("prompts", "output_dir"))
+    params.update(image=str(image_path))
+    params.update(source_prompt=source, target_prompt=target, size=list(size))
+    save_image(result.images[0], output, metadata=png_metadata("edit", params), overwrite=args.overwrite)
+    print(f"wrote {output}")
