@@ -17,7 +17,7 @@ from editkit import __version__
 from editkit.errors import EditkitError
 
 # Subcommand modules under editkit.commands, in the order --help lists them.
-COMMANDS = ("env", "softrepa", "app", "edit", "compose", "stylize")
+COMMANDS = ("stylize", "edit", "compose", "softrepa", "app", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
