@@ -20,6 +20,11 @@ from editkit.errors import EditkitError
 COMMANDS = ("stylize", "edit", "compose", "softrepa", "app", "env")
 
 
+def echo(message: object) -> None:
+    """What a command reports to the user on stdout (results, written files); the CLI's only printer."""
+    print(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="editkit",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from editkit.cli import echo
 from editkit.commands.common import (
     add_model_options,
     add_output_options,
@@ -182,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
             noise_refiner=args.noise_refiner,
             attention_controllers=extra,
         )
-        print(format_report(result))
+        echo(format_report(result))
         meta = {**command_params(args, skip=("prompts", "output_dir")), "prompt": prompt}
         meta.update(constraints_used=result.constraints.to_dict(), chosen=result.chosen)
         save_image(result.images[0], output, metadata=png_metadata("compose", meta), overwrite=args.overwrite)
-        print(f"wrote {output}")
+        echo(f"wrote {output}")
         return result.chosen
 
     if args.prompts is None:
@@ -199,5 +200,5 @@ def run(args: argparse.Namespace) -> int:
         task.written(task.job.output)
         return {"chosen": chosen}
 
-    print(run_batch(jobs, args.output_dir, "compose", params, produce, overwrite=args.overwrite))
+    echo(run_batch(jobs, args.output_dir, "compose", params, produce, overwrite=args.overwrite))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from editkit.cli import echo
 from editkit.commands.common import (
     add_model_options,
     add_output_options,
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         _edit(pipe, args, picture, edit["source_prompt"], edit["target_prompt"], None, output, extra)
         task.written(task.job.output)
 
-    print(run_batch(jobs, args.output_dir, "edit", params, produce, overwrite=args.overwrite))
+    echo(run_batch(jobs, args.output_dir, "edit", params, produce, overwrite=args.overwrite))
     return 0
 
 
@@ -237,4 +238,4 @@ def _edit(pipe, args: argparse.Namespace, picture, source: str, target: str, mas
     params.update(image=str(image_path))
     params.update(source_prompt=source, target_prompt=target, size=list(size))
     save_image(result.images[0], output, metadata=png_metadata("edit", params), overwrite=args.overwrite)
-    print(f"wrote {output}")
+    echo(f"wrote {output}")

@@ -6,6 +6,7 @@ import argparse
 import platform
 
 from editkit import __version__
+from editkit.cli import echo
 
 
 def register(subparsers) -> None:
@@ -49,5 +50,5 @@ def environment_report() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     for key, value in environment_report().items():
-        print(f"{key:>18}: {value}")
+        echo(f"{key:>18}: {value}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from editkit.cli import echo
 from editkit.commands.common import (
     DEFAULT_SD_MODEL,
     add_model_options,
@@ -141,9 +142,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not PartialState().is_main_process:
         return 0
     if result.unreadable_images:
-        print(f"skipped {result.unreadable_images} unreadable images")
+        echo(f"skipped {result.unreadable_images} unreadable images")
     if args.output.exists():
-        print(f"wrote {args.output} after {result.steps} steps")
+        echo(f"wrote {args.output} after {result.steps} steps")
     return 0
 
 

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from editkit.cli import echo
 from editkit.commands.batch import Job, check_batch_outputs
 from editkit.commands.common import (
     add_model_options,
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = run_batch(
         _jobs(plan, args), args.output, "stylize", _batch_params(args), produce, overwrite=args.overwrite
     )
-    print(manifest)
+    echo(manifest)
     return 0
 
 
@@ -275,4 +276,4 @@ def _save_outputs(images, content_index: int, plan: _Plan, args: argparse.Namesp
         save_image(image, path, metadata=png_metadata("stylize", params), overwrite=args.overwrite)
         if on_saved is not None:
             on_saved(path)
-        print(path)
+        echo(path)
