@@ -96,7 +96,8 @@ class ComposePipeline(DiffusionPipeline):
         >>> from pipelines.compose import ComposePipeline
         >>> pipe = ComposePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5").to("cuda")
         >>> out = pipe("a red car on the left of a blue bird", generator=torch.Generator().manual_seed(0))
-        >>> out.images[0].save("car.png"); print(out.chosen, [(s.description, s.satisfied) for s in out.report_before])
+        >>> out.images[0].save("car.png")
+        >>> out.chosen, [(status.description, status.satisfied) for status in out.report_before]
         ```
     """
 
