@@ -116,10 +116,16 @@ def shapes_accuracy(args) -> dict:
                 pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
             )
             out = pipe(prompt.caption, generator=_seeded(seed), **common)
-            stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **common).images
-            refined = stage1
-            if out.refined_noise is not None:  # stage 2 alone: stage 1 from the refined noise
-                refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **common).images
+            # The verifier's pick is one of the two candidates (DDIM is deterministic), so only the
+            # other one has to be regenerated.
+            if out.chosen == "refined":
+                refined = out.images
+                stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **common).images
+            else:
+                stage1 = out.images
+                refined = stage1
+                if out.refined_noise is not None:  # stage 2 alone: stage 1 from the refined noise
+                    refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **common).images
             images["stage1"].append(stage1)
             images["refined"].append(refined)
             images["chosen"].append(out.images)

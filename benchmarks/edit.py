@@ -176,14 +176,16 @@ def shapes(args) -> dict:
     pipe = ContrastiveEditPipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
-    results = {}
+    # The same scenes (and seeds) for both methods: draw them once, not inside the method loop.
+    originals = []
+    for _ in range(args.shapes_scenes):
+        radius = float(rng.uniform(5, 9))
+        cx, cy = (float(v) for v in rng.uniform(radius + 1, 32 - radius - 1, size=2))
+        originals.append(render(Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single")))
+    results = {"scenes": args.shapes_scenes, "iterations": args.shapes_iterations}
     for name, contrast in (("dds", None), ("dual", "dual")):
         scores = []
-        for index in range(args.shapes_scenes):
-            radius = float(rng.uniform(5, 9))
-            cx, cy = (float(v) for v in rng.uniform(radius + 1, 32 - radius - 1, size=2))
-            scene = Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single")
-            original = render(scene)
+        for index, original in enumerate(originals):
             out = pipe(
                 Image.fromarray(original), "a red circle", "a blue circle", num_inference_steps=args.shapes_iterations,
                 contrast=contrast, generator=torch.Generator().manual_seed(index),

@@ -125,7 +125,7 @@ def memory_table(unet, soft, optimizer, latents, embeds, noise, device) -> dict:
     return table
 
 
-def shapes_alignment(steps: int, prompts: int, device: str) -> dict:
+def shapes_alignment(steps: int, prompts: int, device: str, dtype: torch.dtype = torch.float32) -> dict:
     """Held-out alignment of the shapes model without and with tokens trained on the world's captions."""
     if not (SHAPES_MODEL / "model_index.json").is_file():
         return {"skipped": f"{SHAPES_MODEL} not found (train it with python -m benchmarks.shapes.train)"}
@@ -138,6 +138,9 @@ def shapes_alignment(steps: int, prompts: int, device: str) -> dict:
     from editkit.softrepa import TrainConfig, load_soft_tokens, train_soft_tokens, use_soft_tokens
 
     pipe = load_pipeline(str(SHAPES_MODEL), device)
+    pipe.to(dtype=dtype)
+    # Baseline first, on the untouched pipeline (training freezes/configures its models in place).
+    before = evaluate(pipe, num_prompts=prompts)
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "data"
         data.mkdir()
@@ -152,11 +155,25 @@ def shapes_alignment(steps: int, prompts: int, device: str) -> dict:
             data=data, model=SHAPES_MODEL, output=output, max_steps=steps, batch_size=4, device=device,
             validate_every=max(1, steps // 4), val_fraction=0.1, progress=False, checkpoint_every=0,
         )  # fmt: skip
-        train_soft_tokens(config, pipe=pipe)
-        before = evaluate(pipe, num_prompts=prompts)
+        trained = train_soft_tokens(config, pipe=pipe)
         with use_soft_tokens(pipe.unet, load_soft_tokens(output, unet=pipe.unet)):
             after = evaluate(pipe, num_prompts=prompts)
-    return {"steps": steps, "before": before, "after": after}
+    return {
+        "steps": steps,
+        "batch_size": 4,
+        "train_captions": 512,
+        "steps_done": trained.steps,
+        "first_loss": trained.losses[0] if trained.losses else None,
+        "last_loss": trained.losses[-1] if trained.losses else None,
+        "best_val_metric": trained.best_metric,
+        "before": before,
+        "after": after,
+        "after_minus_before": {
+            k: after[k] - before[k]
+            for k in before
+            if k.endswith(("accuracy", "colors", "shapes")) and isinstance(before[k], float)
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,15 +184,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes-steps", type=int, default=200)
     parser.add_argument("--shapes-prompts", type=int, default=100)
+    parser.add_argument("--dtype", default="float32", help="torch dtype of the UNet and shapes model (float16: CUDA)")
+    parser.add_argument("--shapes-only", action="store_true", help="skip the full-size speed/memory part")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    device = torch.device(args.device)
-    unet = full_size_sd15_unet(device=device)
-    soft = SoftTokens(torch.randn(4, 768) * 0.02, default_sites(unet)).to(device)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    result = {"environment": environment(), "dtype": args.dtype}
+    if args.shapes_only:
+        result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device), dtype)
+        print_json(result)
+        return
+    unet = full_size_sd15_unet(dtype=dtype, device=device)
+    soft = SoftTokens(torch.randn(4, 768) * 0.02, default_sites(unet)).to(device, dtype)
     optimizer = torch.optim.AdamW(soft.parameters(), lr=1e-3, weight_decay=1e-4)
-    latents, embeds, noise = _inputs(unet, args.batch_size, args.resolution, device)
+    latents, embeds, noise = (t.to(dtype) for t in _inputs(unet, args.batch_size, args.resolution, device))
     cfg_sample, cfg_context = latents[:1].repeat(2, 1, 1, 1), embeds[:1].repeat(2, 1, 1)  # (uncond, cond)
-    result = {"environment": environment(), "resolution": args.resolution, "batch_size": args.batch_size}
+    result |= {"resolution": args.resolution, "batch_size": args.batch_size}
     result["pairs_per_step"] = args.batch_size**2
     controller = SoftTokenController(soft)
     with attach(unet, controller):
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         result[f"inference_overhead_{clock.removesuffix('_s')}"] = ratio - 1
     with attach(unet, controller):
         result["memory"] = memory_table(unet, soft, optimizer, latents, embeds, noise, str(device))
-    result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device))
+    result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device), dtype)
     print_json(result)
 
 

@@ -223,17 +223,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--skip-shapes", action="store_true")
+    parser.add_argument("--shapes-only", action="store_true", help="skip the full-size speed/memory/cache part")
+    parser.add_argument("--shapes-pairs", type=int, default=16, help="content/style pairs of the shapes part")
+    parser.add_argument("--shapes-steps", type=int, default=25, help="DDIM steps of the shapes part")
     args = parser.parse_args()
-    pipe = build_pipeline(getattr(torch, args.dtype), args.device)
-    result = {
-        "environment": environment(),
-        "setup": {"size": args.size, "steps": args.steps, "resample_steps": 0, "dtype": args.dtype},
-        "memory": memory(pipe, args),  # first: peak RSS is monotone
-        "efficiency": efficiency(pipe, args),
-        "cache": cache_sizes(pipe, args),
-    }
+    result = {"environment": environment()}
+    if not args.shapes_only:
+        pipe = build_pipeline(getattr(torch, args.dtype), args.device)
+        result |= {
+            "setup": {"size": args.size, "steps": args.steps, "resample_steps": 0, "dtype": args.dtype},
+            "memory": memory(pipe, args),  # first: peak RSS is monotone
+            "efficiency": efficiency(pipe, args),
+            "cache": cache_sizes(pipe, args),
+        }
     if not args.skip_shapes:
-        result["shapes"] = shapes_quality(args.device)
+        result["shapes"] = shapes_quality(args.device, pairs=args.shapes_pairs, steps=args.shapes_steps)
     print_json(result)
 
 
