@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -121,4 +122,25 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     summary = train(config, tmp_path / "model", device="cpu")
     assert summary["scaling_factor"] > 0
     images = _generate_one(tmp_path / "model")
+    assert images.shape == (1, config.image_size, config.image_size, 3)
+
+    # --continue-from: 2 more UNet + text-encoder steps on the saved pipeline, VAE untouched
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks.shapes.train import main
+
+    source, output = tmp_path / "model", tmp_path / "continued"
+    main(["--config", "tiny", "--num-images", "16", "--device", "cpu", "--unet-steps", "2",
+          "--continue-from", str(source), "--output", str(output)])  # fmt: skip
+
+    def weights(folder, part):
+        return load_file(next((folder / part).glob("*.safetensors")))
+
+    assert all(torch.equal(v, weights(output, "vae")[k]) for k, v in weights(source, "vae").items())
+    assert not all(torch.equal(v, weights(output, "unet")[k]) for k, v in weights(source, "unet").items())
+    continued = json.loads((output / "training_summary.json").read_text())
+    assert continued["continued_from"] == str(source)
+    assert continued["scaling_factor"] == summary["scaling_factor"]
+    images = _generate_one(output)
     assert images.shape == (1, config.image_size, config.image_size, 3)

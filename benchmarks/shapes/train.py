@@ -13,6 +13,9 @@ checker). The detector never takes part in training. Usage::
 
     python -m benchmarks.shapes.train --output assets/models/shapes-sd            # default, CPU
     python -m benchmarks.shapes.train --config large --output /tmp/shapes-sd-large  # GPU
+    # more UNet + text-encoder steps on a saved pipeline (VAE fixed, lr 3e-4 cosine, EMA from it)
+    python -m benchmarks.shapes.train --continue-from assets/models/shapes-sd --unet-steps 1500 \
+        --batch-size 128 --ema-decay 0.998 --output /tmp/shapes-sd-continued
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from benchmarks.shapes.world import IMAGE_SIZE, sample_batch, vocabulary
 logger = logging.getLogger(__name__)
 
 TOKENIZER_MAX_LENGTH = 24
+# --continue-from defaults: a lower peak learning rate and a short warm-up for the fresh optimizer
+CONTINUE_LR = 3e-4
+CONTINUE_WARMUP = 100
 
 
 @dataclass
@@ -346,10 +352,21 @@ def train_diffusion(
     tokenizer,
     accelerator,
     generator: torch.Generator,
+    unet=None,
+    text_encoder=None,
 ):
-    """Phase 2: UNet + text encoder, epsilon prediction with CFG caption dropout. Returns EMA copies."""
-    unet = build_unet(config)
-    text_encoder = build_text_encoder(config, len(tokenizer))
+    """Phase 2: UNet + text encoder, epsilon prediction with CFG caption dropout. Returns EMA copies.
+
+    With ``unet`` and ``text_encoder`` given (``--continue-from``), training continues from them:
+    fresh optimizer and schedule, EMA initialised from their weights and decaying at
+    ``config.ema_decay`` from the first step (no EMA warm-up).
+    """
+    resumed = unet is not None
+    if unet is None:
+        unet = build_unet(config)
+        text_encoder = build_text_encoder(config, len(tokenizer))
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)
     ema_text.requires_grad_(False)
     noise_scheduler = build_scheduler()
@@ -387,7 +404,7 @@ def train_diffusion(
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        decay = config.ema_decay if resumed else min(config.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, accelerator.unwrap_model(unet), decay)
         ema_update(ema_text, accelerator.unwrap_model(text_encoder), decay)
         if step % config.log_every == 0 or step == config.unet_steps - 1:
@@ -449,6 +466,63 @@ def finetune_decoder_of(source: str | Path, config: TrainConfig, output: str | P
     pipe.vae.cpu()
     pipe.save_pretrained(output, safe_serialization=True)
     return {"decoder_seconds": round(time.time() - start, 1)}
+
+
+def continue_diffusion(source: str | Path, config: TrainConfig, output: str | Path, device: str | None = None) -> dict:
+    """Continue phase 2 (UNet + text encoder) from a saved pipeline for ``config.unet_steps`` steps.
+
+    The VAE (and its ``scaling_factor``), tokenizer and scheduler are kept as they are; the training
+    scenes are rendered from ``config.seed`` as in :func:`train` and encoded by the frozen VAE
+    encoder, so the latents are those the UNet was trained on. Batches and noise come from a
+    different generator seed than the original run. The EMA weights are saved to ``output``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import StableDiffusionPipeline
+
+    accelerator = Accelerator(cpu=device == "cpu")
+    set_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    start = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(source)
+    vae = pipe.vae.to(accelerator.device).eval().requires_grad_(False)
+    images_np, captions, _ = sample_batch(
+        config.seed,
+        config.num_images,
+        training=True,
+        size=config.image_size,
+        pattern_prob=config.pattern_prob,
+        background_prob=config.background_prob,
+    )
+    means, stds = encode_dataset(vae, to_tensor(images_np), accelerator.device)
+    scaling = float(vae.config.scaling_factor)
+    logger.info("encoded %d scenes in %.1f s (scaling_factor %.4f kept)", len(captions), time.time() - start, scaling)
+    diffusion_start = time.time()
+    unet, text_encoder = train_diffusion(
+        config,
+        (means * scaling, stds * scaling),
+        captions,
+        pipe.tokenizer,
+        accelerator,
+        generator,
+        unet=pipe.unet.to(accelerator.device),
+        text_encoder=pipe.text_encoder.to(accelerator.device),
+    )
+    diffusion_time = time.time() - diffusion_start
+    pipe.unet, pipe.text_encoder = unet.cpu(), text_encoder.cpu()
+    pipe.vae = vae.cpu()
+    pipe.save_pretrained(output, safe_serialization=True)
+    summary = {
+        "config": dataclasses.asdict(config),
+        "continued_from": str(source),
+        "unet_seconds": round(diffusion_time, 1),
+        "total_seconds": round(time.time() - start, 1),
+        "scaling_factor": scaling,
+        "device": str(accelerator.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(output, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
@@ -527,12 +601,21 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--num-images", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--ema-decay", type=float, default=None)
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--decoder-steps", type=int, default=None)
     parser.add_argument(
         "--finetune-decoder-of",
         default=None,
         help="skip phases 1-2: load this pipeline folder, run phase 3 (decoder fine-tuning), save to --output",
+    )
+    parser.add_argument(
+        "--continue-from",
+        default=None,
+        help="load this pipeline folder and train its UNet + text encoder for --unet-steps more steps "
+        f"(VAE fixed; fresh optimizer; defaults --lr {CONTINUE_LR}, --warmup-steps {CONTINUE_WARMUP}); "
+        "save to --output",
     )
     return parser.parse_args(argv)
 
@@ -548,6 +631,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "batch_size",
             "num_images",
             "lr",
+            "warmup_steps",
+            "ema_decay",
             "log_every",
             "decoder_steps",
         )
@@ -562,7 +647,15 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.finetune_decoder_of:
+    if args.continue_from:
+        config = config_from_args(args)
+        config = dataclasses.replace(
+            config,
+            lr=CONTINUE_LR if args.lr is None else args.lr,
+            warmup_steps=CONTINUE_WARMUP if args.warmup_steps is None else args.warmup_steps,
+        )
+        summary = continue_diffusion(args.continue_from, config, args.output, args.device)
+    elif args.finetune_decoder_of:
         summary = finetune_decoder_of(args.finetune_decoder_of, config_from_args(args), args.output, args.device)
     else:
         summary = train(config_from_args(args), args.output, device=args.device)
