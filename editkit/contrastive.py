@@ -99,6 +99,20 @@ def dds_latent_gradient(
     return gradient if mask is None else gradient * mask
 
 
+def contrastive_latent_gradient(
+    gradient: torch.Tensor, *, loss_scale: float = 2000.0, reference_pixels: int = REFERENCE_LATENT_PIXELS
+) -> torch.Tensor:
+    """d/dz of loss_scale * (H * W / reference_pixels) * PatchNCE: a per-element step free of resolution.
+
+    PatchNCE is a mean over patches, so its gradient per latent element shrinks with the number of
+    latent elements; scaling by ``H * W / reference_pixels`` keeps the step of the reference
+    resolution (64 x 64 latents, where the factor is 1 and this is the reference code's
+    ``loss_scale * loss``) at every size, as ``dds_latent_gradient`` does for the DDS term.
+    """
+    height, width = gradient.shape[-2:]
+    return gradient * (loss_scale * height * width / reference_pixels)
+
+
 def sample_timestep(generator: torch.Generator | None, *, min_timestep: int = 50, max_timestep: int = 950) -> int:
     """One timestep uniform in [min_timestep, max_timestep), drawn from ``generator``."""
     device = generator.device if generator is not None else "cpu"

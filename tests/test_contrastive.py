@@ -363,7 +363,8 @@ def test_contrastive_gradient_equals_a_per_branch_reference(edit_pipe, image):
         loss = contrastive_loss(features["source"], features["target"], recorder.grids, generator=replay)
         (gradient,) = torch.autograd.grad(loss, z)
     assert out.contrastive_losses[0] == pytest.approx(float(loss.detach()), rel=1e-4)
-    expected = source - 0.5 * 2000.0 * gradient  # descent on contrast_weight * loss_scale * loss
+    # descent on contrast_weight * loss_scale * (H * W / 64^2) * loss: the step of 64 x 64 latents at any size
+    expected = source - 0.5 * 2000.0 * (8 * 8 / 64**2) * gradient
     torch.testing.assert_close(out.latents, expected, rtol=1e-4, atol=1e-4)
     assert (out.latents - source).abs().max() > 1e-4
 
