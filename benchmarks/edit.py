@@ -26,14 +26,13 @@ original circle's and centroid shift, for plain DDS and the dual contrastive los
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
+from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json, saved_activation_bytes
 
 SHAPES_MODEL = Path("assets/models/shapes-sd")
 
@@ -102,23 +101,6 @@ def floors(unet, latent: int, device: str, dtype: torch.dtype) -> dict:
     }
 
 
-def _saved_bytes(run, model: torch.nn.Module) -> int:
-    """Activation bytes autograd saved for backward during ``run`` (unique storages, weights excluded)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        with contextlib.suppress(RuntimeError):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(seen.values())
-
-
 def speed(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     pipe = build_pipeline(device, dtype)
@@ -154,8 +136,8 @@ def speed(args) -> dict:
     memory = {
         "dual_peak_bytes": peak_memory(edit("dual", iterations=1), device),
         "dual_checkpointed_peak_bytes": peak_memory(edit("dual", True, iterations=1), device),
-        "dual_saved_activation_bytes": _saved_bytes(edit("dual", iterations=1), pipe.unet),
-        "dual_checkpointed_saved_activation_bytes": _saved_bytes(edit("dual", True, iterations=1), pipe.unet),
+        "dual_saved_activation_bytes": saved_activation_bytes(edit("dual", iterations=1), pipe.unet),
+        "dual_checkpointed_saved_activation_bytes": saved_activation_bytes(edit("dual", True, iterations=1), pipe.unet),
     }
     return {
         "per_iteration": per_iteration,

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
+from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json, saved_activation_bytes
 from editkit.attention import SelfAttentionOutputRecorder, attach
 from editkit.style import FeatureRecorder, StyleCache, StyleInjectionController, default_style_sites
 from editkit.testing import full_size_sd15_unet
@@ -209,7 +209,7 @@ def materialised(unet, args, device, dtype) -> dict:
     return {
         "times": times,
         "cds_vs_editkit": _ratios(times, "editkit")["cds_materialised"],
-        "saved_for_backward_bytes": {name: _saved_bytes(run, unet) for name, run in runs.items()},
+        "saved_for_backward_bytes": {name: saved_activation_bytes(run, unet) for name, run in runs.items()},
         "cuda_peak_bytes": {name: peak_memory(run, str(device)) for name, run in runs.items()},
     }
 
@@ -219,23 +219,6 @@ def _keep(outputs: dict, name: str):
         outputs[name] = output
 
     return hook
-
-
-def _saved_bytes(run, model: torch.nn.Module) -> int:
-    """Bytes autograd saves for backward during ``run`` (unique storages, weights excluded)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        with contextlib.suppress(RuntimeError):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(seen.values())
 
 
 def sd_vae(device, dtype):

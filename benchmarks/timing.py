@@ -6,6 +6,7 @@ run, with the measured configurations interleaved round by round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -61,6 +62,26 @@ def peak_memory(run: Callable[[], object], device: str = "cpu") -> int | None:
     torch.cuda.reset_peak_memory_stats()
     run()
     return int(torch.cuda.max_memory_allocated())
+
+
+def saved_activation_bytes(run: Callable[[], object], model: torch.nn.Module) -> int:
+    """Activation bytes autograd saves for backward during ``run`` (unique storages, weights excluded).
+
+    On CPU, where peak allocator statistics do not exist, this is the memory a backward pass costs.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(RuntimeError):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
 
 
 def print_json(result: dict) -> None:
