@@ -41,7 +41,7 @@ def build_pipeline(device: str, dtype: torch.dtype):
     """ContrastiveEditPipeline with the full-size SD 1.5 UNet; tiny VAE and a 768-wide one-layer text encoder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from editkit.testing import _ddim_scheduler, _tiny_vae, full_size_sd15_unet, tiny_tokenizer
+    from editkit.testing import _tiny_vae, full_size_sd15_unet, sd_ddim_scheduler, tiny_tokenizer
     from pipelines.contrastive_edit import ContrastiveEditPipeline
 
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def build_pipeline(device: str, dtype: torch.dtype):
         text_encoder=CLIPTextModel(config).eval(),
         tokenizer=tokenizer,
         unet=full_size_sd15_unet(dtype=dtype, device=device),
-        scheduler=_ddim_scheduler(),
+        scheduler=sd_ddim_scheduler(),
     )
     pipe.vae.to(device)
     pipe.text_encoder.to(device=device, dtype=dtype)

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "full_size_sd15_unet",
+    "sd_ddim_scheduler",
     "tiny_sd15_components",
     "tiny_sd15_pipeline",
     "tiny_sdxl_components",
@@ -95,7 +96,8 @@ def _tiny_vae():
     ).eval()
 
 
-def _ddim_scheduler(prediction_type: str = "epsilon"):
+def sd_ddim_scheduler(prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
+    """The Stable Diffusion 1.x ``DDIMScheduler`` configuration (scaled-linear betas, eta 0 sampling)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -106,6 +108,7 @@ def _ddim_scheduler(prediction_type: str = "epsilon"):
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
+        timestep_spacing=timestep_spacing,
     )
 
 
@@ -130,7 +133,7 @@ def tiny_sd15_components(seed: int = 0, prediction_type: str = "epsilon", words:
         "text_encoder": _text_encoder(16, vocab_size=max(1000, len(tokenizer))),
         "tokenizer": tokenizer,
         "unet": unet,
-        "scheduler": _ddim_scheduler(prediction_type),
+        "scheduler": sd_ddim_scheduler(prediction_type),
         "safety_checker": None,
         "feature_extractor": None,
         "image_encoder": None,
@@ -169,7 +172,7 @@ def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict:
         "tokenizer": tokenizer,
         "tokenizer_2": tiny_tokenizer(words),
         "unet": unet,
-        "scheduler": _ddim_scheduler(),
+        "scheduler": sd_ddim_scheduler(),
         "image_encoder": None,
         "feature_extractor": None,
     }

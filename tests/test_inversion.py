@@ -18,6 +18,7 @@ from editkit.inversion import (
     predicted_x0,
     v_to_eps,
 )
+from editkit.testing import sd_ddim_scheduler
 
 SHAPE = (1, 4, 8, 8)
 
@@ -33,16 +34,7 @@ def single_thread():
 
 def make_scheduler(prediction_type: str = "epsilon", timestep_spacing: str = "leading") -> DDIMScheduler:
     """The SD 1.5 DDIM configuration."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        timestep_spacing=timestep_spacing,
-    )
+    return sd_ddim_scheduler(prediction_type, timestep_spacing)
 
 
 class StubUNet:

@@ -247,17 +247,9 @@ def build_unet(config: TrainConfig):
 
 def build_scheduler():
     """The SD 1.x ``DDIMScheduler`` configuration."""
-    from diffusers import DDIMScheduler
+    from editkit.testing import sd_ddim_scheduler
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return sd_ddim_scheduler()
 
 
 # ----------------------------------------------------------------------------------------------
