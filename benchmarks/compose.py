@@ -32,28 +32,10 @@ SHAPES_MODEL = Path("assets/models/shapes-sd")
 
 
 def build_components(device: str, dtype: torch.dtype) -> dict:
-    """Full-size SD 1.5 UNet (random), a 768-wide 2-layer CLIP text encoder, a tiny VAE."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Full-size SD 1.5 UNet (random), a one-layer 768-wide text encoder, a tiny VAE."""
+    from editkit.testing import full_size_sd15_components
 
-    from editkit.testing import full_size_sd15_unet, tiny_sd15_components
-
-    parts = tiny_sd15_components(seed=0, words=PROMPT.split())
-    config = CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=768,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    keep = {k: parts[k] for k in ("vae", "tokenizer", "scheduler")}
-    keep["text_encoder"] = CLIPTextModel(config).eval().to(device, dtype)
-    keep["unet"] = full_size_sd15_unet(dtype=dtype, device=device)
-    keep["vae"] = keep["vae"].to(device, dtype)
-    return keep
+    return full_size_sd15_components(dtype, device, words=PROMPT.split())
 
 
 def speed(args) -> dict:

@@ -39,26 +39,10 @@ SHAPES_MODEL = Path("assets/models/shapes-sd")
 
 def build_pipeline(device: str, dtype: torch.dtype):
     """ContrastiveEditPipeline with the full-size SD 1.5 UNet; tiny VAE and a 768-wide one-layer text encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from editkit.testing import _tiny_vae, full_size_sd15_unet, sd_ddim_scheduler, tiny_tokenizer
+    from editkit.testing import full_size_sd15_components
     from pipelines.contrastive_edit import ContrastiveEditPipeline
 
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    config = CLIPTextConfig(
-        vocab_size=1000, hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    pipe = ContrastiveEditPipeline(
-        vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(config).eval(),
-        tokenizer=tokenizer,
-        unet=full_size_sd15_unet(dtype=dtype, device=device),
-        scheduler=sd_ddim_scheduler(),
-    )
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device=device, dtype=dtype)
+    pipe = ContrastiveEditPipeline(**full_size_sd15_components(dtype, device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
 from editkit.style import default_style_sites
-from editkit.testing import full_size_sd15_unet, tiny_sd15_components
+from editkit.testing import full_size_sd15_components
 from pipelines.style_transfer import StyleTransferPipeline
 
 SHAPES_MODEL = Path("assets/models/shapes-sd")
@@ -36,20 +36,7 @@ SHAPES_MODEL = Path("assets/models/shapes-sd")
 
 def build_pipeline(dtype: torch.dtype, device: str) -> StyleTransferPipeline:
     """Full-size SD 1.5 UNet; a tiny VAE and a one-layer 768-wide text encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    components = tiny_sd15_components(seed=0)
-    config = CLIPTextConfig(
-        vocab_size=1000, hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    pipe = StyleTransferPipeline(
-        vae=components["vae"],
-        text_encoder=CLIPTextModel(config).eval(),
-        tokenizer=components["tokenizer"],
-        unet=full_size_sd15_unet(dtype=dtype, device=device),
-        scheduler=components["scheduler"],
-    ).to(device=device, dtype=dtype)
+    pipe = StyleTransferPipeline(**full_size_sd15_components(dtype, device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "full_size_sd15_components",
     "full_size_sd15_unet",
     "sd_ddim_scheduler",
     "tiny_sd15_components",
@@ -207,3 +208,29 @@ def full_size_sd15_unet(dtype: torch.dtype = torch.float32, device: str | torch.
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     return unet.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def full_size_sd15_components(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", words: Iterable[str] = ()
+) -> dict:
+    """Pipeline components for speed benchmarks: the full-size SD 1.5 UNet with random weights,
+    a one-layer 768-wide text encoder (the UNet's context width), a tiny VAE, the SD DDIM scheduler.
+
+    The UNet dominates every method's cost; the small text encoder and VAE keep the rest cheap
+    while the shapes stay those of SD 1.5.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(words)
+    config = CLIPTextConfig(
+        vocab_size=max(1000, len(tokenizer)), hidden_size=768, intermediate_size=768, num_hidden_layers=1,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    return {
+        "vae": _tiny_vae().to(device=device, dtype=dtype),
+        "text_encoder": CLIPTextModel(config).eval().to(device=device, dtype=dtype),
+        "tokenizer": tokenizer,
+        "unet": full_size_sd15_unet(dtype=dtype, device=device),
+        "scheduler": sd_ddim_scheduler(),
+    }
