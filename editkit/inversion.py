@@ -95,7 +95,7 @@ class InversionResult:
         return self.latents[key]
 
 
-def _generation_scheduler(scheduler, num_inference_steps: int):
+def generation_scheduler(scheduler, num_inference_steps: int):
     """A fresh DDIM scheduler (copy of ``scheduler``'s config) with its timesteps set; never the user's."""
     from diffusers import DDIMScheduler
 
@@ -103,6 +103,22 @@ def _generation_scheduler(scheduler, num_inference_steps: int):
     ddim = cls.from_config(scheduler.config)
     ddim.set_timesteps(num_inference_steps)
     return ddim
+
+
+def ddim_alphas(ddim, num_inference_steps: int, device: torch.device | str):
+    """``alpha_pair(t) -> (alpha_t, alpha_prev)``, float32: DDIM's step t -> t - T / N.
+
+    ``alpha_prev`` is ``final_alpha_cumprod`` past the start, as ``DDIMScheduler.step`` does; generation
+    steps with the pair, inversion undoes it.
+    """
+    step_ratio = ddim.config.num_train_timesteps // num_inference_steps
+    alphas = ddim.alphas_cumprod.to(device=device, dtype=torch.float32)
+    final_alpha = ddim.final_alpha_cumprod.to(device=device, dtype=torch.float32)
+
+    def alpha_pair(timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return alphas[timestep], (alphas[timestep - step_ratio] if timestep - step_ratio >= 0 else final_alpha)
+
+    return alpha_pair
 
 
 def _conditioning(prompt_embeds, negative_prompt_embeds, added_cond_kwargs, negative_added_cond_kwargs, cfg):
@@ -177,12 +193,10 @@ def ddim_invert(
         raise ValueError("num_inference_steps must be >= 1 and resample_steps >= 0")
     if average_early_steps is not None and average_early_steps < 1:
         raise ValueError("average_early_steps must be >= 1 or None")
-    ddim = _generation_scheduler(scheduler, num_inference_steps)
+    ddim = generation_scheduler(scheduler, num_inference_steps)
     prediction_type = ddim.config.prediction_type
-    step_ratio = ddim.config.num_train_timesteps // num_inference_steps
     device, dtype = latents.device, latents.dtype
-    alphas = ddim.alphas_cumprod.to(device=device, dtype=torch.float32)
-    final_alpha = ddim.final_alpha_cumprod.to(device=device, dtype=torch.float32)
+    alpha_pair = ddim_alphas(ddim, num_inference_steps, device)
     cfg = guidance_scale > 1.0
     embeds, added = _conditioning(
         prompt_embeds, negative_prompt_embeds, added_cond_kwargs, negative_added_cond_kwargs, cfg
@@ -207,8 +221,7 @@ def ddim_invert(
     inverted: dict[int, torch.Tensor] = {}
     steps = enumerate(reversed(generation_timesteps))
     for index, t in _progress(steps, progress, total=num_inference_steps):
-        alpha_t = alphas[t]
-        alpha_prev = alphas[t - step_ratio] if t - step_ratio >= 0 else final_alpha
+        alpha_t, alpha_prev = alpha_pair(t)
         timestep = torch.tensor(t, device=device)
         if callback is not None:
             callback(index, t, z.to(dtype))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import IPAdapterMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -30,7 +30,16 @@ from editkit.attention import AttentionController, attach, compose
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.errors import InputError
 from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
-from editkit.inversion import ddim_invert, ddim_step, decode_latents, encode_image_latents, model_eps, predicted_x0
+from editkit.inversion import (
+    ddim_alphas,
+    ddim_invert,
+    ddim_step,
+    decode_latents,
+    encode_image_latents,
+    generation_scheduler,
+    model_eps,
+    predicted_x0,
+)
 from editkit.models import model_family
 from editkit.style import (
     FEATURES_BY_KIND,
@@ -224,11 +233,8 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
 
     def _denoise(self, latents, controller, text, guidance_scale, steps, callback_on_step_end, ip_embeds):
         """DDIM (eta 0) from the first timestep, the same arithmetic the inversion undoes."""
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps)
-        ratio = scheduler.config.num_train_timesteps // steps
-        alphas = scheduler.alphas_cumprod.to(latents.device, torch.float32)
-        final_alpha = scheduler.final_alpha_cumprod.to(latents.device, torch.float32)
+        scheduler = generation_scheduler(self.scheduler, steps)
+        alpha_pair = ddim_alphas(scheduler, steps, latents.device)
         prediction_type = scheduler.config.prediction_type
         kwargs = text.unet_kwargs()
         if ip_embeds is not None:
@@ -243,8 +249,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
             if cfg:
                 uncond, cond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
-            alpha_t = alphas[t]
-            alpha_prev = alphas[t - ratio] if t - ratio >= 0 else final_alpha
+            alpha_t, alpha_prev = alpha_pair(t)
             eps = model_eps(output, z, alpha_t, prediction_type)
             z = ddim_step(predicted_x0(z, eps, alpha_t), eps, alpha_prev)
             if callback_on_step_end is not None:
@@ -322,8 +327,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
         offload = "cpu" if offload_features else None
 
         # 1. Timesteps shared by inversion and generation, and the injection window.
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler = generation_scheduler(self.scheduler, num_inference_steps)
         low, high = injection_timesteps or (0, scheduler.config.num_train_timesteps)
         window = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
 
