@@ -4,7 +4,9 @@
   batch, gradient into the text context, no tokens) divided by a SoftREPA step (tokens inserted
   by the attention controller, B x B error matrix, contrastive loss, backward, AdamW step);
   measured interleaved in the same run, on the full-size SD 1.5 UNet architecture (random weights).
-- ``inference_overhead``: a CFG UNet call with tokens attached over the same call without them.
+- ``inference_overhead``: a short generation (``--inference-calls`` CFG UNet calls under one
+  attach, as a pipeline's loop runs them) with tokens over the same calls with stock processors;
+  ``inference_tokens_vs_processors`` separates the tokens' own cost from the layer's pass-through.
 - memory: peak CUDA bytes where there is a GPU; everywhere, the bytes autograd saves for backward
   (the activation memory), with and without row chunking and gradient checkpointing.
 - shapes world: held-out alignment of the project's shapes model before and after training
@@ -16,6 +18,7 @@ Usage: ``python -m benchmarks.softrepa [--resolution 128] [--batch-size 2] [--re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
-from editkit.attention import attach
+from editkit.attention import AttentionController, attach
 from editkit.softrepa import ContrastiveLossConfig, SoftTokenController, SoftTokens, default_sites
 from editkit.softrepa.loss import contrastive_loss, pair_errors, row_chunks
 from editkit.testing import full_size_sd15_unet
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--inference-calls", type=int, default=4, help="UNet calls per timed generation (one attach around them)"
+    )
     parser.add_argument("--shapes-steps", type=int, default=200)
     parser.add_argument("--shapes-prompts", type=int, default=100)
     parser.add_argument("--dtype", default="float32", help="torch dtype of the UNet and shapes model (float16: CUDA)")
@@ -212,20 +218,26 @@ def main(argv: list[str] | None = None) -> None:
     for clock in ("median_s", "cpu_median_s"):
         result[f"step_efficiency_{clock.removesuffix('_s')}"] = timing["floor"][clock] / timing["softrepa_step"][clock]
 
-    def plain():
-        with torch.no_grad():
-            unet(cfg_sample, 500, encoder_hidden_states=cfg_context)
+    def generation(*controllers, calls: int = args.inference_calls):
+        """``calls`` CFG UNet calls under one attach, as a pipeline runs its denoising loop."""
 
-    def with_tokens():
-        with torch.no_grad(), attach(unet, controller):
-            unet(cfg_sample, 500, encoder_hidden_states=cfg_context)
+        def run():
+            with torch.no_grad(), attach(unet, list(controllers)) if controllers else contextlib.nullcontext():
+                for _ in range(calls):
+                    unet(cfg_sample, 500, encoder_hidden_states=cfg_context)
 
-    inference = interleaved_medians({"plain": plain, "tokens": with_tokens}, args.repeats * 2, 1, str(device))
-    result["inference"] = inference
+        return run
+
+    runs = {"plain": generation(), "processors": generation(AttentionController()), "tokens": generation(controller)}
+    inference = interleaved_medians(runs, args.repeats * 2, 1, str(device))
+    result["inference"] = inference | {"unet_calls_per_run": args.inference_calls}
     logger.info("inference: %s", inference)
-    for clock in ("median_s", "cpu_median_s"):
-        ratio = inference["tokens"][clock] / inference["plain"][clock]
-        result[f"inference_overhead_{clock.removesuffix('_s')}"] = ratio - 1
+    for clock in ("median_s", "cpu_median_s", "min_s"):
+        suffix = clock.removesuffix("_s")
+        result[f"inference_overhead_{suffix}"] = inference["tokens"][clock] / inference["plain"][clock] - 1
+        result[f"inference_tokens_vs_processors_{suffix}"] = (
+            inference["tokens"][clock] / inference["processors"][clock] - 1
+        )
     with attach(unet, controller):
         result["memory"] = memory_table(unet, soft, optimizer, latents, embeds, noise, str(device))
     result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device), dtype)

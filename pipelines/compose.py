@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from editkit.attention import AttentionController, attach, compose
+from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
@@ -84,7 +84,7 @@ class _Run:
     capture_steps: int
 
 
-class ComposePipeline(DiffusionPipeline):
+class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the
@@ -390,7 +390,7 @@ class ComposePipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             capture_steps=max(max_iter_to_alter, 1) if verify and verifier.needs_maps else 0,
         )
-        with attach(self.unet, controller):
+        with self.attach_controllers(controller):
             # 4. Stage 1: guided generation
             final, maps = self.denoise(initial_noise, timesteps, run, generator, callback_on_step_end)
 

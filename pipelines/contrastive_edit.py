@@ -23,7 +23,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from editkit.attention import AttentionController, attach, attention_sites, compose, select_sites
+from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.contrastive import (
     DEFAULT_SITES,
@@ -64,7 +64,7 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(DiffusionPipeline):
+class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent
@@ -425,7 +425,7 @@ class ContrastiveEditPipeline(DiffusionPipeline):
         # 5. Optimise the edited latent
         drawn, losses = [], []
         with (
-            attach(self.unet, controller),
+            self.attach_controllers(controller),
             self._frozen_unet(gradient_checkpointing),
             self.progress_bar(total=num_inference_steps) as progress,
         ):

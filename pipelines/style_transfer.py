@@ -26,7 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from editkit.attention import AttentionController, attach, compose
+from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.errors import InputError
 from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
@@ -70,7 +70,7 @@ class StyleTransferPipelineOutput(BaseOutput):
     content_cache: StyleCache
 
 
-class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
+class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMixin):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):
@@ -204,7 +204,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
         image_embeds = self._image_embeds(image) if ip_count else None
         if image_embeds is not None:  # the UNet needs image embeds; the scales are 0 while inverting
             added["image_embeds"] = [torch.zeros_like(image_embeds)] * ip_count
-        with attach(self.unet, recorder):
+        with self.attach_controllers(recorder):
             result = ddim_invert(
                 self.unet,
                 self.scheduler,
@@ -342,7 +342,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
         fingerprint = model_fingerprint(self.unet)
         extra = list(attention_controllers or [])
         try:
-            with attach(self.unet, extra) if extra else contextlib.nullcontext():
+            with self.attach_controllers(extra) if extra else contextlib.nullcontext():
                 if ip_count:
                     self.set_ip_adapter_scale([0.0] * ip_count)  # inversion runs without the image prompt
 
@@ -390,7 +390,7 @@ class StyleTransferPipeline(DiffusionPipeline, IPAdapterMixin):
                         gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
                     )  # fmt: skip
                     ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
-                    with attach(self.unet, controller):
+                    with self.attach_controllers(controller):
                         latents.append(
                             self._denoise(
                                 start,

@@ -54,7 +54,7 @@ class TrainConfig:
     image_size: int = IMAGE_SIZE
     num_images: int = 30_000
     # VAE
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 64)
     vae_groups: int = 16
     vae_steps: int = 1_000
     vae_batch_size: int = 24
@@ -105,7 +105,7 @@ CONFIGS: dict[str, TrainConfig] = {
     ),
     "large": TrainConfig(
         num_images=200_000,
-        vae_channels=(64, 128, 128),
+        vae_channels=(64, 128),
         vae_groups=32,
         vae_steps=10_000,
         vae_batch_size=64,

@@ -14,6 +14,7 @@ Every editkit method is a controller run by the same processor::
 from editkit.attention.attach import attach, attention_sites
 from editkit.attention.controller import AttentionController, ControllerList, compose
 from editkit.attention.kernels import AttentionKernel, explicit_attention, xformers_available
+from editkit.attention.pipeline_mixin import AttentionKernelMixin
 from editkit.attention.processor import EditkitAttnProcessor
 from editkit.attention.sites import Site, infer_grid, select_sites, site_matches
 from editkit.attention.stores import CrossAttentionMapStore, QKVRecorder, SelfAttentionOutputRecorder
@@ -21,6 +22,7 @@ from editkit.attention.stores import CrossAttentionMapStore, QKVRecorder, SelfAt
 __all__ = [
     "AttentionController",
     "AttentionKernel",
+    "AttentionKernelMixin",
     "ControllerList",
     "CrossAttentionMapStore",
     "EditkitAttnProcessor",
