@@ -31,6 +31,7 @@ __all__ = [
     "gaussian_smooth",
     "initno_refine",
     "kl_to_standard_normal",
+    "map_divisor",
     "map_grid",
     "missing_loss",
     "mixing_loss",
@@ -78,6 +79,19 @@ class GuidanceMapStore(CrossAttentionMapStore):
 def map_grid(latent_hw: tuple[int, int], divisor: int = 4) -> tuple[int, int]:
     """The attention grid used for guidance: a quarter of the latent side (16x16 for SD at 512 px)."""
     return math.ceil(latent_hw[0] / divisor), math.ceil(latent_hw[1] / divisor)
+
+
+def map_divisor(unet_config) -> int:
+    """Latent side / guidance-map side for a UNet: its lowest-resolution cross-attention level.
+
+    A&E fixes 16x16 maps for SD 1.x/2.x at 512 px, which is the lowest-resolution cross-attention
+    level of the down/up blocks (the mid block excluded): 64 / 4. Taking that level from the UNet's
+    ``down_block_types`` gives the same 4 for SD 1.x/2.x and SDXL (32x32 at 1024 px) and the
+    equivalent level for other topologies (a UNet with cross-attention in its first two levels
+    only: 2), where a fixed quarter could fall below every cross-attention layer but the mid block.
+    """
+    levels = [i for i, kind in enumerate(unet_config.down_block_types) if "CrossAttn" in kind]
+    return 2 ** levels[-1] if levels else 4
 
 
 def step_sizes(

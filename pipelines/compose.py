@@ -33,6 +33,7 @@ from editkit.refine import (
     MapsCaptured,
     constraint_loss,
     initno_refine,
+    map_divisor,
     map_grid,
     single_step_refine,
     step_sizes,
@@ -366,7 +367,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.prompt_embeds.dtype)
         initial_noise = latents.to(device=device, dtype=cond.prompt_embeds.dtype)
 
-        grid = map_grid(latent_hw)
+        grid = map_grid(latent_hw, map_divisor(self.unet.config))
         store = GuidanceMapStore(grid)
         controller = compose(store, *(attention_controllers or []))
         run = _Run(

@@ -17,6 +17,7 @@ from editkit.refine import (
     constraint_loss,
     initno_refine,
     kl_to_standard_normal,
+    map_divisor,
     map_grid,
     missing_loss,
     mixing_loss,
@@ -106,6 +107,16 @@ def test_centroid_and_grid():
     x, y = centroid(blob(grid, 0.25, 0.75, sigma=0.05)).tolist()
     assert x == pytest.approx(0.25, abs=0.02) and y == pytest.approx(0.75, abs=0.02)
     assert map_grid((64, 64)) == (16, 16) and map_grid((128, 96)) == (32, 24) and map_grid((16, 16)) == (4, 4)
+
+
+def test_map_divisor_picks_the_lowest_cross_attention_level(sd15_pipe, sdxl_pipe):
+    from types import SimpleNamespace
+
+    assert map_divisor(sd15_pipe.unet.config) == 4  # SD 1.x: 64x64 latents -> A&E's 16x16 maps
+    assert map_divisor(sdxl_pipe.unet.config) == 4  # SDXL: 128x128 latents -> 32x32
+    two_levels = SimpleNamespace(down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",))
+    assert map_divisor(two_levels) == 2  # a fixed quarter would leave only the mid block
+    assert map_divisor(SimpleNamespace(down_block_types=("DownBlock2D",) * 3)) == 4
 
 
 def test_step_sizes_follow_attend_and_excite():
