@@ -129,13 +129,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--shapes-prompts", type=int, default=50)
     parser.add_argument("--shapes-steps", type=int, default=25)
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
+    parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()
 
     result: dict = {"benchmark": "compose", "environment": environment(), "size": args.size, "steps": args.steps}
-    if not args.skip_speed:
+    if not args.shapes_only:
         result["speed"] = speed(args)
-    if (SHAPES_MODEL / "model_index.json").is_file():
+    if args.skip_shapes or args.shapes_prompts <= 0:
+        result["shapes"] = "skipped: --skip-shapes or --shapes-prompts 0"
+    elif (SHAPES_MODEL / "model_index.json").is_file():
         result["shapes"] = shapes_accuracy(args)
     else:
         result["shapes"] = f"skipped: {SHAPES_MODEL}/model_index.json not found (train it: benchmarks/shapes/train.py)"

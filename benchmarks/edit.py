@@ -190,12 +190,16 @@ def main() -> None:
         "--shapes-contrast-weight", type=float, default=None,
         help="contrast_weight of the dual run (default: the pipeline's 3.0, tuned for 64x64 latents)",
     )  # fmt: skip
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
+    parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()
     result = {"benchmark": "edit", "size_px": args.size, "device": args.device, "dtype": args.dtype}
-    if not args.skip_speed:
+    if not args.shapes_only:
         result |= speed(args)
-    result["shapes"] = shapes(args)
+    if args.skip_shapes or args.shapes_scenes <= 0:
+        result["shapes"] = {"skipped": "--skip-shapes or --shapes-scenes 0"}
+    else:
+        result["shapes"] = shapes(args)
     result["targets"] = {"efficiency (floor / per-iteration time)": 0.85}
     result["environment"] = environment()
     print_json(result)

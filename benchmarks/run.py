@@ -60,7 +60,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "memory_estimate": [],
     },
 }  # fmt: skip
-SHAPES_FLAGS = {"stylize": ["--skip-shapes"]}  # benchmarks whose shapes part can be switched off by a flag
+SHAPES_FLAGS = {name: ["--skip-shapes"] for name in ("stylize", "edit", "compose", "softrepa")}  # shapes parts off
 
 # (benchmark, path in its JSON, label, target, "<=" or ">=" or None): the Markdown table's rows.
 FIGURES: list[tuple[str, str, str, float | None, str | None]] = [

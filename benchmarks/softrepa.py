@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes-prompts", type=int, default=100)
     parser.add_argument("--dtype", default="float32", help="torch dtype of the UNet and shapes model (float16: CUDA)")
     parser.add_argument("--shapes-only", action="store_true", help="skip the full-size speed/memory part")
+    parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -240,7 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     with attach(unet, controller):
         result["memory"] = memory_table(unet, soft, optimizer, latents, embeds, noise, str(device))
-    result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device), dtype)
+    if args.skip_shapes or args.shapes_steps <= 0 or args.shapes_prompts <= 0:
+        result["shapes_world"] = {"skipped": "--skip-shapes, --shapes-steps 0 or --shapes-prompts 0"}
+    else:
+        result["shapes_world"] = shapes_alignment(args.shapes_steps, args.shapes_prompts, str(device), dtype)
     print_json(result)
 
 
