@@ -242,14 +242,15 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         z = latents.float()
         cfg = guidance_scale > 1.0
         for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            t = int(t)
-            controller.begin_step(index, t)
+            # the controller keys on the int; the UNet gets the tensor, so a compiled UNet does not
+            # specialise (and recompile) on each timestep's Python int
+            controller.begin_step(index, int(t))
             model_input = torch.cat([z, z]) if cfg else z
             output = self.unet(model_input.to(self.unet.dtype), t, **kwargs, return_dict=False)[0].float()
             if cfg:
                 uncond, cond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
-            alpha_t, alpha_prev = alpha_pair(t)
+            alpha_t, alpha_prev = alpha_pair(int(t))
             eps = model_eps(output, z, alpha_t, prediction_type)
             z = ddim_step(predicted_x0(z, eps, alpha_t), eps, alpha_prev)
             if callback_on_step_end is not None:
