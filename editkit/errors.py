@@ -8,7 +8,7 @@ instead of a traceback. Anything else that escapes is a bug.
 
 from __future__ import annotations
 
-__all__ = ["EditkitError", "InputError", "ModelLoadError", "NumericalError"]
+__all__ = ["EditkitError", "InputError", "ModelLoadError", "NumericalError", "OutputExistsError"]
 
 
 class EditkitError(Exception):
@@ -17,6 +17,10 @@ class EditkitError(Exception):
 
 class InputError(EditkitError, ValueError):
     """Bad user input: an unreadable or unsuitable image, an invalid option, an unwritable output."""
+
+
+class OutputExistsError(InputError):
+    """The output file exists and overwriting was not asked for (also when it appeared meanwhile)."""
 
 
 class ModelLoadError(EditkitError):

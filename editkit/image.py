@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from editkit.errors import InputError
+from editkit.errors import InputError, OutputExistsError
 
 __all__ = [
     "atomic_write",
@@ -200,7 +200,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise InputError(f"{path} is a directory; give a file name")
     if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -234,7 +234,7 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # atomic create-if-absent
     except FileExistsError:
-        raise InputError(f"{path} exists; pass --overwrite to replace it") from None
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it") from None
     except OSError:  # a file system without hard links
         os.replace(tmp, path)
     else:

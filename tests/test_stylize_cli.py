@@ -11,6 +11,7 @@ from PIL import Image
 
 import pipelines.style_transfer as style_module
 from editkit.cli import main
+from editkit.errors import InputError
 
 FAST = ["--steps", "2", "--size", "32", "--device", "cpu"]
 
@@ -168,3 +169,32 @@ def test_unwritable_output_folder_is_refused(images, tmp_path, capsys, monkeypat
         locked.chmod(0o700)
     assert code == 2 and "permission denied" in err.strip().splitlines()[-1]
     assert not any(locked.iterdir())
+
+
+def test_a_cache_saved_first_by_another_batch_process_is_kept(tmp_path):
+    """Two processes of one batch save the same style cache: the second one's create loses the race."""
+    import argparse
+
+    from editkit.commands.stylize import _Plan, _save_caches
+    from editkit.image import atomic_write
+
+    path = tmp_path / "caches" / "style.safetensors"
+
+    class RacingCache:
+        def save(self, target, overwrite=False):
+            atomic_write(target, lambda tmp: tmp.write_bytes(b"other process"))  # lands between check and create
+            atomic_write(target, lambda tmp: tmp.write_bytes(b"this process"), overwrite=overwrite)
+
+    plan = _Plan([], [tmp_path / "style.png"], [], {}, [path])
+    _save_caches([RacingCache()], plan, argparse.Namespace(overwrite=False))
+    assert path.read_bytes() == b"other process"
+    assert [p.name for p in path.parent.iterdir()] == ["style.safetensors"]  # no temporary file left
+
+    class FailingCache:
+        def save(self, target, overwrite=False):
+            atomic_write(target, lambda tmp: tmp.write_bytes(b"x"))
+            atomic_write(tmp_path, lambda tmp: None)  # any other input error still surfaces
+
+    other = tmp_path / "caches" / "second.safetensors"
+    with pytest.raises(InputError, match="is a directory"):
+        _save_caches([FailingCache()], _Plan([], [], [], {}, [other]), argparse.Namespace(overwrite=False))

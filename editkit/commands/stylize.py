@@ -22,7 +22,7 @@ from editkit.commands.common import (
     positive_int,
     ranged_float,
 )
-from editkit.errors import InputError
+from editkit.errors import InputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -257,10 +257,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save_caches(caches, plan: _Plan, args: argparse.Namespace) -> None:
-    """Save computed style caches; a cache already there from an interrupted batch is kept."""
+    """Save computed style caches; a cache already there from an interrupted batch is kept.
+
+    Under ``accelerate launch`` every process inverts the styles and saves the same caches: one
+    that another process saved first (between the check and the atomic create) is kept as well.
+    """
     for cache, path in zip(caches, plan.cache_outputs):
         if args.overwrite or not path.exists():
-            cache.save(path, overwrite=args.overwrite)
+            try:
+                cache.save(path, overwrite=args.overwrite)
+            except OutputExistsError:
+                logger.info("style cache %s was saved by another process of this batch", path)
 
 
 def _save_outputs(images, content_index: int, plan: _Plan, args: argparse.Namespace, pending, on_saved) -> None:
