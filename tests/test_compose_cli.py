@@ -81,3 +81,18 @@ def test_bad_options_exit_2(sd15_dir, tmp_path, capsys):
     assert _run(sd15_dir, tmp_path, "--constraints", str(tmp_path / "none.json")) == 2
     err = capsys.readouterr().err
     assert "prompt is empty" in err and "exceeds --steps" in err and "does not exist" in err
+
+
+def test_attention_xformers_falls_back_to_sdpa_on_cpu_with_the_same_image(sd15_dir, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    assert _run(sd15_dir, tmp_path, "--no-refine", output="sdpa.png") == 0
+    with caplog.at_level(logging.WARNING, logger="editkit.attention.kernels"):
+        assert _run(sd15_dir, tmp_path, "--no-refine", "--attention", "xformers", output="xformers.png") == 0
+    assert "using torch SDPA instead" in caplog.text
+    sdpa, xformers = (np.asarray(Image.open(tmp_path / name)) for name in ("sdpa.png", "xformers.png"))
+    assert np.array_equal(sdpa, xformers)
+    meta = json.loads(Image.open(tmp_path / "xformers.png").text["editkit"])
+    assert meta["attention"] == "xformers"

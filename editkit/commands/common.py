@@ -95,6 +95,22 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
     )
 
 
+def add_attention_option(parser: argparse.ArgumentParser) -> None:
+    """--attention sdpa|xformers: the kernel of editkit's attention layer."""
+    parser.add_argument(
+        "--attention",
+        choices=("sdpa", "xformers"),
+        default="sdpa",
+        help="attention kernel: torch SDPA (default) or xformers (CUDA, when installed; SDPA otherwise)",
+    )
+
+
+def configure_attention(pipe, args: argparse.Namespace) -> None:
+    """Apply --attention to an editkit pipeline (its xformers switch selects editkit's kernel)."""
+    if args.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+
+
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """-o/--output (``required=False`` for commands that also have a batch mode), --overwrite."""
     parser.add_argument("-o", "--output", type=Path, required=required, help="output image (.png keeps the parameters)")

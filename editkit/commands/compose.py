@@ -10,10 +10,12 @@ import torch
 
 from editkit.cli import echo
 from editkit.commands.common import (
+    add_attention_option,
     add_model_options,
     add_output_options,
     check_output_path,
     command_params,
+    configure_attention,
     non_negative_int,
     png_metadata,
     positive_int,
@@ -68,6 +70,7 @@ def register(subparsers) -> None:
     parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the model's)")
     add_model_options(parser)
+    add_attention_option(parser)
     add_output_options(parser, required=False)
     parser.set_defaults(run=run)
 
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
     pipe = load_pipeline(ComposePipeline, args.model, device=args.device, dtype=args.dtype)
+    configure_attention(pipe, args)
     verifier = "attention"
     if not args.no_refine and args.verifier != "attention":
         verifier = make_verifier(args.verifier, model=args.verifier_model, device=pipe.device)

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from editkit.cli import echo
 from editkit.commands.common import (
+    add_attention_option,
     add_model_options,
     add_output_options,
     check_output_path,
     command_params,
+    configure_attention,
     finite_float,
     png_metadata,
     positive_int,
@@ -76,6 +78,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower backward")
     add_model_options(parser)
+    add_attention_option(parser)
     add_output_options(parser, required=False)
     parser.set_defaults(run=run)
 
@@ -187,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         check_batch_outputs(jobs, args.output_dir, "edit", params, args.overwrite)
 
     pipe = load_pipeline(ContrastiveEditPipeline, args.model, device=args.device, dtype=args.dtype)
+    configure_attention(pipe, args)
     extra = []
     if args.soft_tokens:
         from editkit.softrepa import load_soft_tokens

@@ -12,10 +12,12 @@ from pathlib import Path
 from editkit.cli import echo
 from editkit.commands.batch import Job, check_batch_outputs
 from editkit.commands.common import (
+    add_attention_option,
     add_model_options,
     add_output_options,
     check_output_path,
     command_params,
+    configure_attention,
     non_negative_int,
     png_metadata,
     positive_float,
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
     parser.add_argument("style", type=Path, nargs="*", help="style image(s) or folder(s) of them")
     add_output_options(parser)
     add_model_options(parser)
+    add_attention_option(parser)
     method = parser.add_argument_group("method")
     method.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
     method.add_argument("--gamma", type=ranged_float(0, 1), default=0.75, help="content query preservation (0.75)")
@@ -200,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.style_transfer import StyleTransferPipeline
 
     pipe = load_pipeline(StyleTransferPipeline, args.model, device=args.device, dtype=args.dtype)
+    configure_attention(pipe, args)
     target = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     _check_cache_sizes(caches, plan.caches, target)
     extra = []
