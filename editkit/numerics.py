@@ -12,7 +12,7 @@ import torch
 
 from editkit.errors import NumericalError
 
-__all__ = ["OUT_OF_MEMORY_ADVICE", "check_finite", "is_finite", "out_of_memory_message"]
+__all__ = ["APP_OUT_OF_MEMORY_ADVICE", "OUT_OF_MEMORY_ADVICE", "check_finite", "is_finite", "out_of_memory_message"]
 
 OUT_OF_MEMORY_ADVICE = (
     "try a smaller --size/--height/--width, --dtype fp16, CPU offload, fewer cached steps or "
@@ -42,7 +42,11 @@ def check_finite(tensor: torch.Tensor, where: str, *, advice: str | None = None)
     raise NumericalError(f"{where} produced {kind} values ({cause}): {advice}")
 
 
-def out_of_memory_message(error: BaseException) -> str:
-    """One line for an out-of-memory error, with the knobs that reduce memory."""
+#: The same advice in the web demo's terms (its controls, and the options the demo starts with).
+APP_OUT_OF_MEMORY_ADVICE = "try a smaller image, fewer steps, or restart the demo with --dtype fp16 or --device cpu"
+
+
+def out_of_memory_message(error: BaseException, advice: str = OUT_OF_MEMORY_ADVICE) -> str:
+    """One line for an out-of-memory error, with the knobs that reduce memory (CLI terms by default)."""
     first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
-    return f"out of memory ({first}); {OUT_OF_MEMORY_ADVICE}"
+    return f"out of memory ({first}); {advice}"

@@ -36,7 +36,7 @@ from editkit.app.models import ModelManager
 from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
 from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
-from editkit.numerics import out_of_memory_message
+from editkit.numerics import APP_OUT_OF_MEMORY_ADVICE, out_of_memory_message
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ def guarded(endpoint: Callable) -> Callable:
         except (MemoryError, torch.OutOfMemoryError) as error:
             logger.warning("the %s endpoint ran out of memory: %s", endpoint.__name__, error)
             _release_cached_memory()
-            raise gr.Error(out_of_memory_message(error), title="Out of memory", print_exception=False) from None
+            message = out_of_memory_message(error, APP_OUT_OF_MEMORY_ADVICE)
+            raise gr.Error(message, title="Out of memory", print_exception=False) from None
         except Exception:
             logger.exception("the %s endpoint failed", endpoint.__name__)
             raise gr.Error(UNEXPECTED_ERROR, print_exception=False) from None
