@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "attention_overhead": ["--size", "128", "--repeats", "3"],
         "stylize": ["--size", "128", "--steps", "4", "--repeats", "2"],
         "edit": ["--size", "128", "--iterations", "2", "--repeats", "2", "--shapes-scenes", "4", "--shapes-iterations", "50"],
-        "compose": ["--size", "128", "--steps", "8", "--repeats", "2", "--shapes-prompts", "10", "--shapes-steps", "25"],
+        "compose": ["--size", "128", "--steps", "20", "--repeats", "2", "--shapes-prompts", "10", "--shapes-steps", "25"],
         "softrepa": ["--resolution", "128", "--batch-size", "2", "--repeats", "2", "--shapes-steps", "100", "--shapes-prompts", "40"],
         "research_baselines": ["--size", "128", "--steps", "4", "--repeats", "2"],
         "memory_estimate": [],

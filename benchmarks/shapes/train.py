@@ -1,12 +1,14 @@
 """Train the shapes-world text-to-image model from scratch and save it as a diffusers pipeline.
 
-Two phases, one seed:
+Three phases, one seed:
 
-1. a tiny ``AutoencoderKL`` (32 px images, 4 latent channels, scale factor 4 -> 8x8 latents) learns
-   to reconstruct rendered scenes; its ``scaling_factor`` is then set to 1/std of the latents;
+1. a tiny ``AutoencoderKL`` (32 px images, 4 latent channels, one downsample: scale factor 2 ->
+   16x16 latents) learns to reconstruct rendered scenes; its ``scaling_factor`` is then set to
+   1/std of the latents;
 2. a ``UNet2DConditionModel`` (cross-attention at two resolutions) and a small ``CLIPTextModel``
    learn epsilon prediction jointly on latents of a fixed rendered data set, with 10% of the
-   captions dropped for classifier-free guidance, min-SNR loss weighting and an EMA of the weights.
+   captions dropped for classifier-free guidance, min-SNR loss weighting and an EMA of the weights;
+3. the VAE decoder alone is fine-tuned (encoder frozen, so the UNet's latent space is unchanged).
 
 The result is a ``StableDiffusionPipeline`` folder (safetensors only, ``DDIMScheduler``, no safety
 checker). The detector never takes part in training. Usage::
