@@ -188,7 +188,8 @@ def main() -> None:
     parser.add_argument("--shapes-iterations", type=int, default=100)
     parser.add_argument(
         "--shapes-contrast-weight", type=float, default=None,
-        help="contrast_weight of the dual run (default: the pipeline's 3.0, tuned for 64x64 latents)",
+        help="contrast_weight of the dual run (default: the pipeline's, the paper's 3.0; on the shapes model, "
+        "whose self-attention features carry colour, 0.3 lets colour edits through: see benchmarks/RESULTS.md)",
     )  # fmt: skip
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
     parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
