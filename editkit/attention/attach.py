@@ -84,7 +84,8 @@ def attach(
         yield controller
     finally:
         hook.remove()
-        if any(unet.attn_processors[k] is not installed[k] for k in installed):
+        current = unet.attn_processors  # one walk of the module tree (a property that rebuilds it)
+        if any(current[k] is not installed[k] for k in installed):
             logger.warning(
                 "attention processors were replaced while an editkit controller was attached "
                 "(e.g. enable_xformers_memory_efficient_attention); restoring the originals"
