@@ -94,8 +94,10 @@ def style(unet, args, device, dtype) -> dict:
     content_recorder = FeatureRecorder(sites, ("query",), [TIMESTEP])
 
     def forward():
+        """``--calls`` UNet calls under one attach / hook installation, as a denoising loop runs them."""
         with torch.no_grad():
-            unet(sample, TIMESTEP, encoder_hidden_states=context)
+            for _ in range(args.calls):
+                unet(sample, TIMESTEP, encoder_hidden_states=context)
 
     def run_with(controller):
         def run():
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--only", nargs="*", choices=("style", "materialised", "decode_per_step"), default=None)
+    parser.add_argument("--calls", type=int, default=4, help="UNet calls per timed run of the style section")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     unet = full_size_sd15_unet(dtype=dtype, device=device)
