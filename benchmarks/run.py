@@ -83,6 +83,7 @@ FIGURES: list[tuple[str, str, str, float | None, str | None]] = [
     ("edit", "efficiency.dds_vs_floor_dds_cpu", "DDS floor / iteration (CPU time)", 0.85, ">="),
     ("compose", "speed.stage1_cpu_ratio", "stage 1 / plain generation (CPU time)", 1.8, "<="),
     ("compose", "speed.full_cpu_ratio", "full two-stage / plain generation (CPU time)", 2.6, "<="),
+    ("compose", "speed.stage1_efficiency_cpu", "stage 1 UNet floor / stage 1 (CPU time)", 0.85, ">="),
     ("softrepa", "step_efficiency_cpu_median", "floor / training step (CPU time)", 0.9, ">="),
     ("softrepa", "inference_overhead_cpu_median", "token inference overhead (CPU time)", 0.03, "<="),
     ("research_baselines", "style.editkit_gain.record", "StyleID hooks / editkit, recording (CPU time)", 1.0, ">="),
