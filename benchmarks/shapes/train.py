@@ -506,17 +506,9 @@ def continue_diffusion(source: str | Path, config: TrainConfig, output: str | Pa
     pipe.unet, pipe.text_encoder = unet.cpu(), text_encoder.cpu()
     pipe.vae = vae.cpu()
     pipe.save_pretrained(output, safe_serialization=True)
-    summary = {
-        "config": dataclasses.asdict(config),
-        "continued_from": str(source),
-        "unet_seconds": round(diffusion_time, 1),
-        "total_seconds": round(time.time() - start, 1),
-        "scaling_factor": scaling,
-        "device": str(accelerator.device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    Path(output, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(
+        output, config, accelerator, scaling, start, continued_from=str(source), unet_seconds=diffusion_time
+    )
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
@@ -570,10 +562,18 @@ def train(config: TrainConfig, output: str | Path, device: str | None = None) ->
     decoder_time = time.time() - decoder_start
     pipe = assemble_pipeline(vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
     pipe.save_pretrained(output, safe_serialization=True)
-    summary = {
-        "config": dataclasses.asdict(config),
-        "vae_seconds": round(vae_time, 1),
-        "decoder_seconds": round(decoder_time, 1),
+    times = {"vae_seconds": vae_time, "decoder_seconds": decoder_time}
+    return write_summary(output, config, accelerator, scaling, start, **times)
+
+
+def write_summary(output, config: TrainConfig, accelerator, scaling: float, start: float, **extra) -> dict:
+    """Write ``training_summary.json`` (configuration, times, scaling factor, device) and return it.
+
+    ``extra`` entries come after the configuration; float values are seconds, rounded to 0.1 s.
+    """
+    summary = {"config": dataclasses.asdict(config)}
+    summary |= {k: round(v, 1) if isinstance(v, float) else v for k, v in extra.items()}
+    summary |= {
         "total_seconds": round(time.time() - start, 1),
         "scaling_factor": scaling,
         "device": str(accelerator.device),

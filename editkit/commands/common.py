@@ -105,10 +105,29 @@ def add_attention_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure_attention(pipe, args: argparse.Namespace) -> None:
-    """Apply --attention to an editkit pipeline (its xformers switch selects editkit's kernel)."""
-    if args.attention == "xformers":
+def load_method_pipeline(pipeline_class, args: argparse.Namespace) -> tuple[object, list]:
+    """The pipeline of --model/--device/--dtype with --attention applied, and the controllers of
+    --soft-tokens (an empty list without it) to pass as ``attention_controllers``."""
+    from editkit.models import load_pipeline
+
+    pipe = load_pipeline(pipeline_class, args.model, device=args.device, dtype=args.dtype)
+    if args.attention == "xformers":  # on editkit pipelines this selects editkit's kernel
         pipe.enable_xformers_memory_efficient_attention()
+    if not args.soft_tokens:
+        return pipe, []
+    from editkit.softrepa import load_soft_tokens
+
+    return pipe, [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file, with one clear error when it is missing or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the {what} {path}: {error}") from None
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -15,11 +15,12 @@ from editkit.commands.common import (
     add_output_options,
     check_output_path,
     command_params,
-    configure_attention,
+    load_method_pipeline,
     non_negative_int,
     png_metadata,
     positive_int,
     ranged_float,
+    read_text_lines,
 )
 from editkit.errors import InputError
 
@@ -86,12 +87,7 @@ def _check_mode(args: argparse.Namespace) -> None:
 
 def read_prompts(path: Path) -> list[str]:
     """The prompts of a batch file: one per line, blank lines and # comments skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read the prompt file {path}: {error}") from None
+    lines = read_text_lines(path, "prompt file")
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise InputError(f"{path} holds no prompts (one per line)")
@@ -147,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
     from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.constraints import load_constraints
     from editkit.image import save_image
-    from editkit.models import load_pipeline
     from editkit.verifiers import make_verifier
     from pipelines.compose import ComposePipeline
 
@@ -160,16 +155,10 @@ def run(args: argparse.Namespace) -> int:
         jobs, params = _jobs(read_prompts(args.prompts)), command_params(args, skip=("prompts", "output_dir"))
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
-    pipe = load_pipeline(ComposePipeline, args.model, device=args.device, dtype=args.dtype)
-    configure_attention(pipe, args)
+    pipe, extra = load_method_pipeline(ComposePipeline, args)
     verifier = "attention"
     if not args.no_refine and args.verifier != "attention":
         verifier = make_verifier(args.verifier, model=args.verifier_model, device=pipe.device)
-    extra = []
-    if args.soft_tokens:
-        from editkit.softrepa import load_soft_tokens
-
-        extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
 
     def generate(prompt: str, output: Path, prompt_constraints=None) -> str:
         result = pipe(

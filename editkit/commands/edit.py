@@ -18,10 +18,11 @@ from editkit.commands.common import (
     add_output_options,
     check_output_path,
     command_params,
-    configure_attention,
     finite_float,
+    load_method_pipeline,
     png_metadata,
     positive_int,
+    read_text_lines,
 )
 from editkit.errors import InputError
 
@@ -102,12 +103,7 @@ def _check_mode(args: argparse.Namespace) -> None:
 
 def read_edits(path: Path, folder: Path) -> list[dict[str, str]]:
     """The edits of a JSON-lines file: image (relative to ``folder``), source_prompt, target_prompt."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read the prompt file {path}: {error}") from None
+    lines = read_text_lines(path, "prompt file")
     edits = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -172,7 +168,6 @@ def _load_mask(path: Path, image_size: tuple[int, int]) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.image import load_image
-    from editkit.models import load_pipeline
     from pipelines.contrastive_edit import ContrastiveEditPipeline
 
     _check_mode(args)
@@ -189,13 +184,7 @@ def run(args: argparse.Namespace) -> int:
         jobs, params = _jobs(args), command_params(args, skip=("prompts", "output_dir", "image"))
         check_batch_outputs(jobs, args.output_dir, "edit", params, args.overwrite)
 
-    pipe = load_pipeline(ContrastiveEditPipeline, args.model, device=args.device, dtype=args.dtype)
-    configure_attention(pipe, args)
-    extra = []
-    if args.soft_tokens:
-        from editkit.softrepa import load_soft_tokens
-
-        extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
+    pipe, extra = load_method_pipeline(ContrastiveEditPipeline, args)
     if args.output_dir is None:
         _edit(pipe, args, (image, args.image), args.source_prompt, args.target_prompt, mask, args.output, extra)
         return 0

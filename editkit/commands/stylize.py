@@ -17,7 +17,7 @@ from editkit.commands.common import (
     add_output_options,
     check_output_path,
     command_params,
-    configure_attention,
+    load_method_pipeline,
     non_negative_int,
     png_metadata,
     positive_float,
@@ -199,18 +199,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from editkit.image import resize_to
-    from editkit.models import load_pipeline
     from pipelines.style_transfer import StyleTransferPipeline
 
-    pipe = load_pipeline(StyleTransferPipeline, args.model, device=args.device, dtype=args.dtype)
-    configure_attention(pipe, args)
+    pipe, extra = load_method_pipeline(StyleTransferPipeline, args)
     target = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     _check_cache_sizes(caches, plan.caches, target)
-    extra = []
-    if args.soft_tokens:
-        from editkit.softrepa import load_soft_tokens
-
-        extra = [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
     style_inputs = [resize_to(image, _size(image, target)) if args.mask is None else image for image in styles]
     state = {"caches": None}  # every style's cache once it is inverted, reused for the other contents
 
