@@ -13,6 +13,9 @@
 - ``enable_memory_savers``: diffusers' model CPU offload (accelerate; needs an accelerator), VAE
   tiling (large images: the VAE works on overlapping tiles) and VAE slicing (one image at a time).
 - ``graph_breaks``: ``torch._dynamo.explain`` summary, to check a controller before compiling.
+- ``frozen_weights``: a module's weights out of autograd for a guidance pass that differentiates
+  with respect to the latents only (no weight edges in the graph, no inputs saved for weight
+  gradients), the flags restored after.
 
 Attention chunking on the explicit-probability path is ``attach(..., chunk_size=...)``; xformers is
 ``attach(..., backend="xformers")`` (CUDA, when installed; SDPA otherwise).
@@ -20,15 +23,23 @@ Attention chunking on the explicit-probability path is ``attach(..., chunk_size=
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from editkit.errors import EditkitError
 
-__all__ = ["GraphBreakReport", "compile_unet", "enable_memory_savers", "graph_breaks", "to_channels_last"]
+__all__ = [
+    "GraphBreakReport",
+    "compile_unet",
+    "enable_memory_savers",
+    "frozen_weights",
+    "graph_breaks",
+    "to_channels_last",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +72,24 @@ def compile_unet(
     unet.compile(mode=mode, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
     logger.info("UNet compiled (mode=%s, backend=%s, fullgraph=%s)", mode, backend, fullgraph)
     return unet
+
+
+@contextlib.contextmanager
+def frozen_weights(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module``'s parameters with ``requires_grad=False`` inside the block, each flag restored after.
+
+    Backpropagating to latents through a model loaded for inference (``from_pretrained`` leaves
+    ``requires_grad=True``) otherwise records a weight edge per layer and keeps each layer's input
+    alive for a weight gradient nobody asks for.
+    """
+    parameters = list(module.parameters())
+    flags = [p.requires_grad for p in parameters]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

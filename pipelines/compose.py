@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
@@ -391,7 +392,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             guidance_scale=guidance_scale,
             capture_steps=max(max_iter_to_alter, 1) if verify and verifier.needs_maps else 0,
         )
-        with self.attach_controllers(controller):
+        with self.attach_controllers(controller), frozen_weights(self.unet):
             # 4. Stage 1: guided generation
             final, maps = self.denoise(initial_noise, timesteps, run, generator, callback_on_step_end)
 

@@ -23,6 +23,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.contrastive import (
@@ -278,16 +279,13 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
     def _frozen_unet(self, gradient_checkpointing: bool) -> Iterator[None]:
         """UNet weights frozen (no weight gradients) and optional checkpointing, both restored after."""
         unet = self.unet
-        flags = [p.requires_grad for p in unet.parameters()]
         was_checkpointing = unet.is_gradient_checkpointing
-        unet.requires_grad_(False)
         if gradient_checkpointing and not was_checkpointing:
             unet.enable_gradient_checkpointing()
         try:
-            yield
+            with frozen_weights(unet):
+                yield
         finally:
-            for parameter, flag in zip(unet.parameters(), flags):
-                parameter.requires_grad_(flag)
             if gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
 

@@ -285,6 +285,28 @@ def test_grad_forwards_only_on_guided_steps(compose_pipe):
     assert not torch.equal(guided.images, unguided.images)
 
 
+def test_guided_passes_leave_the_weights_out_of_autograd(compose_pipe):
+    """A model loaded for inference has requires_grad=True weights: the guidance graph must not
+    include them (no weight gradients), and each flag comes back as it was."""
+    unet = compose_pipe.unet
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    unet.requires_grad_(True)
+    unet.conv_in.weight.requires_grad_(False)  # one odd flag, to check each is restored
+    during = []
+    handle = unet.register_forward_pre_hook(
+        lambda module, args: during.append(any(p.requires_grad for p in module.parameters()))
+    )
+    try:
+        _generate(compose_pipe, refine=False, num_inference_steps=3, max_iter_to_alter=2)
+        assert during and not any(during)
+        assert all(p.grad is None for p in unet.parameters())
+        assert not unet.conv_in.weight.requires_grad and unet.conv_out.weight.requires_grad
+    finally:
+        handle.remove()
+        for name, p in unet.named_parameters():
+            p.requires_grad_(flags[name])
+
+
 def test_guided_passes_stop_after_the_last_needed_map(compose_pipe, monkeypatch):
     from editkit.refine import GuidanceMapStore
 
