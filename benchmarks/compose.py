@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.timing import environment, interleaved_medians, print_json
+from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
 from editkit.verifiers import AttentionVerifier
 from pipelines.compose import ComposePipeline
 
@@ -73,6 +73,8 @@ def speed(args) -> dict:
         key = "stage1_efficiency" + ("_cpu" if clock.startswith("cpu") else "")
         result[key] = timings["floor_stage1"][clock] / timings["stage1"][clock]
     result["targets"] = {"stage1": 1.8, "full": 2.6}
+    if args.device.startswith("cuda"):
+        result["peak_gb"] = {name: peak_memory(runs[name], args.device) / 1e9 for name in ("plain", "stage1", "full")}
     return result
 
 

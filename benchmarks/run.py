@@ -84,6 +84,8 @@ FIGURES: list[tuple[str, str, str, float | None, str | None]] = [
     ("compose", "speed.stage1_cpu_ratio", "stage 1 / plain generation (CPU time)", 1.8, "<="),
     ("compose", "speed.full_cpu_ratio", "full two-stage / plain generation (CPU time)", 2.6, "<="),
     ("compose", "speed.stage1_efficiency_cpu", "stage 1 UNet floor / stage 1 (CPU time)", 0.85, ">="),
+    ("compose", "speed.stage1_wall_ratio", "stage 1 / plain generation (wall)", 1.8, "<="),
+    ("compose", "speed.full_wall_ratio", "full two-stage / plain generation (wall)", 2.6, "<="),
     ("softrepa", "step_efficiency_cpu_median", "floor / training step (CPU time)", 0.9, ">="),
     ("softrepa", "inference_overhead_cpu_median", "token inference overhead (CPU time)", 0.03, "<="),
     ("research_baselines", "style.editkit_gain.record", "StyleID hooks / editkit, recording (CPU time)", 1.0, ">="),
@@ -396,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         results["benchmarks"][bench] = run_benchmark(module, bench_args, args.timeout)
         entry = results["benchmarks"][bench]
         print(f"[run] {bench}: {entry.get('error', 'ok')} ({entry.get('seconds', 0):.0f} s)", file=sys.stderr)
-    results["seconds"] = time.perf_counter() - start
-    write_outputs(results, args.output)
+        results["seconds"] = time.perf_counter() - start
+        write_outputs(results, args.output)  # after each benchmark: a killed run keeps what finished
+    sys.stdout.write(markdown(results))
 
 
 def write_outputs(results: dict, output: Path) -> None:
@@ -407,7 +410,6 @@ def write_outputs(results: dict, output: Path) -> None:
     table = markdown(results)
     atomic_write(output, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)), overwrite=True)
     atomic_write(output.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table), overwrite=True)
-    sys.stdout.write(table)
 
 
 if __name__ == "__main__":
