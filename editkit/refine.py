@@ -21,6 +21,7 @@ from editkit.attention import CrossAttentionMapStore, Site
 from editkit.constraints import AlignedConstraints
 
 __all__ = [
+    "GUIDANCE_BLOCKS",
     "GuidanceMapStore",
     "LossWeights",
     "MapsCaptured",
@@ -43,6 +44,11 @@ __all__ = [
 ]
 
 
+# A&E and the paper average the down and up layers at the guidance grid (the mid block is coarser).
+GUIDANCE_BLOCKS = ("down", "up")
+_BLOCK_PREFIXES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+
+
 class MapsCaptured(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by :class:`GuidanceMapStore` once the last needed map is in: the rest of the UNet is skipped."""
 
@@ -54,10 +60,24 @@ class GuidanceMapStore(CrossAttentionMapStore):
     last site of the grid in execution order, learnt on the first full pass) is complete: a guided
     pass needs the maps, not the UNet's output, so the layers after them (SD 1.5: the 32x32 and
     64x64 up blocks) are neither run nor backpropagated through.
+
+    ``blocks`` chooses the UNet blocks whose layers at the grid are averaged: ``("down", "up")``
+    (A&E and the paper: SD 1.5's down_blocks.2 and up_blocks.1) or ``("down",)``, which stops the
+    guided pass after down_blocks.2 (no mid or up block in the forward or the backward).
     """
 
-    def __init__(self, grid: tuple[int, int], role: str = "cond", with_grad: bool = True) -> None:
-        super().__init__(grids=[grid], role=role, with_grad=with_grad)
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        role: str = "cond",
+        with_grad: bool = True,
+        blocks: Sequence[str] = GUIDANCE_BLOCKS,
+    ) -> None:
+        blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+        if not blocks or set(blocks) - set(_BLOCK_PREFIXES):
+            raise ValueError(f"attention blocks must be some of {sorted(_BLOCK_PREFIXES)}, got {blocks!r}")
+        sites = [_BLOCK_PREFIXES[block] for block in blocks]
+        super().__init__(grids=[grid], role=role, sites=sites, with_grad=with_grad)
         self.active = False
         self.early_exit = False
         self.stop_after: str | None = None

@@ -27,7 +27,10 @@ def test_compose_writes_image_report_and_metadata(sd15_dir, tmp_path, capsys):
     assert meta["command"] == "compose" and meta["prompt"] == PROMPT and meta["seed"] == 1
     assert meta["constraints_used"]["relations"] == [{"subject": "car", "relation": "left", "object": "bird"}]
     assert meta["chosen"] in ("stage1", "refined")
+    assert meta["attention_blocks"] == ["down", "up"]  # the paper's maps by default
     assert _run(sd15_dir, tmp_path) == 2  # exists, no --overwrite
+    assert _run(sd15_dir, tmp_path, "--attention-blocks", "down", output="down.png") == 0
+    assert json.loads(Image.open(tmp_path / "down.png").text["editkit"])["attention_blocks"] == ["down"]
     assert "--overwrite" in capsys.readouterr().err
 
 

@@ -322,6 +322,35 @@ def test_guided_passes_stop_after_the_last_needed_map(compose_pipe, monkeypatch)
     assert torch.equal(early.images, full.images)  # skipping the later layers changes nothing
 
 
+def _grad_blocks(pipe, **kwargs) -> tuple[set[str], torch.Tensor]:
+    """The UNet blocks that ran under autograd after the first guided pass, and the image."""
+    from diffusers.models.attention_processor import Attention
+
+    seen: list[tuple[str, bool]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda *a, name=name: seen.append((name, torch.is_grad_enabled())))
+        for name, module in pipe.unet.named_modules()
+        if isinstance(module, Attention)
+    ]
+    try:
+        out = _generate(pipe, refine=False, num_inference_steps=4, max_iter_to_alter=3, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first_pass = len(pipe.unet.attn_processors)  # the first guided pass runs the whole UNet
+    return {name.split(".")[0] for name, grad in seen[first_pass:] if grad}, out.images
+
+
+def test_down_only_maps_stop_guided_passes_after_the_down_path(compose_pipe):
+    default_blocks, default = _grad_blocks(compose_pipe)
+    down_blocks, down = _grad_blocks(compose_pipe, attention_blocks=("down",))
+    assert default_blocks == {"down_blocks", "mid_block", "up_blocks"}  # A&E: down and up maps
+    assert down_blocks == {"down_blocks"}
+    assert not torch.equal(default, down)  # fewer maps, another guidance signal
+    with pytest.raises(InputError, match="attention blocks"):
+        _generate(compose_pipe, attention_blocks=("left",))
+
+
 def test_maps_captured_only_where_needed(compose_pipe, monkeypatch):
     from editkit.refine import GuidanceMapStore
 

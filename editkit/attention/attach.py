@@ -1,6 +1,6 @@
 """``attach``: install editkit's processor on the sites a controller applies to, restore on exit.
 
-This is the only code in editkit that calls ``set_attn_processor``.
+This is the only code in editkit that sets attention processors.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def attach(
     """Run ``unet`` with ``controller`` on the sites it applies to; restore the processors after.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL) or any model exposing
-            ``attn_processors``/``set_attn_processor``.
+        unet: a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL) or any model whose
+            attention layers have diffusers' ``get_processor``/``set_processor``.
         controller: one controller or a list of them (composed, run in order).
         backend: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning off CUDA).
         sdpa_backends: optional ``SDPBackend`` members to restrict SDPA to.
@@ -73,36 +73,50 @@ def attach(
     """
     if not isinstance(controller, AttentionController):
         controller = compose(*controller)
-    _refuse_fused_projections(unet)
+    layers = _attention_layers(unet)
+    _refuse_fused_projections(layers)
     kernel = AttentionKernel(backend=backend, sdpa_backends=sdpa_backends, chunk_size=chunk_size)
     call_state = UNetCallState()
-    snapshot = dict(unet.attn_processors)
-    installed = _build_processors(unet, snapshot, controller, kernel, call_state)
+    snapshot = {name: layer.get_processor() for name, layer in layers.items()}
+    installed = _build_processors(layers, snapshot, controller, kernel, call_state)
     hook = unet.register_forward_pre_hook(_record_latent_size(call_state), with_kwargs=True)
-    unet.set_attn_processor(dict(installed))  # set_attn_processor empties the dict it is given
+    _set_processors(layers, installed)
     try:
         yield controller
     finally:
         hook.remove()
-        current = unet.attn_processors  # one walk of the module tree (a property that rebuilds it)
-        if any(current[k] is not installed[k] for k in installed):
+        if any(layers[name].get_processor() is not installed[name] for name in installed):
             logger.warning(
                 "attention processors were replaced while an editkit controller was attached "
                 "(e.g. enable_xformers_memory_efficient_attention); restoring the originals"
             )
-        unet.set_attn_processor(dict(snapshot))
+        _set_processors(layers, snapshot)
 
 
-def _build_processors(unet, snapshot, controller, kernel, call_state) -> dict:
-    modules = dict(unet.named_modules())
+def _attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers ``attn_processors`` reports (those with ``get_processor``), by site name: one walk.
+
+    ``attn_processors``/``set_attn_processor`` rebuild this by recursion on every call; attaching
+    walks the tree once and addresses the layers directly (``set_processor``, the method
+    ``set_attn_processor`` calls per layer), which keeps attach/detach cheap next to a UNet call.
+    """
+    return {name: module for name, module in unet.named_modules() if name and hasattr(module, "get_processor")}
+
+
+def _set_processors(layers: dict[str, torch.nn.Module], processors: dict) -> None:
+    for name, processor in processors.items():
+        if layers[name].get_processor() is not processor:
+            layers[name].set_processor(processor)
+
+
+def _build_processors(layers, snapshot, controller, kernel, call_state) -> dict:
     processors = dict(snapshot)
-    for key, original in snapshot.items():
-        name = key.removesuffix(".processor")
-        site = Site.from_name(name, getattr(modules.get(name), "is_cross_attention", None))
+    for name, original in snapshot.items():
+        site = Site.from_name(name, getattr(layers[name], "is_cross_attention", None))
         if not controller.applies_to(site):
             continue
         if isinstance(original, EditkitAttnProcessor):  # nested attach: compose with the outer one
-            processors[key] = EditkitAttnProcessor(
+            processors[name] = EditkitAttnProcessor(
                 site,
                 compose(original.controller, controller),
                 original.kernel,
@@ -110,9 +124,9 @@ def _build_processors(unet, snapshot, controller, kernel, call_state) -> dict:
                 original.ip_adapter,
             )
         elif isinstance(original, _STOCK):
-            processors[key] = EditkitAttnProcessor(site, controller, kernel, call_state)
+            processors[name] = EditkitAttnProcessor(site, controller, kernel, call_state)
         elif isinstance(original, _IP_ADAPTER):
-            processors[key] = EditkitAttnProcessor(site, controller, kernel, call_state, ip_adapter=original)
+            processors[name] = EditkitAttnProcessor(site, controller, kernel, call_state, ip_adapter=original)
         else:
             logger.warning(
                 "site %s has a foreign attention processor (%s); leaving it in place, the controller "
@@ -123,8 +137,8 @@ def _build_processors(unet, snapshot, controller, kernel, call_state) -> dict:
     return processors
 
 
-def _refuse_fused_projections(unet: torch.nn.Module) -> None:
-    for module in unet.modules():
+def _refuse_fused_projections(layers: dict[str, torch.nn.Module]) -> None:
+    for module in layers.values():
         if isinstance(module, Attention) and getattr(module, "fused_projections", False):
             raise RuntimeError(
                 "the UNet has fused QKV projections (fuse_qkv_projections); call "

@@ -52,6 +52,7 @@ class EditkitAttnProcessor(nn.Module):
         self.kernel = kernel
         self.call_state = call_state
         self.ip_adapter = ip_adapter
+        self._sites: dict[tuple[int, int] | None, Site] = {}  # the site per token grid, built once
 
     def __call__(
         self,
@@ -78,7 +79,9 @@ class EditkitAttnProcessor(nn.Module):
             grid = (height, width)
         else:
             grid = infer_grid(hidden_states.shape[1], self.call_state.latent_hw)
-        site = self.site.with_grid(grid)
+        site = self._sites.get(grid)
+        if site is None:
+            site = self._sites[grid] = self.site.with_grid(grid)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states = controller.on_context(site, encoder_hidden_states)
