@@ -8,11 +8,14 @@ forced through stage 2 (a verifier that fails every constraint: the worst case).
 stage 1 <= 1.8x plain, full <= 2.6x plain (the paper's code is about 4x). ``floor_stage1``
 (stock processors: plain generation plus, per guided step, a batch-1 forward with grad up to the
 guidance grid's last cross-attention layer and a backward to z_t) gives stage 1's efficiency.
+``stage1_down_only``/``full_down_only``: the same with ``attention_blocks=("down",)`` (maps from
+the down path only, an opt-in deviation from the paper whose guided passes stop earlier).
 
 Accuracy (only when ``assets/models/shapes-sd/model_index.json`` exists): two-object colour
 binding and relation accuracy on held-out shapes-world prompts with fixed seeds, measured by the
 deterministic detector, for plain generation, stage 1, stage 2 alone (always refined) and the
 verifier's choice, so the gain from selection is reported apart from the gain from refinement.
+``--attention-blocks down`` measures the down-only maps there.
 
     python -m benchmarks.compose --size 128 --steps 8 --repeats 2
 """
@@ -63,15 +66,30 @@ def speed(args) -> dict:
             **common,
         ),
     }
+    down = {"attention_blocks": ("down",)}  # the opt-in deviation: maps from the down path only
+    runs["stage1_down_only"] = lambda: compose(
+        PROMPT, generator=_seeded(0), refine=False, max_iter_to_alter=half, **down, **common
+    )
+    runs["full_down_only"] = lambda: compose(
+        PROMPT,
+        generator=_seeded(0),
+        verifier=AttentionVerifier(peak_threshold=2.0),
+        max_iter_to_alter=half,
+        **down,
+        **common,
+    )
     runs["floor_stage1"] = stage1_floor(plain, args.size // 8, args.steps, half, common)
     timings = interleaved_medians(runs, repeats=args.repeats, warmup=args.warmup, device=args.device)
     result = {"timings": timings}
-    for name in ("stage1", "full"):
+    for name in ("stage1", "full", "stage1_down_only", "full_down_only"):
         result[f"{name}_wall_ratio"] = timings[name]["median_s"] / timings["plain"]["median_s"]
         result[f"{name}_cpu_ratio"] = timings[name]["cpu_median_s"] / timings["plain"]["cpu_median_s"]
     for clock in ("median_s", "cpu_median_s"):
         key = "stage1_efficiency" + ("_cpu" if clock.startswith("cpu") else "")
         result[key] = timings["floor_stage1"][clock] / timings["stage1"][clock]
+    # Stage 2 reruns stage 1 from the refined noise (the paper), so the full pipeline cannot cost
+    # less than twice stage 1: this is how much more it costs (the refinement passes, verification).
+    result["full_vs_twice_stage1"] = timings["full"]["median_s"] / (2 * timings["stage1"]["median_s"])
     result["targets"] = {"stage1": 1.8, "full": 2.6}
     if args.device.startswith("cuda"):
         result["peak_gb"] = {name: peak_memory(runs[name], args.device) / 1e9 for name in ("plain", "stage1", "full")}
@@ -146,7 +164,8 @@ def shapes_accuracy(args) -> dict:
     pipe = ComposePipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
-    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps}
+    guided = {"attention_blocks": tuple(args.attention_blocks)}
+    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps, **guided}
     scorers = {"pair": score_pair, "relation": score_relation}
     for category, scorer in scorers.items():
         prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
@@ -156,17 +175,17 @@ def shapes_accuracy(args) -> dict:
             images["plain"].append(
                 pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
             )
-            out = pipe(prompt.caption, generator=_seeded(seed), **common)
+            out = pipe(prompt.caption, generator=_seeded(seed), **guided, **common)
             # The verifier's pick is one of the two candidates (DDIM is deterministic), so only the
             # other one has to be regenerated.
             if out.chosen == "refined":
                 refined = out.images
-                stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **common).images
+                stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **guided, **common).images
             else:
                 stage1 = out.images
                 refined = stage1
                 if out.refined_noise is not None:  # stage 2 alone: stage 1 from the refined noise
-                    refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **common).images
+                    refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **guided, **common).images
             images["stage1"].append(stage1)
             images["refined"].append(refined)
             images["chosen"].append(out.images)
@@ -188,6 +207,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--shapes-prompts", type=int, default=50)
     parser.add_argument("--shapes-steps", type=int, default=25)
+    parser.add_argument(
+        "--attention-blocks", nargs="+", default=["down", "up"], help="shapes part: the guidance maps' blocks"
+    )
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
     parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()
