@@ -37,6 +37,7 @@ __all__ = [
     "ddim_step",
     "decode_latents",
     "encode_image_latents",
+    "execution_device",
     "model_eps",
     "predicted_x0",
     "v_to_eps",
@@ -257,6 +258,17 @@ def _vae_precision(vae: AutoencoderKL, *, force: bool = False) -> Iterator[torch
             vae.to(dtype)
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its offload hook's execution device (model CPU offload keeps the
+    weights on the CPU between calls), else the device of its weights.
+
+    diffusers' ``AutoencoderKL.encode``/``decode`` move the weights on entry but not the inputs
+    (only ``forward`` calls move both), so their inputs must be sent here, not to ``module.device``.
+    """
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else module.device
+
+
 @torch.no_grad()
 def encode_image_latents(
     vae: AutoencoderKL, image: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = False
@@ -264,7 +276,7 @@ def encode_image_latents(
     """Image in [-1, 1], (batch, 3, H, W) -> scaled latents: posterior mean (or a sample), in the VAE's dtype."""
     original_dtype = vae.dtype
     with _vae_precision(vae) as dtype:
-        posterior = vae.encode(image.to(device=vae.device, dtype=dtype)).latent_dist
+        posterior = vae.encode(image.to(device=execution_device(vae), dtype=dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).to(original_dtype)
@@ -288,5 +300,5 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 def _decode(vae: AutoencoderKL, latents: torch.Tensor, *, upcast: bool) -> torch.Tensor:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with _vae_precision(vae, force=upcast) as dtype:
-        latents = latents.to(device=vae.device, dtype=dtype) / vae.config.scaling_factor + shift
+        latents = latents.to(device=execution_device(vae), dtype=dtype) / vae.config.scaling_factor + shift
         return vae.decode(latents, return_dict=False)[0]

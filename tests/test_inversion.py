@@ -14,6 +14,7 @@ from editkit.inversion import (
     ddim_step,
     decode_latents,
     encode_image_latents,
+    execution_device,
     model_eps,
     predicted_x0,
     v_to_eps,
@@ -337,6 +338,33 @@ def test_vae_encode_decode(sd15):
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], latents)
     decoded = decode_latents(vae, latents)
     assert decoded.shape == (1, 3, 32, 32) and decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_vae_inputs_go_to_the_offload_hooks_execution_device(sd15, monkeypatch):
+    """Under model CPU offload the VAE's weights sit on the CPU between calls and diffusers'
+    ``encode``/``decode`` move the weights, not the inputs: the inputs must go to the hook's device."""
+    from types import SimpleNamespace
+
+    vae = copy.deepcopy(sd15["vae"])
+    assert execution_device(vae) == torch.device("cpu")  # no hook: where the weights are
+    vae._hf_hook = SimpleNamespace(execution_device=torch.device("meta"))  # as accelerate's CpuOffload
+    assert execution_device(vae) == torch.device("meta")
+    seen = []
+
+    def record(name):
+        def method(tensor, *args, **kwargs):
+            seen.append((name, tensor.device.type))
+            raise RuntimeError("stop")
+
+        return method
+
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(vae, name, record(name))
+    with pytest.raises(RuntimeError, match="stop"):
+        encode_image_latents(vae, torch.zeros(1, 3, 32, 32))
+    with pytest.raises(RuntimeError, match="stop"):
+        decode_latents(vae, torch.zeros(1, 4, 4, 4))
+    assert seen == [("encode", "meta"), ("decode", "meta")]
 
 
 def test_fp16_vae_with_force_upcast_runs_in_float32(sd15):
