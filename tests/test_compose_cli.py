@@ -29,12 +29,12 @@ def test_compose_writes_image_report_and_metadata(sd15_dir, tmp_path, capsys):
     assert meta["chosen"] in ("stage1", "refined")
     assert meta["attention_blocks"] == ["down", "up"]  # the paper's maps by default
     assert _run(sd15_dir, tmp_path) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
     assert _run(sd15_dir, tmp_path, "--attention-blocks", "down", output="down.png") == 0
     assert json.loads(Image.open(tmp_path / "down.png").text["editkit"])["attention_blocks"] == ["down"]
     with pytest.raises(SystemExit) as bad_choice:  # argparse's own refusal: usage, exit code 2
         _run(sd15_dir, tmp_path, "--attention-blocks", "left", output="x.png")
     assert bad_choice.value.code == 2 and "invalid choice: 'left'" in capsys.readouterr().err
-    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_no_refine_and_user_constraints(sd15_dir, tmp_path, capsys):
