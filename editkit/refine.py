@@ -46,7 +46,6 @@ __all__ = [
 
 # A&E and the paper average the down and up layers at the guidance grid (the mid block is coarser).
 GUIDANCE_BLOCKS = ("down", "up")
-_BLOCK_PREFIXES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 
 
 class MapsCaptured(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -74,13 +73,16 @@ class GuidanceMapStore(CrossAttentionMapStore):
         blocks: Sequence[str] = GUIDANCE_BLOCKS,
     ) -> None:
         blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
-        if not blocks or set(blocks) - set(_BLOCK_PREFIXES):
-            raise ValueError(f"attention blocks must be some of {sorted(_BLOCK_PREFIXES)}, got {blocks!r}")
-        sites = [_BLOCK_PREFIXES[block] for block in blocks]
-        super().__init__(grids=[grid], role=role, sites=sites, with_grad=with_grad)
+        if not blocks or set(blocks) - {"down", "mid", "up"}:
+            raise ValueError(f"attention blocks must be some of ['down', 'mid', 'up'], got {blocks!r}")
+        super().__init__(grids=[grid], role=role, with_grad=with_grad)
+        self.blocks = frozenset(blocks)
         self.active = False
         self.early_exit = False
         self.stop_after: str | None = None
+
+    def applies_to(self, site: Site) -> bool:
+        return site.block in self.blocks and super().applies_to(site)
 
     def wants_probs(self, site: Site) -> bool:
         return self.active and super().wants_probs(site)
