@@ -55,29 +55,20 @@ def speed(args) -> dict:
     common = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "output_type": "pt"}
     half = args.steps // 2
 
+    # full: a verifier that fails every constraint forces stage 2 (the worst case)
+    forced = {"verifier": AttentionVerifier(peak_threshold=2.0)}
+    down = {"attention_blocks": ("down",)}  # the opt-in deviation: maps from the down path only
+
+    def guided(**options):
+        return lambda: compose(PROMPT, generator=_seeded(0), max_iter_to_alter=half, **options, **common)
+
     runs = {
         "plain": lambda: plain(PROMPT, generator=_seeded(0), **common),
-        "stage1": lambda: compose(PROMPT, generator=_seeded(0), refine=False, max_iter_to_alter=half, **common),
-        "full": lambda: compose(
-            PROMPT,
-            generator=_seeded(0),
-            verifier=AttentionVerifier(peak_threshold=2.0),
-            max_iter_to_alter=half,
-            **common,
-        ),
+        "stage1": guided(refine=False),
+        "full": guided(**forced),
+        "stage1_down_only": guided(refine=False, **down),
+        "full_down_only": guided(**forced, **down),
     }
-    down = {"attention_blocks": ("down",)}  # the opt-in deviation: maps from the down path only
-    runs["stage1_down_only"] = lambda: compose(
-        PROMPT, generator=_seeded(0), refine=False, max_iter_to_alter=half, **down, **common
-    )
-    runs["full_down_only"] = lambda: compose(
-        PROMPT,
-        generator=_seeded(0),
-        verifier=AttentionVerifier(peak_threshold=2.0),
-        max_iter_to_alter=half,
-        **down,
-        **common,
-    )
     runs["floor_stage1"] = stage1_floor(plain, args.size // 8, args.steps, half, common)
     timings = interleaved_medians(runs, repeats=args.repeats, warmup=args.warmup, device=args.device)
     result = {"timings": timings}
