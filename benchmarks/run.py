@@ -40,6 +40,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "softrepa": ["--resolution", "64", "--batch-size", "2", "--repeats", "1", "--shapes-steps", "4", "--shapes-prompts", "4"],
         "research_baselines": ["--size", "64", "--steps", "2", "--repeats", "1"],
         "memory_estimate": [],
+        "opcount": ["--size", "64", "--steps", "2", "--iterations", "1"],
     },
     "quick": {
         "attention_overhead": ["--size", "128", "--repeats", "3"],
@@ -49,6 +50,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "softrepa": ["--resolution", "128", "--batch-size", "2", "--repeats", "2", "--shapes-steps", "100", "--shapes-prompts", "40"],
         "research_baselines": ["--size", "128", "--steps", "4", "--repeats", "2"],
         "memory_estimate": [],
+        "opcount": ["--size", "256", "--steps", "4", "--iterations", "2"],
     },
     "cuda": {  # the papers' step counts: 50 DDIM steps (StyleID/AttenST, A&E/INITNO), DDS/CDS iterations
         "attention_overhead": ["--size", "512", "--repeats", "10"],
@@ -58,6 +60,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "softrepa": ["--resolution", "512", "--batch-size", "4", "--repeats", "5"],
         "research_baselines": ["--size", "512", "--steps", "50", "--repeats", "3"],
         "memory_estimate": [],
+        "opcount": ["--size", "512", "--steps", "4", "--iterations", "2"],
     },
 }  # fmt: skip
 SHAPES_FLAGS = {name: ["--skip-shapes"] for name in ("stylize", "edit", "compose", "softrepa")}  # shapes parts off
@@ -118,6 +121,14 @@ FIGURES: list[tuple[str, str, str, float | None, str | None]] = [
     ),
     ("memory_estimate", "edit.with_margin_gb", "SDXL 1024 edit (GB)", 24.0, "<="),
     ("memory_estimate", "edit_checkpointed.with_margin_gb", "SDXL 1024 edit, checkpointing (GB)", 24.0, "<="),
+    ("opcount", "methods.pass_through.ratio", "pass-through / stock, ATen ops", 1.0, "<="),
+    ("opcount", "methods.plain_generation.ratio", "plain generation / its UNet calls, ATen ops (reference)", None, None),
+    ("opcount", "methods.stylize.ratio", "stylize / UNet floor, ATen ops", 1.10, "<="),
+    ("opcount", "methods.edit_dds.ratio", "DDS edit / UNet floor, ATen ops", 1.10, "<="),
+    ("opcount", "methods.edit_cds.ratio", "CDS edit / UNet floor, ATen ops", 1.10, "<="),
+    ("opcount", "methods.edit_dual.ratio", "dual edit / UNet floor, ATen ops", 1.10, "<="),
+    ("opcount", "methods.compose_stage1.ratio", "compose stage 1 / UNet floor, ATen ops", 1.10, "<="),
+    ("opcount", "methods.soft_token_generation.ratio", "soft-token generation / UNet floor, ATen ops", 1.10, "<="),
 ]
 
 
