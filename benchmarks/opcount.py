@@ -13,8 +13,10 @@ stop early the attention layer they stopped after), then replayed with ``AttnPro
 call made with grad enabled is replayed as a forward plus a backward to the latent input (from the
 sum of the output, or of the last finished attention layer's output for an early exit; a pass that
 stops inside a layer's processor is replayed up to the layer before, so that floor is slightly
-low and the ratio errs high): what any method that differentiates through the UNet must pay. The ratio ``method / floor`` is then the method's own
-operations (controllers, losses, PatchNCE, scheduler arithmetic) on top of the UNet work.
+low and the ratio errs high): what any method that differentiates through the UNet must pay.
+The ratio ``method / floor`` is then the method's own operations (controllers, losses, PatchNCE,
+scheduler arithmetic) on top of the UNet work; ``plain_generation`` shows what diffusers' own
+sampling loop adds on the same scale.
 
     python -m benchmarks.opcount --size 256 --steps 4
 """
@@ -100,7 +102,10 @@ def recorded_calls(unet: torch.nn.Module, calls: list[UNetCall]):
     def layer_done(module, args, output):
         state["last"] = names[module]
 
-    handles = [unet.register_forward_pre_hook(before, with_kwargs=True), unet.register_forward_hook(after, with_kwargs=True)]
+    handles = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
     handles += [module.register_forward_hook(layer_done) for module in names]
 
     def wrapped_forward(original):
@@ -123,7 +128,7 @@ def recorded_calls(unet: torch.nn.Module, calls: list[UNetCall]):
             handle.remove()
 
 
-class _Stop(Exception):
+class _StopError(Exception):
     def __init__(self, output: torch.Tensor) -> None:
         self.output = output
 
@@ -137,7 +142,7 @@ def stock_call_ops(unet: torch.nn.Module, call: UNetCall) -> int:
     if call.stopped_after is not None:
 
         def stop(module, args, output):
-            raise _Stop(output)
+            raise _StopError(output)
 
         handle = unet.get_submodule(call.stopped_after).register_forward_hook(stop)
     counter = OpCounter()
@@ -145,7 +150,7 @@ def stock_call_ops(unet: torch.nn.Module, call: UNetCall) -> int:
         with counter, torch.set_grad_enabled(call.grad):
             try:
                 output = unet(sample, timestep, encoder_hidden_states=context).sample
-            except _Stop as stopped:
+            except _StopError as stopped:
                 output = stopped.output
             if call.grad:
                 torch.autograd.grad(output.float().sum(), sample)

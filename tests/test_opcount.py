@@ -32,20 +32,19 @@ def test_pass_through_processor_dispatches_exactly_stock_operations(unet):
     call = UNetCall((2, 4, 16, 16), (2, 77, 16), grad=False, stopped_after=None)
     stock = stock_call_ops(unet, call)
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 16)
-    with torch.no_grad(), attach(unet, AttentionController()):
-        with OpCounter() as counter:
-            unet(sample, torch.tensor(500), encoder_hidden_states=context)
+    with torch.no_grad(), attach(unet, AttentionController()), OpCounter() as counter:
+        unet(sample, torch.tensor(500), encoder_hidden_states=context)
     assert counter.count == stock
 
 
 def test_recorded_calls_note_shapes_grad_and_early_exit(unet):
     site = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def stop(module, args, output):
-        raise Stop
+        raise StopError
 
     calls: list[UNetCall] = []
     sample = torch.randn(1, 4, 16, 16, requires_grad=True)
@@ -55,7 +54,7 @@ def test_recorded_calls_note_shapes_grad_and_early_exit(unet):
             unet(sample, torch.tensor(10), encoder_hidden_states=context)
         handle = unet.get_submodule(site).register_forward_hook(stop)
         try:
-            with torch.enable_grad(), pytest.raises(Stop):
+            with torch.enable_grad(), pytest.raises(StopError):
                 unet(sample, torch.tensor(10), encoder_hidden_states=context)
         finally:
             handle.remove()
