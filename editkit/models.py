@@ -120,12 +120,14 @@ def choose_dtype(device: str | torch.device, dtype: str | torch.dtype | None = N
 def model_family(unet_or_pipe: Any) -> str:
     """``"sdxl"`` for a UNet with ``text_time`` conditioning, ``"sd"`` for SD 1.x/2.x UNets.
 
-    Accepts a pipeline (its ``unet``) or a UNet; anything else (a transformer-based pipeline, a UNet
-    with other added conditioning) raises ModelLoadError.
+    Accepts a pipeline (its ``unet``) or a UNet, also one wrapped by ``torch.compile``; anything
+    else (a transformer-based pipeline, a UNet with other added conditioning) raises ModelLoadError.
     """
     from diffusers import UNet2DConditionModel
 
-    unet = getattr(unet_or_pipe, "unet", unet_or_pipe)
+    from editkit.attention import uncompiled
+
+    unet = uncompiled(getattr(unet_or_pipe, "unet", unet_or_pipe))
     if not isinstance(unet, UNet2DConditionModel):
         raise ModelLoadError(f"unsupported model family: {type(unet_or_pipe).__name__}; {SUPPORTED_FAMILIES}")
     addition = unet.config.get("addition_embed_type")

@@ -11,7 +11,7 @@ Every editkit method is a controller run by the same processor::
     maps = store.aggregate()  # (batch, 16, 16, 77)
 """
 
-from editkit.attention.attach import attach, attention_sites
+from editkit.attention.attach import attach, attention_sites, uncompiled
 from editkit.attention.controller import AttentionController, ControllerList, compose
 from editkit.attention.kernels import AttentionKernel, explicit_attention, xformers_available
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
@@ -36,5 +36,6 @@ __all__ = [
     "infer_grid",
     "select_sites",
     "site_matches",
+    "uncompiled",
     "xformers_available",
 ]

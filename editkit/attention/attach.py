@@ -26,7 +26,7 @@ from editkit.attention.sites import Site
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["attach", "attention_sites"]
+__all__ = ["attach", "attention_sites", "uncompiled"]
 
 # Processors whose computation editkit's processor reproduces exactly: replaced while attached.
 _STOCK = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
@@ -34,8 +34,18 @@ _STOCK = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 _IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under ``torch.compile``'s wrapper (diffusers' recipe ``pipe.unet = torch.compile(pipe.unet)``).
+
+    The wrapper prefixes every submodule name with ``_orig_mod.``; site names and processors are
+    the original module's. Processors set on it are seen by the compiled wrapper (it calls it).
+    """
+    return getattr(model, "_orig_mod", model)
+
+
 def attention_sites(model: torch.nn.Module) -> list[Site]:
     """Every attention site of ``model`` (a UNet), parsed from ``attn_processors``'s names."""
+    model = uncompiled(model)
     modules = dict(model.named_modules())
     sites = []
     for key in model.attn_processors:
@@ -100,7 +110,8 @@ def _attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     walks the tree once and addresses the layers directly (``set_processor``, the method
     ``set_attn_processor`` calls per layer), which keeps attach/detach cheap next to a UNet call.
     """
-    return {name: module for name, module in unet.named_modules() if name and hasattr(module, "get_processor")}
+    modules = uncompiled(unet).named_modules()
+    return {name: module for name, module in modules if name and hasattr(module, "get_processor")}
 
 
 def _set_processors(layers: dict[str, torch.nn.Module], processors: dict) -> None:
