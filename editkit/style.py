@@ -153,12 +153,17 @@ class FeatureRecorder(QKVRecorder):
         super().__init__(sites=None, keep=keep, dtype=dtype, offload=offload, kind="self")
         self.site_names = frozenset(sites)
         self.timesteps = frozenset(int(t) for t in timesteps)
+        self._step_wanted = False
 
     def applies_to(self, site: Site) -> bool:
         return site.kind == "self" and site.name in self.site_names
 
+    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        super().begin_step(index, timestep)
+        self._step_wanted = self.timestep in self.timesteps  # decided here: the hooks read no timestep
+
     def on_qkv(self, site, query, key, value):
-        if self.timestep in self.timesteps:
+        if self._step_wanted:
             return super().on_qkv(site, query, key, value)
         return query, key, value
 
@@ -350,7 +355,9 @@ class StyleInjectionController(AttentionController):
             is used for query tokens inside it, the unmodified one elsewhere. This computes both
             attentions at the injected sites (one kernel call on a doubled batch).
 
-    Every injected (site, timestep) is logged in ``injected`` (a set) for inspection.
+    Every injected (site, timestep) is listed in ``injected`` (a set) for inspection. Per-step
+    state is set up in ``begin_step`` (no timestep is read inside the hooks), so a compiled UNet
+    keeps one graph across the injected steps.
     """
 
     def __init__(
@@ -374,27 +381,47 @@ class StyleInjectionController(AttentionController):
         self.tau = float(tau)
         self.timesteps = frozenset(int(t) for t in (style.timesteps if timesteps is None else timesteps))
         self.mask = mask
-        self.injected: set[tuple[str, int]] = set()
         self._token_masks: dict[tuple[int, int], torch.Tensor] = {}
-        self._head_dim: dict[str, int] = {}
+        self._injected_by_step: dict[int, dict[str, int]] = {}
+        # This step's state, set by begin_step: the hooks read no timestep, so torch.compile sees
+        # the same graph at every injected step (dynamo would specialise on a Python timestep).
+        self._step_active = False
+        self._step_injected: dict[str, int] = {}  # site -> head_dim, for the sites injected so far
+        self._step_features: dict[tuple[str, str], torch.Tensor] = {}
+
+    @property
+    def injected(self) -> set[tuple[str, int]]:
+        """Every ``(site, timestep)`` injected so far."""
+        return {(site, t) for t, sites in self._injected_by_step.items() for site in sites}
+
+    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        super().begin_step(index, timestep)
+        self._step_active = self.timestep in self.timesteps
+        if not self._step_active:
+            self._step_injected, self._step_features = {}, {}
+            return
+        self._step_injected = self._injected_by_step.setdefault(self.timestep, {})
+        wanted = [(self.style, "key"), (self.style, "value")] + ([(self.content, "query")] if self.gamma > 0 else [])
+        self._step_features = {
+            (site, name): cache.feature(site, self.timestep, name) for site in self.sites for cache, name in wanted
+        }
 
     def applies_to(self, site: Site) -> bool:
         return site.kind == "self" and site.name in self.sites
 
     def _active(self, site: Site) -> bool:
-        return self.timestep in self.timesteps and site.name in self.sites
+        return self._step_active and site.name in self.sites
 
     def on_qkv(self, site, query, key, value):
         if not self._active(site):
             return query, key, value
         batch = query.shape[0]
-        self._head_dim[site.name] = query.shape[-1]
-        self.injected.add((site.name, self.timestep))
-        style_key = self._recorded(self.style, site, "key", query).expand(batch, -1, -1, -1)
-        style_value = self._recorded(self.style, site, "value", query).expand(batch, -1, -1, -1)
+        self._step_injected[site.name] = query.shape[-1]
+        style_key = self._recorded(site, "key", query).expand(batch, -1, -1, -1)
+        style_value = self._recorded(site, "value", query).expand(batch, -1, -1, -1)
         injected_query = query
         if self.gamma > 0:
-            content_query = self._recorded(self.content, site, "query", query)
+            content_query = self._recorded(site, "query", query)
             injected_query = preserve_query(content_query, query, self.gamma)
         if self.mask is None:
             return injected_query, style_key, style_value
@@ -405,7 +432,7 @@ class StyleInjectionController(AttentionController):
     def softmax_scale(self, site: Site, default: float | None) -> float | None:
         if not self._active(site) or self.mask is not None:  # masked: tau is folded into the query
             return default
-        base = default if default is not None else 1.0 / math.sqrt(self._head_dim[site.name])
+        base = default if default is not None else 1.0 / math.sqrt(self._step_injected[site.name])
         return self.tau * base
 
     def on_output(self, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -416,8 +443,8 @@ class StyleInjectionController(AttentionController):
         inside = self._token_mask(site.grid, tokens, hidden_states)
         return torch.where(inside, injected, plain)
 
-    def _recorded(self, cache: StyleCache, site: Site, name: str, like: torch.Tensor) -> torch.Tensor:
-        tensor = cache.feature(site.name, self.timestep, name)
+    def _recorded(self, site: Site, name: str, like: torch.Tensor) -> torch.Tensor:
+        tensor = self._step_features[(site.name, name)]
         return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
     def _token_mask(self, grid: tuple[int, int] | None, tokens: int, like: torch.Tensor) -> torch.Tensor:

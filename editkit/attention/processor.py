@@ -79,9 +79,7 @@ class EditkitAttnProcessor(nn.Module):
             grid = (height, width)
         else:
             grid = infer_grid(hidden_states.shape[1], self.call_state.latent_hw)
-        site = self._sites.get(grid)
-        if site is None:
-            site = self._sites[grid] = self.site.with_grid(grid)
+        site = self._site_with(grid)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states = controller.on_context(site, encoder_hidden_states)
@@ -144,6 +142,19 @@ class EditkitAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _site_with(self, grid: tuple[int, int] | None) -> Site:
+        """This site with the call's token grid: cached in eager mode, built afresh when traced.
+
+        Under ``torch.compile`` filling the cache would change a dict dynamo guards on, so the
+        second call would recompile; traced code runs once per graph, so the cache saves nothing.
+        """
+        if torch.compiler.is_compiling():
+            return self.site.with_grid(grid)
+        site = self._sites.get(grid)
+        if site is None:
+            site = self._sites[grid] = self.site.with_grid(grid)
+        return site
 
     def _add_image_prompt(self, attn, query, ip_hidden_states, ip_adapter_masks, hidden_states):
         """IP-Adapter's decoupled cross-attention, as in diffusers' ``IPAdapterAttnProcessor2_0``."""

@@ -126,14 +126,26 @@ class QKVRecorder(_SiteFilter):
         self.keep = tuple(keep)
         self.dtype = dtype
         self.offload = offload
-        self.records: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._by_step: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._step: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        super().begin_step(index, timestep)
+        # The step's own dict, looked up here rather than in the hooks: traced code then reads no
+        # timestep, so torch.compile sees the same graph at every step.
+        self._step = self._by_step.setdefault(self.timestep, {})
+
+    @property
+    def records(self) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+        """``{(site, timestep): {"query"|"key"|"value": tensor}}`` of everything recorded so far."""
+        return {(site, t): rec for t, step in self._by_step.items() for site, rec in step.items()}
 
     def on_qkv(self, site, query, key, value):
-        if self.timestep is None:
+        if self._step is None:
             raise RuntimeError("QKVRecorder needs begin_step(index, timestep) before each UNet call")
         tensors = {"query": query, "key": key, "value": value}
         rows = self.rows(query.shape[0])
-        self.records[(site.name, self.timestep)] = {name: self._stored(tensors[name][rows]) for name in self.keep}
+        self._step[site.name] = {name: self._stored(tensors[name][rows]) for name in self.keep}
         return query, key, value
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
