@@ -21,7 +21,8 @@ from editkit.app.models import ModelManager  # noqa: E402
 
 @pytest.fixture(scope="module")
 def handlers(sd15_dir, tmp_path_factory):
-    return Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path_factory.mktemp("app-out"))
+    uploads = [tmp_path_factory.getbasetemp()]  # the tests' files stand in for gradio's upload folder
+    return Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path_factory.mktemp("app-out"), upload_folders=uploads)
 
 
 def _stylize(handlers, content, style, **overrides):
@@ -138,3 +139,32 @@ def test_downloads_are_pruned_and_the_temporary_folder_removed(sd15_dir, tmp_pat
     del own
     gc.collect()
     assert not folder.exists()
+
+
+def _every_file_input(handlers, record, good):
+    """(call, label) for each file input of the four endpoints, given ``record`` there."""
+    return [
+        (lambda: _stylize(handlers, record, good), "content image"),
+        (lambda: _stylize(handlers, good, record), "style image"),
+        (lambda: _stylize(handlers, good, good, mask=record), "mask image"),
+        (lambda: _edit(handlers, record), "input image"),
+        (lambda: _edit(handlers, good, mask=record), "mask image"),
+        (lambda: handlers.generate_with_tokens("a car", record, 1.0, 1, 7.5, 0), "soft-token"),
+        (lambda: handlers.generate_with_tokens("a car", record["path"], 1.0, 1, 7.5, 0), "soft-token"),
+    ]
+
+
+def test_files_outside_the_upload_folders_get_one_neutral_message(sd15_dir, tmp_path):
+    """Issue 15.1: every file input (images, masks, the token file) must lie in the upload folders;
+    a server path, a missing one, a folder or a symlink out of them all read the same."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    own = Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path / "out", upload_folders=[uploads])
+    good = {"path": str(bad.good_image(uploads))}
+    private = bad.good_image(tmp_path, "private.png")
+    (uploads / "escape.png").symlink_to(private)
+    neutral = "file is not an upload of this app; please upload it again"
+    for path in [private, bad.missing(tmp_path), bad.directory(tmp_path), uploads / "escape.png", uploads]:
+        for call, label in _every_file_input(own, {"path": str(path)}, good):
+            assert _message(call) == f"the {label} {neutral}"
+    assert not own.manager.loaded  # refused before the model loads
