@@ -251,9 +251,7 @@ class StyleCache:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically to a ``.safetensors`` file with the header in its metadata."""
-        from safetensors.torch import save_file
-
-        from editkit.image import atomic_write
+        from editkit.atomic import save_safetensors
 
         tensors = {"final_latent": self.final_latent.detach().cpu().contiguous()}
         if self.image_embeds is not None:
@@ -262,7 +260,7 @@ class StyleCache:
             for name, tensor in record.items():
                 tensors[f"{site}/{timestep}/{name}"] = tensor.detach().cpu().contiguous()
         metadata = {CACHE_METADATA_KEY: json.dumps(self.header())}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+        return save_safetensors(path, tensors, metadata=metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleCache:
