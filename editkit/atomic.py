@@ -101,6 +101,10 @@ def check_output_target(path: str | os.PathLike, *, overwrite: bool = False) -> 
     over the file system's limit and ``..`` after a missing folder. Creates nothing.
     """
     path = Path(path).expanduser()
+    limit = name_limit(path.parent)
+    for part in path.parts:  # first: the system refuses to even look at a longer name
+        if len(os.fsencode(part)) > limit:
+            raise InputError(f"the name {part[:40]}... is {len(os.fsencode(part))} bytes; at most {limit} are allowed")
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     _check_dot_dot(path)
@@ -108,10 +112,6 @@ def check_output_target(path: str | os.PathLike, *, overwrite: bool = False) -> 
         raise InputError(f"{path} is a directory; give a file name")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    limit = name_limit(path.parent)
-    for part in path.parts:
-        if len(os.fsencode(part)) > limit:
-            raise InputError(f"the name {part[:40]}... is {len(os.fsencode(part))} bytes; at most {limit} are allowed")
     return path
 
 

@@ -144,11 +144,9 @@ def check_output_path(path: Path, overwrite: bool, *, suffixes: Iterable[str] | 
     from editkit.atomic import check_output_target, remove_stale_temps
 
     path = path.expanduser()
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give an output file name such as {path / 'out.png'}")
+    target = check_output_target(path, overwrite=overwrite)  # also: a folder, an existing file
     if suffixes is not None and path.suffix.lower() not in set(suffixes):
         raise InputError(f"cannot write {path}: use a {', '.join(sorted(set(suffixes)))} file name")
-    target = check_output_target(path, overwrite=overwrite)
     folder = next((p for p in [target.parent, *target.parent.parents] if p.exists()), None)
     if folder is not None and not _writable(folder):
         raise InputError(f"cannot write to {folder}: permission denied")
