@@ -200,3 +200,49 @@ def unet_less_pipeline(folder: Path) -> Path:
     index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0", "transformer": ["diffusers", "X"]}
     (path / "model_index.json").write_text(json.dumps(index))
     return path
+
+
+# -- output paths (issue 15.11) -------------------------------------------------------------------
+def name_over_the_limit(folder: Path) -> Path:
+    return folder / ("x" * 252 + ".png")  # 256 bytes: over NAME_MAX (255) of common file systems
+
+
+def no_extension(folder: Path) -> Path:
+    return folder / "result"
+
+
+def unsupported_extension(folder: Path) -> Path:
+    return folder / "result.gif"
+
+
+def dot_dot_after_a_missing_folder(folder: Path) -> Path:
+    return folder / "ghost" / ".." / "g.png"
+
+
+#: Output paths refused before the model loads: (builder, message fragment, image commands only).
+BAD_OUTPUTS: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
+    "name over 255 bytes": (name_over_the_limit, "at most 255", False),
+    "no extension": (no_extension, "file name", True),
+    "unsupported extension": (unsupported_extension, "file name", True),
+    "'..' after a missing folder": (dot_dot_after_a_missing_folder, "does not exist", False),
+}
+
+
+def long_valid_name(folder: Path) -> Path:
+    """250 bytes: valid, and so is every temporary name while it is written."""
+    return folder / ("é" * 123 + ".png")
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """What killed writers left (old and new naming), made old enough to be stale."""
+    import os
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / ".result.k2j4_9zq.tmp.png", folder / ".cache.a1b2c3d4.tmp.safetensors"]
+    paths.append(folder / ".editkit-00000000-12-0123abcd.tmp.png")
+    old = time.time() - 3600
+    for path in paths:
+        path.write_bytes(b"partial")
+        os.utime(path, (old, old))
+    return paths

@@ -337,6 +337,65 @@ def test_ctrl_c_leaves_no_partial_file(capsys, ctx, command, monkeypatch):
     assert not ctx.out.exists() and list(ctx.out.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
+@pytest.mark.parametrize("case", list(bad.BAD_OUTPUTS))
+def test_bad_output_paths_exit_2_before_the_model_loads(capsys, ctx, monkeypatch, command, case):
+    """Issue 15.11: refused before any model work (a model load here would be exit 1), nothing created."""
+    build, fragment, images_only = bad.BAD_OUTPUTS[case]
+    if images_only and command == "generate":
+        pytest.skip("softrepa generate's output checks belong to the SoftREPA part of issue 15")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr("editkit.models.load_pipeline", no_model)
+    out = build(ctx.out.parent)
+    assert_user_error(run_cli(capsys, ctx.argv(command, out=out)), fragment, out)
+    assert not (ctx.out.parent / "ghost").exists()
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
+def test_a_250_byte_output_name_works(capsys, ctx, command):
+    out = bad.long_valid_name(ctx.out.parent)
+    assert_success(run_cli(capsys, ctx.argv(command, out=out)), out)
+    assert [p.name for p in ctx.out.parent.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose"])
+def test_stale_temporary_files_are_removed_by_the_next_run(capsys, ctx, command):
+    """Issue 15.7: what a killed run left in the output folder is cleaned; other hidden files stay."""
+    stale = bad.stale_temporaries(ctx.out.parent)
+    (ctx.out.parent / ".keep").write_text("mine")
+    assert_success(run_cli(capsys, ctx.argv(command)), ctx.out)
+    assert sorted(p.name for p in ctx.out.parent.iterdir()) == [".keep", ctx.out.name]
+    assert not any(p.exists() for p in stale)
+
+
+def test_overwrite_through_a_symlink_replaces_its_target(capsys, ctx):
+    """Issue 15.11 (decided): --overwrite onto a symlink writes the file it points to; the link stays."""
+    target = ctx.folder / "real.png"
+    target.write_bytes(b"old")
+    ctx.out.parent.mkdir()
+    ctx.out.symlink_to(target)
+    assert_success(run_cli(capsys, ctx.argv("compose", extra=["--overwrite"])), ctx.out)
+    assert ctx.out.is_symlink() and target.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_full_disk_while_saving_a_style_cache_exits_2(capsys, ctx, monkeypatch):
+    """Issue 15.8: safetensors reports ENOSPC in its own error type; still exit 2, nothing partial."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a cache")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cache = ctx.out.parent / "style.safetensors"
+    result = run_cli(capsys, ctx.argv("stylize", extra=["--save-style-cache", cache]))
+    assert_user_error(result, "no space left", cache)
+
+
 # -- numerical faults and memory ------------------------------------------------------------------
 def test_out_of_memory_names_the_knobs(capsys, ctx, monkeypatch):
     from pipelines.compose import ComposePipeline

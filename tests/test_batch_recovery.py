@@ -9,6 +9,7 @@ raised at the exact event; one case uses a real ``os._exit`` in a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,20 @@ def test_the_loser_of_a_race_is_not_told_to_overwrite(capsys, sd15_dir, tmp_path
     code, err = _cli(capsys, _argv("compose", tmp_path, sd15_dir, out))
     assert code == 2 and "another process" in err and "rerun" in err and "--overwrite" not in err
     assert (out / "0000-a-red-car.png").read_bytes() == b"the winner's image"
+
+
+def test_long_stems_and_dotted_folders_in_batch_mode(capsys, sd15_dir, tmp_path):
+    """15.11: output names from long input stems are shortened (with a hash) to fit the file system,
+    and ``-o results.v2`` is a folder in batch mode."""
+    contents = tmp_path / "contents"
+    contents.mkdir()
+    stems = ["c" * 200 + "1", "c" * 200 + "2"]  # each fits; content__style would be over 255 bytes
+    for i, stem in enumerate(stems):
+        bad.good_image(contents, f"{stem}.png", (40, 32), seed=i)
+    style = bad.good_image(tmp_path, "s" * 120 + ".png", (32, 32), seed=9)
+    out = tmp_path / "results.v2"
+    code, err = _cli(capsys, ["stylize", contents, style, "-o", out, "--model", sd15_dir, *FAST["stylize"]])
+    assert code == 0, err
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert len(names) == 2 and len(set(names)) == 2 and all(len(os.fsencode(n)) <= 255 for n in names)
+    assert sorted(_manifest_outputs(out)) == names
