@@ -246,3 +246,62 @@ def stale_temporaries(folder: Path) -> list[Path]:
         path.write_bytes(b"partial")
         os.utime(path, (old, old))
     return paths
+
+
+# -- crafted JSON and style caches (issue 15.2, 15.9) ---------------------------------------------
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # 100k nested brackets: a RecursionError for json.loads
+
+
+def crafted_style_cache(folder: Path, header: str | None = None, tensors: dict | None = None, **fields) -> Path:
+    """A style cache file with ``header`` as its raw JSON header (or a valid one with ``fields``
+    changed) and ``tensors`` replacing/adding tensors (``None`` values remove one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    valid = {
+        "format": "editkit-style-cache/1", "kind": "style", "model": "0" * 16, "model_name": "m",
+        "size": [32, 32], "num_inference_steps": 1, "resample_steps": 0, "sites": ["site"],
+        "timesteps": [1], "features": ["key", "value"], "extra": {},
+    }  # fmt: skip
+    if header is None:
+        header = json.dumps({**valid, **fields}).replace('"__inf__"', "Infinity").replace('"__big__"', "1e400")
+    data = {"final_latent": torch.zeros(1, 4, 4, 4), "site/1/key": torch.zeros(1, 2, 16, 4)}
+    data["site/1/value"] = torch.zeros(1, 2, 16, 4)
+    for name, tensor in (tensors or {}).items():
+        if tensor is None:
+            data.pop(name)
+        else:
+            data[name] = tensor
+    path = folder / "crafted.safetensors"
+    save_file(data, str(path), metadata={"editkit_style_cache": header})
+    return path
+
+
+def _crafted(**kwargs) -> Callable[[Path], Path]:
+    return lambda folder: crafted_style_cache(folder, **kwargs)
+
+
+def _tensor(*shape: int, fill: float = 0.0):
+    import torch
+
+    return torch.full(shape, fill)
+
+
+#: Crafted style caches: (builder, message fragment); each must be exit 2 before the model loads.
+CRAFTED_CACHES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "header nested 20,000 deep": (_crafted(header="[" * 20_000 + "]" * 20_000), "nested too deeply"),
+    "header a JSON list": (_crafted(header="[1, 2]"), "not an object"),
+    "header null": (_crafted(header="null"), "not an object"),
+    "Infinity in the header": (_crafted(size=["__inf__", 32]), "not a finite number"),
+    "1e400 in the header": (_crafted(num_inference_steps="__big__"), "not a finite number"),
+    "size of strings": (_crafted(size=["a", "b"]), "size must be"),
+    "steps a string": (_crafted(num_inference_steps="1"), "num_inference_steps"),
+    "sites not a list": (_crafted(sites="site"), "sites must be"),
+    "unknown kind": (_crafted(kind="texture"), "kind"),
+    "latent of the wrong shape": (_crafted(tensors={"final_latent": _tensor(4, 4)}), "final_latent must be"),
+    "latent not matching the size": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 8)}), "does not match"),
+    "feature of the wrong shape": (_crafted(tensors={"site/1/key": _tensor(16, 4)}), "must be (1, heads"),
+    "feature missing": (_crafted(tensors={"site/1/value": None}), "got nothing"),
+    "features of two shapes": (_crafted(tensors={"site/1/value": _tensor(1, 2, 8, 4)}), "differ in shape"),
+    "NaN latent": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 4, fill=float("nan"))}), "NaN or infinite"),
+}

@@ -8,10 +8,12 @@ becomes advice; downloads are pruned and the handlers' own temporary folder is r
 from __future__ import annotations
 
 import gc
+import json
 
 import bad_inputs as bad
 import pytest
 import torch
+from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
@@ -81,15 +83,45 @@ def test_awkward_uploads_work(handlers, tmp_path, case):
         (lambda h, good: h.compose("a car", "[1, 2]", False, 2, 7.5, 0), "JSON object"),
         (lambda h, good: h.compose("a car", "", False, 2, float("nan"), 0), "guidance scale"),
         (lambda h, good: h.generate_with_tokens("a car", None, 1.0, 2, 7.5, 0), "soft-token file"),
+        (lambda h, good: h.compose("a car", "[" * 8000 + "]" * 8000, False, 2, 7.5, 0), "nested too deeply"),
+        (lambda h, good: h.compose("a car", _nested_dict(), False, 2, 7.5, 0), "nested too deeply"),
+        (lambda h, good: h.compose("a car", " " + "x" * 20_000, False, 2, 7.5, 0), "at most 16384"),
+        (lambda h, good: h.compose("a car", '{"entities": ["car"]}', "maybe", 2, 7.5, 0), "refine must be"),
+        (lambda h, good: _stylize(h, good, good, use_adain="perhaps"), "use AdaIN must be"),
     ],
     ids=[
         "gamma-nan", "tau-inf", "steps-0", "steps-fraction", "no-content", "empty-target", "guidance-text",
-        "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file",
+        "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file", "constraints-100k-deep",
+        "constraints-dict-deep", "constraints-20k-chars", "refine-not-a-flag", "adain-not-a-flag",
     ],
 )  # fmt: skip
 def test_bad_options_are_messages(handlers, tmp_path, call, fragment):
     good = {"path": str(bad.good_image(tmp_path))}
     assert fragment in _message(lambda: call(handlers, good))
+
+
+def _nested_dict(depth: int = 5000) -> dict:
+    """An API payload nested ``depth`` deep (gradio hands the JSON value over as it is)."""
+    value: dict = {}
+    for _ in range(depth):
+        value = {"entities": value}
+    return value
+
+
+@pytest.mark.parametrize(("refine", "refined"), [("no", False), ("false", False), ("yes", True), (0, False)])
+def test_refine_flags_from_the_api_mean_what_they_say(handlers, refine, refined):
+    """Issue 15.13: the string "no" used to count as true."""
+    _, download, _, report = handlers.compose("a red car", "", refine, 1, 7.5, 0)
+    assert refined or report["after_refinement"] is None  # no verification, no refinement
+    with Image.open(download) as image:
+        assert json.loads(image.text["editkit"])["refine"] is refined
+
+
+def test_duplicate_constraints_in_the_app_count_once(handlers):
+    """Issue 15.2: 300 copies of one entity (they held the shared model for 28 s) are one constraint."""
+    constraints = json.dumps({"entities": ["car"] * 300})
+    _, _, _, report = handlers.compose("a red car", constraints, False, 1, 7.5, 0)
+    assert report["constraints"]["entities"] == ["car"]
 
 
 @pytest.mark.parametrize(

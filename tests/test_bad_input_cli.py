@@ -8,6 +8,7 @@ valid inputs (16-bit, CMYK, palette, alpha, animated GIF, full masks, non-ASCII 
 from __future__ import annotations
 
 import errno
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +294,60 @@ def test_bad_style_caches_exit_2(capsys, ctx, case):
     build, fragment = CACHE_CASES[case]
     argv = ["stylize", ctx.content, "--style-cache", build(ctx.folder), "-o", ctx.out, "--model", ctx.model]
     assert_user_error(run_cli(capsys, [*argv, *FAST["stylize"]]), fragment, ctx.out)
+
+
+@pytest.mark.parametrize("case", list(bad.CRAFTED_CACHES))
+def test_crafted_style_caches_exit_2(capsys, ctx, monkeypatch, case):
+    """Issue 15.9: every header field and tensor shape is checked when the cache is read."""
+    build, fragment = bad.CRAFTED_CACHES[case]
+    monkeypatch.setattr("editkit.models.load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["stylize", ctx.content, "--style-cache", build(ctx.folder), "-o", ctx.out, "--model", ctx.model]
+    assert_user_error(run_cli(capsys, [*argv, *FAST["stylize"]]), fragment, ctx.out)
+
+
+def _many_words(count: int) -> str:
+    return " ".join("w" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(count))
+
+
+CONSTRAINT_CASES = {
+    "nested 100k deep": (lambda prompt: bad.DEEP_JSON, "nested too deeply"),
+    "Infinity": (lambda prompt: '{"entities": [Infinity]}', "not a finite number"),
+    "too many distinct": (
+        lambda prompt: json.dumps({"entities": prompt.split()[:70]}),
+        "at most 64",
+    ),
+    "too many entries": (lambda prompt: json.dumps({"entities": ["waaa"] * 5000}), "at most 1024"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONSTRAINT_CASES))
+def test_bad_constraint_files_exit_2(capsys, ctx, monkeypatch, case):
+    """Issue 15.2: nesting, size and count are bounded before any model work."""
+    write, fragment = CONSTRAINT_CASES[case]
+    prompt = _many_words(80)
+    path = ctx.folder / "constraints.json"
+    path.write_text(write(prompt))
+    argv = ["compose", prompt, "--constraints", path, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    assert_user_error(run_cli(capsys, argv), fragment, ctx.out)
+
+
+def test_a_folder_as_constraints_is_not_called_missing(capsys, ctx):
+    """Issue 15.13."""
+    argv = ["compose", "a car", "--constraints", ctx.folder, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    err = assert_user_error(run_cli(capsys, argv), "is a folder", ctx.out)
+    assert "does not exist" not in err
+
+
+def test_duplicate_constraints_count_once(capsys, ctx):
+    """Issue 15.2: 1,000 copies of one entity are one constraint (they made compose quadratic)."""
+    path = ctx.folder / "constraints.json"
+    red_car = {"attribute": "red", "entity": "car"}
+    path.write_text(json.dumps({"entities": ["car"] * 1000, "attributes": [red_car] * 10}))
+    argv = ["compose", "a red car", "--constraints", path, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    assert_success(run_cli(capsys, argv), ctx.out)
+    with Image.open(ctx.out) as image:
+        used = json.loads(image.text["editkit"])["constraints_used"]
+    assert used["entities"] == ["car"] and used["attributes"] == [red_car]
 
 
 # -- outputs --------------------------------------------------------------------------------------

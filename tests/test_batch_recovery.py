@@ -202,3 +202,32 @@ def test_long_stems_and_dotted_folders_in_batch_mode(capsys, sd15_dir, tmp_path)
     names = sorted(p.name for p in out.glob("*.png"))
     assert len(names) == 2 and len(set(names)) == 2 and all(len(os.fsencode(n)) <= 255 for n in names)
     assert sorted(_manifest_outputs(out)) == names
+
+
+def test_resuming_is_reported_once(capsys, caplog, sd15_dir, tmp_path):
+    """15.13: the "resuming" line used to be printed by the check and again by the run."""
+    out = tmp_path / "out"
+    argv = _argv("compose", tmp_path, sd15_dir, out)
+    assert _cli(capsys, argv)[0] == 0
+    (out / "0001-a-blue-bird.png").unlink()
+    caplog.clear()
+    code, err = _cli(capsys, argv)
+    assert code == 0, err
+    assert [r.getMessage() for r in caplog.records].count("resuming: 2 of 3 jobs are already done in " + str(out)) == 1
+
+
+@pytest.mark.parametrize("where", ["prompt file", "manifest"])
+def test_deeply_nested_json_in_batch_files_exits_2(capsys, sd15_dir, tmp_path, where):
+    """15.2: 100k nested brackets in a JSON-lines prompt file or a manifest were a RecursionError."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir(), out.mkdir()
+    bad.good_image(images, "cat.png", (40, 32))
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(
+        bad.DEEP_JSON if where == "prompt file" else '{"image": "cat.png", "source_prompt": "a", "target_prompt": "b"}'
+    )
+    if where == "manifest":
+        (out / "manifest.json").write_text(bad.DEEP_JSON)
+    code, err = _cli(capsys, ["edit", images, "--prompts", edits, "--output-dir", out, "--model", sd15_dir])
+    fragment = "nested too deeply" if where == "prompt file" else "not an editkit manifest"
+    assert code == 2 and fragment in err and "Traceback" not in err, err[-2000:]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from editkit.app.models import ModelManager
 from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
 from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
+from editkit.jsonio import MAX_JSON_DEPTH, json_depth, parse_json
 from editkit.numerics import APP_OUT_OF_MEMORY_ADVICE, out_of_memory_message
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ MAX_PIXELS = 4096 * 4096
 COMPOSE_GUIDED_STEPS = 25
 #: Downloads kept in the output folder; older ones are deleted (gradio serves its own cached copies).
 KEPT_OUTPUTS = 64
+#: Longest constraints JSON accepted from the compose tab (its schema needs far less).
+MAX_CONSTRAINTS_CHARS = 16_384
+_FLAG_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
 UNEXPECTED_ERROR = "Something went wrong on the server (the details are in its log). Please try again."
 
 Outputs = tuple[Image.Image, str, str]
@@ -155,19 +158,34 @@ def text(value: Any, label: str, *, required: bool = True) -> str:
 
 
 def parse_constraints(value: Any) -> dict | None:
-    """Optional explicit constraints as JSON (the schema of ``editkit.constraints``); empty: parse the prompt."""
+    """Optional explicit constraints as JSON (the schema of ``editkit.constraints``); empty: parse the prompt.
+
+    At most :data:`MAX_CONSTRAINTS_CHARS` characters and :data:`~editkit.jsonio.MAX_JSON_DEPTH`
+    levels; the number of constraints is capped by ``editkit.constraints.MAX_CONSTRAINTS``."""
     if isinstance(value, dict):
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise InputError(f"constraints are nested too deeply (at most {MAX_JSON_DEPTH} levels)")
         return value
     raw = text(value, "constraints", required=False)
     if not raw:
         return None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise InputError(f"constraints are not valid JSON: {error.msg} (line {error.lineno})") from None
+    if len(raw) > MAX_CONSTRAINTS_CHARS:
+        raise InputError(f"constraints are {len(raw)} characters long; at most {MAX_CONSTRAINTS_CHARS} are accepted")
+    data = parse_json(raw, "constraints")
     if not isinstance(data, dict):
         raise InputError('constraints must be a JSON object such as {"entities": ["car", "bird"]}')
     return data
+
+
+def flag(value: Any, label: str) -> bool:
+    """A checkbox value from the form or the API: a JSON boolean, 0/1 or true/false/yes/no (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise InputError(f"{label} must be true or false, got {value!r}")
 
 
 def constraint_report(output: Any) -> dict[str, Any]:
@@ -266,7 +284,9 @@ class Handlers:
         params = {
             "gamma": number(gamma, "gamma (query preservation)", 0.0, 1.0),
             "tau": number(tau, "tau (attention temperature)", 0.1, 10.0),
-            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0) if use_adain else None,
+            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0)
+            if flag(use_adain, "use AdaIN")
+            else None,
             "num_inference_steps": whole(steps, "steps", 1, 1000),
             "seed": whole(seed, "seed"),
         }
@@ -352,7 +372,7 @@ class Handlers:
         params = {
             "prompt": text(prompt, "prompt"),
             "constraints": parse_constraints(constraints),
-            "refine": bool(refine),
+            "refine": flag(refine, "refine"),
             "num_inference_steps": whole(steps, "steps", 1, 1000),
             "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
             "seed": whole(seed, "seed"),

@@ -31,6 +31,7 @@ from typing import Any
 
 from editkit.atomic import DEFAULT_NAME_MAX, atomic_write, name_limit, remove_stale_temps
 from editkit.errors import InputError, OutputExistsError
+from editkit.jsonio import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +187,9 @@ class Manifest:
         if not path.exists():
             return {}
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"), str(path))
             entries = {entry["key"]: entry for entry in data["outputs"]}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OSError):
             raise InputError(
                 f"{path} is not an editkit manifest; move it away or choose another output folder"
             ) from None

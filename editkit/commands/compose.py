@@ -129,6 +129,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--max-iter-to-alter ({args.max_iter_to_alter}) exceeds --steps ({args.steps})")
     if args.verifier != "attention" and args.no_refine:
         logger.warning("--verifier has no effect with --no-refine")
+    if args.constraints is not None and args.constraints.is_dir():
+        raise InputError(f"constraints file {args.constraints} is a folder; give a JSON file")
     if args.constraints is not None and not args.constraints.is_file():
         raise InputError(f"constraints file {args.constraints} does not exist")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from editkit.commands.common import (
 )
 from editkit.errors import InputError
 from editkit.image import SAVE_FORMATS
+from editkit.jsonio import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def read_edits(path: Path, folder: Path) -> list[dict[str, str]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        entry = parse_json(line, f"{path} line {number}")
         try:
-            entry = json.loads(line)
             edit = {key: str(entry[key]) for key in ("image", "source_prompt", "target_prompt")}
         except (ValueError, KeyError, TypeError):
             raise InputError(
