@@ -17,9 +17,9 @@ from pathlib import Path
 import bad_inputs as bad
 import pytest
 from PIL import Image
+from test_batch_cli import _cli
 
 import editkit.image
-from editkit.cli import main
 from editkit.commands import batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,28 +32,6 @@ FAST = {
 
 class Killed(BaseException):
     """The process died here (nothing after this point ran)."""
-
-
-def _cli(capsys, argv) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture
-def saves(monkeypatch):
-    """The names of every image saved."""
-    real = editkit.image.save_image
-    recorded: list[str] = []
-
-    def save(image, path, **kwargs):
-        recorded.append(Path(path).name)
-        return real(image, path, **kwargs)
-
-    monkeypatch.setattr(editkit.image, "save_image", save)
-    return recorded
 
 
 def _argv(command: str, tmp_path: Path, model: Path, out: Path) -> list:
