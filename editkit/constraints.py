@@ -14,7 +14,6 @@ silently: what a parser could not turn into a constraint is listed in ``Constrai
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -39,6 +38,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Most distinct constraints (entities + attributes + relations) accepted from a user.
+MAX_CONSTRAINTS = 64
+#: Most entries read from user constraints before deduplication.
+MAX_CONSTRAINT_ITEMS = 1024
 RELATIONS = ("left", "right", "above", "below", "near")
 # Relation phrases, longest first; "near" is enforced as proximity, not as a direction.
 RELATION_PHRASES: tuple[tuple[str, str], ...] = (
@@ -334,14 +337,22 @@ def _items(data: dict, key: str, fields: tuple[str, ...]) -> list[dict]:
 
 
 def constraints_from_dict(data: dict, prompt: str) -> Constraints:
-    """User constraints (the JSON schema of ``Constraints.to_dict``), checked against ``prompt``."""
+    """User constraints (the JSON schema of ``Constraints.to_dict``), checked against ``prompt``.
+
+    Repeated constraints count once. At most :data:`MAX_CONSTRAINT_ITEMS` entries are read and
+    at most :data:`MAX_CONSTRAINTS` distinct constraints accepted (the losses grow with their
+    number and pairs; a 77-token prompt holds far fewer distinct phrases).
+    """
     if not isinstance(data, dict) or set(data) - {"entities", "attributes", "relations"}:
         raise InputError("constraints must be an object with the keys entities, attributes, relations")
     entities = data.get("entities", [])
     if not isinstance(entities, list):
         raise InputError("constraints: 'entities' must be a list of words")
+    items = sum(len(value) for value in data.values() if isinstance(value, list))
+    if items > MAX_CONSTRAINT_ITEMS:
+        raise InputError(f"constraints: {items} entries; at most {MAX_CONSTRAINT_ITEMS} are read")
     constraints = Constraints(prompt, source="user")
-    constraints.entities = [_phrase(prompt, e, "entity") for e in entities]
+    constraints.entities = list(dict.fromkeys(_phrase(prompt, e, "entity") for e in entities))
     for item in _items(data, "attributes", ("attribute", "entity")):
         entity = _phrase(prompt, item["entity"], "attribute entity")
         constraints.bindings.append(Binding(_phrase(prompt, item["attribute"], "attribute"), entity))
@@ -353,19 +364,28 @@ def constraints_from_dict(data: dict, prompt: str) -> Constraints:
         subject, obj = _phrase(prompt, item["subject"], "subject"), _phrase(prompt, item["object"], "object")
         constraints.relations.append(Relation(subject, item["relation"], obj))
         constraints.entities.extend(e for e in (subject, obj) if e not in constraints.entities)
+    constraints.bindings = list(dict.fromkeys(constraints.bindings))
+    constraints.relations = list(dict.fromkeys(constraints.relations))
+    count = len(constraints.entities) + len(constraints.bindings) + len(constraints.relations)
+    if count > MAX_CONSTRAINTS:
+        raise InputError(f"constraints: {count} distinct constraints; at most {MAX_CONSTRAINTS} are accepted")
     return constraints
 
 
 def load_constraints(path: str | Path, prompt: str) -> Constraints:
     """User constraints from a JSON file (see :func:`constraints_from_dict`)."""
+    from editkit.jsonio import parse_json
+
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"constraints file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except IsADirectoryError:
+        raise InputError(f"constraints file {path} is a folder; give a JSON file") from None
+    except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"constraints file {path} is not valid JSON: {error}") from None
-    return constraints_from_dict(data, prompt)
+    return constraints_from_dict(parse_json(text, f"constraints file {path}"), prompt)
 
 
 # -- token alignment ----------------------------------------------------------------------------

@@ -3,27 +3,26 @@
 Loading is defensive: the pixel count is checked from the header before any decoding, files are
 fully decoded (so truncated data fails here, not deep inside a pipeline), EXIF orientation is
 applied and every PIL mode is turned into 8-bit RGB. Problems the user can fix raise
-:class:`~editkit.errors.InputError` with a one-line message naming the file. Saving is atomic:
-:func:`atomic_write` writes a temporary file next to the target and renames it into place, so an
-interrupted save never leaves a partial file; other modules reuse it for safetensors files.
+:class:`~editkit.errors.InputError` with a one-line message naming the file. Saving is atomic
+(:func:`editkit.atomic.atomic_write`, re-exported here): a temporary file next to the target is
+renamed into place, so an interrupted save never leaves a partial file.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from editkit.errors import InputError, OutputExistsError
+from editkit.atomic import atomic_write
+from editkit.errors import InputError
 
 __all__ = [
     "atomic_write",
@@ -45,8 +44,6 @@ MIN_SIDE = 8  # pixels; smaller images cannot hold one latent pixel
 MAX_ASPECT = 64  # longer side / shorter side
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def load_image(path_or_image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -162,83 +159,6 @@ def save_image(
     if image_format == "JPEG" and image.mode not in ("RGB", "L"):
         image = _to_rgb(image, str(path))
     return atomic_write(path, lambda tmp: image.save(tmp, format=image_format, **options), overwrite=overwrite)
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> Path:
-    """Write a file atomically: ``write_fn(temp_path)`` writes it, then it is renamed onto ``path``.
-
-    The temporary file lies in the target's folder (so the rename is atomic), is fsynced before
-    the rename and is deleted on any exception, KeyboardInterrupt included, so a partial file is
-    never left. Missing parent folders are created. An existing ``path`` is refused unless
-    ``overwrite``. Usage: ``atomic_write(out, lambda tmp: safetensors.torch.save_file(t, tmp))``.
-    Returns the final path.
-    """
-    path = Path(path).expanduser()
-    _check_target(path, overwrite)
-    tmp = _temp_file(path)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as written:  # flush to disk before the rename makes it visible
-            os.fsync(written.fileno())
-        _move_into_place(tmp, path, overwrite)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        if error.errno in _DISK_FULL:
-            raise InputError(f"no space left on the device while writing {path}; free some space") from None
-        if error.errno in _NOT_WRITABLE:
-            raise InputError(f"cannot write {path}: {error.strerror}") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("wrote %s", path)
-    return path
-
-
-def _check_target(path: Path, overwrite: bool) -> None:
-    """Refuse an existing target (unless ``overwrite``) and create the missing parent folders."""
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {path.parent}: {error.strerror}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"the output folder {path.parent} is not writable; choose another path")
-
-
-def _temp_file(path: Path) -> Path:
-    """Create an empty hidden temporary file next to ``path`` (same suffix, so writers see the format).
-
-    NamedTemporaryFile creates it private (0o600); it gets the usual umask-based mode instead.
-    """
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", delete=False
-        ) as handle:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.chmod(handle.name, 0o666 & ~umask)
-            return Path(handle.name)
-    except OSError as error:
-        raise InputError(f"cannot write in {path.parent}: {error.strerror}") from None
-
-
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` onto ``path``; without ``overwrite``, never replace a file that appeared meanwhile."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic create-if-absent
-    except FileExistsError:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it") from None
-    except OSError:  # a file system without hard links
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
 
 
 def _name(path_or_image: ImageInput) -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from editkit.attention import AttentionController, QKVRecorder, Site, attention_sites, select_sites
 from editkit.errors import InputError
-from editkit.safefiles import is_pickle
+from editkit.style_file import CACHE_FORMAT, CACHE_METADATA_KEY, FEATURES_BY_KIND, read_cache_file
 
 __all__ = [
     "DEFAULT_SITE_PATTERNS",
@@ -52,9 +52,6 @@ DEFAULT_SITE_PATTERNS: dict[str, tuple[str, ...]] = {
     "sd": ("up_blocks.2.attentions", "up_blocks.3.attentions"),
     "sdxl": ("up_blocks.1.attentions.1", "up_blocks.1.attentions.2"),
 }
-CACHE_FORMAT = "editkit-style-cache/1"
-CACHE_METADATA_KEY = "editkit_style_cache"
-FEATURES_BY_KIND = {"style": ("key", "value"), "content": ("query",)}
 
 
 # -- AdaIN ---------------------------------------------------------------------------------------
@@ -256,9 +253,7 @@ class StyleCache:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically to a ``.safetensors`` file with the header in its metadata."""
-        from safetensors.torch import save_file
-
-        from editkit.image import atomic_write
+        from editkit.atomic import save_safetensors
 
         tensors = {"final_latent": self.final_latent.detach().cpu().contiguous()}
         if self.image_embeds is not None:
@@ -267,13 +262,13 @@ class StyleCache:
             for name, tensor in record.items():
                 tensors[f"{site}/{timestep}/{name}"] = tensor.detach().cpu().contiguous()
         metadata = {CACHE_METADATA_KEY: json.dumps(self.header())}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+        return save_safetensors(path, tensors, metadata=metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleCache:
         """Read a cache written by ``save``; a missing, foreign or corrupt file raises InputError."""
         path = Path(path).expanduser()
-        header, tensors = _read_cache_file(path)
+        header, tensors = read_cache_file(path)
         try:
             return cls._from_parts(header, tensors, device)
         except (KeyError, TypeError, ValueError) as error:
@@ -316,28 +311,6 @@ def _replace(cache: StyleCache, **changes) -> StyleCache:
     import dataclasses
 
     return dataclasses.replace(cache, **changes)
-
-
-def _read_cache_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise InputError(f"style cache not found: {path}")
-    if is_pickle(path):
-        raise InputError(f"{path} is a pickle (torch.save) file; editkit reads style caches from .safetensors only")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{path} is not a readable safetensors file ({error})") from None
-    if CACHE_METADATA_KEY not in metadata:
-        raise InputError(f"{path} is a safetensors file but not an editkit style cache (no header)")
-    try:
-        header = json.loads(metadata[CACHE_METADATA_KEY])
-    except json.JSONDecodeError:
-        raise InputError(f"{path} has a corrupt style cache header") from None
-    return header, tensors
 
 
 # -- injection ------------------------------------------------------------------------------------

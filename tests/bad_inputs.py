@@ -200,3 +200,108 @@ def unet_less_pipeline(folder: Path) -> Path:
     index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0", "transformer": ["diffusers", "X"]}
     (path / "model_index.json").write_text(json.dumps(index))
     return path
+
+
+# -- output paths (issue 15.11) -------------------------------------------------------------------
+def name_over_the_limit(folder: Path) -> Path:
+    return folder / ("x" * 252 + ".png")  # 256 bytes: over NAME_MAX (255) of common file systems
+
+
+def no_extension(folder: Path) -> Path:
+    return folder / "result"
+
+
+def unsupported_extension(folder: Path) -> Path:
+    return folder / "result.gif"
+
+
+def dot_dot_after_a_missing_folder(folder: Path) -> Path:
+    return folder / "ghost" / ".." / "g.png"
+
+
+#: Output paths refused before the model loads: (builder, message fragment, image commands only).
+BAD_OUTPUTS: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
+    "name over 255 bytes": (name_over_the_limit, "at most 255", False),
+    "no extension": (no_extension, "file name", True),
+    "unsupported extension": (unsupported_extension, "file name", True),
+    "'..' after a missing folder": (dot_dot_after_a_missing_folder, "does not exist", False),
+}
+
+
+def long_valid_name(folder: Path) -> Path:
+    """250 bytes: valid, and so is every temporary name while it is written."""
+    return folder / ("é" * 123 + ".png")
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """What killed writers left (old and new naming), made old enough to be stale."""
+    import os
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / ".result.k2j4_9zq.tmp.png", folder / ".cache.a1b2c3d4.tmp.safetensors"]
+    paths.append(folder / ".editkit-00000000-12-0123abcd.tmp.png")
+    old = time.time() - 3600
+    for path in paths:
+        path.write_bytes(b"partial")
+        os.utime(path, (old, old))
+    return paths
+
+
+# -- crafted JSON and style caches (issue 15.2, 15.9) ---------------------------------------------
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # 100k nested brackets: a RecursionError for json.loads
+
+
+def crafted_style_cache(folder: Path, header: str | None = None, tensors: dict | None = None, **fields) -> Path:
+    """A style cache file with ``header`` as its raw JSON header (or a valid one with ``fields``
+    changed) and ``tensors`` replacing/adding tensors (``None`` values remove one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    valid = {
+        "format": "editkit-style-cache/1", "kind": "style", "model": "0" * 16, "model_name": "m",
+        "size": [32, 32], "num_inference_steps": 1, "resample_steps": 0, "sites": ["site"],
+        "timesteps": [1], "features": ["key", "value"], "extra": {},
+    }  # fmt: skip
+    if header is None:
+        header = json.dumps({**valid, **fields}).replace('"__inf__"', "Infinity").replace('"__big__"', "1e400")
+    data = {"final_latent": torch.zeros(1, 4, 4, 4), "site/1/key": torch.zeros(1, 2, 16, 4)}
+    data["site/1/value"] = torch.zeros(1, 2, 16, 4)
+    for name, tensor in (tensors or {}).items():
+        if tensor is None:
+            data.pop(name)
+        else:
+            data[name] = tensor
+    path = folder / "crafted.safetensors"
+    save_file(data, str(path), metadata={"editkit_style_cache": header})
+    return path
+
+
+def _crafted(**kwargs) -> Callable[[Path], Path]:
+    return lambda folder: crafted_style_cache(folder, **kwargs)
+
+
+def _tensor(*shape: int, fill: float = 0.0):
+    import torch
+
+    return torch.full(shape, fill)
+
+
+#: Crafted style caches: (builder, message fragment); each must be exit 2 before the model loads.
+CRAFTED_CACHES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "header nested 20,000 deep": (_crafted(header="[" * 20_000 + "]" * 20_000), "nested too deeply"),
+    "header a JSON list": (_crafted(header="[1, 2]"), "not an object"),
+    "header null": (_crafted(header="null"), "not an object"),
+    "Infinity in the header": (_crafted(size=["__inf__", 32]), "not a finite number"),
+    "1e400 in the header": (_crafted(num_inference_steps="__big__"), "not a finite number"),
+    "size of strings": (_crafted(size=["a", "b"]), "size must be"),
+    "steps a string": (_crafted(num_inference_steps="1"), "num_inference_steps"),
+    "sites not a list": (_crafted(sites="site"), "sites must be"),
+    "unknown kind": (_crafted(kind="texture"), "kind"),
+    "latent of the wrong shape": (_crafted(tensors={"final_latent": _tensor(4, 4)}), "final_latent must be"),
+    "latent not matching the size": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 8)}), "does not match"),
+    "feature of the wrong shape": (_crafted(tensors={"site/1/key": _tensor(16, 4)}), "must be (1, heads"),
+    "feature missing": (_crafted(tensors={"site/1/value": None}), "got nothing"),
+    "features of two shapes": (_crafted(tensors={"site/1/value": _tensor(1, 2, 8, 4)}), "differ in shape"),
+    "NaN latent": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 4, fill=float("nan"))}), "NaN or infinite"),
+}

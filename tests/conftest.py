@@ -57,3 +57,30 @@ def sdxl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     tiny_sdxl_pipeline(seed=0, path=path)
     return path
+
+
+@pytest.fixture
+def saves(monkeypatch):
+    """Record every image save; ``saves.interrupt_at = n`` makes the n-th save (1-based) a Ctrl-C mid-write."""
+    import editkit.image
+
+    real = editkit.image.save_image
+
+    class Saves(list):
+        interrupt_at = None
+
+    recorded = Saves()
+
+    def save(image, path, **kwargs):
+        recorded.append(Path(path).name)
+        if len(recorded) == recorded.interrupt_at:
+
+            def partial(tmp):
+                tmp.write_bytes(b"\x89PNG partial")
+                raise KeyboardInterrupt
+
+            return editkit.image.atomic_write(path, partial, overwrite=kwargs.get("overwrite", False))
+        return real(image, path, **kwargs)
+
+    monkeypatch.setattr(editkit.image, "save_image", save)
+    return recorded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -205,6 +206,71 @@ def test_server_refuses_uploads_over_the_limit(server):
     response = httpx.post(f"{server[1]}gradio_api/upload", files=payload, timeout=60)
     assert response.status_code == 413
     assert "Traceback" not in response.text
+
+
+def _raw_call(url: str, api_name: str, data: list) -> str:
+    """One call of the HTTP API with a hand-made payload (no gradio_client): the event stream's text."""
+    import httpx
+
+    event = httpx.post(f"{url}gradio_api/call/{api_name}", json={"data": data}, timeout=60).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/{api_name}/{event}", timeout=300).text
+
+
+def _stylize_payload(content, style, mask=None) -> list:
+    return [content, style, 0.75, 1.5, True, 0.6, 1, mask, 0]
+
+
+def test_server_files_outside_the_upload_folder_are_refused(server, tmp_path, token_file):
+    """Issue 15.1: an API request naming a server path (no FileData meta) is never read, and the
+    message is the same whether the path is an image, missing, a folder or a symlink out of the cache."""
+    import uuid
+
+    from gradio.utils import get_upload_folder
+
+    def gradio_upload_folder() -> Path:
+        return Path(get_upload_folder())
+
+    url = server[1]
+    outside = tmp_path / "private.png"
+    Image.open(EXAMPLES / "content.png").save(outside)
+    assert not str(outside.resolve()).startswith(str(gradio_upload_folder().resolve()))
+    link_folder = gradio_upload_folder() / f"editkit-test-{uuid.uuid4().hex}"
+    link_folder.mkdir(parents=True)
+    (link_folder / "escape.png").symlink_to(outside)
+    try:
+        upload = {"path": str(EXAMPLES / "content.png"), "meta": {"_type": "gradio.FileData"}}
+        real = _raw_call(url, "stylize", _stylize_payload(upload, upload))
+        assert "event: error" in real  # gradio itself vets records with meta (not an upload either)
+        neutral = "file is not an upload of this app; please upload it again"
+        for path in [outside, tmp_path / "missing.png", tmp_path, link_folder / "escape.png", "/etc/passwd"]:
+            record = {"path": str(path)}
+            calls = [
+                ("stylize", _stylize_payload(record, record), "content image"),
+                ("stylize", _stylize_payload(_upload_record(server), record), "style image"),
+                ("stylize", _stylize_payload(_upload_record(server), _upload_record(server), record), "mask image"),
+                ("edit", [record, "a", "b", "dual", 1, 7.5, None, 0], "input image"),
+                ("edit", [_upload_record(server), "a", "b", "dual", 1, 7.5, record, 0], "mask image"),
+                ("generate_with_tokens", ["a circle", record, 1.0, 1, 7.5, 0], None),
+                ("generate_with_tokens", ["a circle", {"path": str(token_file)}, 1.0, 1, 7.5, 0], None),
+            ]
+            for api_name, data, label in calls:
+                stream = _raw_call(url, api_name, data)
+                assert "event: error" in stream and "event: complete" not in stream, (api_name, path)
+                # gr.File insists on FileData meta itself (a generic error); the images get editkit's line
+                assert label is None or f"the {label} {neutral}" in stream, (api_name, label, path, stream)
+                assert str(tmp_path) not in stream and "not found" not in stream and "directory" not in stream
+    finally:
+        shutil.rmtree(link_folder)
+
+
+def _upload_record(server) -> dict:
+    """A FileData record of a real upload through the server's upload route (inside its cache)."""
+    import httpx
+
+    with open(EXAMPLES / "content.png", "rb") as handle:
+        files = {"files": ("content.png", handle, "image/png")}
+        path = httpx.post(f"{server[1]}gradio_api/upload", files=files, timeout=60).json()[0]
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
 
 
 def test_invalid_options_give_messages(client):

@@ -8,10 +8,12 @@ becomes advice; downloads are pruned and the handlers' own temporary folder is r
 from __future__ import annotations
 
 import gc
+import json
 
 import bad_inputs as bad
 import pytest
 import torch
+from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
@@ -21,7 +23,8 @@ from editkit.app.models import ModelManager  # noqa: E402
 
 @pytest.fixture(scope="module")
 def handlers(sd15_dir, tmp_path_factory):
-    return Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path_factory.mktemp("app-out"))
+    uploads = [tmp_path_factory.getbasetemp()]  # the tests' files stand in for gradio's upload folder
+    return Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path_factory.mktemp("app-out"), upload_folders=uploads)
 
 
 def _stylize(handlers, content, style, **overrides):
@@ -80,15 +83,45 @@ def test_awkward_uploads_work(handlers, tmp_path, case):
         (lambda h, good: h.compose("a car", "[1, 2]", False, 2, 7.5, 0), "JSON object"),
         (lambda h, good: h.compose("a car", "", False, 2, float("nan"), 0), "guidance scale"),
         (lambda h, good: h.generate_with_tokens("a car", None, 1.0, 2, 7.5, 0), "soft-token file"),
+        (lambda h, good: h.compose("a car", "[" * 8000 + "]" * 8000, False, 2, 7.5, 0), "nested too deeply"),
+        (lambda h, good: h.compose("a car", _nested_dict(), False, 2, 7.5, 0), "nested too deeply"),
+        (lambda h, good: h.compose("a car", " " + "x" * 20_000, False, 2, 7.5, 0), "at most 16384"),
+        (lambda h, good: h.compose("a car", '{"entities": ["car"]}', "maybe", 2, 7.5, 0), "refine must be"),
+        (lambda h, good: _stylize(h, good, good, use_adain="perhaps"), "use AdaIN must be"),
     ],
     ids=[
         "gamma-nan", "tau-inf", "steps-0", "steps-fraction", "no-content", "empty-target", "guidance-text",
-        "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file",
+        "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file", "constraints-100k-deep",
+        "constraints-dict-deep", "constraints-20k-chars", "refine-not-a-flag", "adain-not-a-flag",
     ],
 )  # fmt: skip
 def test_bad_options_are_messages(handlers, tmp_path, call, fragment):
     good = {"path": str(bad.good_image(tmp_path))}
     assert fragment in _message(lambda: call(handlers, good))
+
+
+def _nested_dict(depth: int = 5000) -> dict:
+    """An API payload nested ``depth`` deep (gradio hands the JSON value over as it is)."""
+    value: dict = {}
+    for _ in range(depth):
+        value = {"entities": value}
+    return value
+
+
+@pytest.mark.parametrize(("refine", "refined"), [("no", False), ("false", False), ("yes", True), (0, False)])
+def test_refine_flags_from_the_api_mean_what_they_say(handlers, refine, refined):
+    """Issue 15.13: the string "no" used to count as true."""
+    _, download, _, report = handlers.compose("a red car", "", refine, 1, 7.5, 0)
+    assert refined or report["after_refinement"] is None  # no verification, no refinement
+    with Image.open(download) as image:
+        assert json.loads(image.text["editkit"])["refine"] is refined
+
+
+def test_duplicate_constraints_in_the_app_count_once(handlers):
+    """Issue 15.2: 300 copies of one entity (they held the shared model for 28 s) are one constraint."""
+    constraints = json.dumps({"entities": ["car"] * 300})
+    _, _, _, report = handlers.compose("a red car", constraints, False, 1, 7.5, 0)
+    assert report["constraints"]["entities"] == ["car"]
 
 
 @pytest.mark.parametrize(
@@ -138,3 +171,32 @@ def test_downloads_are_pruned_and_the_temporary_folder_removed(sd15_dir, tmp_pat
     del own
     gc.collect()
     assert not folder.exists()
+
+
+def _every_file_input(handlers, record, good):
+    """(call, label) for each file input of the four endpoints, given ``record`` there."""
+    return [
+        (lambda: _stylize(handlers, record, good), "content image"),
+        (lambda: _stylize(handlers, good, record), "style image"),
+        (lambda: _stylize(handlers, good, good, mask=record), "mask image"),
+        (lambda: _edit(handlers, record), "input image"),
+        (lambda: _edit(handlers, good, mask=record), "mask image"),
+        (lambda: handlers.generate_with_tokens("a car", record, 1.0, 1, 7.5, 0), "soft-token"),
+        (lambda: handlers.generate_with_tokens("a car", record["path"], 1.0, 1, 7.5, 0), "soft-token"),
+    ]
+
+
+def test_files_outside_the_upload_folders_get_one_neutral_message(sd15_dir, tmp_path):
+    """Issue 15.1: every file input (images, masks, the token file) must lie in the upload folders;
+    a server path, a missing one, a folder or a symlink out of them all read the same."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    own = Handlers(ModelManager(sd15_dir, device="cpu"), tmp_path / "out", upload_folders=[uploads])
+    good = {"path": str(bad.good_image(uploads))}
+    private = bad.good_image(tmp_path, "private.png")
+    (uploads / "escape.png").symlink_to(private)
+    neutral = "file is not an upload of this app; please upload it again"
+    for path in [private, bad.missing(tmp_path), bad.directory(tmp_path), uploads / "escape.png", uploads]:
+        for call, label in _every_file_input(own, {"path": str(path)}, good):
+            assert _message(call) == f"the {label} {neutral}"
+    assert not own.manager.loaded  # refused before the model loads

@@ -8,6 +8,7 @@ valid inputs (16-bit, CMYK, palette, alpha, animated GIF, full masks, non-ASCII 
 from __future__ import annotations
 
 import errno
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,6 +296,60 @@ def test_bad_style_caches_exit_2(capsys, ctx, case):
     assert_user_error(run_cli(capsys, [*argv, *FAST["stylize"]]), fragment, ctx.out)
 
 
+@pytest.mark.parametrize("case", list(bad.CRAFTED_CACHES))
+def test_crafted_style_caches_exit_2(capsys, ctx, monkeypatch, case):
+    """Issue 15.9: every header field and tensor shape is checked when the cache is read."""
+    build, fragment = bad.CRAFTED_CACHES[case]
+    monkeypatch.setattr("editkit.models.load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["stylize", ctx.content, "--style-cache", build(ctx.folder), "-o", ctx.out, "--model", ctx.model]
+    assert_user_error(run_cli(capsys, [*argv, *FAST["stylize"]]), fragment, ctx.out)
+
+
+def _many_words(count: int) -> str:
+    return " ".join("w" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(count))
+
+
+CONSTRAINT_CASES = {
+    "nested 100k deep": (lambda prompt: bad.DEEP_JSON, "nested too deeply"),
+    "Infinity": (lambda prompt: '{"entities": [Infinity]}', "not a finite number"),
+    "too many distinct": (
+        lambda prompt: json.dumps({"entities": prompt.split()[:70]}),
+        "at most 64",
+    ),
+    "too many entries": (lambda prompt: json.dumps({"entities": ["waaa"] * 5000}), "at most 1024"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONSTRAINT_CASES))
+def test_bad_constraint_files_exit_2(capsys, ctx, monkeypatch, case):
+    """Issue 15.2: nesting, size and count are bounded before any model work."""
+    write, fragment = CONSTRAINT_CASES[case]
+    prompt = _many_words(80)
+    path = ctx.folder / "constraints.json"
+    path.write_text(write(prompt))
+    argv = ["compose", prompt, "--constraints", path, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    assert_user_error(run_cli(capsys, argv), fragment, ctx.out)
+
+
+def test_a_folder_as_constraints_is_not_called_missing(capsys, ctx):
+    """Issue 15.13."""
+    argv = ["compose", "a car", "--constraints", ctx.folder, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    err = assert_user_error(run_cli(capsys, argv), "is a folder", ctx.out)
+    assert "does not exist" not in err
+
+
+def test_duplicate_constraints_count_once(capsys, ctx):
+    """Issue 15.2: 1,000 copies of one entity are one constraint (they made compose quadratic)."""
+    path = ctx.folder / "constraints.json"
+    red_car = {"attribute": "red", "entity": "car"}
+    path.write_text(json.dumps({"entities": ["car"] * 1000, "attributes": [red_car] * 10}))
+    argv = ["compose", "a red car", "--constraints", path, "-o", ctx.out, "--model", ctx.model, *FAST["compose"]]
+    assert_success(run_cli(capsys, argv), ctx.out)
+    with Image.open(ctx.out) as image:
+        used = json.loads(image.text["editkit"])["constraints_used"]
+    assert used["entities"] == ["car"] and used["attributes"] == [red_car]
+
+
 # -- outputs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
 def test_existing_output_is_not_overwritten(capsys, ctx, command):
@@ -335,6 +390,65 @@ def test_ctrl_c_leaves_no_partial_file(capsys, ctx, command, monkeypatch):
     code, _, err = run_cli(capsys, ctx.argv(command))
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert not ctx.out.exists() and list(ctx.out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
+@pytest.mark.parametrize("case", list(bad.BAD_OUTPUTS))
+def test_bad_output_paths_exit_2_before_the_model_loads(capsys, ctx, monkeypatch, command, case):
+    """Issue 15.11: refused before any model work (a model load here would be exit 1), nothing created."""
+    build, fragment, images_only = bad.BAD_OUTPUTS[case]
+    if images_only and command == "generate":
+        pytest.skip("softrepa generate's output checks belong to the SoftREPA part of issue 15")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr("editkit.models.load_pipeline", no_model)
+    out = build(ctx.out.parent)
+    assert_user_error(run_cli(capsys, ctx.argv(command, out=out)), fragment, out)
+    assert not (ctx.out.parent / "ghost").exists()
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
+def test_a_250_byte_output_name_works(capsys, ctx, command):
+    out = bad.long_valid_name(ctx.out.parent)
+    assert_success(run_cli(capsys, ctx.argv(command, out=out)), out)
+    assert [p.name for p in ctx.out.parent.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose"])
+def test_stale_temporary_files_are_removed_by_the_next_run(capsys, ctx, command):
+    """Issue 15.7: what a killed run left in the output folder is cleaned; other hidden files stay."""
+    stale = bad.stale_temporaries(ctx.out.parent)
+    (ctx.out.parent / ".keep").write_text("mine")
+    assert_success(run_cli(capsys, ctx.argv(command)), ctx.out)
+    assert sorted(p.name for p in ctx.out.parent.iterdir()) == [".keep", ctx.out.name]
+    assert not any(p.exists() for p in stale)
+
+
+def test_overwrite_through_a_symlink_replaces_its_target(capsys, ctx):
+    """Issue 15.11 (decided): --overwrite onto a symlink writes the file it points to; the link stays."""
+    target = ctx.folder / "real.png"
+    target.write_bytes(b"old")
+    ctx.out.parent.mkdir()
+    ctx.out.symlink_to(target)
+    assert_success(run_cli(capsys, ctx.argv("compose", extra=["--overwrite"])), ctx.out)
+    assert ctx.out.is_symlink() and target.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_full_disk_while_saving_a_style_cache_exits_2(capsys, ctx, monkeypatch):
+    """Issue 15.8: safetensors reports ENOSPC in its own error type; still exit 2, nothing partial."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a cache")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cache = ctx.out.parent / "style.safetensors"
+    result = run_cli(capsys, ctx.argv("stylize", extra=["--save-style-cache", cache]))
+    assert_user_error(result, "no space left", cache)
 
 
 # -- numerical faults and memory ------------------------------------------------------------------

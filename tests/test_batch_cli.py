@@ -16,7 +16,6 @@ import bad_inputs as bad
 import pytest
 from PIL import Image
 
-import editkit.image
 from editkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,31 +29,6 @@ def _cli(capsys, argv) -> tuple[int, str]:
     except SystemExit as exit_:
         code = exit_.code
     return code, capsys.readouterr().err
-
-
-@pytest.fixture
-def saves(monkeypatch):
-    """Record every image save; ``saves.interrupt_at = n`` makes the n-th save (1-based) a Ctrl-C mid-write."""
-    real = editkit.image.save_image
-
-    class Saves(list):
-        interrupt_at = None
-
-    recorded = Saves()
-
-    def save(image, path, **kwargs):
-        recorded.append(Path(path).name)
-        if len(recorded) == recorded.interrupt_at:
-
-            def partial(tmp):
-                tmp.write_bytes(b"\x89PNG partial")
-                raise KeyboardInterrupt
-
-            return editkit.image.atomic_write(path, partial, overwrite=kwargs.get("overwrite", False))
-        return real(image, path, **kwargs)
-
-    monkeypatch.setattr(editkit.image, "save_image", save)
-    return recorded
 
 
 def _manifest_outputs(folder: Path) -> list[str]:

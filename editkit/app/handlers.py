@@ -7,7 +7,10 @@ with its traceback on the server and shown as a generic message, never as a trac
 
 The events run with ``preprocess=False``: images arrive as upload records (``{"path": ...}``)
 and are read here with :func:`editkit.image.load_image`, so an unreadable or oversized image gets
-editkit's own message rather than a decoder error.
+editkit's own message rather than a decoder error. Gradio vets only the records that carry its
+FileData ``meta``, so every file input (image, mask, token file) is checked here: its resolved
+path (symlinks followed) must lie inside the app's upload folders (gradio's upload cache by
+default), otherwise one neutral message answers, whether the path exists or not.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import json
 import logging
 import math
 import os
@@ -24,7 +26,7 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from editkit.app.models import ModelManager
 from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
 from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
+from editkit.jsonio import MAX_JSON_DEPTH, json_depth, parse_json
 from editkit.numerics import APP_OUT_OF_MEMORY_ADVICE, out_of_memory_message
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,9 @@ MAX_PIXELS = 4096 * 4096
 COMPOSE_GUIDED_STEPS = 25
 #: Downloads kept in the output folder; older ones are deleted (gradio serves its own cached copies).
 KEPT_OUTPUTS = 64
+#: Longest constraints JSON accepted from the compose tab (its schema needs far less).
+MAX_CONSTRAINTS_CHARS = 16_384
+_FLAG_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
 UNEXPECTED_ERROR = "Something went wrong on the server (the details are in its log). Please try again."
 
 Outputs = tuple[Image.Image, str, str]
@@ -56,6 +62,13 @@ _UPLOAD_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar
 
 
 # -- input parsing ------------------------------------------------------------------------------
+def gradio_upload_folder() -> Path:
+    """Gradio's folder of uploads and cached files (``$GRADIO_TEMP_DIR`` or ``<tmp>/gradio``)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
 def upload_path(value: Any) -> str | None:
     """The file path of an upload record (dict or object with ``path``), a plain path, or None."""
     if value is None or value == "":
@@ -68,9 +81,25 @@ def upload_path(value: Any) -> str | None:
     return str(path)
 
 
-def read_image(value: Any, label: str, *, required: bool = True) -> Image.Image | None:
-    """Load an uploaded image as RGB; the message names ``label``, never the server's temp path."""
+def vetted_upload(value: Any, label: str, folders: Sequence[str | os.PathLike]) -> str | None:
+    """The resolved path of an upload that lies inside one of ``folders`` (symlinks followed), or None.
+
+    Anything else (a server path named in an API request, a symlink out of the folders) gets one
+    neutral message that says nothing about whether the path exists or what it is.
+    """
     path = upload_path(value)
+    if path is None:
+        return None
+    resolved = os.path.realpath(path)
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if os.path.commonpath([resolved, root]) == root and resolved != root:
+            return resolved
+    raise InputError(f"the {label} file is not an upload of this app; please upload it again")
+
+
+def read_image(path: str | None, label: str, *, required: bool = True) -> Image.Image | None:
+    """Load an (already vetted) uploaded image as RGB; the message names ``label``, never the path."""
     if path is None:
         if required:
             raise InputError(f"upload a {label} image")
@@ -91,9 +120,8 @@ def _note_frames(path: str, label: str) -> None:
             notes.append(f"the {label} image has {frames} frames; using the first")
 
 
-def read_mask(value: Any, size: tuple[int, int]):
-    """An optional uploaded mask as a (1, 1, H, W) tensor of 0s and 1s at ``size`` = (width, height)."""
-    path = upload_path(value)
+def read_mask(path: str | None, size: tuple[int, int]):
+    """An optional (vetted) uploaded mask as a (1, 1, H, W) tensor of 0s and 1s at ``size`` = (width, height)."""
     if path is None:
         return None
     try:
@@ -130,19 +158,34 @@ def text(value: Any, label: str, *, required: bool = True) -> str:
 
 
 def parse_constraints(value: Any) -> dict | None:
-    """Optional explicit constraints as JSON (the schema of ``editkit.constraints``); empty: parse the prompt."""
+    """Optional explicit constraints as JSON (the schema of ``editkit.constraints``); empty: parse the prompt.
+
+    At most :data:`MAX_CONSTRAINTS_CHARS` characters and :data:`~editkit.jsonio.MAX_JSON_DEPTH`
+    levels; the number of constraints is capped by ``editkit.constraints.MAX_CONSTRAINTS``."""
     if isinstance(value, dict):
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise InputError(f"constraints are nested too deeply (at most {MAX_JSON_DEPTH} levels)")
         return value
     raw = text(value, "constraints", required=False)
     if not raw:
         return None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise InputError(f"constraints are not valid JSON: {error.msg} (line {error.lineno})") from None
+    if len(raw) > MAX_CONSTRAINTS_CHARS:
+        raise InputError(f"constraints are {len(raw)} characters long; at most {MAX_CONSTRAINTS_CHARS} are accepted")
+    data = parse_json(raw, "constraints")
     if not isinstance(data, dict):
         raise InputError('constraints must be a JSON object such as {"entities": ["car", "bird"]}')
     return data
+
+
+def flag(value: Any, label: str) -> bool:
+    """A checkbox value from the form or the API: a JSON boolean, 0/1 or true/false/yes/no (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise InputError(f"{label} must be true or false, got {value!r}")
 
 
 def constraint_report(output: Any) -> dict[str, Any]:
@@ -199,13 +242,29 @@ def guarded(endpoint: Callable) -> Callable:
 
 # -- the endpoints ------------------------------------------------------------------------------
 class Handlers:
-    """The app's endpoints, bound to one :class:`ModelManager`; results are written to ``output_dir``."""
+    """The app's endpoints, bound to one :class:`ModelManager`; results are written to ``output_dir``.
 
-    def __init__(self, manager: ModelManager, output_dir: str | os.PathLike | None = None) -> None:
+    ``upload_folders``: the only folders file inputs may come from (default: gradio's upload
+    folder, :func:`gradio_upload_folder`, read at each request so ``$GRADIO_TEMP_DIR`` holds).
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        output_dir: str | os.PathLike | None = None,
+        *,
+        upload_folders: Sequence[str | os.PathLike] | None = None,
+    ) -> None:
         self.manager = manager
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="editkit-app-"))
+        self.upload_folders = None if upload_folders is None else [Path(f) for f in upload_folders]
         if output_dir is None:  # our own temporary folder: removed with the handlers
             weakref.finalize(self, shutil.rmtree, self.output_dir, ignore_errors=True)
+
+    def _upload(self, value: Any, label: str) -> str | None:
+        """The vetted path of the ``label`` file input (see :func:`vetted_upload`)."""
+        folders = self.upload_folders if self.upload_folders is not None else [gradio_upload_folder()]
+        return vetted_upload(value, label, folders)
 
     @guarded
     def stylize(
@@ -225,17 +284,20 @@ class Handlers:
         params = {
             "gamma": number(gamma, "gamma (query preservation)", 0.0, 1.0),
             "tau": number(tau, "tau (attention temperature)", 0.1, 10.0),
-            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0) if use_adain else None,
+            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0)
+            if flag(use_adain, "use AdaIN")
+            else None,
             "num_inference_steps": whole(steps, "steps", 1, 1000),
             "seed": whole(seed, "seed"),
         }
-        content_image = read_image(content, "content")
-        style_image = read_image(style, "style")
+        content_image = read_image(self._upload(content, "content image"), "content")
+        style_image = read_image(self._upload(style, "style image"), "style")
+        mask_path = self._upload(mask, "mask image")
 
         def work(pipe) -> tuple[Image.Image, list[str]]:
             side, multiple = self.manager.resolution(pipe)
             content_fit = fit_to_model(content_image, side, multiple)
-            mask_tensor = read_mask(mask, content_fit.size)
+            mask_tensor = read_mask(mask_path, content_fit.size)
             params["mask"] = mask_tensor is not None
             output = pipe(
                 content_fit,
@@ -273,12 +335,13 @@ class Handlers:
             "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
             "seed": whole(seed, "seed"),
         }
-        source = read_image(image, "input")
+        source = read_image(self._upload(image, "input image"), "input")
+        mask_path = self._upload(mask, "mask image")
 
         def work(pipe) -> tuple[Image.Image, list[str]]:
             side, multiple = self.manager.resolution(pipe)
             fitted = fit_to_model(source, side, multiple)
-            mask_tensor = read_mask(mask, fitted.size)
+            mask_tensor = read_mask(mask_path, fitted.size)
             params["mask"] = mask_tensor is not None
             output = pipe(
                 fitted,
@@ -309,7 +372,7 @@ class Handlers:
         params = {
             "prompt": text(prompt, "prompt"),
             "constraints": parse_constraints(constraints),
-            "refine": bool(refine),
+            "refine": flag(refine, "refine"),
             "num_inference_steps": whole(steps, "steps", 1, 1000),
             "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
             "seed": whole(seed, "seed"),
@@ -354,7 +417,7 @@ class Handlers:
             "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
             "seed": whole(seed, "seed"),
         }
-        token_path = upload_path(tokens)
+        token_path = self._upload(tokens, "soft-token")
         if token_path is None:
             raise InputError("upload a soft-token file (.safetensors)")
         params["soft_tokens"] = Path(token_path).name

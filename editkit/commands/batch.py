@@ -6,10 +6,21 @@ share of the jobs (``jobs[rank::N]``: no duplicates, no gaps). Each process reco
 produced in its own part file; the main process merges the parts into ``manifest.json`` once all
 are done. A job already listed as done in the manifest (its output still on disk) is skipped, so
 an interrupted batch resumes where it stopped.
+
+Recording and writing are a recoverable pair: a job is first recorded as *pending* with its
+fingerprint (a hash of its inputs: prompts, the bytes of its input files), each output is then
+written atomically and marked written, and the job marked done. A kill (or a full disk) between
+two steps leaves an output the manifest knows as pending: the next run redoes it (it replaces
+its own pending output) instead of refusing it. A job whose inputs changed since it was recorded
+(a corrected prompt, an edited image) has another fingerprint and is redone the same way. One
+batch at a time writes a folder: each process holds a lock file (``.manifest.json.lock-<index>``)
+while it runs, and a second batch started on the same folder is refused at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -18,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editkit.errors import InputError
-from editkit.image import atomic_write
+from editkit.atomic import DEFAULT_NAME_MAX, atomic_write, name_limit, remove_stale_temps
+from editkit.errors import InputError, OutputExistsError
+from editkit.jsonio import parse_json
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: entries carry the job's fingerprint and its pending outputs
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,8 @@ class Job:
     key: str
     output: str | tuple[str, ...]
     inputs: dict[str, str] = field(default_factory=dict)
+    #: A hash of everything the job's result depends on besides the batch's options (see :func:`fingerprint`).
+    fingerprint: str = ""
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -75,6 +89,57 @@ class ProcessShare:
     def take(self, jobs: Sequence[Job]) -> list[Job]:
         """This process's jobs: every ``count``-th job starting at ``index``."""
         return list(jobs[self.index :: self.count])
+
+
+def fingerprint(inputs: dict[str, Any], files: Iterable[str | os.PathLike] = ()) -> str:
+    """A hash of a job's inputs: the ``inputs`` values and the bytes of each of ``files``."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as error:
+            raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def output_name(stem: str, suffix: str = ".png", *, limit: int = DEFAULT_NAME_MAX) -> str:
+    """``stem + suffix``, with a long stem cut (and a hash of it appended) to fit ``limit`` bytes."""
+    name = stem + suffix
+    if len(os.fsencode(name)) <= limit:
+        return name
+    tag = "-" + hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
+    room = limit - len(os.fsencode(suffix + tag))
+    cut = os.fsencode(stem)[:room].decode("utf-8", errors="ignore")
+    return cut + tag + suffix
+
+
+def recorded_outputs(folder: Path) -> set[str]:
+    """The output names an existing manifest (and its parts) in ``folder`` records; empty if none."""
+    names: set[str] = set()
+    for path in [folder / MANIFEST_NAME, *sorted(folder.glob(f".{MANIFEST_NAME}.part-*"))]:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, RecursionError):
+            for entry in json.loads(path.read_text(encoding="utf-8"))["outputs"]:
+                names.update(_names(entry.get("output")), entry.get("pending", []), entry.get("written", []))
+    return {name for name in names if isinstance(name, str)}
+
+
+def without_outputs(files: Sequence[Path], output_folder: Path | None) -> list[Path]:
+    """``files`` less the outputs a batch in ``output_folder`` recorded (when both share a folder)."""
+    if output_folder is None or not output_folder.is_dir():
+        return list(files)
+    folder = output_folder.resolve()
+    recorded = recorded_outputs(output_folder)
+    kept = [p for p in files if not (p.resolve().parent == folder and p.name in recorded)]
+    if len(kept) < len(files):
+        logger.info("skipping %d input(s) that are this batch's own outputs", len(files) - len(kept))
+    return kept
+
+
+def _names(output: Any) -> list[str]:
+    return [output] if isinstance(output, str) else list(output or [])
 
 
 def current_share() -> tuple[ProcessShare, Callable[[], None]]:
@@ -122,9 +187,9 @@ class Manifest:
         if not path.exists():
             return {}
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"), str(path))
             entries = {entry["key"]: entry for entry in data["outputs"]}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OSError):
             raise InputError(
                 f"{path} is not an editkit manifest; move it away or choose another output folder"
             ) from None
@@ -135,17 +200,32 @@ class Manifest:
             )
         return entries
 
-    def written(self, job: Job) -> set[str]:
-        """The outputs of ``job`` recorded as written and still on disk."""
+    def _current(self, job: Job) -> dict[str, Any] | None:
+        """The entry of ``job`` if it was made from the same inputs (entries of version 1 carry none)."""
         entry = self.entries.get(job.key)
+        if entry is None or entry.get("fingerprint", job.fingerprint) != job.fingerprint:
+            return None
+        return entry
+
+    def written(self, job: Job) -> set[str]:
+        """The outputs of ``job`` recorded as written from its current inputs and still on disk."""
+        entry = self._current(job)
         if entry is None:
             return set()
         names = job.outputs if entry.get("done", "written" not in entry) else entry.get("written", [])
         return {name for name in names if name in job.outputs and (self.folder / name).exists()}
 
+    def owned(self, job: Job) -> set[str]:
+        """Outputs of ``job`` on disk that this batch wrote or was writing (from any inputs): its to replace."""
+        entry = self.entries.get(job.key)
+        if entry is None:
+            return set()
+        names = {*entry.get("written", []), *entry.get("pending", [])}
+        return {name for name in names if name in job.outputs and (self.folder / name).exists()}
+
     def is_done(self, job: Job) -> bool:
         """Whether ``job`` is recorded as done and all its outputs are still on disk."""
-        return job.key in self.entries and self.written(job) == set(job.outputs)
+        return self._current(job) is not None and self.written(job) == set(job.outputs)
 
     def unrecorded(self, jobs: Iterable[Job]) -> list[Path]:
         """Outputs already on disk that this batch did not record (another run's files)."""
@@ -153,15 +233,23 @@ class Manifest:
             self.folder / name
             for job in jobs
             for name in job.outputs
-            if (self.folder / name).exists() and name not in self.written(job)
+            if (self.folder / name).exists() and name not in self.owned(job)
         ]
 
+    def begin(self, job: Job, share: ProcessShare, pending: Sequence[str]) -> None:
+        """Record ``job`` as pending (its fingerprint, the outputs about to be written) before writing them."""
+        entry = self._entry(job, share, done=False)
+        entry.update(written=sorted(self.written(job)), pending=sorted(pending))
+        self.entries[job.key] = entry
+        self._write_part(share)
+
     def record_output(self, job: Job, share: ProcessShare, name: str) -> None:
-        """Record one written output of an unfinished job."""
+        """Record one written output of an unfinished job (pending -> written)."""
         entry = self.entries.get(job.key)
         if entry is None or entry.get("process") != share.index or entry.get("done"):
             entry = self._entry(job, share, done=False)
         entry["written"] = sorted({*entry.get("written", []), name})
+        entry["pending"] = [n for n in entry.get("pending", []) if n != name]
         self.entries[job.key] = entry
         self._write_part(share)
 
@@ -173,8 +261,8 @@ class Manifest:
     def _entry(self, job: Job, share: ProcessShare, *, done: bool) -> dict[str, Any]:
         outputs = list(job.outputs)
         return {"key": job.key, "output": job.output if isinstance(job.output, str) else outputs,
-                "inputs": job.inputs, "process": share.index, "done": done,
-                "written": outputs if done else []}  # fmt: skip
+                "inputs": job.inputs, "fingerprint": job.fingerprint, "process": share.index, "done": done,
+                "written": outputs if done else [], "pending": []}  # fmt: skip
 
     def _write_part(self, share: ProcessShare) -> None:
         part = self.folder / f".{MANIFEST_NAME}.part-{share.index}"
@@ -184,7 +272,9 @@ class Manifest:
     def merge(self, jobs: Iterable[Job]) -> Path:
         """Main process: merge every part into ``manifest.json`` (in job order) and remove the parts."""
         for part in sorted(self.folder.glob(f".{MANIFEST_NAME}.part-*")):
-            self.entries.update(self._read(part))
+            for key, entry in self._read(part).items():  # a stale part of an earlier run never undoes a done job
+                if not self.entries.get(key, {}).get("done") or entry.get("done"):
+                    self.entries[key] = entry
         order = {job.key: i for i, job in enumerate(jobs)}
         outputs = sorted(self.entries.values(), key=lambda e: order.get(e["key"], len(order)))
         path = _write_json(
@@ -197,19 +287,60 @@ class Manifest:
 
 
 def check_batch_outputs(jobs: Sequence[Job], folder: Path, command: str, params: dict[str, Any], overwrite: bool):
-    """Before any heavy work: unique outputs, a resumable manifest, no unrecorded file in the way."""
+    """Before any heavy work: unique outputs, a resumable manifest, no unrecorded file in the way,
+    names the file system allows, and no other batch running in ``folder``."""
+    manifest = _checked_manifest(jobs, folder, command, params, overwrite)
+    with _batch_lock(folder, current_share()[0]):
+        pass
+    done = sum(manifest.is_done(job) for job in jobs)
+    if done:
+        logger.warning("resuming: %d of %d jobs are already done in %s", done, len(jobs), folder)
+
+
+def _checked_manifest(jobs: Sequence[Job], folder: Path, command: str, params: dict[str, Any], overwrite: bool):
     names = [name for job in jobs for name in job.outputs]
     if len({job.key for job in jobs}) != len(jobs) or len(set(names)) != len(names):
         raise InputError("batch jobs must have unique keys and output names")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; give a folder for the batch's outputs")
+    limit = name_limit(folder)
+    too_long = next((name for name in names if len(os.fsencode(name)) > limit), None)
+    if too_long is not None:
+        raise InputError(f"the output name {too_long[:40]}... is over the file system's limit of {limit} bytes")
     manifest = Manifest(folder, command, params, overwrite=overwrite)
     clash = [] if overwrite else manifest.unrecorded(jobs)
     if clash:
         raise InputError(f"{clash[0]} exists and is not recorded in this batch's manifest; pass --overwrite")
-    done = sum(manifest.is_done(job) for job in jobs)
-    if done:
-        logger.warning("resuming: %d of %d jobs are already done in %s", done, len(jobs), folder)
+    return manifest
+
+
+@contextlib.contextmanager
+def _batch_lock(folder: Path, share: ProcessShare):
+    """Hold ``folder``'s lock of this process's share: a second batch on the folder is refused, not raced."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: nothing to hold
+        yield
+        return
+    if not folder.is_dir():
+        yield
+        return
+    lock = folder / f".{MANIFEST_NAME}.lock-{share.index}"
+    try:
+        handle = open(lock, "a+b")  # noqa: SIM115 (held for the whole block)
+    except OSError as error:
+        raise InputError(f"cannot write in {folder}: {error.strerror}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(
+                f"another editkit batch is writing to {folder}; wait until it ends (then rerun to resume) "
+                "or choose another output folder"
+            ) from None
+        yield
+    finally:
+        handle.close()
 
 
 def _write_json(path: Path, data: dict) -> Path:
@@ -233,28 +364,53 @@ def run_batch(
     unless ``overwrite``. Returns the manifest path.
     """
     share, barrier = current_share()
-    check_batch_outputs(jobs, folder, command, params, overwrite)
+    _checked_manifest(jobs, folder, command, params, overwrite)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create the output folder {folder}: {error.strerror}") from None
-    barrier()  # every process has checked the folder before any writes to it
-    if overwrite:  # start afresh: this process's old part (and, for the main one, those of absent processes)
-        for part in folder.glob(f".{MANIFEST_NAME}.part-*"):
-            index = part.name.rsplit("-", 1)[-1]
-            if index == str(share.index) or (share.is_main and not (index.isdigit() and int(index) < share.count)):
-                part.unlink(missing_ok=True)
-    manifest = Manifest(folder, command, params, overwrite=overwrite)
-    todo = [job for job in share.take(jobs) if not manifest.is_done(job)]
-    logger.info("process %d/%d: %d of its jobs to do", share.index + 1, share.count, len(todo))
-    for job in todo:
-        written = manifest.written(job)
-        pending = tuple(name for name in job.outputs if name not in written)
-        task = Task(job, folder, pending, lambda name, job=job: manifest.record_output(job, share, name))
-        manifest.record(job, share, **(produce(task) or {}))
-    barrier()
-    path = folder / MANIFEST_NAME
-    if share.is_main:
-        path = manifest.merge(jobs)
-    barrier()
+    with _batch_lock(folder, share):
+        barrier()  # every process has checked the folder before any writes to it
+        _remove_leftovers(folder, share, overwrite)
+        manifest = Manifest(folder, command, params, overwrite=overwrite)
+        todo = [job for job in share.take(jobs) if not manifest.is_done(job)]
+        logger.info("process %d/%d: %d of its jobs to do", share.index + 1, share.count, len(todo))
+        for job in todo:
+            _run_job(job, manifest, share, produce, overwrite)
+        barrier()
+        path = folder / MANIFEST_NAME
+        if share.is_main:
+            path = manifest.merge(jobs)
+        barrier()
+    (folder / f".{MANIFEST_NAME}.lock-{share.index}").unlink(missing_ok=True)
     return path
+
+
+def _remove_leftovers(folder: Path, share: ProcessShare, overwrite: bool) -> None:
+    """Stale temporary files; with ``overwrite`` also the part files of the run being replaced."""
+    remove_stale_temps(folder)
+    if not overwrite:
+        return
+    for part in folder.glob(f".{MANIFEST_NAME}.part-*"):  # this process's, and the main one removes absent ones
+        index = part.name.rsplit("-", 1)[-1]
+        if index == str(share.index) or (share.is_main and not (index.isdigit() and int(index) < share.count)):
+            part.unlink(missing_ok=True)
+
+
+def _run_job(job: Job, manifest: Manifest, share: ProcessShare, produce: Callable, overwrite: bool) -> None:
+    """Record ``job`` pending, replace its own stale or pending outputs, produce it, record it done."""
+    written = manifest.written(job)
+    pending = tuple(name for name in job.outputs if name not in written)
+    replaced = sorted(manifest.owned(job) - written)  # ours, from a killed write or older inputs: redone
+    manifest.begin(job, share, pending)
+    for name in replaced:
+        (manifest.folder / name).unlink(missing_ok=True)
+    task = Task(job, manifest.folder, pending, lambda name: manifest.record_output(job, share, name))
+    try:
+        details = produce(task) or {}
+    except OutputExistsError as error:
+        raise InputError(
+            f"{error.args[0].split(' exists')[0]} was written meanwhile by another process; "
+            "rerun the command to resume this batch"
+        ) from None
+    manifest.record(job, share, **details)

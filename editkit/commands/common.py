@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,16 +136,22 @@ def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse before any heavy work: an existing output without --overwrite, an unwritable folder."""
+def check_output_path(path: Path, overwrite: bool, *, suffixes: Iterable[str] | None = None) -> Path:
+    """Refuse before any heavy work: an existing output without --overwrite, an unwritable folder,
+    a name too long for the file system, ``..`` after a missing folder, and (with ``suffixes``) an
+    extension the writer does not support. Also removes the temporary files a killed run left in
+    the output's folder. Returns the file that will be written (a symbolic link's target)."""
+    from editkit.atomic import check_output_target, remove_stale_temps
+
     path = path.expanduser()
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give an output file name such as {path / 'out.png'}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    target = check_output_target(path, overwrite=overwrite)  # also: a folder, an existing file
+    if suffixes is not None and path.suffix.lower() not in set(suffixes):
+        raise InputError(f"cannot write {path}: use a {', '.join(sorted(set(suffixes)))} file name")
+    folder = next((p for p in [target.parent, *target.parent.parents] if p.exists()), None)
     if folder is not None and not _writable(folder):
         raise InputError(f"cannot write to {folder}: permission denied")
+    remove_stale_temps(target.parent)
+    return target
 
 
 def _writable(folder: Path) -> bool:

@@ -23,6 +23,7 @@ from editkit.commands.common import (
     read_text_lines,
 )
 from editkit.errors import InputError
+from editkit.image import SAVE_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +103,17 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _jobs(prompts: list[str]) -> list:
-    from editkit.commands.batch import Job
+def _jobs(prompts: list[str], constraints: Path | None = None) -> list:
+    """One job per prompt; its fingerprint covers the prompt and the bytes of the constraints file."""
+    from editkit.commands.batch import Job, fingerprint
 
     def slug(text: str) -> str:
         return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:40] or "prompt"
 
+    files = [constraints] if constraints is not None else []
     return [
-        Job(key=f"{i:04d} {p}", output=f"{i:04d}-{slug(p)}.png", inputs={"prompt": p}) for i, p in enumerate(prompts)
+        Job(f"{i:04d} {p}", f"{i:04d}-{slug(p)}.png", {"prompt": p}, fingerprint({"prompt": p}, files))
+        for i, p in enumerate(prompts)
     ]
 
 
@@ -125,6 +129,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--max-iter-to-alter ({args.max_iter_to_alter}) exceeds --steps ({args.steps})")
     if args.verifier != "attention" and args.no_refine:
         logger.warning("--verifier has no effect with --no-refine")
+    if args.constraints is not None and args.constraints.is_dir():
+        raise InputError(f"constraints file {args.constraints} is a folder; give a JSON file")
     if args.constraints is not None and not args.constraints.is_file():
         raise InputError(f"constraints file {args.constraints} does not exist")
 
@@ -157,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
     _check_mode(args)
     _check_arguments(args)
     if args.prompts is None:
-        check_output_path(args.output, args.overwrite)
+        check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
         jobs, params = [], {}
     else:
-        jobs, params = _jobs(read_prompts(args.prompts)), command_params(args, skip=("prompts", "output_dir"))
+        jobs = _jobs(read_prompts(args.prompts), args.constraints)
+        params = command_params(args, skip=("prompts", "output_dir"))
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
     pipe, extra = load_method_pipeline(ComposePipeline, args)

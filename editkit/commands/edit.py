@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -25,6 +24,8 @@ from editkit.commands.common import (
     read_text_lines,
 )
 from editkit.errors import InputError
+from editkit.image import SAVE_FORMATS
+from editkit.jsonio import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def read_edits(path: Path, folder: Path) -> list[dict[str, str]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        entry = parse_json(line, f"{path} line {number}")
         try:
-            entry = json.loads(line)
             edit = {key: str(entry[key]) for key in ("image", "source_prompt", "target_prompt")}
         except (ValueError, KeyError, TypeError):
             raise InputError(
@@ -123,16 +124,22 @@ def read_edits(path: Path, folder: Path) -> list[dict[str, str]]:
 
 
 def _jobs(args: argparse.Namespace) -> list:
-    from editkit.commands.batch import Job, images_in
+    """One job per image (both prompts) or per JSON line; a job's fingerprint covers its prompts and
+    the bytes of its image, so a corrected line or a replaced image is redone on resume."""
+    from editkit.commands.batch import Job, fingerprint, images_in, output_name, without_outputs
 
     if args.prompts is None:
         edits = [
             {"image": str(p), "source_prompt": args.source_prompt, "target_prompt": args.target_prompt}
-            for p in images_in(args.image)
+            for p in without_outputs(images_in(args.image), args.output_dir)
         ]
-        return [Job(key=e["image"], output=f"{Path(e['image']).stem}.png", inputs=e) for e in edits]
-    edits = read_edits(args.prompts, args.image)
-    return [Job(key=f"{i:04d}", output=f"{i:04d}-{Path(e['image']).stem}.png", inputs=e) for i, e in enumerate(edits)]
+        names = [output_name(Path(e["image"]).stem) for e in edits]
+        keys = [e["image"] for e in edits]
+    else:
+        edits = read_edits(args.prompts, args.image)
+        names = [output_name(f"{i:04d}-{Path(e['image']).stem}") for i, e in enumerate(edits)]
+        keys = [f"{i:04d}" for i in range(len(edits))]
+    return [Job(key, name, e, fingerprint(e, [e["image"]])) for key, name, e in zip(keys, names, edits)]
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -173,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     _check_mode(args)
     _check_arguments(args)
     if args.output_dir is None:
-        check_output_path(args.output, args.overwrite)
+        check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
         if args.source_prompt.strip() == args.target_prompt.strip():
             logger.warning("--source-prompt and --target-prompt are identical: the edit will change little")
         image = load_image(args.image)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editkit.cli import echo
-from editkit.commands.batch import Job, check_batch_outputs
+from editkit.commands.batch import Job, check_batch_outputs, fingerprint, output_name, without_outputs
 from editkit.commands.common import (
     add_attention_option,
     add_model_options,
@@ -25,6 +25,7 @@ from editkit.commands.common import (
     ranged_float,
 )
 from editkit.errors import InputError, OutputExistsError
+from editkit.image import SAVE_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,26 @@ def _images_in(path: Path) -> list[Path]:
     return [path]
 
 
+def _output_name(content: Path, label: str) -> str:
+    return output_name(f"{content.stem}__{label}")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """Content and style files, less this batch's own outputs when -o is one of their folders."""
+    contents = without_outputs(_images_in(args.content), args.output)
+    styles = without_outputs([file for path in args.style for file in _images_in(path)], args.output)
+    if args.output.is_dir():  # outputs a killed run wrote before recording them are not inputs either
+        folder = args.output.resolve()
+        labels = [p.stem for p in styles] + [p.stem for p in args.style_cache]
+        planned = {_output_name(content, label) for content in contents for label in labels}
+        contents = [p for p in contents if not (p.resolve().parent == folder and p.name in planned)]
+    if not contents:
+        raise InputError(f"{args.content} holds no images besides this batch's outputs")
+    return contents, styles
+
+
 def _plan(args: argparse.Namespace) -> _Plan:
-    contents = _images_in(args.content)
-    styles = [file for path in args.style for file in _images_in(path)]
+    contents, styles = _inputs(args)
     caches = list(args.style_cache)
     if not styles and not caches:
         raise InputError("no style given: pass style image(s) or --style-cache FILE")
@@ -114,8 +132,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     outputs = {}
     for ci, content in enumerate(contents):
         for si, label in enumerate(labels):
-            outputs[(ci, si)] = args.output if single else args.output / f"{content.stem}__{label}.png"
-    if not single and (args.output.suffix or args.output.is_file()):
+            outputs[(ci, si)] = args.output if single else args.output / _output_name(content, label)
+    if not single and (args.output.suffix.lower() in IMAGE_SUFFIXES or args.output.is_file()):
         raise InputError(f"{len(outputs)} outputs: give a folder for -o, not the file name {args.output}")
     cache_outputs = []
     if args.save_style_cache is not None:
@@ -125,7 +143,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
         cache_outputs = [
             args.save_style_cache / f"{p.stem}.safetensors" if many else args.save_style_cache for p in styles
         ]
-    for path in [*(outputs.values() if single else []), *cache_outputs]:
+    for path in outputs.values() if single else []:
+        check_output_path(path, args.overwrite, suffixes=SAVE_FORMATS)
+    for path in cache_outputs:
         check_output_path(path, args.overwrite)
     plan = _Plan(contents, styles, caches, outputs, cache_outputs)
     if not single:
@@ -134,16 +154,19 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
 
 def _jobs(plan: _Plan, args: argparse.Namespace) -> list[Job]:
-    """Batch mode: one job per content image, one output per style (each style inverted once)."""
+    """Batch mode: one job per content image, one output per style (each style inverted once).
+
+    A job's fingerprint covers the bytes of its content, of every style image and cache, and of
+    the mask: a changed file is redone on resume."""
     labels = [str(p) for p in plan.styles] + [f"cache:{p}" for p in plan.caches]
-    return [
-        Job(
-            key=str(content),
-            output=tuple(plan.outputs[(ci, si)].name for si in range(len(labels))),
-            inputs={"content": str(content), "styles": json.dumps(labels)},
-        )
-        for ci, content in enumerate(plan.contents)
-    ]
+    shared = [*plan.styles, *plan.caches, *([args.mask] if args.mask is not None else [])]
+    shared_hash = fingerprint({}, shared)
+    jobs = []
+    for ci, content in enumerate(plan.contents):
+        inputs = {"content": str(content), "styles": json.dumps(labels)}
+        outputs = tuple(plan.outputs[(ci, si)].name for si in range(len(labels)))
+        jobs.append(Job(str(content), outputs, inputs, fingerprint({**inputs, "shared": shared_hash}, [content])))
+    return jobs
 
 
 def _batch_params(args: argparse.Namespace) -> dict:
