@@ -126,8 +126,9 @@ def run(args) -> dict:
     pairs = [i for i, scene in enumerate(scenes) if len(scene.objects) == 2][: args.hard_scenes]
     hard_set = ([scenes[i] for i in pairs], images[pairs])
     result = {"environment": environment(), "settings": vars(args) | {"hard_scenes_used": len(pairs)}}
-    result["without_tokens"] = score(pipe, args.prompts, hard_set)
-    logger.info("without tokens: %s", result["without_tokens"])
+    if not args.no_baseline:
+        result["without_tokens"] = score(pipe, args.prompts, hard_set)
+        logger.info("without tokens: %s", result["without_tokens"])
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "tokens.safetensors"
         config = TrainConfig(
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-layout", choices=("shared", "per-token"), default="shared")
     parser.add_argument("--time-buckets", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the scores without tokens (measured before)")
     parser.add_argument("--partial", default="softrepa_curve.partial.json", help="results so far, rewritten as it goes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -27,7 +27,8 @@ from editkit.softrepa import (
     train_soft_tokens,
     use_soft_tokens,
 )
-from editkit.softrepa.train import _check_config, learning_rate_schedule
+from editkit.softrepa.config import check_config
+from editkit.softrepa.train import learning_rate_schedule
 
 WIDTH, M = 16, 4
 
@@ -116,7 +117,7 @@ def test_training_defaults_follow_the_reference_and_the_cli_agrees():
     for name in ("time_buckets", "time_layout", "resolution", "restart_every", "lr_step_every", "learning_rate"):
         assert getattr(args, name) == getattr(config, name), name
     with pytest.raises(InputError, match="multiple of --lr-step-every"):
-        _check_config(TrainConfig(data=".", model=".", output="t.safetensors", restart_every=700), 1)
+        check_config(TrainConfig(data=".", model=".", output="t.safetensors", restart_every=700), 1)
 
 
 def test_trained_shared_time_tokens_and_their_file(tmp_path, sd15_dir):
