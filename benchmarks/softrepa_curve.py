@@ -118,7 +118,7 @@ def score(pipe, prompts: int, hard_set, soft=None) -> dict:
 def run(args) -> dict:
     from benchmarks.shapes.evaluate import load_pipeline
     from benchmarks.shapes.world import sample_batch
-    from editkit.softrepa import TrainConfig, read_soft_tokens, train_soft_tokens
+    from editkit.softrepa import ContrastiveLossConfig, TrainConfig, read_soft_tokens, train_soft_tokens
     from editkit.softrepa.runfiles import evaluation_line
 
     pipe = load_pipeline(str(SHAPES_MODEL), "cpu")
@@ -136,7 +136,7 @@ def run(args) -> dict:
             output=output, max_steps=args.steps, batch_size=args.batch_size, device="cpu", resolution=32,
             validate_every=args.eval_every, checkpoint_every=args.eval_every, keep_checkpoints=10**6,
             val_fraction=0.1, progress=False, time_layout=args.time_layout, time_buckets=args.time_buckets,
-            seed=args.seed,
+            seed=args.seed, loss=ContrastiveLossConfig(args.logit_form, args.tau, denoise_weight=args.denoise_weight),
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-layout", choices=("shared", "per-token"), default="shared")
     parser.add_argument("--time-buckets", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="as softrepa train")
+    parser.add_argument("--tau", type=float, default=0.07)
+    parser.add_argument("--denoise-weight", type=float, default=10.0, help="reference: 10")
     parser.add_argument("--no-baseline", action="store_true", help="skip the scores without tokens (measured before)")
     parser.add_argument("--partial", default="softrepa_curve.partial.json", help="results so far, rewritten as it goes")
     args = parser.parse_args(argv)
