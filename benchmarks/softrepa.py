@@ -155,7 +155,7 @@ def shapes_alignment(steps: int, prompts: int, device: str, dtype: torch.dtype =
         (data / "metadata.jsonl").write_text("\n".join(rows))
         output = Path(folder) / "tokens.safetensors"
         config = TrainConfig(
-            data=data, model=SHAPES_MODEL, output=output, max_steps=steps, batch_size=4, device=device,
+            data=data, model=SHAPES_MODEL, output=output, max_steps=steps, batch_size=4, device=device, resolution=32,
             validate_every=max(1, steps // 4), val_fraction=0.1, progress=False, checkpoint_every=0,
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe)

@@ -58,7 +58,7 @@ def main() -> None:
     output = args.output or workdir / "tokens.safetensors"
     config = TrainConfig(
         data=data, model=model, output=output, max_steps=args.max_steps, batch_size=2 if args.model is None else 4,
-        resolution=64 if args.model is None else None, device=args.device, validate_every=2, checkpoint_every=2,
+        resolution=64 if args.model is None else 512, device=args.device, validate_every=2, checkpoint_every=2,
     )  # fmt: skip
     result = train_soft_tokens(config)
     print(f"trained {result.steps} steps; last loss {result.losses[-1]:.4f}; tokens in {output}")

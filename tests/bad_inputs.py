@@ -305,3 +305,30 @@ CRAFTED_CACHES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "features of two shapes": (_crafted(tensors={"site/1/value": _tensor(1, 2, 8, 4)}), "differ in shape"),
     "NaN latent": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 4, fill=float("nan"))}), "NaN or infinite"),
 }
+def rewritten_safetensors(
+    source: Path, folder: Path, name: str, *, metadata: dict | None = None, drop=(), tensors: dict | None = None
+) -> Path:
+    """A copy of the safetensors file ``source`` with metadata fields set (``None``: removed), tensors dropped/set."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as reader:
+        values = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
+        fields = dict(reader.metadata() or {})
+    for key, value in (metadata or {}).items():
+        if value is None:
+            fields.pop(key, None)
+        else:
+            fields[key] = value
+    values = {k: v for k, v in values.items() if not any(k.startswith(prefix) for prefix in drop)}
+    values.update(tensors or {})
+    path = folder / name
+    save_file(values, str(path), metadata=fields)
+    return path
+
+
+def raw_safetensors(folder: Path, name: str, header: bytes) -> Path:
+    """A file with the safetensors layout (8-byte length, then ``header``) whose header is crafted."""
+    path = folder / name
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return path

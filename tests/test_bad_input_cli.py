@@ -258,15 +258,64 @@ TOKEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
-@pytest.mark.parametrize("case", list(TOKEN_CASES))
-def test_bad_token_files_exit_2(capsys, ctx, sd15_pipe, command, case):
-    build, fragment = TOKEN_CASES[case]
+def _crafted_tokens(metadata=None, drop=(), tensors=None):
+    """A builder of a copy of the valid token file with fields or tensors changed."""
+    return lambda folder, ctx, pipe: bad.rewritten_safetensors(
+        ctx.tokens, folder, "crafted.safetensors", metadata=metadata, drop=drop, tensors=tensors
+    )
+
+
+def _scaled_tokens(value: float):
+    tokens = torch.randn(2, 16)
+    tokens[0, 0] = value
+    return _crafted_tokens(tensors={"tokens": tokens})
+
+
+# Crafted token files (issue 15, items 9 and 10): every field and tensor is checked on load, in
+# one function shared by every command, so two commands cover them.
+CRAFTED_TOKEN_CASES = {
+    "non-numeric num_tokens": (_crafted_tokens({"num_tokens": "four"}), "'num_tokens' is not a whole number"),
+    "missing token_width": (_crafted_tokens({"token_width": None}), "'token_width' is missing"),
+    "sites not a list": (_crafted_tokens({"sites": '"down_blocks"'}), "'sites' has the wrong type"),
+    "sites nested 20,000 deep": (_crafted_tokens({"sites": "[" * 20000 + "]" * 20000}), "nested deeper than"),
+    "sites with 1e400": (_crafted_tokens({"sites": "[1e400]"}), "'sites' is not valid JSON"),
+    "zero timesteps": (_crafted_tokens({"num_train_timesteps": "0"}), "must be at least 1"),
+    "version 99": (_crafted_tokens({"format_version": "99"}), "format version 99"),
+    "NaN tokens": (_scaled_tokens(float("nan")), "NaN or infinite"),
+    "Inf tokens": (_scaled_tokens(float("inf")), "NaN or infinite"),
+    "1e30 tokens": (_scaled_tokens(1e30), "values beyond"),
+    "tokens of another count": (_crafted_tokens(tensors={"tokens": torch.zeros(3, 16)}), "has shape (3, 16)"),
+    "time embedding of the wrong shape": (
+        _crafted_tokens({"time_buckets": "10"}, tensors={"time_embedding": torch.zeros(10, 3)}),
+        "'time_embedding' has shape (10, 3), expected (10, 16)",
+    ),
+    "unexpected tensor": (_crafted_tokens(tensors={"extra": torch.zeros(1)}), "unexpected tensor"),
+    "header is a JSON list": (lambda f, c, p: bad.raw_safetensors(f, "l.safetensors", b"[]"), "not a readable"),
+    "header nested 20,000 deep": (
+        lambda f, c, p: bad.raw_safetensors(f, "d.safetensors", b"{" + b'"a":{' * 20000 + b"}" * 20001),
+        "not a readable",
+    ),
+}
+
+
+def _check_token_case(capsys, ctx, sd15_pipe, command, build, fragment):
     path = build(ctx.folder, ctx, sd15_pipe)
     argv = ctx.argv(command, extra=[] if command == "generate" else ["--soft-tokens", path])
     if command == "generate":
         argv[argv.index(str(ctx.tokens))] = str(path)
     assert_user_error(run_cli(capsys, argv), fragment, ctx.out)
+
+
+@pytest.mark.parametrize("command", ["stylize", "edit", "compose", "generate"])
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_bad_token_files_exit_2(capsys, ctx, sd15_pipe, command, case):
+    _check_token_case(capsys, ctx, sd15_pipe, command, *TOKEN_CASES[case])
+
+
+@pytest.mark.parametrize("command", ["stylize", "generate"])
+@pytest.mark.parametrize("case", list(CRAFTED_TOKEN_CASES))
+def test_crafted_token_files_exit_2(capsys, ctx, sd15_pipe, command, case):
+    _check_token_case(capsys, ctx, sd15_pipe, command, *CRAFTED_TOKEN_CASES[case])
 
 
 def _style_cache(folder: Path, model: str = "0" * 16) -> Path:

@@ -252,7 +252,8 @@ def test_save_load_round_trip(tmp_path, sd15_pipe):
 
     with safe_open(str(path), framework="pt") as reader:
         metadata = reader.metadata()
-    assert metadata["format_version"] == "1" and metadata["num_tokens"] == str(M)
+    assert metadata["format_version"] == "2" and metadata["num_tokens"] == str(M)
+    assert metadata["time_layout"] == "shared" and loaded.time_embedding.shape == (4, 16)
     assert metadata["token_width"] == "16" and json.loads(metadata["sites"]) == soft.sites
     controller = load_soft_tokens(path, unet=sd15_pipe.unet, strength=0.7)
     assert controller.strength == 0.7 and not controller.soft_tokens.tokens.requires_grad

@@ -78,23 +78,6 @@ def test_gradients_reach_only_the_tokens(tmp_path, sd15_dir):
     assert all(not p.requires_grad for p in pipe.unet.parameters())
 
 
-def test_interrupted_run_resumes_to_identical_tokens(tmp_path, sd15_dir):
-    data = _make_data(tmp_path / "data")
-    full = train_soft_tokens(_config(data, sd15_dir, tmp_path / "full.safetensors", max_steps=4))
-    half = train_soft_tokens(_config(data, sd15_dir, tmp_path / "half.safetensors", max_steps=2))
-    assert half.checkpoint is not None and half.checkpoint.name == "step-0000002.safetensors"
-    resumed = train_soft_tokens(
-        _config(data, sd15_dir, tmp_path / "half.safetensors", max_steps=4, resume=half.checkpoint.parent)
-    )
-    assert resumed.steps == full.steps == 4
-    assert not torch.equal(half.tokens.tokens, full.tokens.tokens)
-    assert torch.equal(resumed.tokens.tokens, full.tokens.tokens)
-    assert resumed.losses == full.losses and resumed.best_metric == full.best_metric
-    assert torch.equal(
-        read_soft_tokens(tmp_path / "half.safetensors").tokens, read_soft_tokens(tmp_path / "full.safetensors").tokens
-    )
-
-
 def test_resume_from_another_configuration_is_refused(tmp_path, sd15_dir):
     data = _make_data(tmp_path / "data")
     first = train_soft_tokens(_config(data, sd15_dir, tmp_path / "t.safetensors", max_steps=1, checkpoint_every=1))

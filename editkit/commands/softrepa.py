@@ -73,16 +73,30 @@ def _register_train(actions) -> None:
     parser.add_argument(
         "--min-learning-rate", type=ranged_float(0, 1), default=1e-5, help="floor of the cosine schedule"
     )
-    parser.add_argument("--restart-every", type=positive_int, default=1000, help="steps between cosine warm restarts")
+    parser.add_argument(
+        "--restart-every", type=positive_int, default=5000, help="steps between cosine warm restarts (reference: 5000)"
+    )
+    parser.add_argument(
+        "--lr-step-every",
+        type=positive_int,
+        default=500,
+        help="steps between learning-rate updates (reference: 500, so T_0 = 10; 1: a smooth cosine)",
+    )
     parser.add_argument("--num-tokens", type=positive_int, default=4, help="m soft tokens")
     parser.add_argument(
-        "--time-buckets", type=non_negative_int, default=0, help="time-embedding buckets (0: none; 100 in the paper)"
+        "--time-buckets", type=non_negative_int, default=100, help="time-embedding buckets (0: none; reference: 100)"
+    )
+    parser.add_argument(
+        "--time-layout",
+        choices=("shared", "per-token"),
+        default="shared",
+        help="shared: one vector per bucket added to all m tokens (reference); per-token: (buckets, m, width)",
     )
     parser.add_argument(
         "--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)"
     )
     parser.add_argument(
-        "--resolution", type=positive_int, default=None, help="training size in pixels (default: the model's)"
+        "--resolution", type=positive_int, default=512, help="training size in pixels (reference: 512, SDXL included)"
     )
     parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="s*exp(-err/tau) or -err/tau")
     parser.add_argument("--tau", type=positive_float, default=0.07)
@@ -128,7 +142,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data, model=args.model, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, min_learning_rate=args.min_learning_rate,
-        restart_every=args.restart_every, num_tokens=args.num_tokens, time_buckets=args.time_buckets, sites=args.sites,
+        restart_every=args.restart_every, lr_step_every=args.lr_step_every, num_tokens=args.num_tokens,
+        time_buckets=args.time_buckets, time_layout=args.time_layout, sites=args.sites,
         resolution=args.resolution, seed=args.seed, loss=loss, negative_bank=args.negative_bank,
         gather_negatives=args.gather_negatives, row_chunk=args.row_chunk,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
@@ -136,15 +151,16 @@ def run_train(args: argparse.Namespace) -> int:
         patience=args.patience, device=args.device, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress,
     )  # fmt: skip
-    result = train_soft_tokens(config)
+    from editkit.softrepa.runfiles import evaluation_line
+
+    result = train_soft_tokens(config, report=lambda entry: echo(evaluation_line(entry)))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
     if result.unreadable_images:
         echo(f"skipped {result.unreadable_images} unreadable images")
-    if args.output.exists():
-        echo(f"wrote {args.output} after {result.steps} steps")
+    echo(f"wrote {args.output} and its log {config.log_path} after {result.steps} steps")
     return 0
 
 

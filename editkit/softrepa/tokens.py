@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,8 +27,16 @@ import torch
 from torch import nn
 
 from editkit.attention import AttentionController, Site, attention_sites
-from editkit.errors import InputError, ModelLoadError
-from editkit.safefiles import is_pickle
+from editkit.errors import InputError, ModelLoadError, NumericalError
+from editkit.softrepa.files import (
+    MAX_TOKEN_ABS,
+    check_tensor,
+    parse_int,
+    parse_json,
+    read_safetensors,
+    refuse_unexpected,
+    write_safetensors,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -44,8 +53,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "editkit-softrepa"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: time_layout (shared Embedding(buckets, width) by default); 1 files read as per-token
 KIND_UNET_CONTEXT = "unet-cross-context"
+TIME_SHARED = "shared"
+TIME_PER_TOKEN = "per-token"
+TIME_LAYOUTS = (TIME_SHARED, TIME_PER_TOKEN)
 INIT_STD = 0.02
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -56,9 +68,14 @@ class SoftTokens(nn.Module):
     Args:
         tokens: initial tokens ``(m, width)``.
         sites: names of the cross-attention sites that receive the tokens.
-        time_buckets: number of timestep buckets of the additive time embedding (0: none).
+        time_buckets: number of timestep buckets of the additive time embedding (0: none; the
+            reference release uses 100, ``t // 10`` on the 0-999 scale).
+        time_layout: ``"shared"`` (the reference: one vector per bucket, an ``Embedding(buckets,
+            width)`` added to all m tokens alike, initialised N(0, 0.02)) or ``"per-token"``
+            (editkit's earlier layout, kept as an option: ``(buckets, m, width)``, initialised 0).
         num_train_timesteps: the timestep scale the buckets divide (1000 for SD).
         base_model: the model the tokens were trained for (informational, stored in files).
+        generator: the generator of the time embedding's N(0, 0.02) initialisation.
     """
 
     kind = KIND_UNET_CONTEXT
@@ -69,20 +86,37 @@ class SoftTokens(nn.Module):
         sites: list[str],
         *,
         time_buckets: int = 0,
+        time_layout: str = TIME_SHARED,
         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         base_model: str = "",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if tokens.ndim != 2:
             raise ValueError(f"soft tokens must be (m, width), got {tuple(tokens.shape)}")
+        if time_layout not in TIME_LAYOUTS:
+            raise ValueError(f"time layout must be one of {', '.join(TIME_LAYOUTS)}, not {time_layout!r}")
+        if time_buckets < 0 or num_train_timesteps < 1:
+            raise ValueError("time buckets must be >= 0 and num_train_timesteps >= 1")
         self.tokens = nn.Parameter(tokens.detach().clone().float())
         self.sites = list(sites)
         self.time_buckets = int(time_buckets)
+        self.time_layout = time_layout
         self.num_train_timesteps = int(num_train_timesteps)
         self.base_model = base_model
         self.time_embedding = None
         if self.time_buckets:
-            self.time_embedding = nn.Parameter(torch.zeros(self.time_buckets, *self.tokens.shape))
+            shape = self.time_embedding_shape(self.time_buckets, self.num_tokens, self.width, time_layout)
+            if time_layout == TIME_SHARED:
+                initial = torch.randn(shape, generator=generator) * INIT_STD
+            else:
+                initial = torch.zeros(shape)
+            self.time_embedding = nn.Parameter(initial)
+
+    @staticmethod
+    def time_embedding_shape(buckets: int, num_tokens: int, width: int, layout: str) -> tuple[int, ...]:
+        """``(buckets, width)`` for the shared layout, ``(buckets, m, width)`` per token."""
+        return (buckets, width) if layout == TIME_SHARED else (buckets, num_tokens, width)
 
     @property
     def num_tokens(self) -> int:
@@ -92,11 +126,20 @@ class SoftTokens(nn.Module):
     def width(self) -> int:
         return self.tokens.shape[1]
 
-    def bucket(self, timestep: int) -> int:
-        """Time bucket of ``timestep``: ``t * buckets // num_train_timesteps`` (``t // 10`` for 100/1000)."""
-        return min(max(int(timestep) * self.time_buckets // self.num_train_timesteps, 0), self.time_buckets - 1)
+    def bucket(self, timestep) -> int:
+        """Time bucket of ``timestep``: ``floor(t * buckets / num_train_timesteps)``, clamped to the buckets.
 
-    def tokens_for(self, site: Site, timestep: int | None) -> torch.Tensor:
+        With 100 buckets on the 1000-step scale that is the reference's ``t // 10``. Any
+        scheduler's convention maps: integer timesteps (DDPM, DDIM, PNDM), fractional ones
+        (Euler, LMS, Heun with Karras sigmas) by their floor, and ``t = num_train_timesteps``
+        (some schedulers' first step) into the last bucket.
+        """
+        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if not math.isfinite(value):
+            raise ValueError(f"timestep {value} is not finite")
+        return min(max(math.floor(value * self.time_buckets / self.num_train_timesteps), 0), self.time_buckets - 1)
+
+    def tokens_for(self, site: Site, timestep) -> torch.Tensor:
         """The ``(m, width)`` tokens inserted at ``site`` at ``timestep``."""
         if self.time_embedding is None:
             return self.tokens
@@ -105,7 +148,7 @@ class SoftTokens(nn.Module):
                 "these soft tokens are time-dependent: the pipeline must call controller.begin_step(i, t) "
                 "before each UNet evaluation (or use editkit.softrepa.use_soft_tokens)"
             )
-        return self.tokens + self.time_embedding[self.bucket(timestep)]
+        return self.tokens + self.time_embedding[self.bucket(timestep)]  # a shared (width,) row broadcasts over m
 
     def metadata(self) -> dict[str, str]:
         """The file metadata describing this module (all values strings, as safetensors requires)."""
@@ -117,6 +160,7 @@ class SoftTokens(nn.Module):
             "token_width": str(self.width),
             "sites": json.dumps(self.sites),
             "time_buckets": str(self.time_buckets),
+            "time_layout": self.time_layout,
             "num_train_timesteps": str(self.num_train_timesteps),
             "base_model": self.base_model,
         }
@@ -127,6 +171,15 @@ class SoftTokens(nn.Module):
         if self.time_embedding is not None:
             out["time_embedding"] = self.time_embedding
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+    def check_finite(self, when: str) -> None:
+        """Raise :class:`NumericalError` when a token value is NaN, infinite or beyond ``MAX_TOKEN_ABS``."""
+        for name, value in self.tensors().items():
+            if not torch.isfinite(value).all() or value.abs().max() > MAX_TOKEN_ABS:
+                raise NumericalError(
+                    f"the soft {name.replace('_', ' ')} became non-finite or exploded {when}; "
+                    "lower --learning-rate (the last good checkpoint is kept)"
+                )
 
 
 class SoftTokenController(AttentionController):
@@ -185,60 +238,65 @@ def initial_tokens(pipe, num_tokens: int, *, generator: torch.Generator | None =
 
 
 def save_soft_tokens(soft_tokens: SoftTokens, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``soft_tokens`` to a ``.safetensors`` file atomically (refuses an existing file unless ``overwrite``)."""
-    from safetensors.torch import save_file
+    """Write ``soft_tokens`` to a ``.safetensors`` file atomically (refuses an existing file unless ``overwrite``).
 
-    from editkit.image import atomic_write
-
+    Non-finite tokens are refused (:class:`NumericalError`) rather than written.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise InputError(f"{path}: soft tokens are written as .safetensors files")
-    tensors, metadata = soft_tokens.tensors(), soft_tokens.metadata()
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+    soft_tokens.check_finite("before saving")
+    return write_safetensors(path, soft_tokens.tensors(), soft_tokens.metadata(), overwrite=overwrite)
 
 
 def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
-    """Read a token file (safetensors only; checks its format and internal consistency)."""
+    """Read a token file (safetensors only); every field and tensor is checked (see :func:`tokens_from_file`)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"soft-token file not found: {path}")
-    tensors, metadata = _read_safetensors(path)
+    tensors, metadata = read_safetensors(path, "soft-token file")
+    return tokens_from_file(tensors, metadata, path)
+
+
+def tokens_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> SoftTokens:
+    """Validate a token file's metadata and tensors (the one place that does) and build the module.
+
+    Checks the format, version (1 or 2) and kind, that ``num_tokens``, ``token_width`` and
+    ``num_train_timesteps`` are positive whole numbers and ``time_buckets`` a whole number no
+    larger than the timestep count, that ``sites`` is a non-empty list of distinct names, the
+    tensors' names, shapes, float dtype and finiteness (values within +-``MAX_TOKEN_ABS``).
+    Version 1 files (before ``time_layout``) held the per-token layout and are read as such.
+    """
     if metadata.get("format") != FORMAT_NAME:
         raise ModelLoadError(f"{path} is a safetensors file but not an editkit SoftREPA token file")
-    version = int(metadata.get("format_version", "0"))
+    version = parse_int(metadata, "format_version", path, minimum=1)
     if version > FORMAT_VERSION:
         raise ModelLoadError(f"{path} has token format version {version}; this editkit reads up to {FORMAT_VERSION}")
     if metadata.get("kind") != KIND_UNET_CONTEXT:
         raise ModelLoadError(f"{path} holds soft tokens of kind {metadata.get('kind')!r}, not for UNet models")
-    try:
-        module = SoftTokens(
-            tensors["tokens"],
-            json.loads(metadata["sites"]),
-            time_buckets=int(metadata["time_buckets"]),
-            num_train_timesteps=int(metadata.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)),
-            base_model=metadata.get("base_model", ""),
-        )
-        if module.time_embedding is not None:
-            module.time_embedding.data.copy_(tensors["time_embedding"])
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise ModelLoadError(f"{path} is a damaged soft-token file ({type(error).__name__}: {error})") from None
-    if module.num_tokens != int(metadata["num_tokens"]) or module.width != int(metadata["token_width"]):
-        raise ModelLoadError(f"{path}: token tensor shape {tuple(module.tokens.shape)} disagrees with its metadata")
+    num_tokens = parse_int(metadata, "num_tokens", path, minimum=1)
+    width = parse_int(metadata, "token_width", path, minimum=1)
+    steps = parse_int(metadata, "num_train_timesteps", path, minimum=1, default=NUM_TRAIN_TIMESTEPS)
+    buckets = parse_int(metadata, "time_buckets", path)
+    if buckets > steps:
+        raise ModelLoadError(f"{path}: {buckets} time buckets for {steps} timesteps")
+    layout = metadata.get("time_layout", TIME_PER_TOKEN) if version >= 2 else TIME_PER_TOKEN
+    if layout not in TIME_LAYOUTS:
+        raise ModelLoadError(f"{path}: unknown time layout {layout!r} (expected {' or '.join(TIME_LAYOUTS)})")
+    sites = parse_json(metadata, "sites", path, list)
+    if not sites or not all(isinstance(s, str) and s for s in sites) or len(set(sites)) != len(sites):
+        raise ModelLoadError(f"{path}: 'sites' must be a non-empty list of distinct site names")
+    expected = {"tokens"} | ({"time_embedding"} if buckets else set())
+    refuse_unexpected(tensors, expected, path)
+    module = SoftTokens(
+        check_tensor(tensors, "tokens", path, (num_tokens, width), bound=MAX_TOKEN_ABS), sites,
+        time_buckets=buckets, time_layout=layout, num_train_timesteps=steps,
+        base_model=str(metadata.get("base_model", "")),
+    )  # fmt: skip
+    if buckets:
+        shape = SoftTokens.time_embedding_shape(buckets, num_tokens, width, layout)
+        module.time_embedding.data.copy_(check_tensor(tensors, "time_embedding", path, shape, bound=MAX_TOKEN_ABS))
+    if version < FORMAT_VERSION and buckets:
+        logger.info("%s: a version %d token file, read with its per-token time layout", path, version)
     return module
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if is_pickle(path) or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
-        raise ModelLoadError(f"{path} is a pickle (torch.save) file; editkit loads soft tokens from .safetensors only")
-    try:
-        with safe_open(str(path), framework="pt") as reader:
-            metadata = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelLoadError(f"{path} is not a readable safetensors file ({error})") from None
-    return tensors, metadata
 
 
 def validate_for_unet(soft_tokens: SoftTokens, unet, path: str | os.PathLike = "soft tokens") -> None:

@@ -9,9 +9,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,81 +19,27 @@ import torch
 from editkit.attention import attach
 from editkit.errors import InputError
 from editkit.softrepa import checkpoint as ckpt
+from editkit.softrepa.config import TrainConfig, check_config
 from editkit.softrepa.data import CaptionDataset, read_records, split_records
-from editkit.softrepa.loss import ContrastiveLossConfig, contrastive_loss, pair_errors, row_chunks
-from editkit.softrepa.tokens import SoftTokenController, SoftTokens, default_sites, initial_tokens, save_soft_tokens
+from editkit.softrepa.loss import contrastive_loss, pair_errors, row_chunks
+from editkit.softrepa.runfiles import evaluation_line, training_lock, write_log
+from editkit.softrepa.tokens import (
+    SoftTokenController,
+    SoftTokens,
+    default_sites,
+    initial_tokens,
+    read_soft_tokens,
+    save_soft_tokens,
+)
 
-__all__ = ["TrainConfig", "TrainResult", "train_soft_tokens"]
+__all__ = ["TrainConfig", "TrainResult", "learning_rate_schedule", "train_soft_tokens"]
 
 logger = logging.getLogger(__name__)
-
-# Settings that do not change the trajectory: a resumed run may differ in these.
-_RESUMABLE_CHANGES = (
-    "max_steps", "output", "resume", "overwrite", "progress", "device", "checkpoint_every", "keep_checkpoints",
-    "validate_every", "patience",
-)  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """SoftREPA training settings (defaults: the paper's reference settings where it gives them).
-
-    ``row_chunk``: image rows per denoiser call (``None``: all ``B x N`` pairs in one call);
-    ``negative_bank``: extra negative captions per step drawn from the cached training captions;
-    ``gather_negatives``: use the other processes' captions as negatives too; ``val_timesteps``:
-    the fixed timesteps of the held-out alignment metric; ``patience``: validations without
-    improvement before stopping early (0: never).
-    """
-
-    data: str | Path
-    model: str | Path
-    output: str | Path
-    max_steps: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    min_learning_rate: float = 1e-5
-    restart_every: int = 1000
-    num_tokens: int = 4
-    time_buckets: int = 0
-    sites: list[str] | None = None
-    resolution: int | None = None
-    seed: int = 0
-    loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
-    negative_bank: int = 0
-    gather_negatives: bool = False
-    row_chunk: int | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    validate_every: int = 100
-    val_fraction: float = 0.1
-    val_group: int = 4
-    val_timesteps: tuple[int, ...] = (250, 500, 750)
-    patience: int = 0
-    device: str | None = None
-    resume: str | Path | None = None
-    overwrite: bool = False
-    progress: bool = True
-
-    def fingerprint(self, num_processes: int) -> dict:
-        """The settings a resumed run must share with the checkpoint it resumes."""
-        values = dataclasses.asdict(self)
-        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k not in _RESUMABLE_CHANGES}
-        values["val_timesteps"] = list(self.val_timesteps)
-        values["num_processes"] = num_processes
-        return values
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        output = Path(self.output)
-        return output.parent / f"{output.stem}.checkpoints"
 
 
 @dataclass
 class TrainResult:
-    """What a run produced: final tokens (CPU), steps done, losses, best validation metric, files."""
+    """What a run produced: the token file's (best held-out) tokens on the CPU, steps, losses, metric, files, log."""
 
     tokens: SoftTokens
     steps: int
@@ -103,21 +48,7 @@ class TrainResult:
     output: Path
     checkpoint: Path | None
     unreadable_images: int
-
-
-def _check_config(config: TrainConfig, num_processes: int) -> None:
-    output = Path(config.output)
-    if output.suffix.lower() != ".safetensors":
-        raise InputError(f"{output}: the token file must end in .safetensors")
-    if output.exists() and not (config.overwrite or config.resume):
-        raise InputError(f"{output} exists; pass --overwrite to replace it (or --resume to continue its run)")
-    has_negatives = config.negative_bank > 0 or (config.gather_negatives and num_processes > 1)
-    if config.batch_size < 2 and not has_negatives:
-        raise InputError("batch size 1 has no negative captions: use --batch-size 2 or more, or a --negative-bank")
-    if config.loss.direction != "rows" and config.batch_size < 2:
-        raise InputError("the column direction contrasts images of a batch: it needs --batch-size 2 or more")
-    if config.mixed_precision not in ("no", "fp16", "bf16"):
-        raise InputError(f"mixed precision must be no, fp16 or bf16, not {config.mixed_precision!r}")
+    log: list[dict] = field(default_factory=list)
 
 
 def text_to_image_class(model: str | Path):
@@ -159,6 +90,13 @@ def _sites(pipe, patterns: list[str] | None) -> list[str]:
         raise InputError(str(error)) from None
 
 
+def learning_rate_schedule(optimizer, config: TrainConfig):
+    """Cosine annealing with warm restarts, stepped once per ``config.lr_step_every`` iterations (the reference)."""
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=config.restart_every // config.lr_step_every, eta_min=config.min_learning_rate
+    )
+
+
 def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
     """The generator of one step of one process: every random choice of the step comes from it."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + process)
@@ -180,17 +118,20 @@ class _Trainer:
             tokens,
             _sites(pipe, config.sites),
             time_buckets=config.time_buckets,
+            time_layout=config.time_layout,
             num_train_timesteps=len(self.alphas),
             base_model=str(config.model),
+            generator=generator,
         ).to(self.device)
         self.controller = SoftTokenController(self.soft)
         optimizer = torch.optim.AdamW(self.soft.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=config.restart_every, eta_min=config.min_learning_rate
-        )
+        self.scheduler = learning_rate_schedule(optimizer, config)
         self.optimizer = accelerator.prepare(optimizer)
         self.caption_cache: dict[str, object] = {}
-        self.step, self.best, self.stale, self.losses = 0, None, 0, []
+        self.step, self.best, self.stale, self.losses, self.accuracies, self.log = 0, None, 0, [], [], []
+        self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.evaluated = -1  # the step of the last evaluation (on every process)
+        self.report = lambda entry: None
 
     # -- data -------------------------------------------------------------------------------
     def encode(self, captions: list[str]):
@@ -280,21 +221,29 @@ class _Trainer:
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return timestep, noisy_latents(latents, noise, alpha), diffusion_target(latents, noise, alpha, prediction_type)
 
-    def loss_and_backward(self, predict, noisy, target, columns) -> float:
-        """Backpropagate the contrastive loss chunk by chunk; returns the loss value."""
+    def loss_and_backward(self, predict, noisy, target, columns) -> tuple[float, float]:
+        """Backpropagate the contrastive loss chunk by chunk; returns ``(loss, contrastive accuracy)``.
+
+        The accuracy is the fraction of the batch's images whose own caption has the lowest error.
+        """
         config, batch = self.config, noisy.shape[0]
         chunks = row_chunks(batch, config.row_chunk)
         added = columns.added_cond_kwargs
         embeds = columns.prompt_embeds
+
+        def hits(errors: torch.Tensor, rows: slice) -> int:
+            labels = torch.arange(rows.start, rows.stop, device=errors.device)
+            return int((errors.detach().argmin(dim=1) == labels).sum())
+
         if config.loss.direction == "rows" or len(chunks) == 1:
-            total = 0.0
+            total, correct = 0.0, 0
             for rows in chunks:
-                loss = contrastive_loss(
-                    pair_errors(predict, noisy, target, embeds, rows, added), config.loss, rows, batch
-                )
+                errors = pair_errors(predict, noisy, target, embeds, rows, added)
+                loss = contrastive_loss(errors, config.loss, rows, batch)
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
-            return total
+                correct += hits(errors, rows)
+            return total, correct / batch
         # Columns need the whole matrix: errors without graph, then d loss / d err chunk by chunk.
         with torch.no_grad():
             errors = torch.cat([pair_errors(predict, noisy, target, embeds, rows, added) for rows in chunks])
@@ -303,9 +252,10 @@ class _Trainer:
         (grad,) = torch.autograd.grad(loss, errors)
         for rows in chunks:
             self.accelerator.backward((pair_errors(predict, noisy, target, embeds, rows, added) * grad[rows]).sum())
-        return float(loss.detach())
+        return float(loss.detach()), hits(errors, slice(0, batch)) / batch
 
-    def train_step(self, step: int) -> float:
+    def forward_backward(self, step: int) -> tuple[float, float]:
+        """Gradients of step ``step`` into the tokens (no state changes yet); returns ``(loss, accuracy)``."""
         generator = _step_generator(self.config.seed, step, self.accelerator.process_index)
         images, captions = self.batch(step)
         latents = self.latents(images)
@@ -313,15 +263,24 @@ class _Trainer:
         timestep, noisy, target = self.noised(latents, generator)
         self.controller.begin_step(step, timestep)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_and_backward(self.predictor(timestep), noisy, target, columns)
+        loss, accuracy = self.loss_and_backward(self.predictor(timestep), noisy, target, columns)
         if self.accelerator.num_processes > 1:
             for parameter in self.soft.parameters():
                 if parameter.grad is not None:
                     parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
-            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.device), "mean"))
+            pair = self.accelerator.reduce(torch.tensor([loss, accuracy], device=self.device), "mean")
+            loss, accuracy = float(pair[0]), float(pair[1])
+        return loss, accuracy
+
+    def apply_step(self, loss: float, accuracy: float) -> None:
+        """The optimiser (and every ``lr_step_every`` iterations the scheduler) step; refuses non-finite tokens."""
         self.optimizer.step()
-        self.scheduler.step()
-        return loss
+        self.soft.check_finite(f"at step {self.step + 1}")
+        self.step += 1
+        if self.step % self.config.lr_step_every == 0:
+            self.scheduler.step()
+        self.losses.append(loss)
+        self.accuracies.append(accuracy)
 
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,84 +317,114 @@ class _Trainer:
 
     # -- files ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint the state after step ``self.step``'s evaluation (so a resume repeats nothing)."""
         if not self.accelerator.is_main_process:
             return None
         folder = self.config.checkpoint_dir
         path = folder / f"step-{self.step:07d}.safetensors"
-        extra = {"best": self.best, "stale": self.stale, "losses": self.losses}
+        extra = {
+            "best": self.best, "stale": self.stale, "losses": self.losses, "accuracies": self.accuracies,
+            "log": self.log,
+        }  # fmt: skip
         fingerprint = self.config.fingerprint(self.accelerator.num_processes)
         ckpt.save_checkpoint(
-            path, self.soft, self.optimizer, self.scheduler, step=self.step, fingerprint=fingerprint, extra=extra
-        )
+            path, self.soft, self.optimizer, self.scheduler, step=self.step, fingerprint=fingerprint, extra=extra,
+            best=self.best_tensors,
+        )  # fmt: skip
         for old in sorted(folder.glob("step-*.safetensors"))[: -max(1, self.config.keep_checkpoints)]:
-            old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)  # only after the new one is complete: a failed write keeps the last good
         return path
 
     def resume(self, source: str | Path) -> None:
         source = Path(source)
         path = ckpt.latest_checkpoint(source) if source.is_dir() else source
         fingerprint = self.config.fingerprint(self.accelerator.num_processes)
-        self.step, extra = ckpt.load_checkpoint(
+        self.step, extra, self.best_tensors = ckpt.load_checkpoint(
             path, self.soft, self.optimizer, self.scheduler, fingerprint=fingerprint
         )
-        self.best, self.stale, self.losses = extra["best"], extra["stale"], extra["losses"]
+        self.best, self.stale, self.losses, self.log = extra["best"], extra["stale"], extra["losses"], extra["log"]
+        self.accuracies = extra["accuracies"]
+        self.evaluated = self.log[-1]["step"] if self.log else -1
         logger.info("resumed from %s at step %d", path, self.step)
 
     def write_tokens(self) -> None:
-        if self.accelerator.is_main_process:
-            save_soft_tokens(self.soft, self.config.output, overwrite=True)
+        """Write the best tokens so far (the current ones when nothing was validated) and the log."""
+        if not self.accelerator.is_main_process:
+            return
+        tokens = self.soft
+        if self.best_tensors is not None:
+            tokens = SoftTokens(
+                self.best_tensors["tokens"], self.soft.sites, time_buckets=self.soft.time_buckets,
+                time_layout=self.soft.time_layout, num_train_timesteps=self.soft.num_train_timesteps,
+                base_model=self.soft.base_model,
+            )  # fmt: skip
+            if tokens.time_embedding is not None:
+                tokens.time_embedding.data.copy_(self.best_tensors["time_embedding"])
+        save_soft_tokens(tokens, self.config.output, overwrite=True)
+        write_log(self.config.log_path, self.log)
 
-    def maybe_validate(self) -> bool:
-        """Validate (main process), keep the best tokens; returns whether to stop early (all processes)."""
+    def evaluate(self) -> bool:
+        """Log the step (validating on the main process, keeping the best tokens); returns whether to stop early."""
         config, stop = self.config, False
-        if self.val_set.records and self.accelerator.is_main_process:
-            metric = self.validate()
-            logger.info("step %d: held-out alignment accuracy %.3f (margin %.4g)", self.step, *metric)
-            if self.best is None or metric > self.best:
+        self.evaluated = self.step
+        if self.accelerator.is_main_process:
+            metric = self.validate() if self.val_set.records else None
+            if metric is not None and (self.best is None or metric > self.best):
                 self.best, self.stale = metric, 0
-                self.write_tokens()
-            else:
+                self.best_tensors = {k: v.clone() for k, v in self.soft.tensors().items()}  # a copy, not a view
+            elif metric is not None:
                 self.stale += 1
-            stop = bool(config.patience) and self.stale >= config.patience
+            self.log.append(self.log_entry(metric))
+            self.report(self.log[-1])
+            logger.info("%s", evaluation_line(self.log[-1]))
+            self.write_tokens()
+            stop = metric is not None and bool(config.patience) and self.stale >= config.patience
         flag = torch.tensor([int(stop)], device=self.device)
         return bool(self.accelerator.reduce(flag, "sum").item()) if self.accelerator.num_processes > 1 else stop
 
+    def log_entry(self, metric: list[float] | None) -> dict:
+        since = self.log[-1]["step"] if self.log else 0
+        losses, accuracies = self.losses[since:], self.accuracies[since:]
+        return {
+            "step": self.step,
+            "loss": sum(losses) / max(1, len(losses)),
+            "train_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "val_accuracy": None if metric is None else metric[0],
+            "val_margin": None if metric is None else metric[1],
+            "best_accuracy": None if self.best is None else self.best[0],
+            "learning_rate": self.scheduler.get_last_lr()[0],
+        }
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> Path | None:
+        """Train to ``max_steps``: each step, then its evaluation, then its checkpoint (in that order).
+
+        Ctrl-C during a step's forward/backward (the long part, which changes no state) saves
+        a checkpoint of the last completed step; elsewhere it leaves the last regular checkpoint,
+        so a resume is always exact.
+        """
         from tqdm.auto import tqdm
 
-        config = self.config
-        bar = tqdm(
-            total=config.max_steps,
-            initial=self.step,
-            disable=not (config.progress and self.accelerator.is_main_process),
-            desc="softrepa",
-        )
-        columns = config.batch_size + config.negative_bank
-        if config.gather_negatives:
-            columns += config.batch_size * (self.accelerator.num_processes - 1)
-        pairs = config.batch_size * columns * self.accelerator.num_processes
-        last = None
+        config, last = self.config, None
+        show = config.progress and self.accelerator.is_main_process
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not show, desc="softrepa")
         try:
             with attach(self.pipe.unet, self.controller):
                 while self.step < config.max_steps:
-                    started = time.perf_counter()
-                    loss = self.train_step(self.step)
-                    self.step += 1
-                    self.losses.append(loss)
+                    try:
+                        loss, accuracy = self.forward_backward(self.step)
+                    except KeyboardInterrupt:
+                        logger.warning("interrupted; resume with --resume %s", self.save_checkpoint())
+                        raise
+                    self.apply_step(loss, accuracy)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", pairs_per_s=f"{pairs / (time.perf_counter() - started):.1f}")
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    stop = bool(config.validate_every) and self.step % config.validate_every == 0 and self.evaluate()
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last = self.save_checkpoint()
-                    if config.validate_every and self.step % config.validate_every == 0 and self.maybe_validate():
-                        logger.info(
-                            "early stop at step %d: no improvement in %d validations", self.step, config.patience
-                        )
+                    if stop:
+                        logger.info("early stop at step %d: no gain in %d validations", self.step, config.patience)
                         break
-        except KeyboardInterrupt:
-            saved = self.save_checkpoint()
-            logger.warning("interrupted at step %d; resume with --resume %s", self.step, saved)
-            raise
         finally:
             bar.close()
         return last
@@ -449,11 +438,13 @@ def _datasets(config: TrainConfig, resolution: int) -> tuple[CaptionDataset, Cap
     return CaptionDataset(train, resolution), CaptionDataset(val, resolution)
 
 
-def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None) -> TrainResult:
-    """Train SoftREPA tokens as ``config`` says; writes the token file (best held-out tokens) and checkpoints.
+def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None, report=None) -> TrainResult:
+    """Train SoftREPA tokens as ``config`` says; writes the token file (best held-out tokens), its log and checkpoints.
 
     ``pipe``: an already loaded SD/SDXL pipeline (its models are frozen, and gradient
-    checkpointing is turned on when asked); otherwise ``config.model`` is loaded.
+    checkpointing is turned on when asked); otherwise ``config.model`` is loaded. ``report``:
+    called with each evaluation's log entry (the CLI prints it as one line). The main process
+    holds a lock on the checkpoint folder, so a second run on the same ``output`` is refused.
     """
     from accelerate import Accelerator
 
@@ -463,30 +454,36 @@ def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None) -> Tr
 
             choose_device(config.device)
         accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
-    _check_config(config, accelerator.num_processes)
-    if config.resume is None and accelerator.is_main_process and config.checkpoint_dir.exists():
-        logger.warning("%s exists; its checkpoints may be replaced", config.checkpoint_dir)
+    check_config(config, accelerator.num_processes)
+    lock = training_lock(config.checkpoint_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _train(config, accelerator, pipe, report)
+
+
+def _train(config: TrainConfig, accelerator, pipe, report) -> TrainResult:
+    if config.resume is None and accelerator.is_main_process and any(config.checkpoint_dir.glob("step-*")):
+        logger.warning("%s holds checkpoints of an earlier run; they may be replaced", config.checkpoint_dir)
     pipe = pipe if pipe is not None else _load_pipe(config, accelerator)
     _freeze(pipe, config)
-    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    train_set, val_set = _datasets(config, resolution)
+    train_set, val_set = _datasets(config, config.resolution)
     trainer = _Trainer(config, accelerator, pipe, train_set, val_set)
+    trainer.report = report or trainer.report
     if config.resume is not None:
         trainer.resume(config.resume)
-    last = trainer.run()
-    if config.gradient_checkpointing:
-        pipe.unet.disable_gradient_checkpointing()
+    try:
+        last = trainer.run()
+    finally:
+        if config.gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
+    if trainer.evaluated != trainer.step:
+        trainer.evaluate()  # the final step's evaluation (also what writes the token file)
+    else:
+        trainer.write_tokens()  # e.g. a resume of a finished run into another -o
     last = trainer.save_checkpoint() or last
-    if not val_set.records:
-        trainer.write_tokens()
-    elif trainer.best is None:
-        trainer.maybe_validate()
     accelerator.wait_for_everyone()
     if train_set.unreadable:
         logger.warning("skipped %d unreadable images", len(train_set.unreadable))
-    tokens = SoftTokens(trainer.soft.tokens.detach().cpu(), trainer.soft.sites, time_buckets=config.time_buckets)
-    if trainer.soft.time_embedding is not None:
-        tokens.time_embedding.data.copy_(trainer.soft.time_embedding.detach().cpu())
     return TrainResult(
-        tokens, trainer.step, trainer.losses, trainer.best, Path(config.output), last, len(train_set.unreadable)
-    )
+        read_soft_tokens(config.output) if accelerator.is_main_process else trainer.soft.cpu(), trainer.step,
+        trainer.losses, trainer.best, Path(config.output), last, len(train_set.unreadable), trainer.log,
+    )  # fmt: skip
