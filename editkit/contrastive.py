@@ -93,24 +93,12 @@ def dds_latent_gradient(
     """d/dz of loss_scale * sum(m * z * grad) / reference_pixels: a per-element step free of resolution.
 
     The reference code divides by the latent's own H * W (2000 / 4096 at 64x64); dividing by a fixed
-    ``reference_pixels`` keeps that step at every resolution.
+    ``reference_pixels`` keeps that step at every resolution. This scale belongs to the DDS surrogate
+    only: CDS backpropagates its PatchNCE loss as ``w_cut * loss`` with no other factor
+    (``(cutloss * 3).backward()`` in the CDS release).
     """
     gradient = gradient * (loss_scale / reference_pixels)
     return gradient if mask is None else gradient * mask
-
-
-def contrastive_latent_gradient(
-    gradient: torch.Tensor, *, loss_scale: float = 2000.0, reference_pixels: int = REFERENCE_LATENT_PIXELS
-) -> torch.Tensor:
-    """d/dz of loss_scale * (H * W / reference_pixels) * PatchNCE: a per-element step free of resolution.
-
-    PatchNCE is a mean over patches, so its gradient per latent element shrinks with the number of
-    latent elements; scaling by ``H * W / reference_pixels`` keeps the step of the reference
-    resolution (64 x 64 latents, where the factor is 1 and this is the reference code's
-    ``loss_scale * loss``) at every size, as ``dds_latent_gradient`` does for the DDS term.
-    """
-    height, width = gradient.shape[-2:]
-    return gradient * (loss_scale * height * width / reference_pixels)
 
 
 def sample_timestep(generator: torch.Generator | None, *, min_timestep: int = 50, max_timestep: int = 950) -> int:

@@ -46,7 +46,7 @@ def test_colour_edit_changes_the_colour_and_keeps_the_layout(contrast):
         original = render(Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single"))
         out = pipe(
             Image.fromarray(original), "a red circle", "a blue circle", num_inference_steps=50, contrast=contrast,
-            contrast_weight=0.3, generator=torch.Generator().manual_seed(index),
+            generator=torch.Generator().manual_seed(index),  # the paper's contrast_weight 3.0
         )  # fmt: skip
         (before,) = detect(original)
         after = detect(np.asarray(out.images[0]))
