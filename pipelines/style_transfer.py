@@ -26,7 +26,13 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from editkit.attention import AttentionController, AttentionKernelMixin, compose
+from editkit.attention import (
+    AttentionController,
+    AttentionKernelMixin,
+    compose,
+    exposed_ip_adapters,
+    ip_adapter_processors,
+)
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.errors import InputError
 from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
@@ -54,9 +60,10 @@ from editkit.style import (
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | torch.Tensor
-# InstantStyle's blocks (method note): the content in the layout block, the style in the style block.
+# AttenST's blocks (method note; InstantStyle's layout block): the content in down_blocks.2.attentions.1,
+# the style in up_blocks.0.attentions.1 and .2 (AttenST's release: {"up": {"block_0": [0.0, s, s]}}).
 IP_ADAPTER_BLOCKS = {
-    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 0.0]}}),
+    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 1.0]}}),
     "sd": ({"down": {"block_2": [1.0, 1.0]}}, {"up": {"block_1": [1.0, 1.0, 1.0]}}),
 }
 
@@ -182,17 +189,22 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             return scaled if self._ip_adapter_count() == 2 else scaled[1:]
         return scale
 
+    def set_ip_adapter_scale(self, scale) -> None:
+        """diffusers' ``set_ip_adapter_scale``, also reaching adapters at sites where controllers are attached.
+
+        While a controller (e.g. SoftREPA tokens) is attached at an IP-Adapter site, editkit's processor
+        holds the adapter there and diffusers' type check would skip it; the adapters are put back for the call.
+        """
+        with exposed_ip_adapters(self.unet):
+            super().set_ip_adapter_scale(scale)
+
     def _ip_snapshot(self) -> dict:
-        return {
-            k: list(p.scale)
-            for k, p in self.unet.attn_processors.items()
-            if isinstance(getattr(p, "scale", None), list)
-        }
+        return {name: list(processor.scale) for name, processor in ip_adapter_processors(self.unet).items()}
 
     def _ip_restore(self, snapshot: dict) -> None:
-        for key, processor in self.unet.attn_processors.items():
-            if key in snapshot:
-                processor.scale[:] = snapshot[key]
+        for name, processor in ip_adapter_processors(self.unet).items():
+            if name in snapshot:
+                processor.scale[:] = snapshot[name]
 
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):

@@ -259,26 +259,28 @@ def test_style_cache_round_trip_and_refusals(sd_style, tmp_path, sd15_dir):
 
 
 # -- IP-Adapter (dual-feature cross-attention) -----------------------------------------------------
-def _with_tiny_ip_adapters():
+def _with_tiny_ip_adapters(base=None, cross_attention_dim: int = 16):
+    """Two tiny IP-Adapters (content, style) on every attn2 of ``base`` (a tiny SD 1.5 pipeline by default)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from editkit.testing import tiny_sd15_pipeline
 
-    base = tiny_sd15_pipeline(seed=0)
+    base = base if base is not None else tiny_sd15_pipeline(seed=0)
     torch.manual_seed(1)
     unet = base.unet
     processors = dict(unet.attn_processors)
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             processors[f"{name}.processor"] = IPAdapterAttnProcessor2_0(
-                module.to_q.out_features, 16, num_tokens=(4, 4), scale=[1.0, 1.0]
+                module.to_q.out_features, cross_attention_dim, num_tokens=(4, 4), scale=[1.0, 1.0]
             )
             for layer in (*processors[f"{name}.processor"].to_k_ip, *processors[f"{name}.processor"].to_v_ip):
                 torch.nn.init.normal_(layer.weight, std=0.5)
     unet.set_attn_processor(dict(processors))
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(8, 16, 4), ImageProjection(8, 16, 4)])
+    projections = [ImageProjection(8, cross_attention_dim, 4), ImageProjection(8, cross_attention_dim, 4)]
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections)
     unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
@@ -290,6 +292,59 @@ def _with_tiny_ip_adapters():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class _ScaleSpy(AttentionController):
+    """An extra controller on every cross-attention site (as SoftREPA tokens are) that logs IP-Adapter scales."""
+
+    def __init__(self, adapters: dict) -> None:
+        super().__init__()
+        self.adapters, self.seen = adapters, []
+
+    def applies_to(self, site) -> bool:
+        return site.is_cross
+
+    def begin_step(self, index, timestep):
+        super().begin_step(index, timestep)
+        self.seen.append({name: list(adapter.scale) for name, adapter in self.adapters.items()})
+
+
+def _nonzero_sites(scales: dict, adapter: int) -> set[str]:
+    return {name.removesuffix(".processor") for name, values in scales.items() if values[adapter] != 0}
+
+
+def test_sdxl_ip_adapter_scales_reach_attensts_blocks_only():
+    from editkit.testing import tiny_sdxl_pipeline
+
+    pipe = _with_tiny_ip_adapters(tiny_sdxl_pipeline(seed=0), cross_attention_dim=32)
+    adapters = dict(pipe.unet.attn_processors)
+    adapters = {name: p for name, p in adapters.items() if hasattr(p, "to_k_ip")}
+    spy = _ScaleSpy(adapters)
+    pipe(_image(8, 32, 32), _image(9, 32, 32), num_inference_steps=STEPS, output_type="latent",
+         attention_controllers=[spy])  # fmt: skip
+    generation = spy.seen[-1]
+    blocks = [0, 1]  # the tiny SDXL UNet's transformer blocks per attention in these blocks
+    # AttenST: content in InstantStyle's layout block, style in up_blocks.0.attentions.1 and .2 (release: [0, s, s])
+    content = {f"down_blocks.2.attentions.1.transformer_blocks.{b}.attn2" for b in blocks}
+    style = {f"up_blocks.0.attentions.{a}.transformer_blocks.{b}.attn2" for a in (1, 2) for b in blocks}
+    assert _nonzero_sites(generation, 0) == content and _nonzero_sites(generation, 1) == style
+    assert {values[1] for name, values in generation.items() if name.removesuffix(".processor") in style} == {1.2}
+
+
+def test_ip_adapter_scales_reach_adapters_under_extra_controllers():
+    pipe = _with_tiny_ip_adapters()
+    adapters = {name: p for name, p in pipe.unet.attn_processors.items() if hasattr(p, "to_k_ip")}
+    spy = _ScaleSpy(adapters)
+    pipe(_image(8, 32, 32), _image(9, 32, 32), num_inference_steps=STEPS, output_type="latent",
+         attention_controllers=[spy])  # fmt: skip
+    inversion, generation = spy.seen[: 2 * STEPS], spy.seen[2 * STEPS :]
+    assert len(generation) == STEPS
+    assert all(values == [0.0, 0.0] for step in inversion for values in step.values())  # no image prompt
+    content = {f"down_blocks.2.attentions.{a}.transformer_blocks.0.attn2" for a in (0, 1)}
+    style = {f"up_blocks.1.attentions.{a}.transformer_blocks.0.attn2" for a in (0, 1, 2)}
+    for step in generation:
+        assert _nonzero_sites(step, 0) == content and _nonzero_sites(step, 1) == style
+    assert all(list(adapter.scale) == [1.0, 1.0] for adapter in adapters.values())  # restored after the run
 
 
 def test_dual_ip_adapter_features_reach_their_blocks_next_to_injection():
