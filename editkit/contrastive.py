@@ -8,8 +8,13 @@ collects self-attention features on the shared attention layer:
   classifier-free guidance on both branches (v-prediction converted to eps first).
 - CDS (Nam et al., CVPR 2024): a PatchNCE loss (CUT, Park et al. 2020) between self-attention
   features of the source branch (no grad) and the target branch (backpropagated to the latent)
-  keeps the structure. CDS anchors on the source patch; CUT anchors on the generated patch;
-  ``"dual"`` (DCLGAN's two NCE terms, the dual contrastive denoising score) is the mean of both.
+  keeps the structure. CDS anchors on the source patch; CUT anchors on the generated patch.
+- ``"dual"``: the dual contrastive denoising score (DCDS, arXiv 2508.12718) has no released code.
+  editkit's reading, an interpretation and not the paper's code, is DCLGAN's two NCE terms: the
+  mean of the source-anchored and the target-anchored PatchNCE on the same patches. Other readings
+  are one option away: ``direction="source"`` or ``"target"`` alone; the pipeline's
+  ``identity_branch=True`` (also contrast with the edited latent under the source prompt); the
+  compared feature (``feature=`` output / query / key / value) and layers (``contrast_sites=``).
 
 Features are recorded by site name for a named branch (``"source"``, ``"target"``,
 ``"identity"``), never by position in the batch.

@@ -340,8 +340,11 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
                 turns the noisy score into uniform global change).
             min_timestep / max_timestep: each iteration's t is uniform in [min, max) ([50, 950)).
             contrast: PatchNCE direction: ``"source"`` (CDS: source patch is the anchor),
-                ``"target"`` (CUT: edited patch is the anchor), ``"dual"`` (mean of both, the dual
-                contrastive denoising score), or ``None`` for plain DDS.
+                ``"target"`` (CUT: edited patch is the anchor), ``"dual"`` (mean of both), or
+                ``None`` for plain DDS. ``"dual"`` is editkit's interpretation of the dual
+                contrastive denoising score, which has no released code (DCLGAN's two NCE terms);
+                the other readings are one option away: one direction alone,
+                ``identity_branch=True``, another ``feature`` or ``contrast_sites``.
             contrast_weight: weight of the contrastive loss (3.0 in CDS).
             dds_weight: weight of the DDS term (1.0).
             num_patches: locations sampled per site and patch size (256), the same in both branches.
