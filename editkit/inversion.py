@@ -162,7 +162,7 @@ def ddim_invert(
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     resample_steps: int = 0,
-    average_early_steps: int | None = None,
+    average_early_steps: int | None = 5,
     early_timestep: int = 250,
     callback: StepCallback | None = None,
     progress: bool | Callable[[Iterable], Iterable] | None = None,
@@ -180,9 +180,13 @@ def ddim_invert(
     ``resample_steps = r`` each step to ``t`` computes ``eps_0 = eps(z_prev, t)`` and the DDIM estimate
     ``z^0``; then for ``i = 1..r``: ``eps_i = eps(z^{i-1}, t)`` and ``z^i`` = the inverse step from
     ``z_prev`` with ``eps_i`` (1 + r model calls per step; a fixed point makes generation's step
-    from ``z_t`` land exactly on ``z_prev``). For ``t < early_timestep`` the step finally uses the mean
-    of the first ``average_early_steps`` estimates ``eps_0, eps_1, ...`` (all 1 + r when None).
-    ``resample_steps=0`` is plain DDIM inversion (StyleID).
+    from ``z_t`` land exactly on ``z_prev``). For ``t < early_timestep`` (250) the step finally uses
+    the mean of the first ``average_early_steps`` estimates ``eps_0, ..., eps_4`` (5, the reference:
+    ReNoise's ``average_first_step_range = (0, 5)``, which AttenST's resampling follows; None: all
+    1 + r). Other steps use the last estimate (ReNoise averages its estimates 8-9 there, which r <= 7
+    never reaches; with AttenST's r = 5 the last estimate is what both use). ReNoise also caps r at
+    5 for t < 250; editkit does not (same result for r <= 5). ``resample_steps=0`` is plain DDIM
+    inversion (StyleID).
 
     ``callback(step_index, timestep, latents)`` runs once per step, before that step's model
     call(s), with the latent about to be evaluated; steps are in inversion order (ascending
