@@ -40,6 +40,7 @@ __all__ = [
     "execution_device",
     "model_eps",
     "predicted_x0",
+    "replay_inverted_latents",
     "v_to_eps",
 ]
 
@@ -246,6 +247,33 @@ def ddim_invert(
         final=inverted[generation_timesteps[0]],
         initial=latents,
     )
+
+
+@torch.no_grad()
+def replay_inverted_latents(
+    unet: Callable,
+    result: InversionResult,
+    prompt_embeds: torch.Tensor,
+    *,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    timesteps: Iterable[int] | None = None,
+    callback: StepCallback | None = None,
+) -> None:
+    """One call ``unet(z_t, t)`` per inverted latent, in inversion order, for attached recorders.
+
+    StyleID's feature timing: its reverse DDIM records step t's features from the call at x_t.
+    ``callback(step_index, timestep, latents)`` runs before each call, as in ``ddim_invert``; only
+    ``timesteps`` (all when None) are evaluated.
+    """
+    wanted = None if timesteps is None else {int(t) for t in timesteps}
+    for index, t in enumerate(reversed(result.timesteps)):
+        if wanted is not None and t not in wanted:
+            continue
+        latent = result.latent_at(t)
+        if callback is not None:
+            callback(index, t, latent)
+        timestep = torch.tensor(t, device=latent.device)
+        unet(latent, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs)
 
 
 @contextlib.contextmanager

@@ -150,6 +150,35 @@ def test_injected_sites_use_recorded_style_kv_blended_query_and_tau_scale(family
         torch.testing.assert_close(probe.outputs[(site, t)], plain, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("timing", ["inversion_step", "inverted_latent"])
+def test_feature_timing_records_the_named_unet_call(sd_style, timing):
+    """inversion_step: the keys of step t are UNet(z_{t-1}, t)'s; inverted_latent: UNet(z_t, t)'s (StyleID)."""
+    pipe, style = sd_style, _image(1, 32, 32)
+    out = pipe(_image(0, 32, 32), style, num_inference_steps=STEPS, feature_timing=timing, output_type="latent")
+    cache = out.style_caches[0]
+    assert cache.extra["feature_timing"] == timing
+    site = default_style_sites(pipe.unet)[0]
+    latents = encode_image_latents(pipe.vae, pil_to_tensor(style))
+    text = encode_text(pipe, [""], width=32, height=32)
+    result = ddim_invert(pipe.unet, pipe.scheduler, latents, text.prompt_embeds, num_inference_steps=STEPS)
+    ascending = list(reversed(result.timesteps))
+    attn = pipe.unet.get_submodule(site)
+    keys = []
+    handle = attn.to_k.register_forward_hook(lambda _m, _a, output: keys.append(output))  # stock processors
+    try:
+        for index, t in enumerate(ascending):
+            before = latents if index == 0 else result.latent_at(ascending[index - 1])
+            sample = result.latent_at(t) if timing == "inverted_latent" else before
+            pipe.unet(sample, t, encoder_hidden_states=text.prompt_embeds)
+            expected = keys[-1].unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (1, heads, tokens, head_dim)
+            torch.testing.assert_close(cache.feature(site, t, "key").float(), expected.half().float())
+    finally:
+        handle.remove()
+    other = "inverted_latent" if timing == "inversion_step" else "inversion_step"
+    with pytest.raises(InputError, match="feature_timing"):
+        pipe(_image(0, 32, 32), style_cache=cache, num_inference_steps=STEPS, feature_timing=other)
+
+
 def test_injection_window_and_site_selection(sd_style, monkeypatch):
     log = {}
     monkeypatch.setattr(style_module, "StyleInjectionController", _recording_injector(log))
