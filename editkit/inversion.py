@@ -7,8 +7,11 @@ inversion exactly when the model's eps does not depend on the latent):
   The generation step at ``t`` goes from alpha ``a_t`` to ``a_prev(t) = alphas_cumprod[t - T // N]``,
   or ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``) when that
   index is negative. Inversion undoes exactly those steps, in the order ``t_1, ..., t_N``.
-- Like diffusers' ``DDIMInverseScheduler`` (and StyleID), the step to ``t`` evaluates the model at
-  the previous latent and the target timestep: ``eps = eps_theta(z_prev, t)``. The model output is
+- Like diffusers' ``DDIMInverseScheduler`` (and StyleID's diffusers port), the step to ``t``
+  evaluates the model at the previous latent and the target timestep: ``eps = eps_theta(z_prev, t)``.
+  StyleID's original (LDM) code instead evaluates ``eps_theta(x_t, t)`` to step from ``t`` to the next
+  timestep, so its features of step t come from the call at ``x_t`` (``replay_inverted_latents``
+  gives those calls; ``StyleTransferPipeline(feature_timing="inverted_latent")``). The model output is
   turned into eps with ``a_t``, as the generation scheduler does at ``t`` (``DDIMInverseScheduler``
   uses the lower timestep's alpha for v / sample models; for eps models the two agree).
 - Model calls run in the latents' dtype; the DDIM arithmetic and the carried latent are float32;
