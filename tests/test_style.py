@@ -410,6 +410,21 @@ def test_from_pretrained_sd_and_sdxl_folders(sd15_dir, sdxl_dir):
     )
 
 
+def test_default_sites_are_the_last_two_decoder_levels_also_on_a_three_level_unet(sd_style):
+    from diffusers import UNet2DConditionModel
+
+    sd15 = default_style_sites(sd_style.unet)  # StyleID's layers 7-12: up_blocks.2 and .3 on SD 1.x
+    assert {s.split(".attentions")[0] for s in sd15} == {"up_blocks.2", "up_blocks.3"} and len(sd15) == 6
+    three_levels = UNet2DConditionModel(  # the shapes model's layout: attention at two decoder levels
+        sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        attention_head_dim=2, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    expected = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in (1, 2) for a in (0, 1)}
+    assert set(default_style_sites(three_levels)) == expected  # not a lone up_blocks.2 (its only full-res level)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
