@@ -11,10 +11,12 @@ VAE and text encoder, so the figures are about the UNet work the method adds. Pr
   the analytic figure at 512 px / 50 steps.
 - ``memory``: peak memory of a stylization against plain generation at the same size (CUDA: allocator
   peak; CPU: process peak RSS, measured plain first, so the stylize figure is the increase over it).
-- ``shapes``: on the project's shapes model (``assets/models/shapes-sd``, when present), layout kept
-  (detector) and colour statistics moved toward the style.
+- ``shapes``: on the project's shapes model (``assets/models/shapes-sd``, when present): layout kept
+  (detector), the content's shape mask kept (IoU), the palette nearer the style's than the content's,
+  the background and (for striped/dotted styles) the pattern transferred.
 
     python -m benchmarks.stylize --size 128 --steps 4 --repeats 3
+    python -m benchmarks.stylize --shapes-only --shapes-pairs 64 --shapes-gamma 0 --shapes-adain-strength 1
 """
 
 from __future__ import annotations
@@ -156,35 +158,56 @@ def memory(pipe, args) -> dict:
             "increase": after_stylize - after_plain}  # fmt: skip
 
 
-def shapes_quality(device: str, pairs: int = 16, steps: int = 25) -> dict:
-    """Layout kept (detected centroids) and colour moved toward the style on the shapes model."""
+def shapes_quality(device: str, pairs: int = 16, steps: int = 25, settings: dict | None = None) -> dict:
+    """Colour, shape, background and pattern transfer on the shapes model (``benchmarks.shapes.style_metrics``).
+
+    ``settings``: pipeline keyword arguments (gamma, tau, adain_strength, feature_timing,
+    injection_sites); the pipeline's defaults when absent. Styles are drawn with patterns and
+    backgrounds half of the time (the world's training mix), so pattern transfer can be measured.
+    """
     if not (SHAPES_MODEL / "model_index.json").is_file():
         return {"skipped": f"{SHAPES_MODEL} has no trained model yet (run benchmarks/shapes/train.py)"}
     from PIL import Image
 
     from benchmarks.shapes.detect import detect
+    from benchmarks.shapes.style_metrics import score_pair
     from benchmarks.shapes.world import sample_batch
 
     pipe = StyleTransferPipeline.from_pretrained(SHAPES_MODEL).to(device)
     pipe.set_progress_bar_config(disable=True)
-    contents, _, _ = sample_batch(seed=101, n=pairs, training=False)
-    styles, _, _ = sample_batch(seed=202, n=pairs, training=False)
-    kept, moved, distances = [], [], []
-    for content, style in zip(contents, styles):
-        out = pipe(Image.fromarray(content), Image.fromarray(style), num_inference_steps=steps, output_type="pt")
+    contents, _, content_scenes = sample_batch(seed=101, n=pairs, training=False, pattern_prob=0.0)
+    styles, _, style_scenes = sample_batch(seed=202, n=pairs, training=False, pattern_prob=0.5, background_prob=0.5)
+    scores, kept = [], []
+    for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
+        out = pipe(
+            Image.fromarray(content), Image.fromarray(style), num_inference_steps=steps, output_type="pt",
+            **(settings or {}),
+        )  # fmt: skip
         result = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         kept.append(_layout_kept(detect(content), detect(result)))
-        before = _colour_distance(content, style)
-        after = _colour_distance(result, style)
-        moved.append(after < before)
-        distances.append((before, after))
+        scores.append(score_pair(content, style, result, content_scene, style_scene))
+    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults"} | _summary(scores, kept)
+
+
+def _summary(scores: list[dict], kept: list[bool]) -> dict:
+    patterned = [s for s in scores if s["style_pattern"] != "solid"]
+    new_background = [s for s in scores if s["background_changed"]]
+    mean = lambda key, rows: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
     return {
-        "pairs": pairs,
-        "steps": steps,
         "layout_kept": float(np.mean(kept)),
-        "colour_moved_toward_style": float(np.mean(moved)),
-        "mean_colour_distance_content_to_style": float(np.mean([d[0] for d in distances])),
-        "mean_colour_distance_output_to_style": float(np.mean([d[1] for d in distances])),
+        "palette_nearer_style_than_content": mean("palette_nearer_style", scores),
+        "colour_moved_toward_style": mean("colour_moved_toward_style", scores),
+        "mean_colour_distance_content_to_style": float(np.mean([s["distances"][0] for s in scores])),
+        "mean_colour_distance_output_to_style": float(np.mean([s["distances"][1] for s in scores])),
+        "median_colour_distance_ratio": float(np.median([s["colour_distance_ratio"] for s in scores])),
+        "content_mask_iou_mean": mean("content_mask_iou", scores),
+        "content_mask_iou_at_least_0.7": float(np.mean([s["content_mask_iou"] >= 0.7 for s in scores])),
+        "background_transferred": mean("background_transferred", new_background),
+        "background_pairs": len(new_background),
+        "pattern_transferred": float(np.mean([s["output_pattern"] not in ("solid", "none") for s in patterned]))
+        if patterned
+        else None,
+        "pattern_pairs": len(patterned),
     }
 
 
@@ -194,12 +217,6 @@ def _layout_kept(content_objects, output_objects, tolerance: float = 4.0) -> boo
         any(np.hypot(o.centroid[0] - c.centroid[0], o.centroid[1] - c.centroid[1]) <= tolerance for o in output_objects)
         for c in content_objects
     )
-
-
-def _colour_distance(image: np.ndarray, reference: np.ndarray) -> float:
-    """Distance of per-channel RGB mean and std (the colour statistics AdaIN moves)."""
-    a, b = image.reshape(-1, 3).astype(np.float64), reference.reshape(-1, 3).astype(np.float64)
-    return float(np.linalg.norm(a.mean(0) - b.mean(0)) + np.linalg.norm(a.std(0) - b.std(0)))
 
 
 def main() -> None:
@@ -213,6 +230,13 @@ def main() -> None:
     parser.add_argument("--shapes-only", action="store_true", help="skip the full-size speed/memory/cache part")
     parser.add_argument("--shapes-pairs", type=int, default=16, help="content/style pairs of the shapes part")
     parser.add_argument("--shapes-steps", type=int, default=25, help="DDIM steps of the shapes part")
+    parser.add_argument(
+        "--shapes-gamma", type=float, default=None, help="gamma of the shapes part (default: pipeline's)"
+    )
+    parser.add_argument("--shapes-tau", type=float, default=None)
+    parser.add_argument("--shapes-adain-strength", type=float, default=None)
+    parser.add_argument("--shapes-feature-timing", default=None, choices=("inversion_step", "inverted_latent"))
+    parser.add_argument("--shapes-sites", nargs="+", default=None, help="injection sites/patterns (default: model's)")
     args = parser.parse_args()
     result = {"environment": environment()}
     if not args.shapes_only:
@@ -224,7 +248,15 @@ def main() -> None:
             "cache": cache_sizes(pipe, args),
         }
     if not args.skip_shapes:
-        result["shapes"] = shapes_quality(args.device, pairs=args.shapes_pairs, steps=args.shapes_steps)
+        settings = {
+            key: value
+            for key, value in {
+                "gamma": args.shapes_gamma, "tau": args.shapes_tau, "adain_strength": args.shapes_adain_strength,
+                "feature_timing": args.shapes_feature_timing, "injection_sites": args.shapes_sites,
+            }.items()
+            if value is not None
+        }  # fmt: skip
+        result["shapes"] = shapes_quality(args.device, args.shapes_pairs, args.shapes_steps, settings or None)
     print_json(result)
 
 

@@ -8,8 +8,13 @@ collects self-attention features on the shared attention layer:
   classifier-free guidance on both branches (v-prediction converted to eps first).
 - CDS (Nam et al., CVPR 2024): a PatchNCE loss (CUT, Park et al. 2020) between self-attention
   features of the source branch (no grad) and the target branch (backpropagated to the latent)
-  keeps the structure. CDS anchors on the source patch; CUT anchors on the generated patch;
-  ``"dual"`` (DCLGAN's two NCE terms, the dual contrastive denoising score) is the mean of both.
+  keeps the structure. CDS anchors on the source patch; CUT anchors on the generated patch.
+- ``"dual"``: the dual contrastive denoising score (DCDS, arXiv 2508.12718) has no released code.
+  editkit's reading, an interpretation and not the paper's code, is DCLGAN's two NCE terms: the
+  mean of the source-anchored and the target-anchored PatchNCE on the same patches. Other readings
+  are one option away: ``direction="source"`` or ``"target"`` alone; the pipeline's
+  ``identity_branch=True`` (also contrast with the edited latent under the source prompt); the
+  compared feature (``feature=`` output / query / key / value) and layers (``contrast_sites=``).
 
 Features are recorded by site name for a named branch (``"source"``, ``"target"``,
 ``"identity"``), never by position in the batch.
@@ -93,24 +98,12 @@ def dds_latent_gradient(
     """d/dz of loss_scale * sum(m * z * grad) / reference_pixels: a per-element step free of resolution.
 
     The reference code divides by the latent's own H * W (2000 / 4096 at 64x64); dividing by a fixed
-    ``reference_pixels`` keeps that step at every resolution.
+    ``reference_pixels`` keeps that step at every resolution. This scale belongs to the DDS surrogate
+    only: CDS backpropagates its PatchNCE loss as ``w_cut * loss`` with no other factor
+    (``(cutloss * 3).backward()`` in the CDS release).
     """
     gradient = gradient * (loss_scale / reference_pixels)
     return gradient if mask is None else gradient * mask
-
-
-def contrastive_latent_gradient(
-    gradient: torch.Tensor, *, loss_scale: float = 2000.0, reference_pixels: int = REFERENCE_LATENT_PIXELS
-) -> torch.Tensor:
-    """d/dz of loss_scale * (H * W / reference_pixels) * PatchNCE: a per-element step free of resolution.
-
-    PatchNCE is a mean over patches, so its gradient per latent element shrinks with the number of
-    latent elements; scaling by ``H * W / reference_pixels`` keeps the step of the reference
-    resolution (64 x 64 latents, where the factor is 1 and this is the reference code's
-    ``loss_scale * loss``) at every size, as ``dds_latent_gradient`` does for the DDS term.
-    """
-    height, width = gradient.shape[-2:]
-    return gradient * (loss_scale * height * width / reference_pixels)
 
 
 def sample_timestep(generator: torch.Generator | None, *, min_timestep: int = 50, max_timestep: int = 950) -> int:

@@ -7,8 +7,11 @@ inversion exactly when the model's eps does not depend on the latent):
   The generation step at ``t`` goes from alpha ``a_t`` to ``a_prev(t) = alphas_cumprod[t - T // N]``,
   or ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``) when that
   index is negative. Inversion undoes exactly those steps, in the order ``t_1, ..., t_N``.
-- Like diffusers' ``DDIMInverseScheduler`` (and StyleID), the step to ``t`` evaluates the model at
-  the previous latent and the target timestep: ``eps = eps_theta(z_prev, t)``. The model output is
+- Like diffusers' ``DDIMInverseScheduler`` (and StyleID's diffusers port), the step to ``t``
+  evaluates the model at the previous latent and the target timestep: ``eps = eps_theta(z_prev, t)``.
+  StyleID's original (LDM) code instead evaluates ``eps_theta(x_t, t)`` to step from ``t`` to the next
+  timestep, so its features of step t come from the call at ``x_t`` (``replay_inverted_latents``
+  gives those calls; ``StyleTransferPipeline(feature_timing="inverted_latent")``). The model output is
   turned into eps with ``a_t``, as the generation scheduler does at ``t`` (``DDIMInverseScheduler``
   uses the lower timestep's alpha for v / sample models; for eps models the two agree).
 - Model calls run in the latents' dtype; the DDIM arithmetic and the carried latent are float32;
@@ -40,6 +43,7 @@ __all__ = [
     "execution_device",
     "model_eps",
     "predicted_x0",
+    "replay_inverted_latents",
     "v_to_eps",
 ]
 
@@ -162,7 +166,7 @@ def ddim_invert(
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     resample_steps: int = 0,
-    average_early_steps: int | None = None,
+    average_early_steps: int | None = 5,
     early_timestep: int = 250,
     callback: StepCallback | None = None,
     progress: bool | Callable[[Iterable], Iterable] | None = None,
@@ -180,9 +184,13 @@ def ddim_invert(
     ``resample_steps = r`` each step to ``t`` computes ``eps_0 = eps(z_prev, t)`` and the DDIM estimate
     ``z^0``; then for ``i = 1..r``: ``eps_i = eps(z^{i-1}, t)`` and ``z^i`` = the inverse step from
     ``z_prev`` with ``eps_i`` (1 + r model calls per step; a fixed point makes generation's step
-    from ``z_t`` land exactly on ``z_prev``). For ``t < early_timestep`` the step finally uses the mean
-    of the first ``average_early_steps`` estimates ``eps_0, eps_1, ...`` (all 1 + r when None).
-    ``resample_steps=0`` is plain DDIM inversion (StyleID).
+    from ``z_t`` land exactly on ``z_prev``). For ``t < early_timestep`` (250) the step finally uses
+    the mean of the first ``average_early_steps`` estimates ``eps_0, ..., eps_4`` (5, the reference:
+    ReNoise's ``average_first_step_range = (0, 5)``, which AttenST's resampling follows; None: all
+    1 + r). Other steps use the last estimate (ReNoise averages its estimates 8-9 there, which r <= 7
+    never reaches; with AttenST's r = 5 the last estimate is what both use). ReNoise also caps r at
+    5 for t < 250; editkit does not (same result for r <= 5). ``resample_steps=0`` is plain DDIM
+    inversion (StyleID).
 
     ``callback(step_index, timestep, latents)`` runs once per step, before that step's model
     call(s), with the latent about to be evaluated; steps are in inversion order (ascending
@@ -242,6 +250,33 @@ def ddim_invert(
         final=inverted[generation_timesteps[0]],
         initial=latents,
     )
+
+
+@torch.no_grad()
+def replay_inverted_latents(
+    unet: Callable,
+    result: InversionResult,
+    prompt_embeds: torch.Tensor,
+    *,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    timesteps: Iterable[int] | None = None,
+    callback: StepCallback | None = None,
+) -> None:
+    """One call ``unet(z_t, t)`` per inverted latent, in inversion order, for attached recorders.
+
+    StyleID's feature timing: its reverse DDIM records step t's features from the call at x_t.
+    ``callback(step_index, timestep, latents)`` runs before each call, as in ``ddim_invert``; only
+    ``timesteps`` (all when None) are evaluated.
+    """
+    wanted = None if timesteps is None else {int(t) for t in timesteps}
+    for index, t in enumerate(reversed(result.timesteps)):
+        if wanted is not None and t not in wanted:
+            continue
+        latent = result.latent_at(t)
+        if callback is not None:
+            callback(index, t, latent)
+        timestep = torch.tensor(t, device=latent.device)
+        unet(latent, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs)
 
 
 @contextlib.contextmanager

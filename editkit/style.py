@@ -47,7 +47,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Decoder self-attention sites per model family (method note: StyleID's layers 7-12 for SD 1.x/2.x,
-# AttenST's up_blocks.1.attentions.{1,2} for SDXL).
+# AttenST's up_blocks.1.attentions.{1,2} for SDXL). The "sd" names hold for SD 1.x/2.x's four-level
+# UNet only; ``default_style_sites`` resolves that family by level (its last two decoder levels).
 DEFAULT_SITE_PATTERNS: dict[str, tuple[str, ...]] = {
     "sd": ("up_blocks.2.attentions", "up_blocks.3.attentions"),
     "sdxl": ("up_blocks.1.attentions.1", "up_blocks.1.attentions.2"),
@@ -92,18 +93,23 @@ def content_aware_adain(
 def default_style_sites(unet: torch.nn.Module) -> list[str]:
     """The decoder self-attention sites the method note recommends for this UNet's family.
 
-    A UNet of another layout (no such blocks) gets the self-attention of its last two up blocks
-    that have attention, the closest equivalent (the highest-resolution decoder layers).
+    SD 1.x/2.x: StyleID's layers 7-12 are the self-attention of the last two decoder levels that have
+    attention (``up_blocks.2`` and ``.3``: 32x32 and 64x64 tokens at 512 px, half and full latent
+    resolution). They are chosen by level, not by name, so a UNet with fewer levels (the shapes model:
+    ``up_blocks.1`` and ``.2``) gets its own last two, not a lone ``up_blocks.2``. SDXL: AttenST's
+    named blocks; an SDXL-like UNet without them falls back to the same last-two-levels rule.
     """
     from editkit.models import model_family
 
-    patterns = DEFAULT_SITE_PATTERNS[model_family(unet)]
     sites = [site for site in attention_sites(unet) if site.kind == "self"]
-    chosen = [site.name for site in sites if any(_under(site.name, p) for p in patterns)]
-    if chosen:
-        return chosen
+    family = model_family(unet)
+    if family == "sdxl":
+        patterns = DEFAULT_SITE_PATTERNS[family]
+        chosen = [site.name for site in sites if any(_under(site.name, p) for p in patterns)]
+        if chosen:
+            return chosen
+        logger.info("no %s sites in this UNet; using the self-attention of its last two decoder levels", patterns)
     blocks = sorted({site.block_index for site in sites if site.block == "up"})[-2:]
-    logger.info("no %s sites in this UNet; using the self-attention of up blocks %s", patterns, blocks)
     return [site.name for site in sites if site.block == "up" and site.block_index in blocks]
 
 

@@ -32,7 +32,6 @@ from editkit.contrastive import (
     FEATURES,
     REFERENCE_LATENT_PIXELS,
     ContrastiveFeatureRecorder,
-    contrastive_latent_gradient,
     contrastive_loss,
     dds_gradient,
     dds_latent_gradient,
@@ -233,10 +232,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             cond_trg = self._unet(noise_latents(z, noise, alpha), timestep, text["target_cond"], ("cond",), controller)
             recorder.branch = None
             loss = self._contrastive_loss(recorder, settings)
+            # CDS: (cutloss * w_cut).backward(); the DDS scale (loss_scale / pixels) is not applied here
             (contrast_grad,) = torch.autograd.grad(loss * settings["contrast_weight"], z)
-        contrast_grad = contrastive_latent_gradient(
-            contrast_grad, loss_scale=settings["loss_scale"], reference_pixels=settings["reference_pixels"]
-        )
         eps_src = self._eps(*source_out.chunk(2), z_src_t, alpha, settings["guidance_scale"])
         eps_trg = self._eps(uncond_trg, cond_trg.detach(), z_trg_t, alpha, settings["guidance_scale"])
         return dds_gradient(eps_trg, eps_src), contrast_grad, loss.detach()
@@ -343,8 +340,11 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
                 turns the noisy score into uniform global change).
             min_timestep / max_timestep: each iteration's t is uniform in [min, max) ([50, 950)).
             contrast: PatchNCE direction: ``"source"`` (CDS: source patch is the anchor),
-                ``"target"`` (CUT: edited patch is the anchor), ``"dual"`` (mean of both, the dual
-                contrastive denoising score), or ``None`` for plain DDS.
+                ``"target"`` (CUT: edited patch is the anchor), ``"dual"`` (mean of both), or
+                ``None`` for plain DDS. ``"dual"`` is editkit's interpretation of the dual
+                contrastive denoising score, which has no released code (DCLGAN's two NCE terms);
+                the other readings are one option away: one direction alone,
+                ``identity_branch=True``, another ``feature`` or ``contrast_sites``.
             contrast_weight: weight of the contrastive loss (3.0 in CDS).
             dds_weight: weight of the DDS term (1.0).
             num_patches: locations sampled per site and patch size (256), the same in both branches.
@@ -358,9 +358,11 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             mask: optional {0, 1} mask at the image's size: the edit (DDS gradient, contrastive
                 patches and the update) is restricted to it; latents outside stay unchanged.
             negative_prompt: the unconditional prompt of classifier-free guidance.
-            loss_scale: the reference code's 2000; with ``reference_latent_pixels`` (64 x 64) the
-                per-element step of both terms (DDS and PatchNCE) is the reference step at 512 px,
-                at every resolution (the reference code normalises neither term to resolution).
+            loss_scale: the reference code's 2000 of the DDS surrogate; with
+                ``reference_latent_pixels`` (64 x 64) the per-element DDS step is the reference
+                step at 512 px, at every resolution (the reference divides by the latent's own
+                H x W). It does not touch the contrastive term, which CDS backpropagates as
+                ``contrast_weight * loss`` alone.
             gradient_checkpointing: recompute UNet activations in the backward pass (less memory).
             generator: the only source of randomness (timesteps, noise, patch locations).
             output_type: ``"pil"``, ``"pt"`` (in [0, 1]), ``"np"`` or ``"latent"``.

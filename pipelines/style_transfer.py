@@ -26,7 +26,13 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from editkit.attention import AttentionController, AttentionKernelMixin, compose
+from editkit.attention import (
+    AttentionController,
+    AttentionKernelMixin,
+    compose,
+    exposed_ip_adapters,
+    ip_adapter_processors,
+)
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.errors import InputError
 from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
@@ -39,6 +45,7 @@ from editkit.inversion import (
     generation_scheduler,
     model_eps,
     predicted_x0,
+    replay_inverted_latents,
 )
 from editkit.models import model_family
 from editkit.style import (
@@ -54,9 +61,12 @@ from editkit.style import (
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | torch.Tensor
-# InstantStyle's blocks (method note): the content in the layout block, the style in the style block.
+#: Where the features of step t are recorded: the inversion's own call UNet(z_{t-1}, t), or UNet(z_t, t).
+FEATURE_TIMINGS = ("inversion_step", "inverted_latent")
+# AttenST's blocks (method note; InstantStyle's layout block): the content in down_blocks.2.attentions.1,
+# the style in up_blocks.0.attentions.1 and .2 (AttenST's release: {"up": {"block_0": [0.0, s, s]}}).
 IP_ADAPTER_BLOCKS = {
-    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 0.0]}}),
+    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 1.0]}}),
     "sd": ({"down": {"block_2": [1.0, 1.0]}}, {"up": {"block_1": [1.0, 1.0, 1.0]}}),
 }
 
@@ -127,7 +137,12 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
     # -- inputs ----------------------------------------------------------------------------------
-    def check_inputs(self, content_image, styles, caches, gamma, tau, adain_strength, steps, resample_steps, window):
+    def check_inputs(
+        self, content_image, styles, caches, gamma, tau, adain_strength, steps, resample_steps, window,
+        feature_timing="inversion_step",
+    ):  # fmt: skip
+        if feature_timing not in FEATURE_TIMINGS:
+            raise InputError(f"feature_timing must be one of {FEATURE_TIMINGS}, got {feature_timing!r}")
         if content_image is None:
             raise InputError("a content image is needed")
         if not styles and not caches:
@@ -182,21 +197,27 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             return scaled if self._ip_adapter_count() == 2 else scaled[1:]
         return scale
 
+    def set_ip_adapter_scale(self, scale) -> None:
+        """diffusers' ``set_ip_adapter_scale``, also reaching adapters at sites where controllers are attached.
+
+        While a controller (e.g. SoftREPA tokens) is attached at an IP-Adapter site, editkit's processor
+        holds the adapter there and diffusers' type check would skip it; the adapters are put back for the call.
+        """
+        with exposed_ip_adapters(self.unet):
+            super().set_ip_adapter_scale(scale)
+
     def _ip_snapshot(self) -> dict:
-        return {
-            k: list(p.scale)
-            for k, p in self.unet.attn_processors.items()
-            if isinstance(getattr(p, "scale", None), list)
-        }
+        return {name: list(processor.scale) for name, processor in ip_adapter_processors(self.unet).items()}
 
     def _ip_restore(self, snapshot: dict) -> None:
-        for key, processor in self.unet.attn_processors.items():
-            if key in snapshot:
-                processor.scale[:] = snapshot[key]
+        for name, processor in ip_adapter_processors(self.unet).items():
+            if name in snapshot:
+                processor.scale[:] = snapshot[name]
 
     # -- the three phases ------------------------------------------------------------------------
-    def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):
-        """Invert one image, recording only what injection needs; returns a ``StyleCache``."""
+    def _invert(self, image, kind, sites, timesteps, text, steps, inversion, offload, ip_count, extra, progress):
+        """Invert one image, recording only what injection needs; ``inversion``: (resample_steps, feature_timing)."""
+        resample_steps, feature_timing = inversion
         latents = encode_image_latents(self.vae, image.to(self._execution_device)).to(self.unet.dtype)
         recorder = FeatureRecorder(sites, FEATURES_BY_KIND[kind], timesteps, offload=offload)
         stepper = compose(*extra, recorder)  # every attached controller learns the step
@@ -204,7 +225,8 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         image_embeds = self._image_embeds(image) if ip_count else None
         if image_embeds is not None:  # the UNet needs image embeds; the scales are 0 while inverting
             added["image_embeds"] = [torch.zeros_like(image_embeds)] * ip_count
-        with self.attach_controllers(recorder):
+        during = feature_timing == "inversion_step"
+        with self.attach_controllers(recorder) if during else contextlib.nullcontext():
             result = ddim_invert(
                 self.unet,
                 self.scheduler,
@@ -216,6 +238,12 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                 callback=lambda index, t, _: stepper.begin_step(index, t),
                 progress=progress,
             )
+        if not during:
+            with self.attach_controllers(recorder):
+                replay_inverted_latents(
+                    self.unet, result, text.prompt_embeds, added_cond_kwargs=added or None, timesteps=timesteps,
+                    callback=lambda index, t, _: stepper.begin_step(index, t),
+                )  # fmt: skip
         size = (image.shape[-1], image.shape[-2])
         return StyleCache.from_recorder(
             recorder,
@@ -229,6 +257,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             sites=tuple(sites),
             timesteps=tuple(sorted(recorder.timesteps, reverse=True)),
             image_embeds=image_embeds,
+            extra={"feature_timing": feature_timing},
         )
 
     def _denoise(self, latents, controller, text, guidance_scale, steps, callback_on_step_end, ip_embeds):
@@ -274,6 +303,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         tau: float = 1.5,
         adain_strength: float | None = 0.6,
         resample_steps: int = 0,
+        feature_timing: str = "inversion_step",
         injection_sites: str | Sequence[str] | None = None,
         injection_timesteps: tuple[int, int] | None = None,
         mask: torch.Tensor | None = None,
@@ -303,6 +333,10 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             tau: attention temperature, logits scaled by ``tau / sqrt(d)`` (1 = plain attention).
             adain_strength: a_s of the content-aware AdaIN (1: plain AdaIN, 0: content colours, None: off).
             resample_steps: style-preserving inversion iterations r per step (0: plain DDIM; AttenST: 5).
+            feature_timing: the call whose Q/K/V are injected at step t: ``"inversion_step"``, the
+                inversion's own UNet(z_{t-1}, t) (diffusers' inverse-scheduler convention; free; its last
+                call when resampling), or ``"inverted_latent"``, UNet(z_t, t) as StyleID's original code
+                records (one more call per injected step and image). Measured: ``benchmarks/RESULTS.md``.
             injection_sites: self-attention sites (names/patterns); None: the family's defaults.
             injection_timesteps: inject only at timesteps ``low <= t <= high`` (None: every step).
             mask: (1, 1, H, W) or (H, W) mask in {0, 1}: stylize only inside it (style at content size).
@@ -319,13 +353,14 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         given_caches = _as_list(style_cache)
         self.check_inputs(
             content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
-            injection_timesteps,
+            injection_timesteps, feature_timing,
         )  # fmt: skip
         if output_type not in ("pil", "pt", "latent"):
             raise InputError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         device = self._execution_device
         sites = resolve_style_sites(self.unet, injection_sites)
         offload = "cpu" if offload_features else None
+        inversion = (resample_steps, feature_timing)
 
         # 1. Timesteps shared by inversion and generation, and the injection window.
         scheduler = generation_scheduler(self.scheduler, num_inference_steps)
@@ -351,12 +386,14 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                 if content_cache is None:
                     content_cache = self._invert(
                         content, "content", sites if gamma > 0 else [], window, self._text(prompt, content_size),
-                        num_inference_steps, resample_steps, offload, ip_count, extra, progress,
+                        num_inference_steps, inversion, offload, ip_count, extra, progress,
                     )  # fmt: skip
                 content_cache.validate(
                     kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
                     size=content_size, label="content cache",
                 )  # fmt: skip
+                if gamma > 0:
+                    _check_feature_timing(content_cache, feature_timing, "content cache")
 
                 # 4. Style inversions (their keys and values), unless cached.
                 caches = []  # one per style image (in order), then the given caches
@@ -366,12 +403,13 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                     caches.append(
                         self._invert(
                             style_tensor, "style", sites, window, self._text(prompt, style_px),
-                            num_inference_steps, resample_steps, offload, ip_count, extra, progress,
+                            num_inference_steps, inversion, offload, ip_count, extra, progress,
                         )
                     )  # fmt: skip
                 caches += given_caches
                 for cache in caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
+                    _check_feature_timing(cache, feature_timing, "style cache")
 
                 # 5. Generation per style: AdaIN'd start latent, injected self-attention.
                 text = self._text(prompt, content_size)
@@ -394,15 +432,10 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                     with self.attach_controllers(controller):
                         latents.append(
                             self._denoise(
-                                start,
-                                compose(*extra, controller),
-                                text,
-                                guidance_scale,
-                                num_inference_steps,
-                                callback_on_step_end,
-                                ip,
+                                start, compose(*extra, controller), text, guidance_scale, num_inference_steps,
+                                callback_on_step_end, ip,
                             )
-                        )
+                        )  # fmt: skip
         finally:
             if ip_snapshot is not None:
                 self._ip_restore(ip_snapshot)
@@ -422,6 +455,13 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         if output_type == "pt":
             return (image + 1) / 2
         return tensor_to_pil(image)
+
+
+def _check_feature_timing(cache: StyleCache, feature_timing: str, label: str) -> None:
+    """Refuse a cache recorded with the other ``feature_timing`` (older caches: inversion_step)."""
+    recorded = cache.extra.get("feature_timing", "inversion_step")
+    if recorded != feature_timing:
+        raise InputError(f"{label} was recorded with feature_timing={recorded!r}, this run uses {feature_timing!r}")
 
 
 def _as_list(value) -> list:

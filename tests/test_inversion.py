@@ -179,6 +179,34 @@ def test_early_averaging_uses_the_mean_of_the_first_estimates():
     assert (result.latent_at(t1) - expected).abs().max() < 1e-6
 
 
+def test_renoise_averaging_defaults_to_the_first_five_estimates_below_t_250():
+    """ReNoise (which AttenST follows): for t < 250 the mean of estimates 0..4; above, the last estimate."""
+    scheduler = make_scheduler()
+    unet = StubUNet(scheduler, coupling=20.0)  # strong coupling: the estimates differ (no early fixed point)
+    x0 = clean_latents()
+    result = ddim_invert(unet, scheduler, x0, EMBEDS, num_inference_steps=10, resample_steps=5)
+    alphas = scheduler.alphas_cumprod.double()
+    early, late = result.timesteps[-1], result.timesteps[-4]  # t = 1 (< 250) and t = 301 (>= 250)
+    assert early < 250 <= late
+    calls = {t: [c for c in unet.calls if c["t"] == t] for t in (early, late)}
+    assert len(calls[early]) == len(calls[late]) == 6  # 1 + r model calls per step
+
+    def inverse_step(z_prev, eps, a_prev, a_t):  # DDIM (eta 0), written out: x0 from z_prev, then to t
+        x0_hat = (z_prev - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+        return a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * eps
+
+    first_five = torch.stack([unet.eps(c["sample"], early) for c in calls[early][:5]]).double().mean(dim=0)
+    final_alpha = scheduler.final_alpha_cumprod.double()  # the step below t_1 ends at final_alpha_cumprod
+    expected = inverse_step(x0.double(), first_five, final_alpha, alphas[early])
+    assert (result.latent_at(early).double() - expected).abs().max() < 1e-5
+    all_six = torch.stack([unet.eps(c["sample"], early) for c in calls[early]]).double().mean(dim=0)
+    assert (inverse_step(x0.double(), all_six, final_alpha, alphas[early]) - expected).abs().max() > 1e-4
+    previous = result.timesteps[-3]
+    last = unet.eps(calls[late][-1]["sample"], late).double()
+    expected = inverse_step(result.latent_at(previous).double(), last, alphas[previous], alphas[late])
+    assert (result.latent_at(late).double() - expected).abs().max() < 1e-5
+
+
 def test_classifier_free_guidance_batch_is_uncond_then_cond():
     scheduler = make_scheduler()
     negative, positive = torch.zeros(1, 77, 16), torch.ones(1, 77, 16)

@@ -46,7 +46,7 @@ def test_colour_edit_changes_the_colour_and_keeps_the_layout(contrast):
         original = render(Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single"))
         out = pipe(
             Image.fromarray(original), "a red circle", "a blue circle", num_inference_steps=50, contrast=contrast,
-            contrast_weight=0.3, generator=torch.Generator().manual_seed(index),
+            generator=torch.Generator().manual_seed(index),  # the paper's contrast_weight 3.0
         )  # fmt: skip
         (before,) = detect(original)
         after = detect(np.asarray(out.images[0]))
@@ -72,3 +72,24 @@ def test_compose_guidance_puts_objects_where_the_prompt_says():
         for name, batch in images.items()
     }
     assert accuracy["guided"] >= accuracy["plain"] + 3 / 12, accuracy
+
+
+def test_stylize_example_moves_colour_toward_the_style_and_keeps_the_shape():
+    """The README's stylize example at the defaults: colour distance to the style at least halved, shape kept."""
+    from benchmarks.shapes.style_metrics import colour_distance, foreground_mask, mask_iou
+    from benchmarks.shapes.world import shape_mask
+    from pipelines.style_transfer import StyleTransferPipeline
+
+    pipe = StyleTransferPipeline.from_pretrained(MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    examples = ROOT / "assets" / "examples"
+    content, style = (
+        Image.open(examples / f"{name}.png").convert("RGB").resize((32, 32)) for name in ("content", "style")
+    )
+    out = pipe(content, style, num_inference_steps=25, output_type="pt").images[0]
+    result = (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    content, style = np.asarray(content), np.asarray(style)
+    assert colour_distance(result, style) <= 0.5 * colour_distance(content, style)
+    circle = shape_mask(ShapeObject("circle", "red", "solid", 16, 16, 9), 32)  # make_examples.py's content
+    assert mask_iou(foreground_mask(content), circle) > 0.9  # the example is that circle
+    assert mask_iou(foreground_mask(result), circle) >= 0.7

@@ -150,6 +150,35 @@ def test_injected_sites_use_recorded_style_kv_blended_query_and_tau_scale(family
         torch.testing.assert_close(probe.outputs[(site, t)], plain, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("timing", ["inversion_step", "inverted_latent"])
+def test_feature_timing_records_the_named_unet_call(sd_style, timing):
+    """inversion_step: the keys of step t are UNet(z_{t-1}, t)'s; inverted_latent: UNet(z_t, t)'s (StyleID)."""
+    pipe, style = sd_style, _image(1, 32, 32)
+    out = pipe(_image(0, 32, 32), style, num_inference_steps=STEPS, feature_timing=timing, output_type="latent")
+    cache = out.style_caches[0]
+    assert cache.extra["feature_timing"] == timing
+    site = default_style_sites(pipe.unet)[0]
+    latents = encode_image_latents(pipe.vae, pil_to_tensor(style))
+    text = encode_text(pipe, [""], width=32, height=32)
+    result = ddim_invert(pipe.unet, pipe.scheduler, latents, text.prompt_embeds, num_inference_steps=STEPS)
+    ascending = list(reversed(result.timesteps))
+    attn = pipe.unet.get_submodule(site)
+    keys = []
+    handle = attn.to_k.register_forward_hook(lambda _m, _a, output: keys.append(output))  # stock processors
+    try:
+        for index, t in enumerate(ascending):
+            before = latents if index == 0 else result.latent_at(ascending[index - 1])
+            sample = result.latent_at(t) if timing == "inverted_latent" else before
+            pipe.unet(sample, t, encoder_hidden_states=text.prompt_embeds)
+            expected = keys[-1].unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (1, heads, tokens, head_dim)
+            torch.testing.assert_close(cache.feature(site, t, "key").float(), expected.half().float())
+    finally:
+        handle.remove()
+    other = "inverted_latent" if timing == "inversion_step" else "inversion_step"
+    with pytest.raises(InputError, match="feature_timing"):
+        pipe(_image(0, 32, 32), style_cache=cache, num_inference_steps=STEPS, feature_timing=other)
+
+
 def test_injection_window_and_site_selection(sd_style, monkeypatch):
     log = {}
     monkeypatch.setattr(style_module, "StyleInjectionController", _recording_injector(log))
@@ -259,26 +288,28 @@ def test_style_cache_round_trip_and_refusals(sd_style, tmp_path, sd15_dir):
 
 
 # -- IP-Adapter (dual-feature cross-attention) -----------------------------------------------------
-def _with_tiny_ip_adapters():
+def _with_tiny_ip_adapters(base=None, cross_attention_dim: int = 16):
+    """Two tiny IP-Adapters (content, style) on every attn2 of ``base`` (a tiny SD 1.5 pipeline by default)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from editkit.testing import tiny_sd15_pipeline
 
-    base = tiny_sd15_pipeline(seed=0)
+    base = base if base is not None else tiny_sd15_pipeline(seed=0)
     torch.manual_seed(1)
     unet = base.unet
     processors = dict(unet.attn_processors)
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             processors[f"{name}.processor"] = IPAdapterAttnProcessor2_0(
-                module.to_q.out_features, 16, num_tokens=(4, 4), scale=[1.0, 1.0]
+                module.to_q.out_features, cross_attention_dim, num_tokens=(4, 4), scale=[1.0, 1.0]
             )
             for layer in (*processors[f"{name}.processor"].to_k_ip, *processors[f"{name}.processor"].to_v_ip):
                 torch.nn.init.normal_(layer.weight, std=0.5)
     unet.set_attn_processor(dict(processors))
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(8, 16, 4), ImageProjection(8, 16, 4)])
+    projections = [ImageProjection(8, cross_attention_dim, 4), ImageProjection(8, cross_attention_dim, 4)]
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections)
     unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
@@ -290,6 +321,59 @@ def _with_tiny_ip_adapters():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class _ScaleSpy(AttentionController):
+    """An extra controller on every cross-attention site (as SoftREPA tokens are) that logs IP-Adapter scales."""
+
+    def __init__(self, adapters: dict) -> None:
+        super().__init__()
+        self.adapters, self.seen = adapters, []
+
+    def applies_to(self, site) -> bool:
+        return site.is_cross
+
+    def begin_step(self, index, timestep):
+        super().begin_step(index, timestep)
+        self.seen.append({name: list(adapter.scale) for name, adapter in self.adapters.items()})
+
+
+def _nonzero_sites(scales: dict, adapter: int) -> set[str]:
+    return {name.removesuffix(".processor") for name, values in scales.items() if values[adapter] != 0}
+
+
+def test_sdxl_ip_adapter_scales_reach_attensts_blocks_only():
+    from editkit.testing import tiny_sdxl_pipeline
+
+    pipe = _with_tiny_ip_adapters(tiny_sdxl_pipeline(seed=0), cross_attention_dim=32)
+    adapters = dict(pipe.unet.attn_processors)
+    adapters = {name: p for name, p in adapters.items() if hasattr(p, "to_k_ip")}
+    spy = _ScaleSpy(adapters)
+    pipe(_image(8, 32, 32), _image(9, 32, 32), num_inference_steps=STEPS, output_type="latent",
+         attention_controllers=[spy])  # fmt: skip
+    generation = spy.seen[-1]
+    blocks = [0, 1]  # the tiny SDXL UNet's transformer blocks per attention in these blocks
+    # AttenST: content in InstantStyle's layout block, style in up_blocks.0.attentions.1 and .2 (release: [0, s, s])
+    content = {f"down_blocks.2.attentions.1.transformer_blocks.{b}.attn2" for b in blocks}
+    style = {f"up_blocks.0.attentions.{a}.transformer_blocks.{b}.attn2" for a in (1, 2) for b in blocks}
+    assert _nonzero_sites(generation, 0) == content and _nonzero_sites(generation, 1) == style
+    assert {values[1] for name, values in generation.items() if name.removesuffix(".processor") in style} == {1.2}
+
+
+def test_ip_adapter_scales_reach_adapters_under_extra_controllers():
+    pipe = _with_tiny_ip_adapters()
+    adapters = {name: p for name, p in pipe.unet.attn_processors.items() if hasattr(p, "to_k_ip")}
+    spy = _ScaleSpy(adapters)
+    pipe(_image(8, 32, 32), _image(9, 32, 32), num_inference_steps=STEPS, output_type="latent",
+         attention_controllers=[spy])  # fmt: skip
+    inversion, generation = spy.seen[: 2 * STEPS], spy.seen[2 * STEPS :]
+    assert len(generation) == STEPS
+    assert all(values == [0.0, 0.0] for step in inversion for values in step.values())  # no image prompt
+    content = {f"down_blocks.2.attentions.{a}.transformer_blocks.0.attn2" for a in (0, 1)}
+    style = {f"up_blocks.1.attentions.{a}.transformer_blocks.0.attn2" for a in (0, 1, 2)}
+    for step in generation:
+        assert _nonzero_sites(step, 0) == content and _nonzero_sites(step, 1) == style
+    assert all(list(adapter.scale) == [1.0, 1.0] for adapter in adapters.values())  # restored after the run
 
 
 def test_dual_ip_adapter_features_reach_their_blocks_next_to_injection():
@@ -324,6 +408,21 @@ def test_from_pretrained_sd_and_sdxl_folders(sd15_dir, sdxl_dir):
     assert all(
         s.startswith(("up_blocks.1.attentions.1", "up_blocks.1.attentions.2")) for s in default_style_sites(xl.unet)
     )
+
+
+def test_default_sites_are_the_last_two_decoder_levels_also_on_a_three_level_unet(sd_style):
+    from diffusers import UNet2DConditionModel
+
+    sd15 = default_style_sites(sd_style.unet)  # StyleID's layers 7-12: up_blocks.2 and .3 on SD 1.x
+    assert {s.split(".attentions")[0] for s in sd15} == {"up_blocks.2", "up_blocks.3"} and len(sd15) == 6
+    three_levels = UNet2DConditionModel(  # the shapes model's layout: attention at two decoder levels
+        sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        attention_head_dim=2, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    expected = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in (1, 2) for a in (0, 1)}
+    assert set(default_style_sites(three_levels)) == expected  # not a lone up_blocks.2 (its only full-res level)
 
 
 @pytest.mark.parametrize(

@@ -42,13 +42,15 @@ def test_cli_stylizes_from_a_saved_folder_with_metadata(family, sd15_dir, sdxl_d
     model = sd15_dir if family == "sd" else sdxl_dir
     content, style = images
     out = tmp_path / "out.png"
-    code, stdout, err = _run(capsys, content, style, "-o", out, "--model", model, *FAST, "--gamma", "0.5")
+    timing = ("--feature-timing", "inverted_latent")
+    code, stdout, err = _run(capsys, content, style, "-o", out, "--model", model, *FAST, "--gamma", "0.5", *timing)
     assert code == 0, err
     assert str(out) in stdout
     with Image.open(out) as image:
         assert image.size == (32, 24)  # the longer side is --size, aspect kept, multiple of 8
         params = json.loads(image.text["editkit"])
     assert params["command"] == "stylize" and params["gamma"] == 0.5 and params["tau"] == 1.5
+    assert params["feature_timing"] == "inverted_latent"
     assert params["steps"] == 2 and params["style"] == str(style) and params["content"] == str(content)
 
 
@@ -115,6 +117,7 @@ def _bad_cases(tmp_path, content, style):
         "exists": ([content, style, "-o", tmp_path / "exists.png"], "--overwrite"),
         "zero steps": ([content, style, "--steps", "0"], "at least 1"),
         "gamma": ([content, style, "--gamma", "1.5"], "between 0 and 1"),
+        "feature timing": ([content, style, "--feature-timing", "later"], "invalid choice"),
         "bad cache": ([content, "--style-cache", tmp_path / "notes.txt"], "not a readable"),
         "bad mask": ([content, style, "--mask", tmp_path / "notes.txt"], "not an image"),
     }
@@ -137,6 +140,7 @@ def _empty_dir(tmp_path):
         "exists",
         "zero steps",
         "gamma",
+        "feature timing",
         "bad cache",
     ],
 )

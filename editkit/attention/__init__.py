@@ -11,7 +11,13 @@ Every editkit method is a controller run by the same processor::
     maps = store.aggregate()  # (batch, 16, 16, 77)
 """
 
-from editkit.attention.attach import attach, attention_sites, uncompiled
+from editkit.attention.attach import (
+    attach,
+    attention_sites,
+    exposed_ip_adapters,
+    ip_adapter_processors,
+    uncompiled,
+)
 from editkit.attention.controller import AttentionController, ControllerList, compose
 from editkit.attention.kernels import AttentionKernel, explicit_attention, xformers_available
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
@@ -33,7 +39,9 @@ __all__ = [
     "attention_sites",
     "compose",
     "explicit_attention",
+    "exposed_ip_adapters",
     "infer_grid",
+    "ip_adapter_processors",
     "select_sites",
     "site_matches",
     "uncompiled",

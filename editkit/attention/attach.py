@@ -26,7 +26,7 @@ from editkit.attention.sites import Site
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["attach", "attention_sites", "uncompiled"]
+__all__ = ["attach", "attention_sites", "exposed_ip_adapters", "ip_adapter_processors", "uncompiled"]
 
 # Processors whose computation editkit's processor reproduces exactly: replaced while attached.
 _STOCK = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
@@ -101,6 +101,38 @@ def attach(
                 "(e.g. enable_xformers_memory_efficient_attention); restoring the originals"
             )
         _set_processors(layers, snapshot)
+
+
+def ip_adapter_processors(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The IP-Adapter processors by site name: installed ones and those editkit's processor carries while attached."""
+    found = {}
+    for name, layer in _attention_layers(unet).items():
+        processor = layer.get_processor()
+        if isinstance(processor, EditkitAttnProcessor):
+            processor = processor.ip_adapter
+        if isinstance(processor, _IP_ADAPTER):
+            found[name] = processor
+    return found
+
+
+@contextlib.contextmanager
+def exposed_ip_adapters(unet: torch.nn.Module) -> Iterator[None]:
+    """Put the IP-Adapter processors that editkit's processors carry back in place for the body, then re-wrap.
+
+    diffusers' ``set_ip_adapter_scale`` finds adapters by processor type; while a controller is attached at
+    an IP-Adapter site, that site holds editkit's processor, so the adapter would be skipped silently.
+    """
+    layers = _attention_layers(unet)
+    wrapped = {
+        name: layer.get_processor()
+        for name, layer in layers.items()
+        if isinstance(layer.get_processor(), EditkitAttnProcessor) and layer.get_processor().ip_adapter is not None
+    }
+    _set_processors(layers, {name: processor.ip_adapter for name, processor in wrapped.items()})
+    try:
+        yield
+    finally:
+        _set_processors(layers, wrapped)
 
 
 def _attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:

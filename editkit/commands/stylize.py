@@ -67,6 +67,12 @@ def register(subparsers) -> None:
     method.add_argument(
         "--resample-steps", type=non_negative_int, default=0, help="inversion resampling per step (0: plain DDIM)"
     )
+    method.add_argument(
+        "--feature-timing",
+        choices=("inversion_step", "inverted_latent"),
+        default="inversion_step",
+        help="injected Q/K/V of step t from UNet(z_{t-1}, t) (default) or UNet(z_t, t) (StyleID's original)",
+    )
     method.add_argument("--sites", nargs="+", default=None, help="self-attention sites/patterns (default: the model's)")
     method.add_argument("--mask", type=Path, default=None, help="stylize only inside this mask (white = stylize)")
     method.add_argument("--size", type=positive_int, default=None, help="longer side in pixels (default: the model's)")
@@ -245,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
             tau=args.tau,
             adain_strength=args.adain_strength,
             resample_steps=args.resample_steps,
+            feature_timing=args.feature_timing,
             injection_sites=args.sites,
             mask=mask,
             width=width,

@@ -1,0 +1,81 @@
+"""Scores of a stylized shapes-world image against its content and style (colour, layout, pattern).
+
+- ``colour_distance``: distance of per-channel RGB mean and std (the statistics AdaIN moves).
+- ``foreground_mask`` / ``mask_iou``: the pixels that differ from the image's border colour, and
+  their IoU with the content's object masks (the content's shape kept, whatever its new colour).
+- ``score_pair``: every figure of one (content, style, output) triple, with the detector's reading
+  of the output (background and the main object's pattern) for background and pattern transfer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.shapes.detect import detect
+from benchmarks.shapes.world import Scene, shape_mask
+
+#: Summed absolute RGB difference from the border colour above which a pixel is foreground.
+FOREGROUND_THRESHOLD = 60.0
+
+
+def colour_distance(image: np.ndarray, reference: np.ndarray) -> float:
+    """|mean_rgb(a) - mean_rgb(b)| + |std_rgb(a) - std_rgb(b)| over all pixels."""
+    a, b = image.reshape(-1, 3).astype(np.float64), reference.reshape(-1, 3).astype(np.float64)
+    return float(np.linalg.norm(a.mean(0) - b.mean(0)) + np.linalg.norm(a.std(0) - b.std(0)))
+
+
+def foreground_mask(image: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> np.ndarray:
+    """Pixels whose colour differs from the median border pixel by more than ``threshold`` (summed RGB)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float64)
+    background = np.median(border, axis=0)
+    return np.abs(image.astype(np.float64) - background).sum(-1) > threshold
+
+
+def scene_mask(scene: Scene) -> np.ndarray:
+    """Union of the scene's object masks."""
+    mask = np.zeros((scene.size, scene.size), dtype=bool)
+    for obj in scene.objects:
+        mask |= shape_mask(obj, scene.size)
+    return mask
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def _main_object(detections, mask: np.ndarray):
+    """The detection overlapping ``mask`` most (None when none does)."""
+    best, best_overlap = None, 0
+    for detection in detections:
+        x0, y0, x1, y1 = detection.bbox
+        overlap = int(mask[y0:y1, x0:x1].sum())
+        if overlap > best_overlap:
+            best, best_overlap = detection, overlap
+    return best
+
+
+def score_pair(content: np.ndarray, style: np.ndarray, output: np.ndarray, content_scene: Scene, style_scene: Scene):
+    """Colour, shape, background and pattern figures of one stylization (see the module docstring)."""
+    to_style, to_content = colour_distance(output, style), colour_distance(output, content)
+    before = colour_distance(content, style)
+    mask = scene_mask(content_scene)
+    main = _main_object(detect(output), mask)
+    style_pattern = style_scene.objects[0].pattern if style_scene.objects else "solid"
+    return {
+        "palette_nearer_style": float(to_style < to_content),
+        "colour_moved_toward_style": float(to_style < before),
+        "colour_distance_ratio": to_style / before if before else 1.0,
+        "content_mask_iou": mask_iou(foreground_mask(output), mask),
+        "style_pattern": style_pattern,
+        "output_pattern": main.pattern if main is not None else "none",
+        "background_changed": content_scene.background != style_scene.background,
+        "background_transferred": _background_of(output) == style_scene.background,
+        "distances": (before, to_style),
+    }
+
+
+def _background_of(image: np.ndarray) -> str:
+    from benchmarks.shapes.detect import build_palette, detect_background
+
+    return detect_background(image[None], build_palette())[0]

@@ -1,0 +1,39 @@
+"""The quickstart figure script runs the README's commands, and the shapes-world style metrics measure what they say."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.shapes.style_metrics import colour_distance, foreground_mask, mask_iou, scene_mask  # noqa: E402
+from benchmarks.shapes.world import Scene, ShapeObject, render  # noqa: E402
+
+
+def test_figure_script_runs_the_readme_quickstart_verbatim():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import quickstart_figure
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [line for line in block.splitlines() if not line.startswith("editkit app")]
+    assert lines[0] == quickstart_figure.SETUP
+    assert "\n".join(lines[1:]) == "\n".join(quickstart_figure.COMMANDS)
+    assert "assets/quickstart.png" in readme and (ROOT / "assets" / "quickstart.png").is_file()
+
+
+def test_style_metrics_on_rendered_scenes():
+    circle = Scene("white", (ShapeObject("circle", "red", "solid", 16, 16, 9),), "single")
+    square = Scene("gray", (ShapeObject("square", "blue", "striped", 16, 16, 10),), "single")
+    red, blue = render(circle), render(square)
+    assert colour_distance(red, red) == 0 and colour_distance(red, blue) > 100
+    assert mask_iou(foreground_mask(red), scene_mask(circle)) > 0.95  # foreground = the drawn object
+    assert mask_iou(foreground_mask(blue), scene_mask(square)) > 0.95  # also on a gray background
+    assert mask_iou(foreground_mask(red), scene_mask(square)) < 0.8
+    assert mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
