@@ -36,7 +36,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VERIFIERS = ("attention", "vqa", "detector")
+VERIFIERS = ("attention", "shapes", "vqa", "detector")
 RELATION_WORDS = {
     "left": "on the left of",
     "right": "on the right of",
@@ -48,13 +48,20 @@ RELATION_WORDS = {
 
 @dataclass
 class ConstraintStatus:
-    """One constraint's verdict: ``kind`` entity/attribute/relation, ``entities`` involved."""
+    """One constraint's verdict: ``kind`` entity/attribute/relation, ``entities`` involved.
+
+    ``satisfied`` is ``score >= threshold`` (``score > threshold`` for attention relations);
+    ``verifier`` names who judged it; ``note`` says why a constraint could not be judged.
+    """
 
     kind: str
     description: str
     satisfied: bool
     score: float
     entities: tuple[int, ...]
+    threshold: float | None = None
+    verifier: str = ""
+    note: str = ""
 
 
 def descriptions(aligned: AlignedConstraints) -> list[tuple[str, str, tuple[int, ...], object]]:
@@ -83,13 +90,19 @@ class Verifier:
     """Interface: ``verify(image, aligned, maps)`` -> one :class:`ConstraintStatus` per constraint.
 
     ``needs_maps``: the pipeline passes ``(tokens, h, w)`` token maps of the generation when true.
+    ``heuristic``: the verdicts are a proxy, not a check of the image (the report says so).
     """
 
     name = "base"
     needs_maps = False
+    heuristic = False
 
     def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
         raise NotImplementedError
+
+    def faulty_entities(self, statuses: list[ConstraintStatus]) -> list[int]:
+        """The entities stage 2 refines: those of every failed constraint."""
+        return sorted({e for s in statuses if not s.satisfied for e in s.entities})
 
 
 class AttentionVerifier(Verifier):
@@ -103,6 +116,7 @@ class AttentionVerifier(Verifier):
 
     name = "attention"
     needs_maps = True
+    heuristic = True
 
     def __init__(self, peak_threshold: float = 0.5, binding_threshold: float = 0.3, relation_margin: float = 0.0):
         self.peak_threshold = peak_threshold
@@ -117,15 +131,16 @@ class AttentionVerifier(Verifier):
         statuses = []
         for kind, text, involved, detail in descriptions(aligned):
             if kind == "entity":
-                score = float(ents[involved[0]].amax())
-                ok = score >= self.peak_threshold
+                score, threshold = float(ents[involved[0]].amax()), self.peak_threshold
+                ok = score >= threshold
             elif kind == "attribute":
                 score = float(soft_iou(entity_maps(maps, detail), ents[involved[0]]))
-                ok = score >= self.binding_threshold
+                threshold = self.binding_threshold
+                ok = score >= threshold
             else:
                 gap = float(relation_gap(ents[involved[0]], ents[involved[1]], detail))
-                score, ok = -gap, gap < -self.relation_margin
-            statuses.append(ConstraintStatus(kind, text, ok, score, involved))
+                score, threshold, ok = -gap, self.relation_margin, gap < -self.relation_margin
+            statuses.append(ConstraintStatus(kind, text, ok, score, involved, threshold, self.name))
         return statuses
 
 
@@ -237,11 +252,15 @@ def _box_gap(subject: torch.Tensor, obj: torch.Tensor, relation: str, near: floa
 
 
 def make_verifier(name: str | Verifier, *, model: str | None = None, device: str | torch.device = "cpu") -> Verifier:
-    """A verifier by name (``attention``, ``vqa``, ``detector``) or the given instance."""
+    """A verifier by name (``attention``, ``shapes``, ``vqa``, ``detector``) or the given instance."""
     if isinstance(name, Verifier):
         return name
     if name == "attention":
         return AttentionVerifier()
+    if name == "shapes":
+        from editkit.shapes.verifier import ShapesVerifier
+
+        return ShapesVerifier()
     if name == "vqa":
         return VQAVerifier(model, device)
     if name == "detector":

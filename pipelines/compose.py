@@ -42,7 +42,7 @@ from editkit.refine import (
     step_sizes,
     token_maps,
 )
-from editkit.verifiers import AttentionVerifier, ConstraintStatus, Verifier, verifier_score
+from editkit.verifiers import ConstraintStatus, Verifier, make_verifier, verifier_score
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,10 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not 0 <= max_iter_to_alter <= num_inference_steps:
             raise InputError(f"max_iter_to_alter must be in 0..num_inference_steps, got {max_iter_to_alter}")
-        if not (isinstance(verifier, Verifier) or verifier == "attention"):
-            raise InputError(f"verifier must be 'attention' or a Verifier instance (vqa/detector), got {verifier!r}")
+        if not (isinstance(verifier, Verifier) or verifier in ("attention", "shapes")):
+            raise InputError(
+                f"verifier must be 'attention', 'shapes' or a Verifier instance (vqa/detector), got {verifier!r}"
+            )
         if noise_refiner not in NOISE_REFINERS:
             raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
 
@@ -357,7 +359,9 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 less accurate on the shapes model (relation accuracy after stage 1: 0.625 against 0.78;
                 ``benchmarks/RESULTS.md``).
             refine: run verification and stage 2 (noise refinement); ``False`` gives stage 1 only.
-            verifier: ``"attention"`` or a ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
+            verifier: ``"attention"`` (a heuristic on the generation's own attention maps),
+                ``"shapes"`` (the shapes world's detector, for ``assets/models/shapes-sd``) or a
+                ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
@@ -378,7 +382,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         except ValueError as error:
             raise InputError(str(error)) from None
         notes: list[str] = []
-        verifier = AttentionVerifier() if verifier == "attention" else verifier
+        verifier = make_verifier(verifier)
         device = self._execution_device
 
         # 1. Constraints -> token indices
@@ -431,7 +435,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
 
             # 5. Verification
             report_before = self.verify(verifier, final, maps, run) if verify else None
-            faulty = sorted({e for s in report_before or [] if not s.satisfied for e in s.entities})
+            faulty = verifier.faulty_entities(report_before) if verify else []
 
             # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
             refined_noise, report_after, chosen = None, None, "stage1"
