@@ -30,6 +30,7 @@ __all__ = [
     "DetectorVerifier",
     "VQAVerifier",
     "Verifier",
+    "attention_crop",
     "make_verifier",
     "verifier_score",
 ]
@@ -89,12 +90,14 @@ def verifier_score(statuses: list[ConstraintStatus]) -> tuple[int, float]:
 class Verifier:
     """Interface: ``verify(image, aligned, maps)`` -> one :class:`ConstraintStatus` per constraint.
 
-    ``needs_maps``: the pipeline passes ``(tokens, h, w)`` token maps of the generation when true.
+    ``needs_maps``: the pipeline passes ``(tokens, h, w)`` token maps of the generation when true;
+    ``needs_image``: it decodes and passes the image (a PIL image) when true, ``None`` otherwise.
     ``heuristic``: the verdicts are a proxy, not a check of the image (the report says so).
     """
 
     name = "base"
     needs_maps = False
+    needs_image = True
     heuristic = False
 
     def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
@@ -103,6 +106,10 @@ class Verifier:
     def faulty_entities(self, statuses: list[ConstraintStatus]) -> list[int]:
         """The entities stage 2 refines: those of every failed constraint."""
         return sorted({e for s in statuses if not s.satisfied for e in s.entities})
+
+    def rank(self, statuses: list[ConstraintStatus]) -> tuple[float, ...]:
+        """The key by which the pipeline picks the better stage (higher is better)."""
+        return verifier_score(statuses)
 
 
 class AttentionVerifier(Verifier):
@@ -116,6 +123,7 @@ class AttentionVerifier(Verifier):
 
     name = "attention"
     needs_maps = True
+    needs_image = False
     heuristic = True
 
     def __init__(self, peak_threshold: float = 0.5, binding_threshold: float = 0.3, relation_margin: float = 0.0):
@@ -159,11 +167,32 @@ def _load(model_class, processor_class, model: str | None, what: str, example: s
 
 
 class VQAVerifier(Verifier):
-    """BLIP VQA: a constraint holds when P(yes) to its question reaches ``threshold`` (paper: 0.5)."""
+    """BLIP VQA as the paper's verifier: P(yes) of a fine and a coarse question per entity.
+
+    Per entity, the coarse question ``"is there a {noun} in the image?"`` (its ``entity`` row) and
+    the fine one with its attributes, ``"is there a {attributes} {noun} in the image?"`` (one
+    ``attribute`` row per attribute, all asking the entity's full fine question), are asked on the
+    full image and, when the generation's attention maps are given, on the entity's attention
+    crop (the box of the cells reaching ``crop_fraction`` of its map's peak); a row's score is the
+    lower of the two answers, so the entity must be seen in the image and where it attended.
+    Relations ask ``"is the {s} {relation} the {o}?"`` on the full image. A row holds at
+    ``threshold`` (paper: 0.5); ``faulty_entities`` always returns at least the lowest-scoring
+    entity (the paper refines at least one); ``rank`` is the DA-Score, the mean P(yes) of all
+    questions, by which the better stage is chosen. P(yes) is BLIP's first answer token,
+    ``P(yes) / (P(yes) + P(no))``.
+    """
 
     name = "vqa"
+    needs_maps = True
 
-    def __init__(self, model: str | None, device: str | torch.device = "cpu", threshold: float = 0.5):
+    def __init__(
+        self,
+        model: str | None,
+        device: str | torch.device = "cpu",
+        threshold: float = 0.5,
+        crop_fraction: float = 0.5,
+        min_refined: int = 1,
+    ):
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         self.processor, self.model = _load(
@@ -171,6 +200,8 @@ class VQAVerifier(Verifier):
         )
         self.device = device
         self.threshold = threshold
+        self.crop_fraction = crop_fraction
+        self.min_refined = min_refined
         tokenizer = self.processor.tokenizer
         self.yes_id = tokenizer.convert_tokens_to_ids("yes")
         self.no_id = tokenizer.convert_tokens_to_ids("no")
@@ -190,17 +221,62 @@ class VQAVerifier(Verifier):
         pair = torch.softmax(logits[[self.yes_id, self.no_id]].float(), dim=0)
         return float(pair[0])
 
-    def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
-        statuses = []
-        for kind, text, involved, detail in descriptions(aligned):
+    def questions(self, aligned: AlignedConstraints) -> list[str]:
+        """The question of each row of :func:`descriptions` (coarse, fine, relation)."""
+        attributes: list[list[str]] = [[] for _ in aligned.names]
+        for _, entity, attribute in aligned.bindings:
+            attributes[entity].append(attribute)
+        asked = []
+        for kind, _, involved, detail in descriptions(aligned):
             if kind == "relation":
                 s, o = (aligned.names[i] for i in involved)
-                question = f"is the {s} {RELATION_WORDS[detail]} the {o}?"
+                asked.append(f"is the {s} {RELATION_WORDS[detail]} the {o}?")
             else:
-                question = f"is there a {text}?"
-            score = self.probability_yes(image, question)
-            statuses.append(ConstraintStatus(kind, text, score >= self.threshold, score, involved))
+                words = attributes[involved[0]] if kind == "attribute" else []
+                asked.append(f"is there a {' '.join([*words, aligned.names[involved[0]]])} in the image?")
+        return asked
+
+    def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
+        crops: list = [None] * len(aligned.entities)
+        if maps is not None:
+            crops = [attention_crop(image, entity_maps(maps.float(), t), self.crop_fraction) for t in aligned.entities]
+        answers: dict[tuple[str, int], float] = {}
+        statuses = []
+        for (kind, text, involved, _), question in zip(descriptions(aligned), self.questions(aligned)):
+            views = [image] if kind == "relation" or crops[involved[0]] is None else [image, crops[involved[0]]]
+            score = min(
+                answers.setdefault((question, i), self.probability_yes(v, question)) for i, v in enumerate(views)
+            )
+            statuses.append(
+                ConstraintStatus(kind, text, score >= self.threshold, score, involved, self.threshold, self.name)
+            )
         return statuses
+
+    def faulty_entities(self, statuses: list[ConstraintStatus]) -> list[int]:
+        """The failed rows' entities, and at least ``min_refined`` of the lowest-scoring ones (paper: 1)."""
+        faulty = super().faulty_entities(statuses)
+        by_score = sorted((s.score, e) for s in statuses if s.kind != "relation" for e in s.entities)
+        for _, entity in by_score:
+            if len(faulty) >= self.min_refined:
+                break
+            faulty = sorted({*faulty, entity})
+        return faulty
+
+    def rank(self, statuses: list[ConstraintStatus]) -> tuple[float, ...]:
+        """The DA-Score: the mean P(yes) over all questions."""
+        return (sum(s.score for s in statuses) / len(statuses),) if statuses else (0.0,)
+
+
+def attention_crop(image, entity_map: torch.Tensor, fraction: float = 0.5, margin: float = 0.1):
+    """The image inside the box of the map cells reaching ``fraction`` of its peak, widened by ``margin``."""
+    height, width = entity_map.shape[-2:]
+    ys, xs = torch.nonzero(entity_map >= fraction * entity_map.amax(), as_tuple=True)
+    box = [xs.min() / width - margin, ys.min() / height - margin, (xs.max() + 1) / width + margin]
+    box.append((ys.max() + 1) / height + margin)
+    left, top, right, bottom = (min(max(float(v), 0.0), 1.0) for v in box)
+    return image.crop(
+        (round(left * image.width), round(top * image.height), round(right * image.width), round(bottom * image.height))
+    )
 
 
 class DetectorVerifier(Verifier):

@@ -42,7 +42,7 @@ from editkit.refine import (
     step_sizes,
     token_maps,
 )
-from editkit.verifiers import ConstraintStatus, Verifier, make_verifier, verifier_score
+from editkit.verifiers import ConstraintStatus, Verifier, make_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -281,9 +281,9 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         if run.aligned.empty:
             return []
         image = (
-            None
-            if verifier.needs_maps
-            else self.image_processor.postprocess(decode_latents(self.vae, latents), output_type="pil")[0]
+            self.image_processor.postprocess(decode_latents(self.vae, latents), output_type="pil")[0]
+            if verifier.needs_image
+            else None
         )
         return verifier.verify(image, run.aligned, maps)
 
@@ -447,7 +447,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback_on_step_end)
                 report_after = self.verify(verifier, second, second_maps, run)
-                if verifier_score(report_after) > verifier_score(report_before):
+                if verifier.rank(report_after) > verifier.rank(report_before):
                     final, chosen = second, "refined"
 
         # 7. Decode the chosen latents
