@@ -80,9 +80,9 @@ class ShapesVerifier(Verifier):
     def _status(self, row, matches, aligned, size: int) -> ConstraintStatus:
         kind, text, involved, detail = row
         found = [matches[i] for i in involved]
-        note, threshold = "", self.threshold
+        note, threshold = "", 0.0 if kind == "relation" else self.threshold
         if any(aligned.names[i].lower().split()[-1] not in SHAPES for i in involved):
-            score, note = 0.0, NOT_AN_OBJECT
+            score, note = (-1.0 if kind == "relation" else 0.0), NOT_AN_OBJECT
         elif kind == "entity":
             score = float(found[0] is not None)
         elif kind == "attribute":
@@ -92,8 +92,8 @@ class ShapesVerifier(Verifier):
             else:
                 score = float(found[0] is not None and attribute in _features(found[0]))
         elif None in found:
-            score, threshold = -1.0, 0.0
+            score = -1.0
         else:
-            score, threshold = _relation_margin(found[0], found[1], detail, size, self.near_distance), 0.0
+            score = _relation_margin(found[0], found[1], detail, size, self.near_distance)
         satisfied = score > threshold if kind == "relation" else score >= threshold
         return ConstraintStatus(kind, text, satisfied, score, involved, threshold, self.name, note)
