@@ -342,7 +342,10 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 the paper, chosen for their gradients; ``editkit.refine``). ``"paper"``: the paper's
                 own (T=1 softmax over tokens 1..75 with padding, x100 for the spatial loss only, no
                 smoothing, peak-difference hinge, ``sum(ab)/sum(a+b)`` mixing only without relations,
-                ``1 - IoU`` binding, sigmoid spatial loss; ``editkit.loss_presets``).
+                ``1 - IoU`` binding, sigmoid spatial loss; ``editkit.loss_presets``). On the shapes
+                model the paper preset's gradients are ~25x larger and its images collapse at the
+                paper's step size (relation accuracy 0.09 against 0.78; ``benchmarks/RESULTS.md``),
+                which is why ``attend-excite`` is the default.
             missing_weight, mixing_weight, binding_weight, spatial_weight: weights of the entity
                 missing, entity mixing, attribute binding and spatial losses (default: the preset's,
                 1 / 0.5 / 0.5 / 1 for ``attend-excite``, all 1 for ``paper``); all 0 (or
