@@ -15,7 +15,9 @@ Accuracy (only when ``assets/models/shapes-sd/model_index.json`` exists): two-ob
 binding and relation accuracy on held-out shapes-world prompts with fixed seeds, measured by the
 deterministic detector, for plain generation, stage 1, stage 2 alone (always refined) and the
 verifier's choice, so the gain from selection is reported apart from the gain from refinement.
-``--attention-blocks down`` measures the down-only maps there.
+``--attention-blocks down`` measures the down-only maps there, ``--losses paper`` the paper's loss
+preset and ``--verifier shapes`` the detector as verifier (then "chosen" is selected by the very
+detector that scores it: an upper bound, as the paper's BLIP-VQA verifier on T2I-CompBench).
 
     python -m benchmarks.compose --size 128 --steps 8 --repeats 2
 """
@@ -155,8 +157,10 @@ def shapes_accuracy(args) -> dict:
     pipe = ComposePipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
-    guided = {"attention_blocks": tuple(args.attention_blocks)}
-    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps, **guided}
+    guided = {"attention_blocks": tuple(args.attention_blocks), "loss_preset": args.losses}
+    guided["scale_factor"] = args.scale_factor
+    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps, "verifier": args.verifier}
+    results.update(guided)
     scorers = {"pair": score_pair, "relation": score_relation}
     for category, scorer in scorers.items():
         prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
@@ -166,7 +170,7 @@ def shapes_accuracy(args) -> dict:
             images["plain"].append(
                 pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
             )
-            out = pipe(prompt.caption, generator=_seeded(seed), **guided, **common)
+            out = pipe(prompt.caption, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
             # The verifier's pick is one of the two candidates (DDIM is deterministic), so only the
             # other one has to be regenerated.
             if out.chosen == "refined":
@@ -201,6 +205,9 @@ def main() -> None:
     parser.add_argument(
         "--attention-blocks", nargs="+", default=["down", "up"], help="shapes part: the guidance maps' blocks"
     )
+    parser.add_argument("--losses", choices=("attend-excite", "paper"), default="attend-excite", help="shapes part")
+    parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention", help="shapes part")
+    parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
     parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()

@@ -21,6 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from editkit.errors import InputError
+from editkit.lexicon import (
+    ARTICLES,
+    ATTRIBUTES,
+    COLORS,
+    COPULAS,
+    COUNTS,
+    RELATION_PHRASES,
+    RELATION_WORDS,
+    SCENE_WORDS,
+    SEPARATORS,
+)
 
 __all__ = [
     "AlignedConstraints",
@@ -43,53 +54,6 @@ MAX_CONSTRAINTS = 64
 #: Most entries read from user constraints before deduplication.
 MAX_CONSTRAINT_ITEMS = 1024
 RELATIONS = ("left", "right", "above", "below", "near")
-# Relation phrases, longest first; "near" is enforced as proximity, not as a direction.
-RELATION_PHRASES: tuple[tuple[str, str], ...] = (
-    ("on the left side of", "left"),
-    ("on the right side of", "right"),
-    ("on the left of", "left"),
-    ("on the right of", "right"),
-    ("to the left of", "left"),
-    ("to the right of", "right"),
-    ("in front of", "unsupported"),
-    ("on top of", "above"),
-    ("left of", "left"),
-    ("right of", "right"),
-    ("next to", "near"),
-    ("underneath", "below"),
-    ("beneath", "below"),
-    ("behind", "unsupported"),
-    ("beside", "near"),
-    ("above", "above"),
-    ("below", "below"),
-    ("under", "below"),
-    ("over", "above"),
-    ("near", "near"),
-    ("on", "above"),
-)
-
-
-def _lexicon(words: str) -> frozenset[str]:
-    """A word set from a space-separated list."""
-    return frozenset(words.split())
-
-
-ARTICLES = _lexicon("a an the this that some its their his her")
-COUNTS = _lexicon("one two three four five six seven eight nine ten several many")
-SEPARATORS = _lexicon("and with while , ; in at of is are")
-COLORS = _lexicon(
-    "red green blue yellow orange purple pink brown black white gray grey silver gold golden violet "
-    "beige cyan magenta teal turquoise maroon navy"
-)
-SHAPES = _lexicon("round square rectangular triangular oval circular spherical cubic cylindrical")
-TEXTURES = _lexicon(
-    "solid wooden metallic metal plastic glass leather fluffy furry rubber fabric stone marble ceramic "
-    "paper woolen wool silk velvet concrete brick glossy shiny matte striped spotted dotted "
-    "checkered"
-)
-SIZES = _lexicon("big small large tiny huge little tall short long wide narrow")
-ATTRIBUTES = COLORS | SHAPES | TEXTURES | SIZES
-SCENE_WORDS = frozenset(["background", "scene", "image", "picture", "photo"])
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|[,;]")
 
 
@@ -159,12 +123,20 @@ def _match_relation(words: list[tuple[str, int]], index: int) -> tuple[str, int]
     return None
 
 
+def _has_noun(segment: list[tuple[str, int]]) -> bool:
+    """Whether a segment already holds a word that can head a noun phrase (not an article or attribute)."""
+    return any(w.lower() not in ARTICLES and w.lower() not in ATTRIBUTES for w, _ in segment)
+
+
 def _is_verb(words: list[tuple[str, int]], index: int, segment: list) -> bool:
-    """A gerund between two noun phrases ("a dog chasing a cat"): a non-spatial relation."""
+    """A gerund after a noun, before a noun phrase ("a dog chasing a cat"): a non-spatial relation.
+
+    Without a noun before it the -ing word is the noun itself ("a painting on the right of a pig").
+    """
     word = words[index][0].lower()
     following = words[index + 1][0].lower() if index + 1 < len(words) else ""
     before_phrase = following in ARTICLES or _match_relation(words, index + 1) is not None
-    return word.endswith("ing") and bool(segment) and before_phrase
+    return word.endswith("ing") and _has_noun(segment) and before_phrase
 
 
 def _segments(prompt: str) -> tuple[list[list[tuple[str, int]]], list[tuple[int, str, str]], list[str]]:
@@ -185,10 +157,13 @@ def _segments(prompt: str) -> tuple[list[list[tuple[str, int]]], list[tuple[int,
             index += length
             continue
         lower = word.lower()
-        if lower in SEPARATORS or _is_verb(words, index, segments[-1]):
+        relation_follows = _match_relation(words, index + 1) is not None
+        if lower in COPULAS and relation_follows:  # "a cow is on the right of a car"
+            pass
+        elif lower in SEPARATORS or _is_verb(words, index, segments[-1]):
             if lower not in ("and", ",", ";", "with"):
                 unparsed.append(f"{word!r} (not a supported relation)")
-            if _match_relation(words, index + 1) is None:  # "sitting on": the relation follows
+            if not relation_follows:  # "sitting on": the relation follows
                 segments.append([])
         else:
             segments[-1].append((word, words[index][1]))
@@ -209,8 +184,8 @@ def _noun_phrase(segment: list[tuple[str, int]], prompt: str, unparsed: list[str
             attributes.append(Phrase(word, start))
         else:
             rest.append((word, start))
-    if not rest and attributes and attributes[-1].text.lower() not in COLORS:
-        last = attributes.pop()  # "a red square": the last lexicon word is the noun
+    if not rest and attributes and (len(attributes) > 1 or attributes[-1].text.lower() not in COLORS):
+        last = attributes.pop()  # "a red square", "a red orange": the last lexicon word is the noun
         rest = [(last.text, last.start)]
     if not rest:
         if attributes:
@@ -218,6 +193,16 @@ def _noun_phrase(segment: list[tuple[str, int]], prompt: str, unparsed: list[str
         return None, []
     start, end = rest[0][1], rest[-1][1] + len(rest[-1][0])
     return Phrase(prompt[start:end], start), attributes
+
+
+def _not_an_object(text: str) -> str | None:
+    """Why a noun phrase is no entity ("background", "the top"), or ``None`` when it is one."""
+    words = text.lower().split()
+    if words[-1] in SCENE_WORDS:
+        return "scene, not an object"
+    if all(w in RELATION_WORDS for w in words):
+        return "a position, not an object"
+    return None
 
 
 def parse_rules(prompt: str) -> Constraints:
@@ -232,8 +217,9 @@ def parse_rules(prompt: str) -> Constraints:
     heads: list[Phrase | None] = []
     for segment in segments:
         entity, attributes = _noun_phrase(segment, prompt, constraints.unparsed)
-        if entity is not None and entity.text.lower().split()[-1] in SCENE_WORDS:
-            constraints.unparsed.append(f"{entity.text!r} (scene, not an object)")
+        reason = None if entity is None else _not_an_object(entity.text)
+        if reason is not None:
+            constraints.unparsed.append(f"{entity.text!r} ({reason})")
             entity = None
         heads.append(entity)
         if entity is not None:
@@ -263,22 +249,37 @@ def _spacy_model(name: str = "en_core_web_sm"):
         return None
 
 
+def _spacy_chunk(chunk, prompt: str) -> tuple[Phrase | None, list[Phrase]]:
+    """(entity, attributes) of a spaCy noun chunk, with the rule parser's lexicon.
+
+    The entity is the root with its ``compound`` tokens, minus leading lexicon attributes (spaCy
+    often tags "gold" in "a gold clock" as a compound); ``amod`` children are attributes.
+    """
+    nouns = [t for t in chunk if t.dep_ == "compound" or t == chunk.root]
+    attributes = [Phrase(t.text, t.idx) for t in chunk.root.children if t.dep_ == "amod"]
+    while len(nouns) > 1 and nouns[0].text.lower() in ATTRIBUTES:
+        attributes.append(Phrase(nouns[0].text, nouns[0].idx))
+        nouns = nouns[1:]
+    start, end = nouns[0].idx, nouns[-1].idx + len(nouns[-1].text)
+    entity = Phrase(prompt[start:end], start)
+    return (None, []) if _not_an_object(entity.text) else (entity, sorted(attributes, key=lambda a: a.start))
+
+
 def parse_spacy(prompt: str, nlp) -> Constraints:
     """Constraints from a spaCy dependency parse: noun chunks, ``amod``/``compound`` attributes.
 
-    Relations come from the same phrase table as the rule parser, between consecutive chunks.
+    Relations come from the rule parser (the same phrase table, "on the top of" included) and are
+    kept when both of their phrases are spaCy entities; chunks that are positions ("the top",
+    "the right") or scenes are not entities, as in the rule parser.
     """
     doc = nlp(prompt)
     constraints = Constraints(prompt, source="spacy")
-    chunks = list(doc.noun_chunks)
-    for chunk in chunks:
-        nouns = [t for t in chunk if t.dep_ == "compound" or t == chunk.root]
-        start, end = nouns[0].idx, nouns[-1].idx + len(nouns[-1].text)
-        entity = Phrase(prompt[start:end], start)
+    for chunk in doc.noun_chunks:
+        entity, attributes = _spacy_chunk(chunk, prompt)
+        if entity is None:
+            continue
         constraints.entities.append(entity)
-        for token in chunk.root.children:
-            if token.dep_ == "amod":
-                constraints.bindings.append(Binding(Phrase(token.text, token.idx), entity))
+        constraints.bindings.extend(Binding(a, entity) for a in attributes)
     rules = parse_rules(prompt)
     by_text = {e.text: e for e in constraints.entities}
     for relation in rules.relations:

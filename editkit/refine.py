@@ -34,6 +34,7 @@ __all__ = [
     "kl_to_standard_normal",
     "map_divisor",
     "map_grid",
+    "min_peak",
     "missing_loss",
     "mixing_loss",
     "single_step_refine",
@@ -179,6 +180,11 @@ def centroid(a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     xs = (torch.arange(width, dtype=a.dtype, device=a.device) + 0.5) / width
     mass = a.sum() + eps
     return torch.stack([(a.sum(dim=0) * xs).sum() / mass, (a.sum(dim=1) * ys).sum() / mass])
+
+
+def min_peak(maps: torch.Tensor, aligned: AlignedConstraints) -> float:
+    """The weakest entity's peak on ``(tokens, h, w)`` token maps (A&E's iterative-refinement test)."""
+    return min((float(entity_maps(maps, tokens).amax()) for tokens in aligned.entities), default=1.0)
 
 
 def missing_loss(maps: Sequence[torch.Tensor]) -> torch.Tensor:

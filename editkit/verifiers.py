@@ -30,13 +30,14 @@ __all__ = [
     "DetectorVerifier",
     "VQAVerifier",
     "Verifier",
+    "attention_crop",
     "make_verifier",
     "verifier_score",
 ]
 
 logger = logging.getLogger(__name__)
 
-VERIFIERS = ("attention", "vqa", "detector")
+VERIFIERS = ("attention", "shapes", "vqa", "detector")
 RELATION_WORDS = {
     "left": "on the left of",
     "right": "on the right of",
@@ -48,13 +49,20 @@ RELATION_WORDS = {
 
 @dataclass
 class ConstraintStatus:
-    """One constraint's verdict: ``kind`` entity/attribute/relation, ``entities`` involved."""
+    """One constraint's verdict: ``kind`` entity/attribute/relation, ``entities`` involved.
+
+    ``satisfied`` is ``score >= threshold`` (``score > threshold`` for attention relations);
+    ``verifier`` names who judged it; ``note`` says why a constraint could not be judged.
+    """
 
     kind: str
     description: str
     satisfied: bool
     score: float
     entities: tuple[int, ...]
+    threshold: float | None = None
+    verifier: str = ""
+    note: str = ""
 
 
 def descriptions(aligned: AlignedConstraints) -> list[tuple[str, str, tuple[int, ...], object]]:
@@ -82,14 +90,26 @@ def verifier_score(statuses: list[ConstraintStatus]) -> tuple[int, float]:
 class Verifier:
     """Interface: ``verify(image, aligned, maps)`` -> one :class:`ConstraintStatus` per constraint.
 
-    ``needs_maps``: the pipeline passes ``(tokens, h, w)`` token maps of the generation when true.
+    ``needs_maps``: the pipeline passes ``(tokens, h, w)`` token maps of the generation when true;
+    ``needs_image``: it decodes and passes the image (a PIL image) when true, ``None`` otherwise.
+    ``heuristic``: the verdicts are a proxy, not a check of the image (the report says so).
     """
 
     name = "base"
     needs_maps = False
+    needs_image = True
+    heuristic = False
 
     def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
         raise NotImplementedError
+
+    def faulty_entities(self, statuses: list[ConstraintStatus]) -> list[int]:
+        """The entities stage 2 refines: those of every failed constraint."""
+        return sorted({e for s in statuses if not s.satisfied for e in s.entities})
+
+    def rank(self, statuses: list[ConstraintStatus]) -> tuple[float, ...]:
+        """The key by which the pipeline picks the better stage (higher is better)."""
+        return verifier_score(statuses)
 
 
 class AttentionVerifier(Verifier):
@@ -103,6 +123,8 @@ class AttentionVerifier(Verifier):
 
     name = "attention"
     needs_maps = True
+    needs_image = False
+    heuristic = True
 
     def __init__(self, peak_threshold: float = 0.5, binding_threshold: float = 0.3, relation_margin: float = 0.0):
         self.peak_threshold = peak_threshold
@@ -117,15 +139,16 @@ class AttentionVerifier(Verifier):
         statuses = []
         for kind, text, involved, detail in descriptions(aligned):
             if kind == "entity":
-                score = float(ents[involved[0]].amax())
-                ok = score >= self.peak_threshold
+                score, threshold = float(ents[involved[0]].amax()), self.peak_threshold
+                ok = score >= threshold
             elif kind == "attribute":
                 score = float(soft_iou(entity_maps(maps, detail), ents[involved[0]]))
-                ok = score >= self.binding_threshold
+                threshold = self.binding_threshold
+                ok = score >= threshold
             else:
                 gap = float(relation_gap(ents[involved[0]], ents[involved[1]], detail))
-                score, ok = -gap, gap < -self.relation_margin
-            statuses.append(ConstraintStatus(kind, text, ok, score, involved))
+                score, threshold, ok = -gap, self.relation_margin, gap < -self.relation_margin
+            statuses.append(ConstraintStatus(kind, text, ok, score, involved, threshold, self.name))
         return statuses
 
 
@@ -144,11 +167,32 @@ def _load(model_class, processor_class, model: str | None, what: str, example: s
 
 
 class VQAVerifier(Verifier):
-    """BLIP VQA: a constraint holds when P(yes) to its question reaches ``threshold`` (paper: 0.5)."""
+    """BLIP VQA as the paper's verifier: P(yes) of a fine and a coarse question per entity.
+
+    Per entity, the coarse question ``"is there a {noun} in the image?"`` (its ``entity`` row) and
+    the fine one with its attributes, ``"is there a {attributes} {noun} in the image?"`` (one
+    ``attribute`` row per attribute, all asking the entity's full fine question), are asked on the
+    full image and, when the generation's attention maps are given, on the entity's attention
+    crop (the box of the cells reaching ``crop_fraction`` of its map's peak); a row's score is the
+    lower of the two answers, so the entity must be seen in the image and where it attended.
+    Relations ask ``"is the {s} {relation} the {o}?"`` on the full image. A row holds at
+    ``threshold`` (paper: 0.5); ``faulty_entities`` always returns at least the lowest-scoring
+    entity (the paper refines at least one); ``rank`` is the DA-Score, the mean P(yes) of all
+    questions, by which the better stage is chosen. P(yes) is BLIP's first answer token,
+    ``P(yes) / (P(yes) + P(no))``.
+    """
 
     name = "vqa"
+    needs_maps = True
 
-    def __init__(self, model: str | None, device: str | torch.device = "cpu", threshold: float = 0.5):
+    def __init__(
+        self,
+        model: str | None,
+        device: str | torch.device = "cpu",
+        threshold: float = 0.5,
+        crop_fraction: float = 0.5,
+        min_refined: int = 1,
+    ):
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         self.processor, self.model = _load(
@@ -156,6 +200,8 @@ class VQAVerifier(Verifier):
         )
         self.device = device
         self.threshold = threshold
+        self.crop_fraction = crop_fraction
+        self.min_refined = min_refined
         tokenizer = self.processor.tokenizer
         self.yes_id = tokenizer.convert_tokens_to_ids("yes")
         self.no_id = tokenizer.convert_tokens_to_ids("no")
@@ -175,17 +221,62 @@ class VQAVerifier(Verifier):
         pair = torch.softmax(logits[[self.yes_id, self.no_id]].float(), dim=0)
         return float(pair[0])
 
-    def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
-        statuses = []
-        for kind, text, involved, detail in descriptions(aligned):
+    def questions(self, aligned: AlignedConstraints) -> list[str]:
+        """The question of each row of :func:`descriptions` (coarse, fine, relation)."""
+        attributes: list[list[str]] = [[] for _ in aligned.names]
+        for _, entity, attribute in aligned.bindings:
+            attributes[entity].append(attribute)
+        asked = []
+        for kind, _, involved, detail in descriptions(aligned):
             if kind == "relation":
                 s, o = (aligned.names[i] for i in involved)
-                question = f"is the {s} {RELATION_WORDS[detail]} the {o}?"
+                asked.append(f"is the {s} {RELATION_WORDS[detail]} the {o}?")
             else:
-                question = f"is there a {text}?"
-            score = self.probability_yes(image, question)
-            statuses.append(ConstraintStatus(kind, text, score >= self.threshold, score, involved))
+                words = attributes[involved[0]] if kind == "attribute" else []
+                asked.append(f"is there a {' '.join([*words, aligned.names[involved[0]]])} in the image?")
+        return asked
+
+    def verify(self, image, aligned: AlignedConstraints, maps: torch.Tensor | None) -> list[ConstraintStatus]:
+        crops: list = [None] * len(aligned.entities)
+        if maps is not None:
+            crops = [attention_crop(image, entity_maps(maps.float(), t), self.crop_fraction) for t in aligned.entities]
+        answers: dict[tuple[str, int], float] = {}
+        statuses = []
+        for (kind, text, involved, _), question in zip(descriptions(aligned), self.questions(aligned)):
+            views = [image] if kind == "relation" or crops[involved[0]] is None else [image, crops[involved[0]]]
+            score = min(
+                answers.setdefault((question, i), self.probability_yes(v, question)) for i, v in enumerate(views)
+            )
+            statuses.append(
+                ConstraintStatus(kind, text, score >= self.threshold, score, involved, self.threshold, self.name)
+            )
         return statuses
+
+    def faulty_entities(self, statuses: list[ConstraintStatus]) -> list[int]:
+        """The failed rows' entities, and at least ``min_refined`` of the lowest-scoring ones (paper: 1)."""
+        faulty = super().faulty_entities(statuses)
+        by_score = sorted((s.score, e) for s in statuses if s.kind != "relation" for e in s.entities)
+        for _, entity in by_score:
+            if len(faulty) >= self.min_refined:
+                break
+            faulty = sorted({*faulty, entity})
+        return faulty
+
+    def rank(self, statuses: list[ConstraintStatus]) -> tuple[float, ...]:
+        """The DA-Score: the mean P(yes) over all questions."""
+        return (sum(s.score for s in statuses) / len(statuses),) if statuses else (0.0,)
+
+
+def attention_crop(image, entity_map: torch.Tensor, fraction: float = 0.5, margin: float = 0.1):
+    """The image inside the box of the map cells reaching ``fraction`` of its peak, widened by ``margin``."""
+    height, width = entity_map.shape[-2:]
+    ys, xs = torch.nonzero(entity_map >= fraction * entity_map.amax(), as_tuple=True)
+    box = [xs.min() / width - margin, ys.min() / height - margin, (xs.max() + 1) / width + margin]
+    box.append((ys.max() + 1) / height + margin)
+    left, top, right, bottom = (min(max(float(v), 0.0), 1.0) for v in box)
+    return image.crop(
+        (round(left * image.width), round(top * image.height), round(right * image.width), round(bottom * image.height))
+    )
 
 
 class DetectorVerifier(Verifier):
@@ -237,11 +328,15 @@ def _box_gap(subject: torch.Tensor, obj: torch.Tensor, relation: str, near: floa
 
 
 def make_verifier(name: str | Verifier, *, model: str | None = None, device: str | torch.device = "cpu") -> Verifier:
-    """A verifier by name (``attention``, ``vqa``, ``detector``) or the given instance."""
+    """A verifier by name (``attention``, ``shapes``, ``vqa``, ``detector``) or the given instance."""
     if isinstance(name, Verifier):
         return name
     if name == "attention":
         return AttentionVerifier()
+    if name == "shapes":
+        from editkit.shapes.verifier import ShapesVerifier
+
+        return ShapesVerifier()
     if name == "vqa":
         return VQAVerifier(model, device)
     if name == "detector":

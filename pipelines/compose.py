@@ -28,20 +28,21 @@ from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
+from editkit.loss_presets import LOSS_PRESETS, preset_weights, unified_loss
 from editkit.refine import (
     GUIDANCE_BLOCKS,
     GuidanceMapStore,
     LossWeights,
     MapsCaptured,
-    constraint_loss,
     initno_refine,
     map_divisor,
     map_grid,
+    min_peak,
     single_step_refine,
     step_sizes,
     token_maps,
 )
-from editkit.verifiers import AttentionVerifier, ConstraintStatus, Verifier, verifier_score
+from editkit.verifiers import ConstraintStatus, Verifier, make_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class _Run:
     cfg: TextConditioning | None
     aligned: AlignedConstraints
     weights: LossWeights
+    loss_preset: str
     store: GuidanceMapStore
     store_grid: tuple[int, int]
     controller: AttentionController
@@ -147,8 +149,10 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not 0 <= max_iter_to_alter <= num_inference_steps:
             raise InputError(f"max_iter_to_alter must be in 0..num_inference_steps, got {max_iter_to_alter}")
-        if not (isinstance(verifier, Verifier) or verifier == "attention"):
-            raise InputError(f"verifier must be 'attention' or a Verifier instance (vqa/detector), got {verifier!r}")
+        if not (isinstance(verifier, Verifier) or verifier in ("attention", "shapes")):
+            raise InputError(
+                f"verifier must be 'attention', 'shapes' or a Verifier instance (vqa/detector), got {verifier!r}"
+            )
         if noise_refiner not in NOISE_REFINERS:
             raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
 
@@ -193,8 +197,8 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         return cond, TextConditioning.cat([uncond, cond])
 
     # -- guidance -----------------------------------------------------------------------------
-    def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> torch.Tensor:
-        """One conditional UNet forward; the ``(tokens, h, w)`` float32 token maps it attended with."""
+    def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """One conditional UNet forward: its float32 ``(h, w, keys)`` attention and ``(tokens, h, w)`` token maps."""
         run.store.clear()
         run.store.active = run.store.early_exit = True
         run.controller.batch_roles = ("cond",)
@@ -207,7 +211,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             run.store.active = run.store.early_exit = False
         run.store.learn_last_site()
         probs = run.store.aggregate(run.store_grid)[0].float()  # (h, w, keys)
-        return token_maps(probs, run.aligned.last_token, **run.map_kwargs)
+        return probs, token_maps(probs, run.aligned.last_token, **run.map_kwargs)
 
     def guided_update(self, latents: torch.Tensor, i: int, t, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         """A&E step: ``z_t -= step_size_i * grad(loss)`` (fp32), with iterative refinement at chosen steps."""
@@ -216,9 +220,9 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         for iteration in range(1 + (run.max_refinement_steps if target is not None else 0)):
             with torch.enable_grad():
                 current = current.detach().requires_grad_(True)
-                maps = self.attention_maps(current, t, run)
-                loss, terms = constraint_loss(maps, run.aligned, run.weights)
-                done = target is None or float(terms.get("missing", 0.0)) <= 1 - target
+                probs, maps = self.attention_maps(current, t, run)
+                loss, _ = unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights)
+                done = target is None or min_peak(maps, run.aligned) >= target
                 if iteration > 0 and done:
                     break
                 (grad,) = torch.autograd.grad(loss, current) if loss.requires_grad else (torch.zeros_like(current),)
@@ -265,8 +269,8 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         t = timesteps[0]
 
         def loss_fn(z_t: torch.Tensor, entities: set[int]) -> torch.Tensor:
-            maps = self.attention_maps(z_t * self.scheduler.init_noise_sigma, t, run)
-            return constraint_loss(maps, run.aligned, run.weights, entities=entities)[0]
+            probs, maps = self.attention_maps(z_t * self.scheduler.init_noise_sigma, t, run)
+            return unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights, entities=entities)[0]
 
         run.controller.begin_step(0, t)
         if refiner == "initno":
@@ -277,9 +281,9 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         if run.aligned.empty:
             return []
         image = (
-            None
-            if verifier.needs_maps
-            else self.image_processor.postprocess(decode_latents(self.vae, latents), output_type="pil")[0]
+            self.image_processor.postprocess(decode_latents(self.vae, latents), output_type="pil")[0]
+            if verifier.needs_image
+            else None
         )
         return verifier.verify(image, run.aligned, maps)
 
@@ -301,10 +305,11 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         scale_range: tuple[float, float] = (1.0, 0.5),
         refinement_thresholds: dict[int, float] | None = None,
         max_refinement_steps: int = 20,
-        missing_weight: float = 1.0,
-        mixing_weight: float = 0.5,
-        binding_weight: float = 0.5,
-        spatial_weight: float = 1.0,
+        loss_preset: str = "attend-excite",
+        missing_weight: float | None = None,
+        mixing_weight: float | None = None,
+        binding_weight: float | None = None,
+        spatial_weight: float | None = None,
         spatial_margin: float = 0.1,
         token_softmax_scale: float = 100.0,
         smooth_attention: bool = True,
@@ -331,11 +336,25 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(scale_range))`` per step.
             refinement_thresholds: A&E's iterative refinement ``{step: min peak attention}``, e.g.
                 ``{0: 0.05, 10: 0.5, 20: 0.8}``; up to ``max_refinement_steps`` extra updates per step.
+            loss_preset: the formulation of the four losses. ``"attend-excite"`` (default): on A&E's
+                maps (x100 softmax over the real prompt tokens, smoothing), ``max(1 - peak)`` entity
+                missing, soft-IoU mixing and binding, a margin hinge for relations (deviations from
+                the paper, chosen for their gradients; ``editkit.refine``). ``"paper"``: the paper's
+                own (T=1 softmax over tokens 1..75 with padding, x100 for the spatial loss only, no
+                smoothing, peak-difference hinge, ``sum(ab)/sum(a+b)`` mixing only without relations,
+                ``1 - IoU`` binding, sigmoid spatial loss; ``editkit.loss_presets``). On the shapes
+                model the paper preset's gradients are ~25x larger and its images collapse at the
+                paper's step size (relation accuracy 0.09 against 0.78; ``benchmarks/RESULTS.md``),
+                which is why ``attend-excite`` is the default.
             missing_weight, mixing_weight, binding_weight, spatial_weight: weights of the entity
-                missing, entity mixing (soft IoU), attribute binding and spatial losses; all 0 (or
-                ``max_iter_to_alter=0``) turns guidance off. ``spatial_margin``: centroid margin.
+                missing, entity mixing, attribute binding and spatial losses (default: the preset's,
+                1 / 0.5 / 0.5 / 1 for ``attend-excite``, all 1 for ``paper``); all 0 (or
+                ``max_iter_to_alter=0``) turns guidance off. ``spatial_margin``: the
+                ``attend-excite`` centroid margin.
             token_softmax_scale: logit scale of the softmax over real prompt tokens (A&E: 100).
             smooth_attention, smoothing_kernel_size, smoothing_sigma: Gaussian smoothing of maps.
+                These four shape the maps of the ``attend-excite`` loss, of the attention verifier
+                and of ``refinement_thresholds``; the ``paper`` loss makes its own maps.
             attention_blocks: the UNet blocks whose cross-attention layers at the guidance grid are
                 averaged into the maps: ``("down", "up")`` (A&E and the paper; default) or
                 ``("down",)``, a deviation that stops each guided pass after the down path (SD 1.5:
@@ -343,7 +362,9 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 less accurate on the shapes model (relation accuracy after stage 1: 0.625 against 0.78;
                 ``benchmarks/RESULTS.md``).
             refine: run verification and stage 2 (noise refinement); ``False`` gives stage 1 only.
-            verifier: ``"attention"`` or a ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
+            verifier: ``"attention"`` (a heuristic on the generation's own attention maps),
+                ``"shapes"`` (the shapes world's detector, for ``assets/models/shapes-sd``) or a
+                ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
@@ -355,6 +376,8 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         self.check_inputs(
             prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
         )
+        if loss_preset not in LOSS_PRESETS:
+            raise InputError(f"unknown loss preset {loss_preset!r}; use {', '.join(LOSS_PRESETS)}")
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         grid = map_grid(latent_hw, map_divisor(self.unet.config))
         try:
@@ -362,12 +385,15 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         except ValueError as error:
             raise InputError(str(error)) from None
         notes: list[str] = []
-        verifier = AttentionVerifier() if verifier == "attention" else verifier
+        verifier = make_verifier(verifier)
         device = self._execution_device
 
         # 1. Constraints -> token indices
         constraints, aligned = self.prepare_constraints(prompt, constraints, constraint_parser, notes)
-        weights = LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin)
+        weights = preset_weights(
+            loss_preset, missing=missing_weight, mixing=mixing_weight, binding=binding_weight, spatial=spatial_weight
+        )
+        weights.spatial_margin = spatial_margin
         guided = 0 if aligned.empty or not weights.any else max_iter_to_alter
         verify = refine and not aligned.empty
 
@@ -388,6 +414,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             cfg=cfg,
             aligned=aligned,
             weights=weights,
+            loss_preset=loss_preset,
             store=store,
             store_grid=grid,
             controller=controller,
@@ -411,7 +438,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
 
             # 5. Verification
             report_before = self.verify(verifier, final, maps, run) if verify else None
-            faulty = sorted({e for s in report_before or [] if not s.satisfied for e in s.entities})
+            faulty = verifier.faulty_entities(report_before) if verify else []
 
             # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
             refined_noise, report_after, chosen = None, None, "stage1"
@@ -423,7 +450,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback_on_step_end)
                 report_after = self.verify(verifier, second, second_maps, run)
-                if verifier_score(report_after) > verifier_score(report_before):
+                if verifier.rank(report_after) > verifier.rank(report_before):
                     final, chosen = second, "refined"
 
         # 7. Decode the chosen latents

@@ -139,6 +139,9 @@ def test_compose_endpoint_reports_constraints(server, client):
     assert {"constraints", "before_refinement", "after_refinement", "chosen"} <= set(report)
     described = {row["constraint"] for row in report["before_refinement"]}
     assert {"circle", "square"} <= described
+    verifier = "shapes" if _model_dir(Path()) == SHAPES_MODEL else "attention"  # the detector for shapes-sd
+    judged = {(row["verifier"], row["threshold"] is not None) for row in report["before_refinement"]}
+    assert judged == {(verifier, True)}
     assert _metadata(download)["refine"] is True
 
     explicit = json.dumps({"entities": ["circle"]})

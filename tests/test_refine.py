@@ -413,7 +413,7 @@ def test_report_and_selection_with_attention_verifier(compose_pipe):
 
 
 def test_losses_in_fp32_with_a_half_precision_unet(monkeypatch):
-    import pipelines.compose as module
+    import editkit.loss_presets as module
     from editkit.testing import tiny_sd15_components
     from pipelines.compose import ComposePipeline
 

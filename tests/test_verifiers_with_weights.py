@@ -15,10 +15,19 @@ from PIL import Image
 
 from editkit.constraints import align, parse_prompt
 from editkit.testing import tiny_tokenizer
-from editkit.verifiers import RELATION_WORDS, DetectorVerifier, VQAVerifier, descriptions, make_verifier
+from editkit.verifiers import (
+    RELATION_WORDS,
+    ConstraintStatus,
+    DetectorVerifier,
+    VQAVerifier,
+    attention_crop,
+    descriptions,
+    make_verifier,
+)
 
 PROMPT = "a red car to the left of a blue bird"
 WORDS = ["yes", "no", "is", "there", "a", "the", "red", "car", "blue", "bird", "left", "of", "to", "photo", "?"]
+WORDS += ["in", "image"]
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 VISION = SMALL | {"image_size": 32, "patch_size": 8}
 
@@ -113,17 +122,52 @@ def test_vqa_verifier_scores_are_blips_own_first_answer_token(blip_dir, aligned)
     statuses = verifier.verify(_image(), aligned, None)
     rows = descriptions(aligned)
     assert [(s.kind, s.description, s.entities) for s in statuses] == [(k, t, e) for k, t, e, _ in rows]
-    questions = ["is there a car?", "is there a bird?", "is there a red car?", "is there a blue bird?"]
+    # the paper's coarse and fine questions (its released question files' wording), then the relation
+    questions = ["is there a car in the image?", "is there a bird in the image?"]
+    questions += ["is there a red car in the image?", "is there a blue bird in the image?"]
     questions.append(f"is the car {RELATION_WORDS['left']} the bird?")
+    assert verifier.questions(aligned) == questions
     for status, question in zip(statuses, questions):
-        # transformers' own generate: the first decoding step's scores over {yes, no}
-        inputs = verifier.processor(images=_image(), text=question, return_tensors="pt")
-        out = verifier.model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
-        yes_no = torch.softmax(out.scores[0][0, [verifier.yes_id, verifier.no_id]], dim=0)
-        assert status.score == pytest.approx(float(yes_no[0]), abs=1e-4)
-        assert status.satisfied == (status.score >= verifier.threshold)
+        assert status.score == pytest.approx(_generate_yes(verifier, _image(), question), abs=1e-4)
+        assert status.satisfied == (status.score >= verifier.threshold == 0.5)
     scores = sorted(s.score for s in statuses)
     assert scores[-1] - scores[0] > 0.01  # the questions differ, so do the answers
+
+
+def _generate_yes(verifier, image, question: str) -> float:
+    """transformers' own generate: the first decoding step's P(yes) among {yes, no}."""
+    inputs = verifier.processor(images=image, text=question, return_tensors="pt")
+    out = verifier.model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
+    return float(torch.softmax(out.scores[0][0, [verifier.yes_id, verifier.no_id]], dim=0)[0])
+
+
+def test_vqa_verifier_asks_again_on_each_entitys_attention_crop(blip_dir, aligned):
+    verifier = make_verifier("vqa", model=str(blip_dir))
+    maps = torch.zeros(aligned.last_token, 4, 4)
+    car, bird = aligned.entities
+    maps[car[0] - 1, 1:3, 0:2] = 1.0  # the car attends to the left half, the bird to the right
+    maps[bird[0] - 1, 1:3, 2:4] = 1.0
+    crop = attention_crop(_image(), maps[car[0] - 1], margin=0.0)
+    assert crop.size == (24, 20)  # 2 x 2 of 4 x 4 cells of a 48 x 40 image
+    statuses = verifier.verify(_image(), aligned, maps)
+    crops = [attention_crop(_image(), maps[t[0] - 1]) for t in aligned.entities]
+    differ = []
+    for status, question in zip(statuses, verifier.questions(aligned)):
+        views = [_image()] if status.kind == "relation" else [_image(), crops[status.entities[0]]]
+        answers = [_generate_yes(verifier, v, question) for v in views]
+        assert status.score == pytest.approx(min(answers), abs=1e-4)
+        differ.append(max(answers) - min(answers))
+    assert max(differ) > 1e-3  # the crops are really asked: their answers differ from the full image's
+
+
+def test_vqa_verifier_refines_at_least_one_entity_and_ranks_by_da_score(blip_dir):
+    verifier = make_verifier("vqa", model=str(blip_dir))
+    rows = [("entity", "car", 0.9, (0,)), ("entity", "bird", 0.7, (1,)), ("attribute", "red car", 0.6, (0,))]
+    statuses = [ConstraintStatus(k, t, score >= 0.5, score, e, 0.5, "vqa") for k, t, score, e in rows]
+    assert verifier.faulty_entities(statuses) == [0]  # nothing failed: the lowest-scoring entity
+    statuses[1] = ConstraintStatus("entity", "bird", False, 0.2, (1,), 0.5, "vqa")
+    assert verifier.faulty_entities(statuses) == [1]
+    assert verifier.rank(statuses) == pytest.approx(((0.9 + 0.2 + 0.6) / 3,))
 
 
 def test_detector_verifier_boxes_and_relations(owlvit_dir, aligned):
@@ -149,17 +193,22 @@ def test_detector_verifier_boxes_and_relations(owlvit_dir, aligned):
 
 def test_compose_with_the_vqa_verifier_reports_its_scores_on_the_decoded_image(blip_dir):
     from editkit.testing import tiny_sd15_components
-    from editkit.verifiers import verifier_score
     from pipelines.compose import ComposePipeline
 
     parts = tiny_sd15_components(seed=0, words=WORDS)
     pipe = ComposePipeline(**{k: parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
     verifier = VQAVerifier(str(blip_dir), threshold=1.01)  # nothing passes: stage 2 always runs
+    seen = []
+    original = verifier.verify
+    verifier.verify = lambda image, aligned, maps: (seen.append((image, maps)), original(image, aligned, maps))[1]
     options = {"height": 64, "width": 64, "num_inference_steps": 3, "max_iter_to_alter": 1}
     out = pipe(PROMPT, verifier=verifier, generator=torch.Generator().manual_seed(0), **options)
     stage1 = pipe(PROMPT, refine=False, generator=torch.Generator().manual_seed(0), **options).images[0]
-    expected = verifier.verify(stage1, align(out.constraints, pipe.tokenizer), None)
+    image, maps = seen[0]
+    assert list(image.getdata()) == list(stage1.getdata())  # the decoded stage-1 image, and its maps
+    assert maps is not None and maps.shape[0] == align(out.constraints, pipe.tokenizer).last_token
+    expected = original(stage1, align(out.constraints, pipe.tokenizer), maps)
     assert [s.score for s in out.report_before] == pytest.approx([s.score for s in expected], abs=1e-5)
     assert out.refined_noise is not None and out.report_after is not None
-    assert (out.chosen == "refined") == (verifier_score(out.report_after) > verifier_score(out.report_before))
+    assert (out.chosen == "refined") == (verifier.rank(out.report_after) > verifier.rank(out.report_before))

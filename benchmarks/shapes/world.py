@@ -18,30 +18,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from editkit.shapes.palette import (  # noqa: F401 - re-exported: the world's names live in editkit
+    BACKGROUNDS,
+    COLORS,
+    DEFAULT_BACKGROUND,
+    DEFAULT_PATTERN,
+    PATTERN_SHADE,
+    PATTERNS,
+    SHAPES,
+    shade,
+)
+
 IMAGE_SIZE = 32
 
-#: Object colours (name -> RGB). Names are fixed; the detector and the captions share them.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 230),
-    "yellow": (240, 220, 40),
-    "purple": (150, 50, 190),
-    "orange": (250, 140, 20),
-}
-#: Background colours; ``white`` is the default and is not named in captions.
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (245, 245, 245),
-    "gray": (140, 140, 140),
-    "black": (15, 15, 15),
-}
-DEFAULT_BACKGROUND = "white"
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-#: Fill patterns; ``solid`` is the default and is not named in captions.
-PATTERNS: tuple[str, ...] = ("solid", "striped", "dotted")
-DEFAULT_PATTERN = "solid"
-#: The darker tone that striped and dotted objects are drawn with, as a fraction of the colour.
-PATTERN_SHADE = 0.5
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 CATEGORIES: tuple[str, ...] = ("single", "pair", "relation")
 #: Fraction (in percent) of caption hashes that are held out for evaluation.
@@ -242,11 +231,6 @@ def pattern_mask(pattern: str, size: int) -> np.ndarray:
     if pattern == "dotted":
         return ((xs % 4) >= 2) & ((ys % 4) >= 2)
     return np.zeros((size, size), dtype=bool)
-
-
-def shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The darker tone of a colour used for patterns."""
-    return tuple(round(c * PATTERN_SHADE) for c in rgb)  # type: ignore[return-value]
 
 
 def render(scene: Scene) -> np.ndarray:

@@ -39,6 +39,7 @@ from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
 from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
 from editkit.jsonio import MAX_JSON_DEPTH, json_depth, parse_json
+from editkit.model_card import is_shapes_model
 from editkit.numerics import APP_OUT_OF_MEMORY_ADVICE, out_of_memory_message
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,15 @@ def constraint_report(output: Any) -> dict[str, Any]:
         if statuses is None:
             return None
         return [
-            {"kind": s.kind, "constraint": s.description, "satisfied": bool(s.satisfied), "score": round(s.score, 4)}
+            {
+                "kind": s.kind,
+                "constraint": s.description,
+                "satisfied": bool(s.satisfied),
+                "score": round(s.score, 4),
+                "threshold": s.threshold,
+                "verifier": s.verifier,
+                **({"note": s.note} if s.note else {}),
+            }
             for s in statuses
         ]
 
@@ -387,6 +396,7 @@ class Handlers:
                 height=side,
                 width=side,
                 refine=params["refine"],
+                verifier="shapes" if is_shapes_model(self.manager.name) else "attention",
                 num_inference_steps=params["num_inference_steps"],
                 max_iter_to_alter=min(COMPOSE_GUIDED_STEPS, params["num_inference_steps"] // 2),
                 guidance_scale=params["guidance_scale"],

@@ -30,7 +30,14 @@ logger = logging.getLogger(__name__)
 EXAMPLE = """examples:
   editkit compose "a red car on the left of a blue bird" -o car.png --seed 0
   editkit compose --prompts prompts.txt --output-dir out/   (one prompt per line; resumable)"""
-VERIFIER_CHOICES = ("attention", "vqa", "detector")
+VERIFIER_CHOICES = ("auto", "attention", "shapes", "vqa", "detector")
+LOSS_CHOICES = ("attend-excite", "paper")
+VERIFIER_ABOUT = {
+    "attention": "a heuristic on the model's own attention maps, not a check of the image",
+    "shapes": "the shapes world's deterministic detector, on the image",
+    "vqa": "BLIP VQA on the image and on each entity's attention crop",
+    "detector": "OWL-ViT open-vocabulary detection on the image",
+}
 
 
 def register(subparsers) -> None:
@@ -55,7 +62,16 @@ def register(subparsers) -> None:
     parser.add_argument("--constraints", type=Path, default=None, help="JSON constraints overriding the parser")
     parser.add_argument("--no-refine", action="store_true", help="stage 1 only: no verification or noise refinement")
     parser.add_argument(
-        "--verifier", choices=VERIFIER_CHOICES, default="attention", help="constraint verifier (default: attention)"
+        "--verifier",
+        choices=VERIFIER_CHOICES,
+        default="auto",
+        help="constraint verifier (default: auto = shapes for a shapes-world model, attention otherwise)",
+    )
+    parser.add_argument(
+        "--losses",
+        choices=LOSS_CHOICES,
+        default="attend-excite",
+        help="loss formulation: attend-excite (default) or paper (the paper's own; see the pipeline docs)",
     )
     parser.add_argument(
         "--verifier-model", default=None, help="weights of the vqa (BLIP) or detector (OWL-ViT) verifier"
@@ -127,36 +143,63 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise InputError(f"--{name} must be a multiple of 8, got {value}")
     if args.max_iter_to_alter is not None and args.max_iter_to_alter > args.steps:
         raise InputError(f"--max-iter-to-alter ({args.max_iter_to_alter}) exceeds --steps ({args.steps})")
-    if args.verifier != "attention" and args.no_refine:
+    if args.verifier not in ("auto", "attention") and args.no_refine:
         logger.warning("--verifier has no effect with --no-refine")
     if args.constraints is not None and args.constraints.is_dir():
         raise InputError(f"constraints file {args.constraints} is a folder; give a JSON file")
+    from editkit.image import SAVE_FORMATS
+
+    if args.verifier in ("vqa", "detector") and not args.no_refine and not args.verifier_model:
+        raise InputError(f"the {args.verifier} verifier needs weights: pass --verifier-model")
+    if args.output is not None and args.output.suffix.lower() not in SAVE_FORMATS:
+        raise InputError(f"cannot save {args.output}: use a .png, .jpg or .webp file name")
     if args.constraints is not None and not args.constraints.is_file():
         raise InputError(f"constraints file {args.constraints} does not exist")
 
 
-def format_report(result) -> str:
-    """The constraint report: one line per constraint, before and after refinement, and the choice."""
-    lines = [f"constraints ({result.constraints.source}):"]
+def _verdict(status) -> str:
+    threshold = "" if status.threshold is None else f" (threshold {status.threshold:.2f})"
+    return f"{'ok  ' if status.satisfied else 'FAIL'} {status.score:6.2f}{threshold}"
+
+
+def format_report(result, verifier=None, warnings: list[str] | tuple[str, ...] = ()) -> str:
+    """The constraint report: each constraint's verdict, score and threshold before and after refinement,
+    who judged it, the notes, the words the model probably does not know, and the chosen image."""
     before = result.report_before or []
     after = {s.description: s for s in result.report_after or []}
+    name = getattr(verifier, "name", before[0].verifier if before else "")
+    header = f"constraints ({result.constraints.source})"
+    if before:
+        header += f", judged by the {name} verifier ({VERIFIER_ABOUT.get(name, 'user-given')})"
+    lines = [header + ":"]
     for status in before:
-        row = f"  {status.kind:<9} {status.description:<30} stage 1: {'ok ' if status.satisfied else 'FAIL'}"
+        row = f"  {status.kind:<9} {status.description:<30} stage 1: {_verdict(status)}"
         if status.description in after:
-            row += f"  refined: {'ok ' if after[status.description].satisfied else 'FAIL'}"
-        lines.append(row)
+            row += f"  refined: {_verdict(after[status.description])}"
+        lines.append(row + (f"  [{status.note}]" if status.note else ""))
     if not before:
         entities = ", ".join(e.text for e in result.constraints.entities) or "none"
         lines.append(f"  entities: {entities} (not verified)")
     lines.extend(f"  note: {note}" for note in result.warnings)
+    lines.extend(f"  warning: {warning}" for warning in warnings)
     lines.append(f"chosen image: {result.chosen}")
     return "\n".join(lines)
+
+
+def _verifier_name(args: argparse.Namespace) -> str:
+    """--verifier, with ``auto`` resolved: the shapes detector for a shapes-world model, else attention."""
+    from editkit.model_card import is_shapes_model
+
+    if args.verifier != "auto":
+        return args.verifier
+    return "shapes" if is_shapes_model(args.model) else "attention"
 
 
 def run(args: argparse.Namespace) -> int:
     from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.constraints import load_constraints
     from editkit.image import save_image
+    from editkit.model_card import card_metadata, vocabulary_warnings
     from editkit.verifiers import make_verifier
     from pipelines.compose import ComposePipeline
 
@@ -171,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
     pipe, extra = load_method_pipeline(ComposePipeline, args)
-    verifier = "attention"
-    if not args.no_refine and args.verifier != "attention":
-        verifier = make_verifier(args.verifier, model=args.verifier_model, device=pipe.device)
+    name = "attention" if args.no_refine else _verifier_name(args)  # --no-refine verifies nothing
+    verifier = make_verifier(name, model=args.verifier_model, device=pipe.device)
+    vocabulary = card_metadata(args.model).get("vocabulary")
+    vocabulary = {str(word).lower() for word in vocabulary} if isinstance(vocabulary, list) else None
 
     def generate(prompt: str, output: Path, prompt_constraints=None) -> str:
         result = pipe(
@@ -189,10 +233,11 @@ def run(args: argparse.Namespace) -> int:
             attention_blocks=tuple(args.attention_blocks),
             refine=not args.no_refine,
             verifier=verifier,
+            loss_preset=args.losses,
             noise_refiner=args.noise_refiner,
             attention_controllers=extra,
         )
-        echo(format_report(result))
+        echo(format_report(result, verifier, vocabulary_warnings(prompt, pipe.tokenizer, vocabulary)))
         meta = {**command_params(args, skip=("prompts", "output_dir")), "prompt": prompt}
         meta.update(constraints_used=result.constraints.to_dict(), chosen=result.chosen)
         save_image(result.images[0], output, metadata=png_metadata("compose", meta), overwrite=args.overwrite)
