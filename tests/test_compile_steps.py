@@ -91,3 +91,36 @@ def test_graphs_do_not_grow_with_timesteps(unet, name):
     if isinstance(eager_controller, StyleInjectionController):
         assert compiled_controller.injected == eager_controller.injected
         assert len(eager_controller.injected) == len(TIMESTEPS) * len(_self_sites(unet))
+
+
+@pytest.mark.parametrize("time_layout", ["shared", "per-token"])
+def test_time_dependent_soft_tokens_keep_one_graph(unet, time_layout):
+    """``use_soft_tokens``'s pre-hook is traced with the UNet: it passes the timestep as a tensor."""
+    from torch._dynamo.utils import counters
+
+    from editkit.softrepa import SoftTokenController, SoftTokens, use_soft_tokens
+    from editkit.softrepa.tokens import TIME_LAYOUTS
+
+    layout = next(name for name in TIME_LAYOUTS if name.replace("_", "-") == time_layout)
+    cross = [k.removesuffix(".processor") for k in unet.attn_processors if k.endswith("attn2.processor")]
+    soft = SoftTokens(torch.randn(2, 8), cross, time_buckets=100, time_layout=layout)
+    with torch.no_grad():
+        soft.time_embedding.normal_(generator=torch.Generator().manual_seed(0))  # every bucket different
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 8)
+
+    def run():
+        with torch.no_grad(), use_soft_tokens(unet, SoftTokenController(soft)):
+            return [unet(sample, torch.tensor(t), encoder_hidden_states=context).sample for t in TIMESTEPS]
+
+    eager = run()
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    unet.compile(backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    compiled = run()
+    torch._dynamo.reset()
+    # the hook's bucket arithmetic and the UNet trace as two graphs; 5 timesteps recompiled 6 before
+    assert len(graphs) <= 2 and not counters["graph_break"]
+    for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(eager[0], eager[1])  # the buckets differ, and so do the outputs

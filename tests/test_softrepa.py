@@ -227,14 +227,14 @@ def test_use_soft_tokens_runs_plain_diffusers_pipelines_with_time_tokens(sd15_pi
     original = controller.on_context
 
     def on_context(site, context):
-        seen.append((controller.timestep, context.shape[0]))
+        seen.append((int(controller._step_bucket), context.shape[0]))  # the bucket the hook set
         return original(site, context)
 
     controller.on_context = on_context
     with use_soft_tokens(unet, controller):
         sd15_pipe("a cat", num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="latent")
-    timesteps = sorted({t for t, _ in seen}, reverse=True)
-    assert timesteps == [int(t) for t in sd15_pipe.scheduler.timesteps]
+    buckets = sorted({b for b, _ in seen}, reverse=True)
+    assert buckets == [soft.bucket(t) for t in sd15_pipe.scheduler.timesteps] and len(buckets) == 2
     assert {batch for _, batch in seen} == {2}  # both CFG branches in one batch
     assert all(unet.attn_processors[k] is v for k, v in before.items())
 

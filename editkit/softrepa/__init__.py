@@ -68,9 +68,8 @@ def use_soft_tokens(unet: torch.nn.Module, controller: SoftTokenController) -> I
 
     def hook(module, args, kwargs):
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if timestep is not None:
-            value = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
-            controller.begin_step(controller.step_index + 1 if controller.step_index is not None else 0, value)
+        if timestep is not None:  # tensor arithmetic only: under torch.compile this hook is traced
+            controller.set_timestep(timestep)
         return None
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)

@@ -150,6 +150,16 @@ class SoftTokens(nn.Module):
             )
         return self.tokens + self.time_embedding[self.bucket(timestep)]  # a shared (width,) row broadcasts over m
 
+    def bucket_tensor(self, timestep: torch.Tensor) -> torch.Tensor:
+        """``bucket`` in tensor arithmetic (a 0-d long tensor on the time embedding's device).
+
+        No Python value is read, so a compiled UNet (whose hooks are traced too) keeps one graph
+        across timesteps. Integer timesteps give exactly ``bucket``'s value.
+        """
+        value = timestep.flatten()[0].to(device=self.time_embedding.device, dtype=torch.float32)
+        bucket = torch.floor(value * self.time_buckets / self.num_train_timesteps)
+        return bucket.clamp(0, self.time_buckets - 1).long()
+
     def metadata(self) -> dict[str, str]:
         """The file metadata describing this module (all values strings, as safetensors requires)."""
         return {
@@ -196,6 +206,22 @@ class SoftTokenController(AttentionController):
         self.soft_tokens = soft_tokens
         self.strength = float(strength)
         self._sites = frozenset(soft_tokens.sites)
+        self._step_bucket: torch.Tensor | None = None  # time-dependent tokens: this step's bucket
+
+    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        super().begin_step(index, timestep)
+        self.set_timestep(timestep)
+
+    def set_timestep(self, timestep: int | float | torch.Tensor) -> None:
+        """The bucket the next UNet calls use, kept as a tensor: the hooks read no Python timestep,
+        so torch.compile sees one graph at every step (``use_soft_tokens``'s hook calls this)."""
+        if self.soft_tokens.time_embedding is None:
+            return
+        if not isinstance(timestep, torch.Tensor):
+            if not math.isfinite(float(timestep)):
+                raise ValueError(f"timestep {timestep} is not finite")
+            timestep = torch.tensor(float(timestep))
+        self._step_bucket = self.soft_tokens.bucket_tensor(timestep)
 
     def applies_to(self, site: Site) -> bool:
         return site.is_cross and site.name in self._sites
@@ -208,12 +234,23 @@ class SoftTokenController(AttentionController):
     def on_context(self, site: Site, context: torch.Tensor) -> torch.Tensor:
         if self.strength == 0:
             return context
-        tokens = self.soft_tokens.tokens_for(site, self.timestep)
+        tokens = self._step_tokens()
         if tokens.shape[-1] != context.shape[-1]:
             raise ValueError(f"soft tokens of width {tokens.shape[-1]} at {site.name} (context {context.shape[-1]})")
         tokens = (self.strength * tokens).to(context.dtype).to(context.device)
         tokens = tokens.unsqueeze(0).expand(context.shape[0], -1, -1)  # (batch, m, width)
         return torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
+
+    def _step_tokens(self) -> torch.Tensor:
+        soft = self.soft_tokens
+        if soft.time_embedding is None:
+            return soft.tokens
+        if self._step_bucket is None:
+            soft.tokens_for(None, None)  # raises: the pipeline must tell the controller the timestep
+        # index_select with the bucket tensor, not time_embedding[bucket]: dynamo turns a 0-d index
+        # into .item() and would guard on its value (one graph per bucket)
+        row = soft.time_embedding.index_select(0, self._step_bucket.view(1))[0]
+        return soft.tokens + row  # a shared (width,) row broadcasts over m; per-token rows are (m, width)
 
 
 def default_sites(unet) -> list[str]:
