@@ -133,8 +133,8 @@ class _StopError(Exception):
         self.output = output
 
 
-def stock_call_ops(unet: torch.nn.Module, call: UNetCall) -> int:
-    """Operations of ``call`` replayed with the UNet's current (stock) processors."""
+def stock_call_ops(unet: torch.nn.Module, call: UNetCall) -> Counter[str]:
+    """Operations (by ATen op) of ``call`` replayed with the UNet's current (stock) processors."""
     sample = torch.randn(call.sample_shape).requires_grad_(call.grad)
     context = torch.randn(call.context_shape)
     timestep = torch.tensor(500)
@@ -157,7 +157,7 @@ def stock_call_ops(unet: torch.nn.Module, call: UNetCall) -> int:
     finally:
         if handle is not None:
             handle.remove()
-    return counter.count
+    return counter.by_op
 
 
 def measure(pipe, run: Callable[[], object]) -> dict:
@@ -167,25 +167,24 @@ def measure(pipe, run: Callable[[], object]) -> dict:
     skipped = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if m is not None]
     with recorded_calls(pipe.unet, calls), paused_inside(counter, skipped), counter:
         run()
-    cache: dict[UNetCall, int] = {}
-    floor = 0
+    cache: dict[UNetCall, Counter[str]] = {}
+    floor: Counter[str] = Counter()
     for call in calls:
         if call not in cache:
             cache[call] = stock_call_ops(pipe.unet, call)
-        floor += cache[call]
+        floor.update(cache[call])
+    floor_ops = sum(floor.values())
+    extra = Counter(counter.by_op)
+    extra.subtract(floor)
     return {
         "ops": counter.count,
-        "floor_ops": floor,
-        "ratio": counter.count / floor if floor else None,
+        "floor_ops": floor_ops,
+        "ratio": counter.count / floor_ops if floor_ops else None,
         "unet_calls": len(calls),
         "grad_calls": sum(c.grad for c in calls),
         "ops_per_unet_call": counter.count / max(len(calls), 1),
-        "top_extra_ops": _top(counter.by_op, 8),
+        "extra_ops_by_aten_op": dict(extra.most_common(8)),  # the method's own operations, largest first
     }
-
-
-def _top(by_op: Counter, n: int) -> dict[str, int]:
-    return dict(by_op.most_common(n))
 
 
 def _seeded(seed: int) -> torch.Generator:

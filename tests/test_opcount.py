@@ -30,7 +30,7 @@ def unet():
 def test_pass_through_processor_dispatches_exactly_stock_operations(unet):
     """editkit's processor with the identity controller launches no more kernels than AttnProcessor2_0."""
     call = UNetCall((2, 4, 16, 16), (2, 77, 16), grad=False, stopped_after=None)
-    stock = stock_call_ops(unet, call)
+    stock = sum(stock_call_ops(unet, call).values())
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 16)
     with torch.no_grad(), attach(unet, AttentionController()), OpCounter() as counter:
         unet(sample, torch.tensor(500), encoder_hidden_states=context)
@@ -61,6 +61,6 @@ def test_recorded_calls_note_shapes_grad_and_early_exit(unet):
     assert [c.grad for c in calls] == [False, True]
     assert calls[0].stopped_after is None and calls[1].stopped_after == site  # the last layer that finished
     assert calls[0].sample_shape == (1, 4, 16, 16) and calls[1].context_shape == (1, 77, 16)
-    full = stock_call_ops(unet, UNetCall((1, 4, 16, 16), (1, 77, 16), grad=True, stopped_after=None))
-    early = stock_call_ops(unet, calls[1])
+    full = sum(stock_call_ops(unet, UNetCall((1, 4, 16, 16), (1, 77, 16), grad=True, stopped_after=None)).values())
+    early = sum(stock_call_ops(unet, calls[1]).values())
     assert 0 < early < full  # the replayed early exit skips the rest of the UNet and its backward
