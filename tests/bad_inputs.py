@@ -219,12 +219,12 @@ def dot_dot_after_a_missing_folder(folder: Path) -> Path:
     return folder / "ghost" / ".." / "g.png"
 
 
-#: Output paths refused before the model loads: (builder, message fragment, image commands only).
-BAD_OUTPUTS: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
-    "name over 255 bytes": (name_over_the_limit, "at most 255", False),
-    "no extension": (no_extension, "file name", True),
-    "unsupported extension": (unsupported_extension, "file name", True),
-    "'..' after a missing folder": (dot_dot_after_a_missing_folder, "does not exist", False),
+#: Output paths refused before the model loads: (builder, message fragment).
+BAD_OUTPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "name over 255 bytes": (name_over_the_limit, "at most 255"),
+    "no extension": (no_extension, "file name"),
+    "unsupported extension": (unsupported_extension, "file name"),
+    "'..' after a missing folder": (dot_dot_after_a_missing_folder, "does not exist"),
 }
 
 

@@ -445,9 +445,7 @@ def test_ctrl_c_leaves_no_partial_file(capsys, ctx, command, monkeypatch):
 @pytest.mark.parametrize("case", list(bad.BAD_OUTPUTS))
 def test_bad_output_paths_exit_2_before_the_model_loads(capsys, ctx, monkeypatch, command, case):
     """Issue 15.11: refused before any model work (a model load here would be exit 1), nothing created."""
-    build, fragment, images_only = bad.BAD_OUTPUTS[case]
-    if images_only and command == "generate":
-        pytest.skip("softrepa generate's output checks belong to the SoftREPA part of issue 15")
+    build, fragment = bad.BAD_OUTPUTS[case]
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was checked")

@@ -167,12 +167,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from editkit.image import save_image
+    from editkit.image import SAVE_FORMATS, save_image
     from editkit.models import load_pipeline
     from editkit.softrepa import load_soft_tokens, use_soft_tokens
     from editkit.softrepa.train import text_to_image_class
 
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
     if args.soft_tokens is None:
         from editkit.errors import InputError
 
