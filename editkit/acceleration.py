@@ -4,11 +4,13 @@
   object, its ``attn_processors`` and ``attach`` keep working. editkit's processor traces without a
   graph break: the identity controller, ``CrossAttentionMapStore`` and SoftREPA's token controller
   give one graph for the whole UNet, and a new ``attach`` (new processor objects, same classes) reuses
-  it. Controllers whose Python state changes per step (``StyleInjectionController`` and the feature
-  recorders branch on the timestep and fill dicts/sets) also trace without graph breaks, but dynamo
-  guards on that state, so each new timestep is a recompilation; past ``torch._dynamo``'s recompile
-  limit (8) the UNet runs eagerly. Pass ``recompile_limit`` >= the number of steps to keep them
-  compiled (worth it when the same schedule is reused, e.g. one style cache for many contents).
+  it. Controllers with per-step state (``StyleInjectionController``, the q/k/v and feature
+  recorders, SoftREPA's time tokens) set it up in ``begin_step`` and read no Python timestep in
+  their hooks, so the compiled UNet keeps its graphs from step to step (a 12-step stylize: one
+  graph per phase, 3 in all; ``python -m benchmarks.compile_graphs``). Compose's guided passes,
+  which stop early by raising, still recompile; ``recompile_limit`` raises dynamo's limit (8).
+  diffusers' recipe ``pipe.unet = torch.compile(pipe.unet)`` works too (``attach`` and
+  ``model_family`` see through the wrapper).
 - ``to_channels_last``: NHWC convolutions (faster on recent GPUs with fp16/bf16).
 - ``enable_memory_savers``: diffusers' model CPU offload (accelerate; needs an accelerator), VAE
   tiling (large images: the VAE works on overlapping tiles) and VAE slicing (one image at a time).
