@@ -277,7 +277,7 @@ CRAFTED_TOKEN_CASES = {
     "non-numeric num_tokens": (_crafted_tokens({"num_tokens": "four"}), "'num_tokens' is not a whole number"),
     "missing token_width": (_crafted_tokens({"token_width": None}), "'token_width' is missing"),
     "sites not a list": (_crafted_tokens({"sites": '"down_blocks"'}), "'sites' has the wrong type"),
-    "sites nested 20,000 deep": (_crafted_tokens({"sites": "[" * 20000 + "]" * 20000}), "nested deeper than"),
+    "sites nested 20,000 deep": (_crafted_tokens({"sites": "[" * 20000 + "]" * 20000}), "nested too deeply"),
     "sites with 1e400": (_crafted_tokens({"sites": "[1e400]"}), "'sites' is not valid JSON"),
     "zero timesteps": (_crafted_tokens({"num_train_timesteps": "0"}), "must be at least 1"),
     "version 99": (_crafted_tokens({"format_version": "99"}), "format version 99"),

@@ -213,7 +213,7 @@ def _json_edit(key: str, change):
 
 CHECKPOINT_CASES = {
     "missing fingerprint": (_crafted({"fingerprint": None}), "'fingerprint' is missing"),
-    "fingerprint nested 20,000 deep": (_crafted({"fingerprint": "[" * 20000 + "]" * 20000}), "nested deeper"),
+    "fingerprint nested 20,000 deep": (_crafted({"fingerprint": "[" * 20000 + "]" * 20000}), "nested too deeply"),
     "non-numeric step": (_crafted({"step": "two"}), "'step' is not a whole number"),
     "step that disagrees with the history": (_crafted({"step": "5"}), "must hold 5 numbers"),
     "empty optimizer state": (_crafted(drop=("optimizer.",)), "'optimizer.0.exp_avg' is missing"),

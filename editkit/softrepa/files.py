@@ -15,13 +15,14 @@ Python's own file I/O (its header in a canonical order) inside :func:`editkit.im
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
 
 from editkit.errors import InputError, ModelLoadError
+from editkit.jsonio import MAX_JSON_DEPTH
+from editkit.jsonio import parse_json as strict_json
 from editkit.safefiles import is_pickle
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "write_safetensors",
 ]
 
-MAX_JSON_DEPTH = 32
 # Largest token value accepted: CLIP text embeddings lie within about +-30, float16 overflows at
 # 65504, and values near 1e4 already saturate attention; larger values only come from divergence.
 MAX_TOKEN_ABS = 1e4
@@ -86,49 +86,14 @@ def _canonical(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
-def _depth(text: str) -> int:
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} overflows")
-    return value
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number")
-
-
 def parse_json(metadata: dict[str, str], key: str, path: Path, kind: type | tuple[type, ...]):
     """Metadata field ``key`` parsed as strict JSON and required to be of ``kind``."""
     if key not in metadata:
         raise ModelLoadError(f"{path}: metadata field {key!r} is missing")
-    text = metadata[key]
     try:
-        if _depth(text) > MAX_JSON_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
-        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
-    except ValueError as error:
-        raise ModelLoadError(f"{path}: metadata field {key!r} is not valid JSON ({error})") from None
+        value = strict_json(metadata[key], f"{path}: metadata field {key!r}", max_depth=MAX_JSON_DEPTH)
+    except InputError as error:  # a broken file is a model-load error (exit 2) naming the file
+        raise ModelLoadError(str(error)) from None
     if not isinstance(value, kind):
         raise ModelLoadError(f"{path}: metadata field {key!r} has the wrong type ({type(value).__name__})")
     return value
