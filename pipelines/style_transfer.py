@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -29,18 +31,29 @@ from transformers import (
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.conditioning import TextConditioning, encode_text
 from editkit.errors import InputError
-from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
+from editkit.image import tensor_to_pil
 from editkit.inversion import (
     ddim_alphas,
     ddim_invert,
     ddim_step,
-    decode_latents,
     encode_image_latents,
     generation_scheduler,
     model_eps,
     predicted_x0,
 )
 from editkit.models import model_family
+from editkit.pipeline_io import (
+    PipelineStateMixin,
+    as_prompt_list,
+    batch_size,
+    callback_tensor_names,
+    check_generators,
+    check_num_images,
+    check_output_type,
+    postprocess,
+    prepare_images,
+    step_callback,
+)
 from editkit.style import (
     FEATURES_BY_KIND,
     FeatureRecorder,
@@ -53,7 +66,6 @@ from editkit.style import (
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Image.Image | torch.Tensor
 # InstantStyle's blocks (method note): the content in the layout block, the style in the style block.
 IP_ADAPTER_BLOCKS = {
     "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 0.0]}}),
@@ -63,14 +75,19 @@ IP_ADAPTER_BLOCKS = {
 
 @dataclass
 class StyleTransferPipelineOutput(BaseOutput):
-    """``images``: one stylized image per style; ``style_caches``/``content_cache``: reusable features."""
+    """``images``: per content image, one stylized image per style (each ``num_images_per_prompt`` times).
 
-    images: list[Image.Image] | torch.Tensor
+    ``style_caches``: the styles' features (for the first prompt); ``content_caches``: one per content
+    image; ``content_cache``: the first of them (one content image, the common case).
+    """
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
     style_caches: list[StyleCache]
     content_cache: StyleCache
+    content_caches: list[StyleCache] | None = None
 
 
-class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMixin):
+class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, IPAdapterMixin):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):
@@ -145,15 +162,21 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         if window is not None and (len(window) != 2 or window[0] > window[1]):
             raise InputError(f"injection_timesteps must be (low, high) with low <= high, got {window}")
 
-    def _prepare_image(self, image: ImageInput, size: tuple[int, int] | None) -> torch.Tensor:
-        """PIL image or (1, 3, H, W) tensor in [-1, 1] -> (1, 3, H, W) at ``size`` (a multiple of 8)."""
-        if isinstance(image, torch.Tensor):
-            tensor = image if image.ndim == 4 else image[None]
-            image = tensor_to_pil(tensor)[0]
-        width, height = size or fit_size(*image.size, multiple=self.vae_scale_factor)
-        if width % self.vae_scale_factor or height % self.vae_scale_factor:
-            raise InputError(f"image size {width}x{height} must be a multiple of {self.vae_scale_factor}")
-        return pil_to_tensor(resize_to(image.convert("RGB"), (width, height)))
+    def _prepare_image(self, image, size: tuple[int, int] | None, name: str = "content_image") -> torch.Tensor:
+        """Any diffusers image input -> (B, 3, H, W) in [-1, 1] at ``size``, or (B, 4, h, w) latents as given."""
+        width, height = size or (None, None)
+        return prepare_images(
+            image, vae_scale_factor=self.vae_scale_factor, height=height, width=width,
+            latent_channels=self.vae.config.latent_channels, name=name,
+        )  # fmt: skip
+
+    def _is_latents(self, image: torch.Tensor) -> bool:
+        return image.shape[1] == self.vae.config.latent_channels and image.shape[1] != 3
+
+    def _pixel_size(self, image: torch.Tensor) -> tuple[int, int]:
+        """(width, height) in pixels of an image or latent batch."""
+        factor = self.vae_scale_factor if self._is_latents(image) else 1
+        return image.shape[-1] * factor, image.shape[-2] * factor
 
     def _text(self, prompt: str, size: tuple[int, int]) -> TextConditioning:
         return encode_text(self, [prompt], width=size[0], height=size[1])
@@ -197,7 +220,12 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):
         """Invert one image, recording only what injection needs; returns a ``StyleCache``."""
-        latents = encode_image_latents(self.vae, image.to(self._execution_device)).to(self.unet.dtype)
+        if self._is_latents(image):
+            if ip_count:
+                raise InputError("with an IP-Adapter loaded, give images (the image encoder needs pixels), not latents")
+            latents = image.to(device=self._execution_device, dtype=self.unet.dtype)
+        else:
+            latents = encode_image_latents(self.vae, image.to(self._execution_device)).to(self.unet.dtype)
         recorder = FeatureRecorder(sites, FEATURES_BY_KIND[kind], timesteps, offload=offload)
         stepper = compose(*extra, recorder)  # every attached controller learns the step
         added = dict(text.added_cond_kwargs or {})
@@ -216,7 +244,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                 callback=lambda index, t, _: stepper.begin_step(index, t),
                 progress=progress,
             )
-        size = (image.shape[-1], image.shape[-2])
+        size = self._pixel_size(image)
         return StyleCache.from_recorder(
             recorder,
             result.final,
@@ -231,7 +259,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             image_embeds=image_embeds,
         )
 
-    def _denoise(self, latents, controller, text, guidance_scale, steps, callback_on_step_end, ip_embeds):
+    def _denoise(self, latents, controller, text, guidance_scale, steps, callback, ip_embeds):
         """DDIM (eta 0) from the first timestep, the same arithmetic the inversion undoes."""
         scheduler = generation_scheduler(self.scheduler, steps)
         alpha_pair = ddim_alphas(scheduler, steps, latents.device)
@@ -253,23 +281,26 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             alpha_t, alpha_prev = alpha_pair(int(t))
             eps = model_eps(output, z, alpha_t, prediction_type)
             z = ddim_step(predicted_x0(z, eps, alpha_t), eps, alpha_prev)
-            if callback_on_step_end is not None:
-                z = callback_on_step_end(self, index, t, {"latents": z}).get("latents", z)
+            callback_on_step_end, names = callback
+            z = step_callback(self, callback_on_step_end, index, t, {"latents": z}, names)["latents"]
+            if self.interrupt:
+                break
         return z.to(latents.dtype)
 
     # -- __call__ ----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
-        content_image: ImageInput | None = None,
-        style_image: ImageInput | Sequence[ImageInput] | None = None,
+        content_image: PipelineImageInput | None = None,
+        style_image: PipelineImageInput | Sequence[PipelineImageInput] | None = None,
         *,
         style_cache: StyleCache | Sequence[StyleCache] | None = None,
-        content_cache: StyleCache | None = None,
-        prompt: str = "",
-        negative_prompt: str = "",
+        content_cache: StyleCache | Sequence[StyleCache] | None = None,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] = "",
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
+        num_images_per_prompt: int = 1,
         gamma: float = 0.75,
         tau: float = 1.5,
         adain_strength: float | None = 0.6,
@@ -282,23 +313,31 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         style_size: tuple[int, int] | None = None,
         ip_adapter_scale: float | dict | list | None = None,
         offload_features: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
-        r"""Stylize ``content_image`` with each style; one output per style image, then one per style cache.
+        r"""Stylize each content image with each style: images ordered by content, then style, then copy.
 
         Args:
-            content_image: PIL image or (1, 3, H, W) tensor in [-1, 1] (ignored pixels-wise when
-                ``content_cache`` is given, but still needed for its size unless ``height``/``width``).
-            style_image: one or more style images (any size; keys need not match the content's size).
+            content_image: one content image or a batch, in diffusers' formats (PIL, path, numpy
+                (H, W, C)/(B, H, W, C) in [0, 1], torch (C, H, W)/(B, C, H, W) in [0, 1], lists of
+                these, or (B, 4, h, w) latents). Every item is stylized; a list is resized to the
+                first item's size. Still needed for its size when ``content_cache`` is given.
+            style_image: one or more style images (any size; keys need not match the content's size);
+                a batched style tensor or list is several styles.
             style_cache / content_cache: features from an earlier run (``output.style_caches``,
-                ``StyleCache.load``); validated against this model, sites and timesteps.
-            prompt, negative_prompt, guidance_scale: optional text; guidance 1 (default) runs one UNet
-                pass per step. With CFG both branches are injected (as AttenST does).
+                ``output.content_caches``, ``StyleCache.load``); one content cache per content image;
+                validated against this model, sites and timesteps.
+            prompt, negative_prompt, guidance_scale: optional text, one or one per content image;
+                guidance 1 (default) runs one UNet pass per step. With CFG both branches are injected
+                (as AttenST does). Each style is inverted with each distinct prompt.
             num_inference_steps: DDIM steps N, shared by inversion and generation.
+            num_images_per_prompt: copies of each output. The method is deterministic (DDIM, eta 0),
+                so copies are identical: diffusers' argument is accepted so batch code works unchanged.
             gamma: query preservation (0: the stylized latent's own query, 1: the content's).
             tau: attention temperature, logits scaled by ``tau / sqrt(d)`` (1 = plain attention).
             adain_strength: a_s of the content-aware AdaIN (1: plain AdaIN, 0: content colours, None: off).
@@ -310,20 +349,25 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             ip_adapter_scale: with IP-Adapter(s) loaded, a float (InstantStyle blocks, AttenST 1.2) or
                 ``set_ip_adapter_scale`` configs (content's first when two adapters are loaded).
             offload_features: keep recorded features on the CPU, streaming them per step.
-            generator: accepted for API symmetry; the method is deterministic (DDIM, eta 0).
-            output_type: ``"pil"``, ``"pt"`` ((B, 3, H, W) in [0, 1]) or ``"latent"``.
-            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": z}) -> dict`` after each step.
+            generator: accepted for API symmetry (one or one per output image); the method is deterministic.
+            output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) in [0, 1]), ``"pt"`` ((B, 3, H, W) in [0, 1])
+                or ``"latent"``.
+            return_dict: ``False`` returns ``(images, style_caches, content_caches)``.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each
+                generation step; ``callback_kwargs`` holds the names in
+                ``callback_on_step_end_tensor_inputs`` (of ``_callback_tensor_inputs``); a returned
+                ``"latents"`` replaces the latent. Setting ``pipe._interrupt`` stops the loop.
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the whole run.
         """
-        styles = _as_list(style_image)
+        styles = [item for style in _as_list(style_image) for item in _split_batch(style)]
         given_caches = _as_list(style_cache)
         self.check_inputs(
             content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
             injection_timesteps,
         )  # fmt: skip
-        if output_type not in ("pil", "pt", "latent"):
-            raise InputError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        device = self._execution_device
+        check_output_type(output_type)
+        check_num_images(num_images_per_prompt)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         sites = resolve_style_sites(self.unet, injection_sites)
         offload = "cpu" if offload_features else None
 
@@ -331,10 +375,20 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         scheduler = generation_scheduler(self.scheduler, num_inference_steps)
         low, high = injection_timesteps or (0, scheduler.config.num_train_timesteps)
         window = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
+        self._begin_run(guidance_scale, len(scheduler.timesteps))
 
-        # 2. Content (and IP-Adapter features) at its processing size.
-        content = self._prepare_image(content_image, (width, height) if width and height else None)
-        content_size = (content.shape[-1], content.shape[-2])
+        # 2. Contents (every batch item), prompts and (IP-Adapter) state at the processing size.
+        contents = self._prepare_image(content_image, (width, height) if width and height else None)
+        prompts, negatives = as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt")
+        batch = batch_size({"content_image": len(contents), "prompt": len(prompts), "negative_prompt": len(negatives)})
+        contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
+        prompts, negatives = prompts * (batch // len(prompts)), negatives * (batch // len(negatives))
+        given_content = _as_list(content_cache)
+        if given_content and len(given_content) != batch:
+            raise InputError(f"got {len(given_content)} content caches for {batch} content images")
+        outputs = batch * (len(styles) + len(given_caches)) * num_images_per_prompt
+        check_generators(generator, outputs)
+        content_size = self._pixel_size(contents)
         if mask is not None:
             style_size = content_size  # a masked blend needs equal token counts per layer
         ip_count = self._ip_adapter_count()
@@ -342,86 +396,98 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
         fingerprint = model_fingerprint(self.unet)
         extra = list(attention_controllers or [])
+        invert = lambda image, kind, text: self._invert(  # noqa: E731
+            image, kind, sites if kind == "style" or gamma > 0 else [], window, text, num_inference_steps,
+            resample_steps, offload, ip_count, extra, progress,
+        )  # fmt: skip
         try:
             with self.attach_controllers(extra) if extra else contextlib.nullcontext():
                 if ip_count:
                     self.set_ip_adapter_scale([0.0] * ip_count)  # inversion runs without the image prompt
 
-                # 3. Content inversion (its queries), unless cached.
-                if content_cache is None:
-                    content_cache = self._invert(
-                        content, "content", sites if gamma > 0 else [], window, self._text(prompt, content_size),
-                        num_inference_steps, resample_steps, offload, ip_count, extra, progress,
+                # 3. Content inversions (their queries), unless cached: one per batch item.
+                content_caches = given_content or [
+                    invert(contents[i : i + 1], "content", self._text(prompts[i], content_size)) for i in range(batch)
+                ]
+                for cache in content_caches:
+                    cache.validate(
+                        kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
+                        size=content_size, label="content cache",
                     )  # fmt: skip
-                content_cache.validate(
-                    kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
-                    size=content_size, label="content cache",
-                )  # fmt: skip
 
-                # 4. Style inversions (their keys and values), unless cached.
-                caches = []  # one per style image (in order), then the given caches
-                for style in styles:
-                    style_tensor = self._prepare_image(style, style_size)
-                    style_px = (style_tensor.shape[-1], style_tensor.shape[-2])
-                    caches.append(
-                        self._invert(
-                            style_tensor, "style", sites, window, self._text(prompt, style_px),
-                            num_inference_steps, resample_steps, offload, ip_count, extra, progress,
-                        )
-                    )  # fmt: skip
-                caches += given_caches
-                for cache in caches:
+                # 4. Style inversions (their keys and values), unless cached: once per distinct prompt.
+                style_tensors = [self._prepare_image(style, style_size, "style_image") for style in styles]
+                caches_by_prompt = {}
+                for text_prompt in dict.fromkeys(prompts):
+                    caches_by_prompt[text_prompt] = [
+                        invert(style, "style", self._text(text_prompt, self._pixel_size(style)))
+                        for style in style_tensors
+                    ] + given_caches
+                for cache in given_caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
 
-                # 5. Generation per style: AdaIN'd start latent, injected self-attention.
-                text = self._text(prompt, content_size)
-                cfg = guidance_scale > 1.0
-                if cfg:
-                    text = TextConditioning.cat([self._text(negative_prompt, content_size), text])
+                # 5. Generation per content and style: AdaIN'd start latent, injected self-attention.
                 if ip_count:
                     self._ip_restore(ip_snapshot)
                     self.set_ip_adapter_scale(self._ip_scales(ip_adapter_scale))
+                injection = {
+                    "sites": sites, "window": window, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
+                    "mask": mask, "guidance_scale": guidance_scale, "steps": num_inference_steps,
+                    "callback": (callback_on_step_end, names), "ip_count": ip_count, "extra": extra,
+                }  # fmt: skip
                 latents = []
-                for cache in caches:
-                    start = content_cache.final_latent.to(device)
-                    if adain_strength is not None:
-                        start = content_aware_adain(start, cache.final_latent.to(device), adain_strength)
-                    controller = StyleInjectionController(
-                        sites, cache, content_cache if gamma > 0 else None,
-                        gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
-                    )  # fmt: skip
-                    ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
-                    with self.attach_controllers(controller):
-                        latents.append(
-                            self._denoise(
-                                start,
-                                compose(*extra, controller),
-                                text,
-                                guidance_scale,
-                                num_inference_steps,
-                                callback_on_step_end,
-                                ip,
-                            )
-                        )
+                for index, content_features in enumerate(content_caches):
+                    text = self._text(prompts[index], content_size)
+                    if guidance_scale > 1.0:
+                        text = TextConditioning.cat([self._text(negatives[index], content_size), text])
+                    for cache in caches_by_prompt[prompts[index]]:
+                        latents.append(self._generate(content_features, cache, text, **injection))
         finally:
             if ip_snapshot is not None:
                 self._ip_restore(ip_snapshot)
 
-        # 6. Decode the final latents only.
-        images = self._output(torch.cat(latents), output_type)
+        # 6. Decode the final latents only (each repeated num_images_per_prompt times).
+        latents = torch.cat(latents).repeat_interleave(num_images_per_prompt, dim=0)
+        images = postprocess(self.vae, latents, output_type)
         self.maybe_free_model_hooks()
-        style_caches = caches
+        style_caches = caches_by_prompt[prompts[0]]
         if not return_dict:
-            return images, style_caches, content_cache
-        return StyleTransferPipelineOutput(images=images, style_caches=style_caches, content_cache=content_cache)
+            return images, style_caches, content_caches
+        return StyleTransferPipelineOutput(
+            images=images, style_caches=style_caches, content_cache=content_caches[0], content_caches=content_caches
+        )
 
-    def _output(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return latents
-        image = decode_latents(self.vae, latents)
-        if output_type == "pt":
-            return (image + 1) / 2
-        return tensor_to_pil(image)
+    def _generate(
+        self,
+        content_cache,
+        cache,
+        text,
+        *,
+        sites,
+        window,
+        gamma,
+        tau,
+        adain_strength,
+        mask,
+        guidance_scale,
+        steps,
+        callback,
+        ip_count,
+        extra,
+    ) -> torch.Tensor:
+        """One stylized latent: the AdaIN'd content start latent denoised with injected self-attention."""
+        device = self._execution_device
+        start = content_cache.final_latent.to(device)
+        if adain_strength is not None:
+            start = content_aware_adain(start, cache.final_latent.to(device), adain_strength)
+        controller = StyleInjectionController(
+            sites, cache, content_cache if gamma > 0 else None,
+            gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
+        )  # fmt: skip
+        cfg = guidance_scale > 1.0
+        ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
+        with self.attach_controllers(controller):
+            return self._denoise(start, compose(*extra, controller), text, guidance_scale, steps, callback, ip)
 
 
 def _as_list(value) -> list:
@@ -430,6 +496,13 @@ def _as_list(value) -> list:
     if isinstance(value, list | tuple):
         return list(value)
     return [value]
+
+
+def _split_batch(image) -> list:
+    """A batched style tensor/array is several styles; anything else is one."""
+    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
+        return [image[i : i + 1] for i in range(image.shape[0])]
+    return [image]
 
 
 def _scale_config(config: dict, value: float) -> dict:

@@ -336,7 +336,7 @@ def test_from_pretrained_sd_and_sdxl_folders(sd15_dir, sdxl_dir):
         ({"resample_steps": -1}, "resample_steps"),
         ({"style_image": []}, "style"),
         ({"injection_sites": ["up_blocks.9"]}, "matches no"),
-        ({"output_type": "np"}, "output_type"),
+        ({"output_type": "jpg"}, "output_type"),
     ],
 )
 def test_bad_arguments_raise_short_input_errors(sd_style, kwargs, message):
