@@ -59,7 +59,7 @@ def _call(pipes, name: str, image=None, **kwargs):
 
 
 # -- 1. every item of a batch is processed ------------------------------------------------------
-@pytest.mark.parametrize("name", ["stylize"])
+@pytest.mark.parametrize("name", ["stylize", "edit"])
 def test_batched_image_gives_one_output_per_item_equal_to_its_own_run(pipes, name):
     batch = _rand_images(2)
     together = _call(pipes, name, batch, output_type="np").images
@@ -70,3 +70,13 @@ def test_batched_image_gives_one_output_per_item_equal_to_its_own_run(pipes, nam
     alone = _call(pipes, name, batch[1:], output_type="np", generator=torch.Generator().manual_seed(1)).images
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
     assert np.abs(together[0] - together[1]).max() > 1e-3  # the items really differ
+
+
+def test_edit_with_contrast_and_one_generator_per_item_equals_each_item_alone(pipes):
+    """The PatchNCE term too: per-item patch locations and a step not divided by the batch size."""
+    batch = _rand_images(2)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    options = {"contrast": "dual", "num_patches": 8, "output_type": "latent"}
+    together = _call(pipes, "edit", batch, generator=generators, **options).images
+    alone = _call(pipes, "edit", batch[1:], generator=torch.Generator().manual_seed(1), **options).images
+    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-4)
