@@ -28,6 +28,17 @@ from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
+from editkit.pipeline_io import (
+    PipelineStateMixin,
+    as_prompt_list,
+    batch_size,
+    callback_tensor_names,
+    check_generators,
+    check_num_images,
+    check_output_type,
+    postprocess,
+    step_callback,
+)
 from editkit.refine import (
     GUIDANCE_BLOCKS,
     GuidanceMapStore,
@@ -88,7 +99,7 @@ class _Run:
     unet_dtype: torch.dtype
 
 
-class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
+class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the
@@ -107,6 +118,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
         self,
@@ -225,7 +237,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             current = current.detach() - run.step_sizes[i] * grad
         return current.detach().to(latents.dtype), maps.detach()
 
-    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback_on_step_end):
+    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback):
         """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
         latents = noise * self.scheduler.init_noise_sigma
         captured: list[torch.Tensor] = []
@@ -252,9 +264,11 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + run.guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                callback_on_step_end, names = callback
+                latents = step_callback(self, callback_on_step_end, i, t, {"latents": latents}, names)["latents"]
                 progress_bar.update()
+                if self.interrupt:
+                    break
         return latents, (torch.stack(captured).mean(dim=0) if captured else None)
 
     def _step_params(self) -> set[str]:
@@ -287,14 +301,15 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        constraints: Constraints | dict | None = None,
+        prompt: str | list[str],
+        constraints: Constraints | dict | list | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        generator: torch.Generator | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         max_iter_to_alter: int | None = None,
         scale_factor: float = 20.0,
@@ -320,6 +335,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
         r"""Generate ``prompt`` with its constraints enforced.
@@ -348,41 +364,96 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
         """
-        # 0. Defaults and checks
+        # 0. Defaults and checks (every prompt), one initial noise per output drawn at once, as diffusers does
+        prompts = as_prompt_list(prompt)
+        check_num_images(num_images_per_prompt)
+        per_prompt = {"constraints": constraints, "negative_prompt": negative_prompt}
+        per_prompt = {k: v if isinstance(v, list) else [v] for k, v in per_prompt.items()}
+        batch_size({"prompt": len(prompts), **{k: len(v) for k, v in per_prompt.items()}})
+        per_prompt = {k: v * (len(prompts) // len(v)) if len(v) == 1 else v for k, v in per_prompt.items()}
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
-        self.check_inputs(
-            prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
-        )
+        for text in prompts:
+            self.check_inputs(
+                text, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
+            )
+        check_output_type(output_type)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        total = len(prompts) * num_images_per_prompt
+        check_generators(generator, total)
+        device = self._execution_device
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (total, self.unet.config.in_channels, *latent_hw)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"latents must have the shape {shape} (one per output image), got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._begin_run(guidance_scale, len(self.scheduler.timesteps))
+        options = {
+            "height": height, "width": width, "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "max_iter_to_alter": max_iter_to_alter,
+            "step_sizes": step_sizes(num_inference_steps, scale_factor, scale_range),
+            "refinement_thresholds": dict(refinement_thresholds or {}), "max_refinement_steps": max_refinement_steps,
+            "weights": LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin),
+            "map_kwargs": {
+                "token_softmax_scale": token_softmax_scale, "smooth": smooth_attention,
+                "kernel_size": smoothing_kernel_size, "sigma": smoothing_sigma,
+            },
+            "attention_blocks": attention_blocks, "refine": refine,
+            "verifier": AttentionVerifier() if verifier == "attention" else verifier,
+            "noise_refiner": noise_refiner, "noise_step_size": noise_step_size, "initno_steps": initno_steps,
+            "constraint_parser": constraint_parser, "callback": (callback_on_step_end, names),
+            "attention_controllers": list(attention_controllers or []),
+        }  # fmt: skip
+
+        # 1.-6. Each output: constraints, stage 1, verification, stage 2 (prompt-major, as diffusers orders them)
+        runs = []
+        for index in range(total):
+            item = index // num_images_per_prompt
+            item_generator = generator[index] if isinstance(generator, list) else generator
+            noise = latents[index : index + 1].to(device=device, dtype=self.unet.dtype)
+            texts = (prompts[item], per_prompt["constraints"][item], per_prompt["negative_prompt"][item])
+            runs.append(self._compose_one(*texts, noise, item_generator, options))
+            if self.interrupt:
+                break
+
+        # 7. Decode the chosen latents
+        images = postprocess(self.vae, torch.cat([run.pop("final") for run in runs]), output_type)
+        self.maybe_free_model_hooks()
+        fields = {key: [run[key] for run in runs] for key in runs[0]}
+        if total == 1:
+            fields = {key: values[0] for key, values in fields.items()}
+        output = ComposePipelineOutput(images=images, **fields)
+        return output if return_dict else (images,)
+
+    def _compose_one(self, prompt, constraints, negative_prompt, initial_noise, generator, options) -> dict:
+        """One output image: constraints, stage 1, verification, stage 2; the fields of the output."""
+        notes: list[str] = []
+        verifier = options["verifier"]
+        latent_hw = tuple(initial_noise.shape[-2:])
         grid = map_grid(latent_hw, map_divisor(self.unet.config))
         try:
-            store = GuidanceMapStore(grid, blocks=attention_blocks)
+            store = GuidanceMapStore(grid, blocks=options["attention_blocks"])
         except ValueError as error:
             raise InputError(str(error)) from None
-        notes: list[str] = []
-        verifier = AttentionVerifier() if verifier == "attention" else verifier
-        device = self._execution_device
 
         # 1. Constraints -> token indices
-        constraints, aligned = self.prepare_constraints(prompt, constraints, constraint_parser, notes)
-        weights = LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin)
-        guided = 0 if aligned.empty or not weights.any else max_iter_to_alter
-        verify = refine and not aligned.empty
+        constraints, aligned = self.prepare_constraints(prompt, constraints, options["constraint_parser"], notes)
+        weights = options["weights"]
+        guided = 0 if aligned.empty or not weights.any else options["max_iter_to_alter"]
+        verify = options["refine"] and not aligned.empty
 
         # 2. Text conditioning
-        cond, cfg = self.encode(prompt, negative_prompt, height, width, guidance_scale > 1.0)
+        height, width, steps = options["height"], options["width"], options["num_inference_steps"]
+        cond, cfg = self.encode(prompt, negative_prompt, height, width, options["guidance_scale"] > 1.0)
 
-        # 3. Timesteps and the initial noise z_T (kept: stage 2 refines this very tensor)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 3. Timesteps; the initial noise z_T is kept: stage 2 refines this very tensor
+        device = self._execution_device
+        self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
-        shape = (1, self.unet.config.in_channels, *latent_hw)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.prompt_embeds.dtype)
-        initial_noise = latents.to(device=device, dtype=cond.prompt_embeds.dtype)
-
-        controller = compose(store, *(attention_controllers or []))
+        controller = compose(store, *options["attention_controllers"])
         run = _Run(
             cond=cond,
             cfg=cfg,
@@ -392,22 +463,18 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             store_grid=grid,
             controller=controller,
             guided_steps=guided,
-            map_kwargs={
-                "token_softmax_scale": token_softmax_scale,
-                "smooth": smooth_attention,
-                "kernel_size": smoothing_kernel_size,
-                "sigma": smoothing_sigma,
-            },
-            step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
-            thresholds=dict(refinement_thresholds or {}),
-            max_refinement_steps=max_refinement_steps,
-            guidance_scale=guidance_scale,
-            capture_steps=max(max_iter_to_alter, 1) if verify and verifier.needs_maps else 0,
+            map_kwargs=options["map_kwargs"],
+            step_sizes=options["step_sizes"],
+            thresholds=options["refinement_thresholds"],
+            max_refinement_steps=options["max_refinement_steps"],
+            guidance_scale=options["guidance_scale"],
+            capture_steps=max(options["max_iter_to_alter"], 1) if verify and verifier.needs_maps else 0,
             unet_dtype=self.unet.dtype,  # a property that walks the model: read once
         )
+        callback = options["callback"]
         with self.attach_controllers(controller), frozen_weights(self.unet):
             # 4. Stage 1: guided generation
-            final, maps = self.denoise(initial_noise, timesteps, run, generator, callback_on_step_end)
+            final, maps = self.denoise(initial_noise, timesteps, run, generator, callback)
 
             # 5. Verification
             report_before = self.verify(verifier, final, maps, run) if verify else None
@@ -415,24 +482,18 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
 
             # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
             refined_noise, report_after, chosen = None, None, "stage1"
-            if faulty:
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+            if faulty and not self.interrupt:
+                self.scheduler.set_timesteps(steps, device=device)
                 refined_noise = self.refine_noise(
-                    initial_noise, faulty, timesteps, run, noise_refiner, noise_step_size, initno_steps
-                )
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback_on_step_end)
+                    initial_noise, faulty, timesteps, run, options["noise_refiner"], options["noise_step_size"],
+                    options["initno_steps"],
+                )  # fmt: skip
+                self.scheduler.set_timesteps(steps, device=device)
+                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback)
                 report_after = self.verify(verifier, second, second_maps, run)
                 if verifier_score(report_after) > verifier_score(report_before):
                     final, chosen = second, "refined"
-
-        # 7. Decode the chosen latents
-        if output_type == "latent":
-            images = final
-        else:
-            images = self.image_processor.postprocess(decode_latents(self.vae, final), output_type=output_type)
-        self.maybe_free_model_hooks()
-        output = ComposePipelineOutput(
-            images, constraints, report_before, report_after, chosen, initial_noise, refined_noise, notes
-        )
-        return output if return_dict else (images,)
+        return {
+            "final": final, "constraints": constraints, "report_before": report_before, "report_after": report_after,
+            "chosen": chosen, "initial_noise": initial_noise, "refined_noise": refined_noise, "warnings": notes,
+        }  # fmt: skip

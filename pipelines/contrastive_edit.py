@@ -148,7 +148,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
         for name, prompt in [("source_prompt", p) for p in sources] + [("target_prompt", p) for p in targets]:
             if not prompt.strip():
                 raise InputError(f"{name} must be a non-empty string")
-        if any(s.strip() == t.strip() for s, t in zip(sources * len(targets), targets * len(sources))):
+        count = max(len(sources), len(targets))  # pairs with a single prompt broadcast
+        if any(s.strip() == t.strip() for s, t in zip(sources * count, targets * count)):
             warnings.warn("source and target prompts are identical: the edit will change little", stacklevel=3)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputError(f"the number of iterations must be at least 1, got {num_inference_steps}")

@@ -80,3 +80,124 @@ def test_edit_with_contrast_and_one_generator_per_item_equals_each_item_alone(pi
     together = _call(pipes, "edit", batch, generator=generators, **options).images
     alone = _call(pipes, "edit", batch[1:], generator=torch.Generator().manual_seed(1), **options).images
     torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_compose_prompt_list_and_num_images_per_prompt_match_diffusers(pipes):
+    """Guidance off, compose is plain SD sampling: a batch must match StableDiffusionPipeline's batch."""
+    from diffusers import StableDiffusionPipeline
+
+    compose = pipes["compose"]
+    reference = StableDiffusionPipeline(
+        **{k: getattr(compose, k) for k in _BASE}, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    common = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "num_images_per_prompt": 2, "output_type": "pt"}
+    prompts = ["a cat", "a dog"]
+    expected = reference(prompts, generator=torch.Generator().manual_seed(3), **common).images
+    out = compose(prompts, generator=torch.Generator().manual_seed(3), max_iter_to_alter=0, refine=False, **common)
+    assert out.images.shape == (4, 3, SIZE, SIZE)
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
+    assert len(out.constraints) == 4 and out.constraints[2].prompt == "a dog"  # one report per image
+
+
+@pytest.mark.parametrize("name", ["stylize", "edit"])
+def test_image_lists_and_prompt_lists_batch(pipes, name):
+    images = [PIL.Image.fromarray(a) for a in _uint8_images(2)]
+    if name == "edit":
+        out = pipes[name](images, "a cat", ["a dog", "a cat dog"], num_inference_steps=1, contrast=None,
+                          num_images_per_prompt=2, output_type="pt")  # fmt: skip
+        assert out.images.shape == (4, 3, SIZE, SIZE)
+    else:
+        out = _call(pipes, name, images, prompt=["a cat", "a dog"], num_images_per_prompt=2, output_type="pt")
+        assert out.images.shape == (4, 3, SIZE, SIZE)
+        torch.testing.assert_close(out.images[0], out.images[1])  # deterministic: copies are equal
+        assert len(out.content_caches) == 2
+
+
+def test_mismatched_batch_lengths_are_refused(pipes):
+    images = _rand_images(3)
+    with pytest.raises(InputError, match="same length"):
+        pipes["edit"](images, ["a cat", "a dog"], "a dog", num_inference_steps=1)
+    with pytest.raises(InputError, match="generators"):
+        _call(pipes, "compose", generator=[torch.Generator()] * 3)
+    with pytest.raises(InputError, match="num_images_per_prompt"):
+        _call(pipes, "stylize", num_images_per_prompt=0)
+
+
+# -- 2. image inputs: diffusers' formats ---------------------------------------------------------
+def _uint8_images(batch: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(batch, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", ["stylize", "edit"])
+def test_every_image_format_gives_the_same_result(pipes, name, tmp_path):
+    array = _uint8_images(1)
+    floats = array.astype(np.float32) / 255
+    tensor = torch.from_numpy(floats).permute(0, 3, 1, 2)
+    PIL.Image.fromarray(array[0]).save(tmp_path / "image.png")
+    formats = {
+        "pil": PIL.Image.fromarray(array[0]),
+        "path": str(tmp_path / "image.png"),
+        "np_hwc": floats[0],
+        "np_bhwc": floats,
+        "np_uint8": array[0],
+        "pt_chw": tensor[0],
+        "pt_list": [tensor[0]],
+        "pil_list": [PIL.Image.fromarray(array[0])],
+    }
+    results = {key: _call(pipes, name, value, output_type="latent").images for key, value in formats.items()}
+    with pytest.warns(FutureWarning, match=r"\[-1,1\]"):  # diffusers' deprecated range, still read
+        results["pt_minus1_1"] = _call(pipes, name, tensor * 2 - 1, output_type="latent").images
+    for key, value in results.items():
+        torch.testing.assert_close(value, results["pil"], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("name", ["stylize", "edit"])
+def test_latents_are_accepted_as_the_image(pipes, name):
+    from editkit.inversion import encode_image_latents
+
+    pixels = _rand_images(1)
+    latents = encode_image_latents(pipes[name].vae, pixels * 2 - 1)
+    from_pixels = _call(pipes, name, pixels, output_type="latent").images
+    from_latents = _call(pipes, name, latents, output_type="latent").images
+    torch.testing.assert_close(from_latents, from_pixels, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["stylize", "edit"])
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((SIZE, SIZE, 3), dtype=np.int64), "dtype"),
+        (np.full((SIZE, SIZE, 3), 2.0, dtype=np.float32), r"\[0, 1\]"),
+        (torch.full((1, 3, SIZE, SIZE), 3.0), r"\[0, 1\]"),
+        (torch.zeros(1, 5, SIZE, SIZE), "channels"),
+        ([PIL.Image.new("RGB", (SIZE, SIZE)), np.zeros((SIZE, SIZE, 3), np.float32)], "one kind"),
+        ("/no/such/image.png", "not found"),
+        ([], "empty"),
+        (42, "PIL image"),
+    ],
+)
+def test_bad_images_raise_input_errors(pipes, name, image, message):
+    with pytest.raises(InputError, match=message):
+        _call(pipes, name, image)
+
+
+# -- 5. outputs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PIPELINES)
+def test_output_types_and_return_dict(pipes, name):
+    pt = _call(pipes, name, output_type="pt").images
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 3, SIZE, SIZE) and 0 <= pt.min() <= pt.max() <= 1
+    as_np = _call(pipes, name, output_type="np").images
+    assert isinstance(as_np, np.ndarray) and as_np.shape == (1, SIZE, SIZE, 3)
+    np.testing.assert_allclose(as_np, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = _call(pipes, name, output_type="pil").images
+    assert isinstance(pil, list) and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (SIZE, SIZE)
+    np.testing.assert_allclose(np.asarray(pil[0]), (as_np[0] * 255).round(), atol=1)
+    latent = _call(pipes, name, output_type="latent").images
+    assert latent.shape == (1, 4, SIZE // 8, SIZE // 8)
+    as_tuple = _call(pipes, name, output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], pt)
+    with pytest.raises(InputError, match="output_type"):
+        _call(pipes, name, output_type="jpeg")
