@@ -118,7 +118,7 @@ def test_image_lists_and_prompt_lists_batch(pipes, name):
 def test_mismatched_batch_lengths_are_refused(pipes):
     images = _rand_images(3)
     with pytest.raises(InputError, match="same length"):
-        pipes["edit"](images, ["a cat", "a dog"], "a dog", num_inference_steps=1)
+        pipes["edit"](images, ["a cat", "a dog"], "a bird", num_inference_steps=1)
     with pytest.raises(InputError, match="generators"):
         _call(pipes, "compose", generator=[torch.Generator()] * 3)
     with pytest.raises(InputError, match="num_images_per_prompt"):
@@ -201,3 +201,47 @@ def test_output_types_and_return_dict(pipes, name):
     torch.testing.assert_close(as_tuple[0], pt)
     with pytest.raises(InputError, match="output_type"):
         _call(pipes, name, output_type="jpeg")
+
+
+# -- 6. callbacks and properties -----------------------------------------------------------------
+@pytest.mark.parametrize("name", PIPELINES)
+def test_callback_gets_the_listed_tensors_and_properties_and_its_latents_are_used(pipes, name):
+    seen = []
+
+    def zero_latents(pipe, step, timestep, tensors):
+        seen.append((step, sorted(tensors), pipe.guidance_scale, pipe.num_timesteps, pipe.interrupt))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = _call(
+        pipes, name, guidance_scale=2.0, output_type="latent", callback_on_step_end=zero_latents,
+        callback_on_step_end_tensor_inputs=["latents"],
+    )  # fmt: skip
+    assert torch.count_nonzero(out.images) == 0  # the returned latents replaced the loop's
+    assert seen == [(0, ["latents"], 2.0, 2, False), (1, ["latents"], 2.0, 2, False)]
+    assert "latents" in type(pipes[name])._callback_tensor_inputs
+
+    passed = []
+    _call(pipes, name, callback_on_step_end=lambda p, i, t, kw: passed.append(kw) or {},
+          callback_on_step_end_tensor_inputs=[], output_type="latent")  # fmt: skip
+    assert passed == [{}, {}]  # only the listed tensors (none) are passed
+    with pytest.raises(InputError, match="callback_on_step_end_tensor_inputs"):
+        _call(pipes, name, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"])
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_interrupt_stops_the_loop_and_pipeline_callbacks_work(pipes, name):
+    from diffusers.callbacks import PipelineCallback
+
+    class Interrupt(PipelineCallback):
+        tensor_inputs = ("latents",)
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            steps.append(step_index)
+            pipeline._interrupt = True
+            return callback_kwargs
+
+    steps = []
+    _call(pipes, name, callback_on_step_end=Interrupt(), output_type="latent")
+    assert steps == [0] and pipes[name].interrupt
+    _call(pipes, name, callback_on_step_end=lambda pipe, i, t, kw: steps.append(i) or {}, output_type="latent")
+    assert steps == [0, 0, 1]  # a new run starts uninterrupted
