@@ -32,10 +32,15 @@ from editkit.inversion import decode_latents
 __all__ = [
     "OUTPUT_TYPES",
     "PipelineStateMixin",
+    "as_list",
+    "as_prompt_list",
     "batch_size",
     "callback_tensor_names",
     "check_generators",
+    "check_num_images",
     "check_output_type",
+    "is_latents",
+    "pixel_size",
     "postprocess",
     "prepare_images",
     "step_callback",
@@ -77,6 +82,24 @@ def prepare_images(
     processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, vae_latent_channels=latent_channels)
     pixels = processor.preprocess(items[0] if len(items) == 1 else items, height=height, width=width).float()
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def is_latents(batch: torch.Tensor, vae) -> bool:
+    """Whether a prepared batch holds latents (the VAE's latent channels) rather than RGB pixels."""
+    return batch.shape[1] == vae.config.latent_channels and batch.shape[1] != 3
+
+
+def pixel_size(batch: torch.Tensor, vae, vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) in pixels of a prepared image or latent batch."""
+    factor = vae_scale_factor if is_latents(batch, vae) else 1
+    return int(batch.shape[-2]) * factor, int(batch.shape[-1]) * factor
+
+
+def as_list(value) -> list:
+    """None -> [], a list or tuple -> a list, anything else -> [value]."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _image_items(images, name: str) -> list:

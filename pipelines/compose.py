@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -99,7 +100,7 @@ class _Run:
     unet_dtype: torch.dtype
 
 
-class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline):
+class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -53,6 +54,8 @@ from editkit.pipeline_io import (
     check_generators,
     check_num_images,
     check_output_type,
+    is_latents,
+    pixel_size,
     postprocess,
     prepare_images,
     step_callback,
@@ -75,7 +78,7 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline):
+class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent
@@ -182,11 +185,10 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
         pixels = prepare_images(
             image, vae_scale_factor=self.vae_scale_factor, height=height, width=width, latent_channels=channels
         )
-        device = self._execution_device
-        if pixels.shape[1] == channels and channels != 3:
-            size = (pixels.shape[-2] * self.vae_scale_factor, pixels.shape[-1] * self.vae_scale_factor)
+        device, size = self._execution_device, pixel_size(pixels, self.vae, self.vae_scale_factor)
+        if is_latents(pixels, self.vae):
             return pixels.to(device=device, dtype=torch.float32), size
-        return encode_image_latents(self.vae, pixels.to(device)).float(), tuple(pixels.shape[-2:])
+        return encode_image_latents(self.vae, pixels.to(device)).float(), size
 
     def _prepare_mask(self, mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
         """A {0, 1} mask at the image's size -> (batch, 1, h, w) latent mask (a cell is in if any pixel is)."""

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
@@ -44,12 +45,15 @@ from editkit.inversion import (
 from editkit.models import model_family
 from editkit.pipeline_io import (
     PipelineStateMixin,
+    as_list,
     as_prompt_list,
     batch_size,
     callback_tensor_names,
     check_generators,
     check_num_images,
     check_output_type,
+    is_latents,
+    pixel_size,
     postprocess,
     prepare_images,
     step_callback,
@@ -87,7 +91,9 @@ class StyleTransferPipelineOutput(BaseOutput):
     content_caches: list[StyleCache] | None = None
 
 
-class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, IPAdapterMixin):
+class StyleTransferPipeline(
+    AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin, IPAdapterMixin
+):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):
@@ -170,13 +176,10 @@ class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionP
             latent_channels=self.vae.config.latent_channels, name=name,
         )  # fmt: skip
 
-    def _is_latents(self, image: torch.Tensor) -> bool:
-        return image.shape[1] == self.vae.config.latent_channels and image.shape[1] != 3
-
     def _pixel_size(self, image: torch.Tensor) -> tuple[int, int]:
         """(width, height) in pixels of an image or latent batch."""
-        factor = self.vae_scale_factor if self._is_latents(image) else 1
-        return image.shape[-1] * factor, image.shape[-2] * factor
+        height, width = pixel_size(image, self.vae, self.vae_scale_factor)
+        return width, height
 
     def _text(self, prompt: str, size: tuple[int, int]) -> TextConditioning:
         return encode_text(self, [prompt], width=size[0], height=size[1])
@@ -220,7 +223,7 @@ class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionP
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):
         """Invert one image, recording only what injection needs; returns a ``StyleCache``."""
-        if self._is_latents(image):
+        if is_latents(image, self.vae):
             if ip_count:
                 raise InputError("with an IP-Adapter loaded, give images (the image encoder needs pixels), not latents")
             latents = image.to(device=self._execution_device, dtype=self.unet.dtype)
@@ -359,8 +362,8 @@ class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionP
                 ``"latents"`` replaces the latent. Setting ``pipe._interrupt`` stops the loop.
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the whole run.
         """
-        styles = [item for style in _as_list(style_image) for item in _split_batch(style)]
-        given_caches = _as_list(style_cache)
+        styles = [item for style in as_list(style_image) for item in _split_batch(style)]
+        given_caches = as_list(style_cache)
         self.check_inputs(
             content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
             injection_timesteps,
@@ -383,7 +386,7 @@ class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionP
         batch = batch_size({"content_image": len(contents), "prompt": len(prompts), "negative_prompt": len(negatives)})
         contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
         prompts, negatives = prompts * (batch // len(prompts)), negatives * (batch // len(negatives))
-        given_content = _as_list(content_cache)
+        given_content = as_list(content_cache)
         if given_content and len(given_content) != batch:
             raise InputError(f"got {len(given_content)} content caches for {batch} content images")
         outputs = batch * (len(styles) + len(given_caches)) * num_images_per_prompt
@@ -488,14 +491,6 @@ class StyleTransferPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionP
         ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
         with self.attach_controllers(controller):
             return self._denoise(start, compose(*extra, controller), text, guidance_scale, steps, callback, ip)
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, list | tuple):
-        return list(value)
-    return [value]
 
 
 def _split_batch(image) -> list:

@@ -245,3 +245,26 @@ def test_interrupt_stops_the_loop_and_pipeline_callbacks_work(pipes, name):
     assert steps == [0] and pipes[name].interrupt
     _call(pipes, name, callback_on_step_end=lambda pipe, i, t, kw: steps.append(i) or {}, output_type="latent")
     assert steps == [0, 0, 1]  # a new run starts uninterrupted
+
+
+# -- 7. mixins -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PIPELINES)
+def test_fused_qkv_projections_and_freeu_work(pipes, name):
+    from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+
+    pipe = pipes[name]
+    assert isinstance(pipe, StableDiffusionMixin)
+    plain = _call(pipes, name, output_type="latent").images
+    pipe.fuse_qkv_projections()
+    try:
+        fused = _call(pipes, name, output_type="latent").images
+    finally:
+        pipe.unfuse_qkv_projections()
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-3)
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    try:
+        freeu = _call(pipes, name, output_type="latent").images
+    finally:
+        pipe.disable_freeu()
+    assert (freeu - plain).abs().max() > 1e-4  # FreeU reaches the UNet editkit runs
+    torch.testing.assert_close(_call(pipes, name, output_type="latent").images, plain)
