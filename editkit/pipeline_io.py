@@ -36,6 +36,7 @@ __all__ = [
     "as_prompt_list",
     "batch_size",
     "callback_tensor_names",
+    "check_alpha_scheduler",
     "check_generators",
     "check_num_images",
     "check_output_type",
@@ -209,17 +210,40 @@ def check_generators(generator, count: int) -> None:
         raise InputError(f"got {len(generator)} generators for {count} output images; pass one per image")
 
 
+def check_alpha_scheduler(scheduler, method: str) -> None:
+    """Refuse, before any model work, a scheduler without a DDPM alpha-bar table (EDM/sigma-only ones)."""
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise InputError(
+            f"{method} needs a scheduler with DDPM alphas (alphas_cumprod), e.g. DDIMScheduler; "
+            f"{type(scheduler).__name__} has none (EDM-type schedulers are not supported)"
+        )
+
+
 # -- callbacks and properties --------------------------------------------------------------------
 class PipelineStateMixin:
-    """The run state diffusers' callbacks read: ``guidance_scale``, ``num_timesteps``, ``interrupt``.
+    """The run state diffusers' callbacks read (``guidance_scale``, ``num_timesteps``, ``interrupt``),
+    and a ``from_pretrained`` that skips the SD components the pipeline never runs.
 
     A callback may set ``pipe._interrupt = True`` to stop the loop after the current step (the
     pipeline then decodes what it has), as in diffusers' Stable Diffusion pipelines.
     """
 
+    #: diffusers' SD components the pipeline accepts (as None) but never runs; never loaded.
+    _unused_components: tuple[str, ...] = ()
     _guidance_scale: float = 1.0
     _num_timesteps: int = 0
     _interrupt: bool = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' ``from_pretrained``, without loading the components this pipeline never runs.
+
+        They are listed (``_unused_components``, e.g. the safety checker) so that
+        ``StableDiffusionPipeline.from_pipe(this_pipeline)`` works without extra arguments.
+        """
+        for name in cls._unused_components:
+            kwargs.setdefault(name, None)
+        return super().from_pretrained(*args, **kwargs)
 
     @property
     def guidance_scale(self) -> float:

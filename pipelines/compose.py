@@ -21,7 +21,7 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
@@ -118,7 +118,10 @@ class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipelin
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
+    ]  # fmt: skip
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
@@ -131,6 +134,8 @@ class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipelin
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        safety_checker: torch.nn.Module | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -141,6 +146,8 @@ class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipelin
             scheduler=scheduler,
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
+            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
+            feature_extractor=None,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8

@@ -23,7 +23,7 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
@@ -51,6 +51,7 @@ from editkit.pipeline_io import (
     as_prompt_list,
     batch_size,
     callback_tensor_names,
+    check_alpha_scheduler,
     check_generators,
     check_num_images,
     check_output_type,
@@ -97,7 +98,10 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
+    ]  # fmt: skip
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
@@ -110,6 +114,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        safety_checker: torch.nn.Module | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -120,6 +126,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
             scheduler=scheduler,
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
+            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
+            feature_extractor=None,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -144,6 +152,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, Diffusio
     ) -> None:
         """Short, specific InputErrors before any heavy work; a warning for identical prompts."""
         model_family(self.unet)
+        check_alpha_scheduler(self.scheduler, "contrastive editing (DDS noising)")
         sources, targets = (
             as_prompt_list(source_prompt, "source_prompt"),
             as_prompt_list(target_prompt, "target_prompt"),

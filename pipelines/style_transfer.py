@@ -49,6 +49,7 @@ from editkit.pipeline_io import (
     as_prompt_list,
     batch_size,
     callback_tensor_names,
+    check_alpha_scheduler,
     check_generators,
     check_num_images,
     check_output_type,
@@ -120,7 +121,10 @@ class StyleTransferPipeline(
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker",)
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor", "safety_checker",
+    ]  # fmt: skip
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
@@ -134,6 +138,7 @@ class StyleTransferPipeline(
         tokenizer_2: CLIPTokenizer | None = None,
         image_encoder: CLIPVisionModelWithProjection | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        safety_checker: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -146,11 +151,13 @@ class StyleTransferPipeline(
             tokenizer_2=tokenizer_2,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
+            safety_checker=None,  # diffusers' SD component this pipeline never runs: accepted, dropped
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, content_image, styles, caches, gamma, tau, adain_strength, steps, resample_steps, window):
+        check_alpha_scheduler(self.scheduler, "style transfer (DDIM inversion)")
         if content_image is None:
             raise InputError("a content image is needed")
         if not styles and not caches:

@@ -268,3 +268,59 @@ def test_fused_qkv_projections_and_freeu_work(pipes, name):
         pipe.disable_freeu()
     assert (freeu - plain).abs().max() > 1e-4  # FreeU reaches the UNet editkit runs
     torch.testing.assert_close(_call(pipes, name, output_type="latent").images, plain)
+
+
+# -- 8. components -------------------------------------------------------------------------------
+def _tiny_autoencoder_tiny():
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    blocks = {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4}
+    return AutoencoderTiny(**blocks, num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).eval()
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_autoencoder_tiny_encodes_and_decodes(pipes, name):
+    """AutoencoderTiny has no latent_dist: its latents are used as given, and decoded to the output."""
+    pipe = pipes[name]
+    original, pipe.vae = pipe.vae, _tiny_autoencoder_tiny()
+    try:
+        image = _rand_images(1)
+        out = _call(pipes, name, image, learning_rate=1e-12, output_type="latent") if name == "edit" else None
+        if out is not None:  # a vanishing step: the edited latent is the encoder's own latent
+            expected = pipe.vae.encode(image * 2 - 1).latents
+            torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
+        latents = _call(pipes, name, image, output_type="latent").images
+        decoded = _call(pipes, name, image, output_type="pt").images
+        expected = ((pipe.vae.decode(latents).sample + 1) / 2).clamp(0, 1)
+        torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-4)
+    finally:
+        pipe.vae = original
+
+
+@pytest.mark.parametrize("name", ["stylize", "edit"])
+def test_edm_schedulers_are_refused_before_model_work(pipes, name, monkeypatch):
+    from diffusers import EDMEulerScheduler
+
+    pipe = pipes[name]
+    original = pipe.scheduler
+    calls = []
+    monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: calls.append(1))
+    pipe.scheduler = EDMEulerScheduler()
+    try:
+        with pytest.raises(InputError, match="EDM"):
+            _call(pipes, name)
+    finally:
+        pipe.scheduler = original
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_stable_diffusion_from_pipe_without_extra_arguments(pipes, name):
+    from diffusers import StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline.from_pipe(pipes[name])
+    assert sd.unet is pipes[name].unet and sd.safety_checker is None
+    sd.set_progress_bar_config(disable=True)
+    images = sd("a cat", height=SIZE, width=SIZE, num_inference_steps=1, output_type="pt").images
+    assert images.shape == (1, 3, SIZE, SIZE)
