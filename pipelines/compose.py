@@ -25,7 +25,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
+from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text, is_sdxl_unet
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
@@ -100,7 +100,9 @@ class _Run:
     unet_dtype: torch.dtype
 
 
-class ComposePipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin):
+class ComposePipeline(
+    AttentionKernelMixin, PipelineStateMixin, PromptEncodingMixin, DiffusionPipeline, StableDiffusionMixin
+):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the

@@ -27,7 +27,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
-from editkit.conditioning import TextConditioning, encode_text
+from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text
 from editkit.contrastive import (
     DEFAULT_SITES,
     DIRECTIONS,
@@ -79,7 +79,9 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin):
+class ContrastiveEditPipeline(
+    AttentionKernelMixin, PipelineStateMixin, PromptEncodingMixin, DiffusionPipeline, StableDiffusionMixin
+):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import TextConditioning, encode_text
+from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text
 from editkit.errors import InputError
 from editkit.image import tensor_to_pil
 from editkit.inversion import (
@@ -93,7 +93,12 @@ class StyleTransferPipelineOutput(BaseOutput):
 
 
 class StyleTransferPipeline(
-    AttentionKernelMixin, PipelineStateMixin, DiffusionPipeline, StableDiffusionMixin, IPAdapterMixin
+    AttentionKernelMixin,
+    PipelineStateMixin,
+    PromptEncodingMixin,
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    IPAdapterMixin,
 ):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 

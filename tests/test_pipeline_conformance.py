@@ -324,3 +324,53 @@ def test_stable_diffusion_from_pipe_without_extra_arguments(pipes, name):
     sd.set_progress_bar_config(disable=True)
     images = sd("a cat", height=SIZE, width=SIZE, num_inference_steps=1, output_type="pt").images
     assert images.shape == (1, 3, SIZE, SIZE)
+
+
+# -- 4. text inputs ------------------------------------------------------------------------------
+CLASSES = {
+    "stylize": ("pipelines.style_transfer", "StyleTransferPipeline"),
+    "edit": ("pipelines.contrastive_edit", "ContrastiveEditPipeline"),
+    "compose": ("pipelines.compose", "ComposePipeline"),
+}
+
+
+def _pipeline_class(name):
+    import importlib
+
+    module, cls = CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts():
+    from editkit.testing import tiny_sdxl_components
+
+    return {k: v for k, v in tiny_sdxl_components(seed=0).items() if k not in ("image_encoder", "feature_extractor")}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.parametrize("negative", [None, ["blurry", "dark"]])
+def test_encode_prompt_matches_diffusers_sd_and_sdxl(pipes, sdxl_parts, name, negative):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    prompts = ["a cat", "a dog"]
+    kwargs = {"num_images_per_prompt": 2, "do_classifier_free_guidance": True, "negative_prompt": negative}
+    ours = pipes[name].encode_prompt(prompts, "cpu", **kwargs)
+    sd = StableDiffusionPipeline(
+        **{k: getattr(pipes[name], k) for k in _BASE}, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    expected = sd.encode_prompt(prompts, "cpu", **kwargs)
+    assert len(ours) == 2 and ours[0].shape == (4, 77, 16)
+    for mine, theirs in zip(ours, expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+    xl = _pipeline_class(name)(**sdxl_parts)
+    zeros = xl.config.get("force_zeros_for_empty_prompt", False)  # stylize: encodes "" (no such option)
+    reference = StableDiffusionXLPipeline(**sdxl_parts, force_zeros_for_empty_prompt=zeros)
+    xl_ours = xl.encode_prompt(prompts, "cpu", **kwargs)
+    xl_expected = reference.encode_prompt(prompts, device="cpu", **kwargs)
+    assert len(xl_ours) == 4
+    for mine, theirs in zip(xl_ours, xl_expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert (negative is None and zeros) == (torch.count_nonzero(xl_ours[1]) == 0)
