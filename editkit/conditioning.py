@@ -16,13 +16,18 @@ import torch
 from editkit.errors import InputError
 
 __all__ = [
+    "EMBEDDING_NAMES",
     "PromptEncodingMixin",
     "TextConditioning",
     "clean_prompt",
     "conditioning_from_embeds",
     "encode_text",
+    "guidance_conditioning",
     "is_sdxl_unet",
 ]
+
+#: diffusers' names of given text embeddings (``encode_prompt``'s outputs, SDXL's pooled ones last).
+EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 #: Longest prompt accepted at all (characters); CLIP reads 77 tokens, the rest is truncated with a warning.
 MAX_PROMPT_CHARS = 10_000
@@ -172,6 +177,21 @@ def conditioning_from_embeds(
     return TextConditioning(
         embeds, {"text_embeds": pooled_prompt_embeds.to(device=device, dtype=dtype), "time_ids": time_ids}
     )
+
+
+def guidance_conditioning(
+    pipe, prompt, negative_prompt, *, height: int, width: int, cfg: bool, embeds: dict | None = None
+) -> tuple[TextConditioning, TextConditioning | None]:
+    """(conditional, CFG batch [uncond, cond] or None), from text or given ``embeds`` (``encode_prompt``'s names)."""
+    embeds = dict(embeds or {})
+    given = embeds.get("prompt_embeds") is not None
+    encoded = pipe.encode_prompt(None if given else prompt, None, 1, cfg, negative_prompt, **embeds)
+    pooled = encoded[2:] if is_sdxl_unet(pipe.unet) else (None, None)
+    cond = conditioning_from_embeds(pipe, encoded[0], pooled[0], height=height, width=width)
+    if not cfg:
+        return cond, None
+    uncond = conditioning_from_embeds(pipe, encoded[1], pooled[1], height=height, width=width)
+    return cond, TextConditioning.cat([uncond, cond])
 
 
 class PromptEncodingMixin:

@@ -15,15 +15,18 @@ One place for what every pipeline shares with diffusers' stock pipelines, so the
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
 
 from editkit.errors import InputError
 from editkit.image import fit_size, load_image
@@ -35,6 +38,7 @@ __all__ = [
     "as_list",
     "as_prompt_list",
     "batch_size",
+    "broadcast",
     "callback_tensor_names",
     "check_alpha_scheduler",
     "check_generators",
@@ -44,7 +48,10 @@ __all__ = [
     "pixel_size",
     "postprocess",
     "prepare_images",
+    "prepare_noise",
+    "scheduler_step_kwargs",
     "step_callback",
+    "unet_call_kwargs",
 ]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -197,6 +204,30 @@ def batch_size(name_counts: dict[str, int]) -> int:
     return sizes.pop() if sizes else 1
 
 
+def broadcast(lists: dict[str, list], others: dict[str, int] | None = None) -> dict[str, list]:
+    """Lists of one item (broadcast) or of the batch size, each returned at the batch size.
+
+    ``others`` adds counts that must agree too (e.g. rows of given embeddings).
+    """
+    size = batch_size({**{k: len(v) for k, v in lists.items()}, **(others or {})})
+    return {k: v * size if len(v) == 1 else list(v) for k, v in lists.items()}
+
+
+def prepare_noise(shape: tuple[int, ...], generator, device, dtype, latents: torch.Tensor | None) -> torch.Tensor:
+    """diffusers' ``prepare_latents`` noise: drawn at once for the batch (one generator per row for a list)."""
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != tuple(shape):
+        raise InputError(f"latents must have the shape {shape} (one per output image), got {tuple(latents.shape)}")
+    return latents.to(device=device, dtype=dtype)
+
+
+def scheduler_step_kwargs(scheduler, generator, eta: float) -> dict:
+    """``generator`` and ``eta`` for ``scheduler.step`` where it takes them (``prepare_extra_step_kwargs``)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    return {k: v for k, v in {"generator": generator, "eta": eta}.items() if k in params}
+
+
 def check_num_images(num_images_per_prompt: int) -> None:
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool):
         raise InputError(f"num_images_per_prompt must be an integer, got {num_images_per_prompt!r}")
@@ -217,6 +248,28 @@ def check_alpha_scheduler(scheduler, method: str) -> None:
             f"{method} needs a scheduler with DDPM alphas (alphas_cumprod), e.g. DDIMScheduler; "
             f"{type(scheduler).__name__} has none (EDM-type schedulers are not supported)"
         )
+
+
+@contextlib.contextmanager
+def unet_call_kwargs(unet, cross_attention_kwargs: dict | None) -> Iterator[None]:
+    """Every UNet call inside gets ``cross_attention_kwargs`` (LoRA ``{"scale": ...}``, ``ip_adapter_masks``).
+
+    A forward pre-hook rather than an argument threaded through each call, so the inversion and
+    guidance passes get them too; an explicit ``cross_attention_kwargs`` of a call wins.
+    """
+    if not cross_attention_kwargs:
+        yield
+        return
+
+    def add_kwargs(module, args, kwargs):
+        kwargs.setdefault("cross_attention_kwargs", dict(cross_attention_kwargs))
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(add_kwargs, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # -- callbacks and properties --------------------------------------------------------------------

@@ -7,7 +7,7 @@ attention layer, for SD 1.x/2.x and SDXL.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -18,27 +18,31 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text, is_sdxl_unet
+from editkit.conditioning import EMBEDDING_NAMES, PromptEncodingMixin, TextConditioning, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
 from editkit.pipeline_io import (
     PipelineStateMixin,
+    as_list,
     as_prompt_list,
-    batch_size,
+    broadcast,
     callback_tensor_names,
     check_generators,
     check_num_images,
     check_output_type,
     postprocess,
+    prepare_noise,
+    scheduler_step_kwargs,
     step_callback,
+    unet_call_kwargs,
 )
 from editkit.refine import (
     GUIDANCE_BLOCKS,
@@ -62,7 +66,8 @@ NOISE_REFINERS = ("single-step", "initno")
 
 @dataclass
 class ComposePipelineOutput(BaseOutput):
-    """Images and the constraint report.
+    """Images and the constraint report; with several images (a prompt list, ``num_images_per_prompt``)
+    every field but ``images`` is a list with one entry per image.
 
     ``report_before``/``report_after``: each constraint's status after stage 1 and after noise
     refinement (``None`` when not run); ``chosen``: ``"stage1"`` or ``"refined"``;
@@ -98,6 +103,8 @@ class _Run:
     guidance_scale: float
     capture_steps: int
     unet_dtype: torch.dtype
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
 
 
 class ComposePipeline(
@@ -197,23 +204,6 @@ class ComposePipeline(
             logger.warning(note)
         return constraints, aligned
 
-    def encode(self, prompt: str, negative_prompt: str | None, height: int, width: int, cfg: bool):
-        """(conditional, CFG batch [uncond, cond] or None) text conditioning."""
-        cond = encode_text(self, prompt, height=height, width=width)
-        if not cfg:
-            return cond, None
-        if negative_prompt is None and is_sdxl_unet(self.unet) and self.config.force_zeros_for_empty_prompt:
-            uncond = TextConditioning(
-                torch.zeros_like(cond.prompt_embeds),
-                {
-                    "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
-                    "time_ids": cond.added_cond_kwargs["time_ids"],
-                },
-            )
-        else:
-            uncond = encode_text(self, negative_prompt or "", height=height, width=width)
-        return cond, TextConditioning.cat([uncond, cond])
-
     # -- guidance -----------------------------------------------------------------------------
     def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> torch.Tensor:
         """One conditional UNet forward; the ``(tokens, h, w)`` float32 token maps it attended with."""
@@ -251,7 +241,7 @@ class ComposePipeline(
         """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
         latents = noise * self.scheduler.init_noise_sigma
         captured: list[torch.Tensor] = []
-        extra = {"generator": generator} if "generator" in self._step_params() else {}
+        extra = scheduler_step_kwargs(self.scheduler, generator, run.eta)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 run.controller.begin_step(i, t)
@@ -273,6 +263,8 @@ class ComposePipeline(
                 if run.cfg is not None:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + run.guidance_scale * (cond - uncond)
+                    if run.guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
+                        noise_pred = rescale_noise_cfg(noise_pred, cond, guidance_rescale=run.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 callback_on_step_end, names = callback
                 latents = step_callback(self, callback_on_step_end, i, t, {"latents": latents}, names)["latents"]
@@ -280,9 +272,6 @@ class ComposePipeline(
                 if self.interrupt:
                     break
         return latents, (torch.stack(captured).mean(dim=0) if captured else None)
-
-    def _step_params(self) -> set[str]:
-        return set(inspect.signature(self.scheduler.step).parameters)
 
     def refine_noise(self, noise, faulty, timesteps, run: _Run, refiner: str, step_size: float, initno_steps: int):
         """Stage 2: optimise z_T with the selective loss of the faulty entities (same noise tensor)."""
@@ -319,6 +308,13 @@ class ComposePipeline(
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         max_iter_to_alter: int | None = None,
@@ -375,12 +371,15 @@ class ComposePipeline(
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
         """
         # 0. Defaults and checks (every prompt), one initial noise per output drawn at once, as diffusers does
-        prompts = as_prompt_list(prompt)
+        embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        embeds = dict(zip(EMBEDDING_NAMES, embeds, strict=True))
+        per_prompt = broadcast(
+            {"prompt": as_prompt_list(prompt), "constraints": as_list(constraints) or [None],
+             "negative_prompt": as_list(negative_prompt) or [None]},
+            {k: len(v) for k, v in embeds.items() if v is not None},
+        )  # fmt: skip
+        prompts = per_prompt["prompt"]
         check_num_images(num_images_per_prompt)
-        per_prompt = {"constraints": constraints, "negative_prompt": negative_prompt}
-        per_prompt = {k: v if isinstance(v, list) else [v] for k, v in per_prompt.items()}
-        batch_size({"prompt": len(prompts), **{k: len(v) for k, v in per_prompt.items()}})
-        per_prompt = {k: v * (len(prompts) // len(v)) if len(v) == 1 else v for k, v in per_prompt.items()}
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
@@ -395,23 +394,24 @@ class ComposePipeline(
         device = self._execution_device
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         shape = (total, self.unet.config.in_channels, *latent_hw)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise InputError(f"latents must have the shape {shape} (one per output image), got {tuple(latents.shape)}")
+        latents = prepare_noise(shape, generator, device, self.unet.dtype, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._begin_run(guidance_scale, len(self.scheduler.timesteps))
-        options = {
-            "height": height, "width": width, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "max_iter_to_alter": max_iter_to_alter,
-            "step_sizes": step_sizes(num_inference_steps, scale_factor, scale_range),
-            "refinement_thresholds": dict(refinement_thresholds or {}), "max_refinement_steps": max_refinement_steps,
-            "weights": LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin),
-            "map_kwargs": {
+        template = _Run(
+            cond=None, cfg=None, aligned=None, store=None, store_grid=None, controller=None, guided_steps=0,
+            capture_steps=0, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+            weights=LossWeights(missing_weight, mixing_weight, binding_weight, spatial_weight, spatial_margin),
+            map_kwargs={
                 "token_softmax_scale": token_softmax_scale, "smooth": smooth_attention,
                 "kernel_size": smoothing_kernel_size, "sigma": smoothing_sigma,
             },
-            "attention_blocks": attention_blocks, "refine": refine,
+            step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
+            thresholds=dict(refinement_thresholds or {}), max_refinement_steps=max_refinement_steps,
+            unet_dtype=self.unet.dtype,  # a property that walks the model: read once
+        )  # fmt: skip
+        options = {
+            "run": template, "height": height, "width": width, "num_inference_steps": num_inference_steps,
+            "max_iter_to_alter": max_iter_to_alter, "attention_blocks": attention_blocks, "refine": refine,
             "verifier": AttentionVerifier() if verifier == "attention" else verifier,
             "noise_refiner": noise_refiner, "noise_step_size": noise_step_size, "initno_steps": initno_steps,
             "constraint_parser": constraint_parser, "callback": (callback_on_step_end, names),
@@ -423,22 +423,22 @@ class ComposePipeline(
         for index in range(total):
             item = index // num_images_per_prompt
             item_generator = generator[index] if isinstance(generator, list) else generator
-            noise = latents[index : index + 1].to(device=device, dtype=self.unet.dtype)
+            noise = latents[index : index + 1]
             texts = (prompts[item], per_prompt["constraints"][item], per_prompt["negative_prompt"][item])
-            runs.append(self._compose_one(*texts, noise, item_generator, options))
+            rows = {k: v if len(v) == 1 else v[item : item + 1] for k, v in embeds.items() if v is not None}
+            with unet_call_kwargs(self.unet, cross_attention_kwargs):
+                runs.append(self._compose_one(*texts, rows, noise, item_generator, options))
             if self.interrupt:
                 break
 
         # 7. Decode the chosen latents
         images = postprocess(self.vae, torch.cat([run.pop("final") for run in runs]), output_type)
         self.maybe_free_model_hooks()
-        fields = {key: [run[key] for run in runs] for key in runs[0]}
-        if total == 1:
-            fields = {key: values[0] for key, values in fields.items()}
+        fields = runs[0] if total == 1 else {key: [run[key] for run in runs] for key in runs[0]}
         output = ComposePipelineOutput(images=images, **fields)
         return output if return_dict else (images,)
 
-    def _compose_one(self, prompt, constraints, negative_prompt, initial_noise, generator, options) -> dict:
+    def _compose_one(self, prompt, constraints, negative_prompt, embeds, initial_noise, generator, options) -> dict:
         """One output image: constraints, stage 1, verification, stage 2; the fields of the output."""
         notes: list[str] = []
         verifier = options["verifier"]
@@ -451,36 +451,26 @@ class ComposePipeline(
 
         # 1. Constraints -> token indices
         constraints, aligned = self.prepare_constraints(prompt, constraints, options["constraint_parser"], notes)
-        weights = options["weights"]
-        guided = 0 if aligned.empty or not weights.any else options["max_iter_to_alter"]
+        guided = 0 if aligned.empty or not options["run"].weights.any else options["max_iter_to_alter"]
         verify = options["refine"] and not aligned.empty
 
         # 2. Text conditioning
         height, width, steps = options["height"], options["width"], options["num_inference_steps"]
-        cond, cfg = self.encode(prompt, negative_prompt, height, width, options["guidance_scale"] > 1.0)
+        cfg = self.do_classifier_free_guidance
+        cond, cfg = guidance_conditioning(
+            self, prompt, negative_prompt, height=height, width=width, cfg=cfg, embeds=embeds
+        )
 
         # 3. Timesteps; the initial noise z_T is kept: stage 2 refines this very tensor
         device = self._execution_device
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
         controller = compose(store, *options["attention_controllers"])
-        run = _Run(
-            cond=cond,
-            cfg=cfg,
-            aligned=aligned,
-            weights=weights,
-            store=store,
-            store_grid=grid,
-            controller=controller,
+        run = dataclasses.replace(
+            options["run"], cond=cond, cfg=cfg, aligned=aligned, store=store, store_grid=grid, controller=controller,
             guided_steps=guided,
-            map_kwargs=options["map_kwargs"],
-            step_sizes=options["step_sizes"],
-            thresholds=options["refinement_thresholds"],
-            max_refinement_steps=options["max_refinement_steps"],
-            guidance_scale=options["guidance_scale"],
             capture_steps=max(options["max_iter_to_alter"], 1) if verify and verifier.needs_maps else 0,
-            unet_dtype=self.unet.dtype,  # a property that walks the model: read once
-        )
+        )  # fmt: skip
         callback = options["callback"]
         with self.attach_controllers(controller), frozen_weights(self.unet):
             # 4. Stage 1: guided generation

@@ -32,7 +32,6 @@ from transformers import (
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text
 from editkit.errors import InputError
-from editkit.image import tensor_to_pil
 from editkit.inversion import (
     ddim_alphas,
     ddim_invert,
@@ -42,7 +41,14 @@ from editkit.inversion import (
     model_eps,
     predicted_x0,
 )
-from editkit.models import model_family
+from editkit.ip_adapter import (
+    clip_image_embeds,
+    ip_adapter_count,
+    ip_embeds_list,
+    ip_scales,
+    restore_scales,
+    scale_snapshot,
+)
 from editkit.pipeline_io import (
     PipelineStateMixin,
     as_list,
@@ -70,12 +76,6 @@ from editkit.style import (
 )
 
 logger = logging.getLogger(__name__)
-
-# InstantStyle's blocks (method note): the content in the layout block, the style in the style block.
-IP_ADAPTER_BLOCKS = {
-    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 0.0]}}),
-    "sd": ({"down": {"block_2": [1.0, 1.0]}}, {"up": {"block_1": [1.0, 1.0, 1.0]}}),
-}
 
 
 @dataclass
@@ -196,42 +196,6 @@ class StyleTransferPipeline(
     def _text(self, prompt: str, size: tuple[int, int]) -> TextConditioning:
         return encode_text(self, [prompt], width=size[0], height=size[1])
 
-    # -- IP-Adapter (dual-feature cross-attention) ------------------------------------------------
-    def _ip_adapter_count(self) -> int:
-        projection = getattr(self.unet, "encoder_hid_proj", None)
-        if self.unet.config.get("encoder_hid_dim_type") != "ip_image_proj" or projection is None:
-            return 0
-        return len(getattr(projection, "image_projection_layers", [projection]))
-
-    def _image_embeds(self, image: torch.Tensor) -> torch.Tensor:
-        """CLIP image embedding of a (1, 3, H, W) [-1, 1] image: (1, 1, dim)."""
-        if self.image_encoder is None or self.feature_extractor is None:
-            raise InputError("an IP-Adapter is loaded but the pipeline has no image_encoder/feature_extractor")
-        pixels = self.feature_extractor(tensor_to_pil(image), return_tensors="pt").pixel_values
-        encoder = self.image_encoder
-        return encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).image_embeds[:, None]
-
-    def _ip_scales(self, scale):
-        """InstantStyle-style per-block scale configs, content first, then style (set_ip_adapter_scale)."""
-        if scale is None or isinstance(scale, int | float):
-            value = 1.2 if scale is None else float(scale)  # AttenST: 1.2 for both adapters
-            content, style = IP_ADAPTER_BLOCKS[model_family(self.unet)]
-            scaled = [_scale_config(content, value), _scale_config(style, value)]
-            return scaled if self._ip_adapter_count() == 2 else scaled[1:]
-        return scale
-
-    def _ip_snapshot(self) -> dict:
-        return {
-            k: list(p.scale)
-            for k, p in self.unet.attn_processors.items()
-            if isinstance(getattr(p, "scale", None), list)
-        }
-
-    def _ip_restore(self, snapshot: dict) -> None:
-        for key, processor in self.unet.attn_processors.items():
-            if key in snapshot:
-                processor.scale[:] = snapshot[key]
-
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):
         """Invert one image, recording only what injection needs; returns a ``StyleCache``."""
@@ -244,7 +208,7 @@ class StyleTransferPipeline(
         recorder = FeatureRecorder(sites, FEATURES_BY_KIND[kind], timesteps, offload=offload)
         stepper = compose(*extra, recorder)  # every attached controller learns the step
         added = dict(text.added_cond_kwargs or {})
-        image_embeds = self._image_embeds(image) if ip_count else None
+        image_embeds = clip_image_embeds(self, image) if ip_count else None
         if image_embeds is not None:  # the UNet needs image embeds; the scales are 0 while inverting
             added["image_embeds"] = [torch.zeros_like(image_embeds)] * ip_count
         with self.attach_controllers(recorder):
@@ -406,8 +370,8 @@ class StyleTransferPipeline(
         content_size = self._pixel_size(contents)
         if mask is not None:
             style_size = content_size  # a masked blend needs equal token counts per layer
-        ip_count = self._ip_adapter_count()
-        ip_snapshot = self._ip_snapshot() if ip_count else None
+        ip_count = ip_adapter_count(self.unet)
+        ip_snapshot = scale_snapshot(self.unet) if ip_count else None
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
         fingerprint = model_fingerprint(self.unet)
         extra = list(attention_controllers or [])
@@ -443,8 +407,8 @@ class StyleTransferPipeline(
 
                 # 5. Generation per content and style: AdaIN'd start latent, injected self-attention.
                 if ip_count:
-                    self._ip_restore(ip_snapshot)
-                    self.set_ip_adapter_scale(self._ip_scales(ip_adapter_scale))
+                    restore_scales(self.unet, ip_snapshot)
+                    self.set_ip_adapter_scale(ip_scales(self.unet, ip_adapter_scale))
                 injection = {
                     "sites": sites, "window": window, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
                     "mask": mask, "guidance_scale": guidance_scale, "steps": num_inference_steps,
@@ -459,7 +423,7 @@ class StyleTransferPipeline(
                         latents.append(self._generate(content_features, cache, text, **injection))
         finally:
             if ip_snapshot is not None:
-                self._ip_restore(ip_snapshot)
+                restore_scales(self.unet, ip_snapshot)
 
         # 6. Decode the final latents only (each repeated num_images_per_prompt times).
         latents = torch.cat(latents).repeat_interleave(num_images_per_prompt, dim=0)
@@ -500,7 +464,7 @@ class StyleTransferPipeline(
             gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
         )  # fmt: skip
         cfg = guidance_scale > 1.0
-        ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
+        ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
         with self.attach_controllers(controller):
             return self._denoise(start, compose(*extra, controller), text, guidance_scale, steps, callback, ip)
 
@@ -510,24 +474,6 @@ def _split_batch(image) -> list:
     if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
         return [image[i : i + 1] for i in range(image.shape[0])]
     return [image]
-
-
-def _scale_config(config: dict, value: float) -> dict:
-    """Multiply every per-block scale of an InstantStyle config by ``value``."""
-    return {
-        part: {block: [s * value for s in scales] for block, scales in blocks.items()}
-        for part, blocks in config.items()
-    }
-
-
-def _ip_list(content_embeds, style_embeds, count: int, cfg: bool = False) -> list[torch.Tensor]:
-    """Image embeds per adapter: [content, style] for two adapters, [style] for one."""
-    if content_embeds is None or style_embeds is None:
-        raise InputError("a cache made without the IP-Adapter lacks the image embedding; recompute it")
-    embeds = [content_embeds, style_embeds][-count:]
-    if cfg:
-        embeds = [torch.cat([torch.zeros_like(e), e]) for e in embeds]
-    return embeds
 
 
 def _mask_tensor(mask) -> torch.Tensor | None:
