@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from editkit.errors import InputError
 from editkit.image import fit_size, load_image
-from editkit.inversion import decode_latents
+from editkit.inversion import decode_latents, encode_image_latents
 
 __all__ = [
     "OUTPUT_TYPES",
@@ -44,7 +44,9 @@ __all__ = [
     "check_generators",
     "check_num_images",
     "check_output_type",
+    "image_latents",
     "is_latents",
+    "pipeline_images",
     "pixel_size",
     "postprocess",
     "prepare_images",
@@ -90,6 +92,20 @@ def prepare_images(
     processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, vae_latent_channels=latent_channels)
     pixels = processor.preprocess(items[0] if len(items) == 1 else items, height=height, width=width).float()
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def pipeline_images(pipe, images, *, height: int | None = None, width: int | None = None, name: str = "image"):
+    """:func:`prepare_images` with ``pipe``'s VAE factor and latent channels."""
+    channels = pipe.vae.config.latent_channels
+    return prepare_images(
+        images, vae_scale_factor=pipe.vae_scale_factor, height=height, width=width, latent_channels=channels, name=name
+    )
+
+
+def image_latents(pipe, batch: torch.Tensor) -> torch.Tensor:
+    """A prepared batch -> scaled latents: given latents as they are, else the VAE's (posterior mean)."""
+    device = pipe._execution_device
+    return batch.to(device) if is_latents(batch, pipe.vae) else encode_image_latents(pipe.vae, batch.to(device))
 
 
 def is_latents(batch: torch.Tensor, vae) -> bool:

@@ -369,6 +369,9 @@ class ComposePipeline(
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
+            num_images_per_prompt, generator (one or one per image), eta, guidance_rescale, *prompt_embeds
+                (pooled ones on SDXL), cross_attention_kwargs, latents, callback_on_step_end(_tensor_inputs):
+                as in ``StableDiffusionPipeline``; ``prompt`` is still needed (constraints are parsed from it).
         """
         # 0. Defaults and checks (every prompt), one initial noise per output drawn at once, as diffusers does
         embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
@@ -383,10 +386,9 @@ class ComposePipeline(
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
+        checks = (height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale)
         for text in prompts:
-            self.check_inputs(
-                text, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
-            )
+            self.check_inputs(text, *checks)
         check_output_type(output_type)
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         total = len(prompts) * num_images_per_prompt
@@ -456,10 +458,9 @@ class ComposePipeline(
 
         # 2. Text conditioning
         height, width, steps = options["height"], options["width"], options["num_inference_steps"]
-        cfg = self.do_classifier_free_guidance
-        cond, cfg = guidance_conditioning(
-            self, prompt, negative_prompt, height=height, width=width, cfg=cfg, embeds=embeds
-        )
+        cfg_on = self.do_classifier_free_guidance
+        size = {"height": height, "width": width}
+        cond, cfg = guidance_conditioning(self, prompt, negative_prompt, **size, cfg=cfg_on, embeds=embeds)
 
         # 3. Timesteps; the initial noise z_T is kept: stage 2 refines this very tensor
         device = self._execution_device

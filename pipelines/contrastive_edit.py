@@ -44,7 +44,6 @@ from editkit.contrastive import (
     sample_timesteps,
 )
 from editkit.errors import InputError
-from editkit.inversion import encode_image_latents
 from editkit.models import model_family
 from editkit.pipeline_io import (
     PipelineStateMixin,
@@ -55,11 +54,12 @@ from editkit.pipeline_io import (
     check_generators,
     check_num_images,
     check_output_type,
-    is_latents,
+    image_latents,
+    pipeline_images,
     pixel_size,
     postprocess,
-    prepare_images,
     step_callback,
+    unet_call_kwargs,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,20 +186,6 @@ class ContrastiveEditPipeline(
         if not patch_sizes or any(int(p) != p or p < 1 for p in patch_sizes) or num_patches < 2:
             raise InputError("patch_sizes must be positive integers and num_patches at least 2")
         check_output_type(output_type)
-
-    def _source_latents(self, image, height: int | None, width: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Any diffusers image input -> fp32 source latents (posterior mean) and the (height, width) in pixels.
-
-        A (B, 4, h, w) tensor is taken as latents, as diffusers' img2img does.
-        """
-        channels = self.vae.config.latent_channels
-        pixels = prepare_images(
-            image, vae_scale_factor=self.vae_scale_factor, height=height, width=width, latent_channels=channels
-        )
-        device, size = self._execution_device, pixel_size(pixels, self.vae, self.vae_scale_factor)
-        if is_latents(pixels, self.vae):
-            return pixels.to(device=device, dtype=torch.float32), size
-        return encode_image_latents(self.vae, pixels.to(device)).float(), size
 
     def _prepare_mask(self, mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
         """A {0, 1} mask at the image's size -> (batch, 1, h, w) latent mask (a cell is in if any pixel is)."""
@@ -349,6 +335,7 @@ class ContrastiveEditPipeline(
         mask: torch.Tensor | PIL.Image.Image | None = None,
         negative_prompt: str | list[str] = "",
         num_images_per_prompt: int = 1,
+        cross_attention_kwargs: dict | None = None,
         height: int | None = None,
         width: int | None = None,
         loss_scale: float = 2000.0,
@@ -364,10 +351,8 @@ class ContrastiveEditPipeline(
         r"""Edit ``image`` from ``source_prompt`` (what it shows) towards ``target_prompt``.
 
         Args:
-            image: one image or a batch in diffusers' formats: PIL (aspect kept, sides rounded to
-                multiples of the VAE factor), a path, numpy (H, W, C)/(B, H, W, C) in [0, 1], torch
-                (C, H, W)/(B, C, H, W) in [0, 1] (negative values: read as [-1, 1], diffusers'
-                deprecated range, with its warning), lists of these, or (B, 4, h, w) latents.
+            image: one image or a batch in diffusers' formats (``editkit.pipeline_io.prepare_images``):
+                PIL, path, numpy (B, H, W, C) or torch (B, C, H, W) in [0, 1], lists, (B, 4, h, w) latents.
             source_prompt / target_prompt: text describing the input and the wanted result; one, or
                 one per image (a single image or prompt is broadcast to the batch).
             num_inference_steps: number of optimisation iterations (200 in DDS/CDS).
@@ -392,15 +377,17 @@ class ContrastiveEditPipeline(
                 patches and the update) is restricted to it; latents outside stay unchanged.
             negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image).
             num_images_per_prompt: edits per image (each its own noise and timestep draws).
+            cross_attention_kwargs: passed to every UNet call, e.g. a LoRA ``{"scale": 0.5}``. DDS has
+                no sampler, so diffusers' ``eta`` and ``guidance_rescale`` do not apply; the prompts
+                are text (``encode_prompt`` serves the pipeline's text encoders on its own).
             height, width: processing size (default: the first image's, rounded to the VAE factor).
             loss_scale: the reference code's 2000; with ``reference_latent_pixels`` (64 x 64) the
                 per-element step of both terms (DDS and PatchNCE) is the reference step at 512 px,
                 at every resolution (the reference code normalises neither term to resolution).
             gradient_checkpointing: recompute UNet activations in the backward pass (less memory).
-            generator: the only source of randomness (timesteps, noise, patch locations). One
-                generator: the batch shares each iteration's timestep and patch locations. A list
-                (one per output image, as in diffusers): each item draws its own, so item i equals a
-                run of that image alone with generator i.
+            generator: the only source of randomness (timesteps, noise, patch locations). One: the batch
+                shares each iteration's timestep and patches; a list (one per output image): item i draws
+                its own and equals a run of that image alone with generator i.
             output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) in [0, 1]), ``"pt"`` ((B, 3, H, W) in
                 [0, 1]) or ``"latent"``.
             return_dict: ``False`` returns ``(images,)``.
@@ -428,7 +415,9 @@ class ContrastiveEditPipeline(
         self._begin_run(guidance_scale, num_inference_steps)
 
         # 2. Encode the images (posterior mean: an fp32 master copy to optimise), one row per output
-        source_latents, size = self._source_latents(image, height, width)
+        pixels = pipeline_images(self, image, height=height, width=width)  # or (B, 4, h, w) latents
+        size = pixel_size(pixels, self.vae, self.vae_scale_factor)
+        source_latents = image_latents(self, pixels).float()
         prompts = {
             "source": as_prompt_list(source_prompt), "target": as_prompt_list(target_prompt),
             "negative": as_prompt_list(negative_prompt, "negative_prompt"),
@@ -479,6 +468,7 @@ class ContrastiveEditPipeline(
         with (
             self.attach_controllers(controller),
             self._frozen_unet(gradient_checkpointing),
+            unet_call_kwargs(self.unet, cross_attention_kwargs),
             self.progress_bar(total=num_inference_steps) as progress,
         ):
             for i in range(num_inference_steps):

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
@@ -30,13 +31,12 @@ from transformers import (
 )
 
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text
+from editkit.conditioning import EMBEDDING_NAMES, PromptEncodingMixin, guidance_conditioning
 from editkit.errors import InputError
 from editkit.inversion import (
     ddim_alphas,
     ddim_invert,
     ddim_step,
-    encode_image_latents,
     generation_scheduler,
     model_eps,
     predicted_x0,
@@ -53,17 +53,19 @@ from editkit.pipeline_io import (
     PipelineStateMixin,
     as_list,
     as_prompt_list,
-    batch_size,
+    broadcast,
     callback_tensor_names,
     check_alpha_scheduler,
     check_generators,
     check_num_images,
     check_output_type,
+    image_latents,
     is_latents,
+    pipeline_images,
     pixel_size,
     postprocess,
-    prepare_images,
     step_callback,
+    unet_call_kwargs,
 )
 from editkit.style import (
     FEATURES_BY_KIND,
@@ -183,28 +185,19 @@ class StyleTransferPipeline(
     def _prepare_image(self, image, size: tuple[int, int] | None, name: str = "content_image") -> torch.Tensor:
         """Any diffusers image input -> (B, 3, H, W) in [-1, 1] at ``size``, or (B, 4, h, w) latents as given."""
         width, height = size or (None, None)
-        return prepare_images(
-            image, vae_scale_factor=self.vae_scale_factor, height=height, width=width,
-            latent_channels=self.vae.config.latent_channels, name=name,
-        )  # fmt: skip
+        return pipeline_images(self, image, height=height, width=width, name=name)
 
     def _pixel_size(self, image: torch.Tensor) -> tuple[int, int]:
         """(width, height) in pixels of an image or latent batch."""
         height, width = pixel_size(image, self.vae, self.vae_scale_factor)
         return width, height
 
-    def _text(self, prompt: str, size: tuple[int, int]) -> TextConditioning:
-        return encode_text(self, [prompt], width=size[0], height=size[1])
-
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, resample_steps, offload, ip_count, extra, progress):
         """Invert one image, recording only what injection needs; returns a ``StyleCache``."""
-        if is_latents(image, self.vae):
-            if ip_count:
-                raise InputError("with an IP-Adapter loaded, give images (the image encoder needs pixels), not latents")
-            latents = image.to(device=self._execution_device, dtype=self.unet.dtype)
-        else:
-            latents = encode_image_latents(self.vae, image.to(self._execution_device)).to(self.unet.dtype)
+        if ip_count and is_latents(image, self.vae):
+            raise InputError("with an IP-Adapter loaded, give images (the image encoder needs pixels), not latents")
+        latents = image_latents(self, image).to(self.unet.dtype)
         recorder = FeatureRecorder(sites, FEATURES_BY_KIND[kind], timesteps, offload=offload)
         stepper = compose(*extra, recorder)  # every attached controller learns the step
         added = dict(text.added_cond_kwargs or {})
@@ -238,7 +231,7 @@ class StyleTransferPipeline(
             image_embeds=image_embeds,
         )
 
-    def _denoise(self, latents, controller, text, guidance_scale, steps, callback, ip_embeds):
+    def _denoise(self, latents, controller, text, guidance, steps, callback, ip_embeds):
         """DDIM (eta 0) from the first timestep, the same arithmetic the inversion undoes."""
         scheduler = generation_scheduler(self.scheduler, steps)
         alpha_pair = ddim_alphas(scheduler, steps, latents.device)
@@ -247,6 +240,7 @@ class StyleTransferPipeline(
         if ip_embeds is not None:
             kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), "image_embeds": ip_embeds}
         z = latents.float()
+        guidance_scale, guidance_rescale = guidance
         cfg = guidance_scale > 1.0
         for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
             # the controller keys on the int; the UNet gets the tensor, so a compiled UNet does not
@@ -257,6 +251,8 @@ class StyleTransferPipeline(
             if cfg:
                 uncond, cond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
+                if guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
+                    output = rescale_noise_cfg(output, cond, guidance_rescale=guidance_rescale)
             alpha_t, alpha_prev = alpha_pair(int(t))
             eps = model_eps(output, z, alpha_t, prediction_type)
             z = ddim_step(predicted_x0(z, eps, alpha_t), eps, alpha_prev)
@@ -280,6 +276,12 @@ class StyleTransferPipeline(
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
         num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
         gamma: float = 0.75,
         tau: float = 1.5,
         adain_strength: float | None = 0.6,
@@ -315,6 +317,12 @@ class StyleTransferPipeline(
                 guidance 1 (default) runs one UNet pass per step. With CFG both branches are injected
                 (as AttenST does). Each style is inverted with each distinct prompt.
             num_inference_steps: DDIM steps N, shared by inversion and generation.
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds:
+                given text embeddings instead of ``prompt``/``negative_prompt`` (diffusers' names and
+                ``encode_prompt``'s outputs; the pooled ones on SDXL), one row or one per content image.
+            guidance_rescale: diffusers' CFG rescale (Lin et al. 2024, eq. 16; 0: off) with CFG.
+            cross_attention_kwargs: passed to every UNet call (inversions included), e.g. a LoRA
+                ``{"scale": 0.5}``. No ``eta``: generation is DDIM with eta 0, the inversion it undoes.
             num_images_per_prompt: copies of each output. The method is deterministic (DDIM, eta 0),
                 so copies are identical: diffusers' argument is accepted so batch code works unchanged.
             gamma: query preservation (0: the stylized latent's own query, 1: the content's).
@@ -358,10 +366,20 @@ class StyleTransferPipeline(
 
         # 2. Contents (every batch item), prompts and (IP-Adapter) state at the processing size.
         contents = self._prepare_image(content_image, (width, height) if width and height else None)
-        prompts, negatives = as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt")
-        batch = batch_size({"content_image": len(contents), "prompt": len(prompts), "negative_prompt": len(negatives)})
+        embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        embeds = {k: v for k, v in zip(EMBEDDING_NAMES, embeds, strict=True) if v is not None}
+        texts = broadcast(
+            {"prompt": as_prompt_list(prompt), "negative_prompt": as_prompt_list(negative_prompt, "negative_prompt")},
+            {"content_image": len(contents), **{k: len(v) for k, v in embeds.items()}},
+        )
+        batch = len(texts["prompt"])
         contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
-        prompts, negatives = prompts * (batch // len(prompts)), negatives * (batch // len(negatives))
+        # one text per batch item; styles are inverted once per distinct prompt (or embedding row)
+        keys = list(range(batch)) if embeds else texts["prompt"]
+        text = lambda i, size, cfg=False: guidance_conditioning(  # noqa: E731
+            self, texts["prompt"][i], texts["negative_prompt"][i], width=size[0], height=size[1], cfg=cfg,
+            embeds={k: v if len(v) == 1 else v[i : i + 1] for k, v in embeds.items()},
+        )  # fmt: skip
         given_content = as_list(content_cache)
         if given_content and len(given_content) != batch:
             raise InputError(f"got {len(given_content)} content caches for {batch} content images")
@@ -380,13 +398,16 @@ class StyleTransferPipeline(
             resample_steps, offload, ip_count, extra, progress,
         )  # fmt: skip
         try:
-            with self.attach_controllers(extra) if extra else contextlib.nullcontext():
+            with (
+                self.attach_controllers(extra) if extra else contextlib.nullcontext(),
+                unet_call_kwargs(self.unet, cross_attention_kwargs),
+            ):
                 if ip_count:
                     self.set_ip_adapter_scale([0.0] * ip_count)  # inversion runs without the image prompt
 
                 # 3. Content inversions (their queries), unless cached: one per batch item.
                 content_caches = given_content or [
-                    invert(contents[i : i + 1], "content", self._text(prompts[i], content_size)) for i in range(batch)
+                    invert(contents[i : i + 1], "content", text(i, content_size)[0]) for i in range(batch)
                 ]
                 for cache in content_caches:
                     cache.validate(
@@ -397,11 +418,10 @@ class StyleTransferPipeline(
                 # 4. Style inversions (their keys and values), unless cached: once per distinct prompt.
                 style_tensors = [self._prepare_image(style, style_size, "style_image") for style in styles]
                 caches_by_prompt = {}
-                for text_prompt in dict.fromkeys(prompts):
-                    caches_by_prompt[text_prompt] = [
-                        invert(style, "style", self._text(text_prompt, self._pixel_size(style)))
-                        for style in style_tensors
-                    ] + given_caches
+                for index, key in enumerate(keys):
+                    if key not in caches_by_prompt:
+                        inverted = [invert(s, "style", text(index, self._pixel_size(s))[0]) for s in style_tensors]
+                        caches_by_prompt[key] = inverted + given_caches
                 for cache in given_caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
 
@@ -411,16 +431,15 @@ class StyleTransferPipeline(
                     self.set_ip_adapter_scale(ip_scales(self.unet, ip_adapter_scale))
                 injection = {
                     "sites": sites, "window": window, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
-                    "mask": mask, "guidance_scale": guidance_scale, "steps": num_inference_steps,
+                    "mask": mask, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                    "steps": num_inference_steps,
                     "callback": (callback_on_step_end, names), "ip_count": ip_count, "extra": extra,
                 }  # fmt: skip
                 latents = []
                 for index, content_features in enumerate(content_caches):
-                    text = self._text(prompts[index], content_size)
-                    if guidance_scale > 1.0:
-                        text = TextConditioning.cat([self._text(negatives[index], content_size), text])
-                    for cache in caches_by_prompt[prompts[index]]:
-                        latents.append(self._generate(content_features, cache, text, **injection))
+                    cond, cfg = text(index, content_size, guidance_scale > 1.0)
+                    for cache in caches_by_prompt[keys[index]]:
+                        latents.append(self._generate(content_features, cache, cfg or cond, injection))
         finally:
             if ip_snapshot is not None:
                 restore_scales(self.unet, ip_snapshot)
@@ -429,44 +448,28 @@ class StyleTransferPipeline(
         latents = torch.cat(latents).repeat_interleave(num_images_per_prompt, dim=0)
         images = postprocess(self.vae, latents, output_type)
         self.maybe_free_model_hooks()
-        style_caches = caches_by_prompt[prompts[0]]
+        style_caches = caches_by_prompt[keys[0]]
         if not return_dict:
             return images, style_caches, content_caches
         return StyleTransferPipelineOutput(
             images=images, style_caches=style_caches, content_cache=content_caches[0], content_caches=content_caches
         )
 
-    def _generate(
-        self,
-        content_cache,
-        cache,
-        text,
-        *,
-        sites,
-        window,
-        gamma,
-        tau,
-        adain_strength,
-        mask,
-        guidance_scale,
-        steps,
-        callback,
-        ip_count,
-        extra,
-    ) -> torch.Tensor:
+    def _generate(self, content_cache, cache, text, options: dict) -> torch.Tensor:
         """One stylized latent: the AdaIN'd content start latent denoised with injected self-attention."""
-        device = self._execution_device
+        device, gamma = self._execution_device, options["gamma"]
         start = content_cache.final_latent.to(device)
-        if adain_strength is not None:
-            start = content_aware_adain(start, cache.final_latent.to(device), adain_strength)
+        if options["adain_strength"] is not None:
+            start = content_aware_adain(start, cache.final_latent.to(device), options["adain_strength"])
         controller = StyleInjectionController(
-            sites, cache, content_cache if gamma > 0 else None,
-            gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
+            options["sites"], cache, content_cache if gamma > 0 else None,
+            gamma=gamma, tau=options["tau"], timesteps=options["window"], mask=_mask_tensor(options["mask"]),
         )  # fmt: skip
-        cfg = guidance_scale > 1.0
-        ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
+        guidance, count = (options["guidance_scale"], options["guidance_rescale"]), options["ip_count"]
+        ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, count, guidance[0] > 1) if count else None
         with self.attach_controllers(controller):
-            return self._denoise(start, compose(*extra, controller), text, guidance_scale, steps, callback, ip)
+            controllers = compose(*options["extra"], controller)
+            return self._denoise(start, controllers, text, guidance, options["steps"], options["callback"], ip)
 
 
 def _split_batch(image) -> list:

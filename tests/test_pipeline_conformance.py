@@ -374,3 +374,64 @@ def test_encode_prompt_matches_diffusers_sd_and_sdxl(pipes, sdxl_parts, name, ne
     for mine, theirs in zip(xl_ours, xl_expected, strict=True):
         torch.testing.assert_close(mine, theirs)
     assert (negative is None and zeros) == (torch.count_nonzero(xl_ours[1]) == 0)
+
+
+def test_compose_guidance_rescale_eta_and_prompt_embeds_match_diffusers(pipes):
+    from diffusers import StableDiffusionPipeline
+
+    compose = pipes["compose"]
+    reference = StableDiffusionPipeline(
+        **{k: getattr(compose, k) for k in _BASE}, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    common = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "pt"}
+    common |= {"guidance_rescale": 0.7, "eta": 1.0}
+    expected = reference("a cat", generator=[torch.Generator().manual_seed(3)], **common).images
+    embeds, negative = compose.encode_prompt("a cat", "cpu", 1, True, "a dog")
+    ours = compose(
+        "a cat", prompt_embeds=embeds, negative_prompt_embeds=negative, generator=[torch.Generator().manual_seed(3)],
+        max_iter_to_alter=0, refine=False, **common,
+    ).images  # fmt: skip
+    expected_negative = reference(
+        "a cat", negative_prompt="a dog", generator=[torch.Generator().manual_seed(3)], **common
+    ).images
+    torch.testing.assert_close(ours, expected_negative, atol=1e-5, rtol=1e-4)
+    assert (expected - expected_negative).abs().max() > 1e-4  # the negative embedding was used
+
+
+@pytest.mark.parametrize("name", ["stylize", "compose"])
+def test_prompt_embeds_give_the_prompts_result(pipes, name):
+    pipe = pipes[name]
+    embeds, negative = pipe.encode_prompt(["a cat"], "cpu", 1, True, ["a dog"])
+    options = {"guidance_scale": 3.0, "output_type": "latent"}
+    from_text = _call(pipes, name, prompt="a cat", negative_prompt="a dog", **options).images
+    extra = {"prompt": "a cat"} if name == "compose" else {}  # compose parses its constraints from the text
+    from_embeds = _call(pipes, name, prompt_embeds=embeds, negative_prompt_embeds=negative, **extra, **options).images
+    torch.testing.assert_close(from_embeds, from_text)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_cross_attention_kwargs_reach_every_unet_call(pipes, name):
+    unet, seen = pipes[name].unet, []
+    handle = unet.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(kwargs.get("cross_attention_kwargs")), with_kwargs=True
+    )
+    try:
+        _call(pipes, name, cross_attention_kwargs={"scale": 1.0}, output_type="latent")
+        calls = len(seen)
+        _call(pipes, name, output_type="latent")
+    finally:
+        handle.remove()
+    assert calls >= 2 and seen[:calls] == [{"scale": 1.0}] * calls  # inversions and guidance passes too
+    assert all(kwargs is None for kwargs in seen[calls:])  # removed after the run
+
+
+def test_stylize_guidance_rescale_changes_cfg_only(pipes):
+    base = {"guidance_scale": 3.0, "output_type": "latent", "prompt": "a cat"}
+    plain = _call(pipes, "stylize", **base).images
+    rescaled = _call(pipes, "stylize", guidance_rescale=0.7, **base).images
+    assert (plain - rescaled).abs().max() > 1e-5
+    no_cfg = {"guidance_scale": 1.0, "output_type": "latent"}
+    torch.testing.assert_close(_call(pipes, "stylize", guidance_rescale=0.7, **no_cfg).images,
+                               _call(pipes, "stylize", **no_cfg).images)  # fmt: skip
