@@ -435,3 +435,52 @@ def test_stylize_guidance_rescale_changes_cfg_only(pipes):
     no_cfg = {"guidance_scale": 1.0, "output_type": "latent"}
     torch.testing.assert_close(_call(pipes, "stylize", guidance_rescale=0.7, **no_cfg).images,
                                _call(pipes, "stylize", **no_cfg).images)  # fmt: skip
+
+
+# -- 9. determinism and devices ------------------------------------------------------------------
+def _fresh(name):
+    parts = {k: v for k, v in tiny_sd15_components(seed=0, words=("cat", "dog")).items() if k in _BASE}
+    pipe = _pipeline_class(name)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_same_seed_same_images_with_a_cpu_and_a_device_generator(pipes, name):
+    device = pipes[name].device
+    for make in (lambda: torch.Generator().manual_seed(4), lambda: torch.Generator(device=device).manual_seed(4)):
+        first = _call(pipes, name, generator=make(), output_type="latent").images
+        torch.testing.assert_close(_call(pipes, name, generator=make(), output_type="latent").images, first,
+                                   atol=0, rtol=0)  # fmt: skip
+    if name != "stylize":  # deterministic method: the seed does not matter there
+        other = _call(pipes, name, generator=torch.Generator().manual_seed(5), output_type="latent").images
+        assert (other - first).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_model_cpu_offload_hooks_and_dtype_casts_keep_working(pipes, name):
+    """CPU probes: accelerate's offload hooks (execution device "cpu") and ``to(dtype)``."""
+    reference = _call(pipes, name, output_type="latent").images
+    pipe = _fresh(name)
+    pipe.enable_model_cpu_offload(device="cpu")
+    with_hooks = _call({name: pipe}, name, output_type="latent").images
+    torch.testing.assert_close(with_hooks, reference, atol=1e-5, rtol=1e-4)
+    pipe = _fresh(name).to(dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    low = _call({name: pipe}, name, output_type="pt").images
+    high = _call(pipes, name, output_type="pt").images
+    assert low.dtype == torch.float32 and (low - high).abs().mean() < 0.1  # bf16 rounding, same image
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", PIPELINES)
+def test_cuda_generators_and_model_cpu_offload(name):
+    pipe = _fresh(name).to("cuda")
+    runs = [_call({name: pipe}, name, generator=torch.Generator("cuda").manual_seed(4), output_type="latent").images
+            for _ in range(2)]  # fmt: skip
+    torch.testing.assert_close(runs[0], runs[1])
+    offloaded = _fresh(name)
+    offloaded.enable_model_cpu_offload()
+    out = _call({name: offloaded}, name, generator=torch.Generator("cuda").manual_seed(4), output_type="latent")
+    torch.testing.assert_close(out.images.cpu(), runs[0].cpu(), atol=1e-4, rtol=1e-3)
