@@ -9,7 +9,7 @@ One place for what every pipeline shares with diffusers' stock pipelines, so the
 - :func:`postprocess`: ``output_type`` ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
 - :func:`batch_size` / :func:`check_generators`: prompt lists, ``num_images_per_prompt`` and one
   generator per output image.
-- :class:`PipelineStateMixin` and :func:`step_callback`: ``callback_on_step_end`` with
+- :class:`DiffusersPipelineMixin` and :func:`step_callback`: ``callback_on_step_end`` with
   ``callback_on_step_end_tensor_inputs`` and the properties diffusers' callbacks read.
 """
 
@@ -26,15 +26,18 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import FromSingleFileMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from editkit.conditioning import PromptEncodingMixin
 from editkit.errors import InputError
 from editkit.image import fit_size, load_image
 from editkit.inversion import decode_latents, encode_image_latents
 
 __all__ = [
     "OUTPUT_TYPES",
-    "PipelineStateMixin",
+    "DiffusersPipelineMixin",
     "as_list",
     "as_prompt_list",
     "batch_size",
@@ -289,9 +292,13 @@ def unet_call_kwargs(unet, cross_attention_kwargs: dict | None) -> Iterator[None
 
 
 # -- callbacks and properties --------------------------------------------------------------------
-class PipelineStateMixin:
-    """The run state diffusers' callbacks read (``guidance_scale``, ``num_timesteps``, ``interrupt``),
-    and a ``from_pretrained`` that skips the SD components the pipeline never runs.
+class DiffusersPipelineMixin(PromptEncodingMixin, StableDiffusionMixin, FromSingleFileMixin):
+    """diffusers' pipeline conventions for editkit's pipelines (put before ``DiffusionPipeline``).
+
+    ``encode_prompt``; ``StableDiffusionMixin`` (FreeU, ``fuse_qkv_projections``, which editkit's
+    processor supports); ``FromSingleFileMixin``; the run state diffusers' callbacks read
+    (``guidance_scale``, ``num_timesteps``, ``interrupt``); and a ``from_pretrained`` that skips the
+    SD components the pipeline never runs.
 
     A callback may set ``pipe._interrupt = True`` to stop the loop after the current step (the
     pipeline then decodes what it has), as in diffusers' Stable Diffusion pipelines.

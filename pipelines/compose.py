@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -25,12 +24,12 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import EMBEDDING_NAMES, PromptEncodingMixin, TextConditioning, guidance_conditioning
+from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
 from editkit.pipeline_io import (
-    PipelineStateMixin,
+    DiffusersPipelineMixin,
     as_list,
     as_prompt_list,
     broadcast,
@@ -107,9 +106,7 @@ class _Run:
     eta: float = 0.0
 
 
-class ComposePipeline(
-    AttentionKernelMixin, PipelineStateMixin, PromptEncodingMixin, DiffusionPipeline, StableDiffusionMixin
-):
+class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the

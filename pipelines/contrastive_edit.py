@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
-from editkit.conditioning import PromptEncodingMixin, TextConditioning, encode_text
+from editkit.conditioning import TextConditioning, encode_text
 from editkit.contrastive import (
     DEFAULT_SITES,
     DIRECTIONS,
@@ -46,7 +45,7 @@ from editkit.contrastive import (
 from editkit.errors import InputError
 from editkit.models import model_family
 from editkit.pipeline_io import (
-    PipelineStateMixin,
+    DiffusersPipelineMixin,
     as_prompt_list,
     batch_size,
     callback_tensor_names,
@@ -79,9 +78,7 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(
-    AttentionKernelMixin, PipelineStateMixin, PromptEncodingMixin, DiffusionPipeline, StableDiffusionMixin
-):
+class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent

@@ -17,7 +17,6 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -31,7 +30,7 @@ from transformers import (
 )
 
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import EMBEDDING_NAMES, PromptEncodingMixin, guidance_conditioning
+from editkit.conditioning import EMBEDDING_NAMES, guidance_conditioning
 from editkit.errors import InputError
 from editkit.inversion import (
     ddim_alphas,
@@ -50,7 +49,7 @@ from editkit.ip_adapter import (
     scale_snapshot,
 )
 from editkit.pipeline_io import (
-    PipelineStateMixin,
+    DiffusersPipelineMixin,
     as_list,
     as_prompt_list,
     broadcast,
@@ -94,14 +93,7 @@ class StyleTransferPipelineOutput(BaseOutput):
     content_caches: list[StyleCache] | None = None
 
 
-class StyleTransferPipeline(
-    AttentionKernelMixin,
-    PipelineStateMixin,
-    PromptEncodingMixin,
-    DiffusionPipeline,
-    StableDiffusionMixin,
-    IPAdapterMixin,
-):
+class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline, IPAdapterMixin):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):

@@ -252,8 +252,10 @@ def test_interrupt_stops_the_loop_and_pipeline_callbacks_work(pipes, name):
 def test_fused_qkv_projections_and_freeu_work(pipes, name):
     from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 
+    from diffusers.loaders import FromSingleFileMixin
+
     pipe = pipes[name]
-    assert isinstance(pipe, StableDiffusionMixin)
+    assert isinstance(pipe, StableDiffusionMixin) and isinstance(pipe, FromSingleFileMixin)
     plain = _call(pipes, name, output_type="latent").images
     pipe.fuse_qkv_projections()
     try:
