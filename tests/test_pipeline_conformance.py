@@ -6,6 +6,8 @@ convention of diffusers' stock pipelines (issue 19).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -250,9 +252,8 @@ def test_interrupt_stops_the_loop_and_pipeline_callbacks_work(pipes, name):
 # -- 7. mixins -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PIPELINES)
 def test_fused_qkv_projections_and_freeu_work(pipes, name):
-    from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-
     from diffusers.loaders import FromSingleFileMixin
+    from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 
     pipe = pipes[name]
     assert isinstance(pipe, StableDiffusionMixin) and isinstance(pipe, FromSingleFileMixin)
@@ -486,3 +487,14 @@ def test_cuda_generators_and_model_cpu_offload(name):
     offloaded.enable_model_cpu_offload()
     out = _call({name: offloaded}, name, generator=torch.Generator("cuda").manual_seed(4), output_type="latent")
     torch.testing.assert_close(out.images.cpu(), runs[0].cpu(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_each_file_loads_as_a_diffusers_custom_pipeline(sd15_dir, name):
+    """diffusers 0.42 needs trust_remote_code=True for a local custom_pipeline file (README)."""
+    from diffusers import DiffusionPipeline
+
+    module, cls = CLASSES[name]
+    path = str(Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py"))
+    pipe = DiffusionPipeline.from_pretrained(sd15_dir, custom_pipeline=path, trust_remote_code=True)
+    assert type(pipe).__name__ == cls and pipe.safety_checker is None
