@@ -45,6 +45,18 @@ def pipes():
 _BASE = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
 
+def _stable_diffusion(pipe):
+    """diffusers' StableDiffusionPipeline on ``pipe``'s components: the reference."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = {k: getattr(pipe, k) for k in _BASE}
+    reference = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
 def _call(pipes, name: str, image=None, **kwargs):
     """Run one pipeline with its smallest useful arguments (image: the content/edited image)."""
     pipe = pipes[name]
@@ -86,14 +98,8 @@ def test_edit_with_contrast_and_one_generator_per_item_equals_each_item_alone(pi
 
 def test_compose_prompt_list_and_num_images_per_prompt_match_diffusers(pipes):
     """Guidance off, compose is plain SD sampling: a batch must match StableDiffusionPipeline's batch."""
-    from diffusers import StableDiffusionPipeline
-
     compose = pipes["compose"]
-    reference = StableDiffusionPipeline(
-        **{k: getattr(compose, k) for k in _BASE}, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
+    reference = _stable_diffusion(compose)
     common = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "num_images_per_prompt": 2, "output_type": "pt"}
     prompts = ["a cat", "a dog"]
     expected = reference(prompts, generator=torch.Generator().manual_seed(3), **common).images
@@ -354,16 +360,12 @@ def sdxl_parts():
 @pytest.mark.parametrize("name", PIPELINES)
 @pytest.mark.parametrize("negative", [None, ["blurry", "dark"]])
 def test_encode_prompt_matches_diffusers_sd_and_sdxl(pipes, sdxl_parts, name, negative):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     prompts = ["a cat", "a dog"]
     kwargs = {"num_images_per_prompt": 2, "do_classifier_free_guidance": True, "negative_prompt": negative}
     ours = pipes[name].encode_prompt(prompts, "cpu", **kwargs)
-    sd = StableDiffusionPipeline(
-        **{k: getattr(pipes[name], k) for k in _BASE}, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    expected = sd.encode_prompt(prompts, "cpu", **kwargs)
+    expected = _stable_diffusion(pipes[name]).encode_prompt(prompts, "cpu", **kwargs)
     assert len(ours) == 2 and ours[0].shape == (4, 77, 16)
     for mine, theirs in zip(ours, expected, strict=True):
         torch.testing.assert_close(mine, theirs)
@@ -380,14 +382,8 @@ def test_encode_prompt_matches_diffusers_sd_and_sdxl(pipes, sdxl_parts, name, ne
 
 
 def test_compose_guidance_rescale_eta_and_prompt_embeds_match_diffusers(pipes):
-    from diffusers import StableDiffusionPipeline
-
     compose = pipes["compose"]
-    reference = StableDiffusionPipeline(
-        **{k: getattr(compose, k) for k in _BASE}, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
+    reference = _stable_diffusion(compose)
     common = {"height": SIZE, "width": SIZE, "num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "pt"}
     common |= {"guidance_rescale": 0.7, "eta": 1.0}
     expected = reference("a cat", generator=[torch.Generator().manual_seed(3)], **common).images
