@@ -305,6 +305,8 @@ CRAFTED_CACHES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "features of two shapes": (_crafted(tensors={"site/1/value": _tensor(1, 2, 8, 4)}), "differ in shape"),
     "NaN latent": (_crafted(tensors={"final_latent": _tensor(1, 4, 4, 4, fill=float("nan"))}), "NaN or infinite"),
 }
+
+
 def rewritten_safetensors(
     source: Path, folder: Path, name: str, *, metadata: dict | None = None, drop=(), tensors: dict | None = None
 ) -> Path:
