@@ -208,7 +208,7 @@ def postprocess(vae, latents: torch.Tensor, output_type: str):
 # -- batches -------------------------------------------------------------------------------------
 def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
     """A prompt or a list of prompts as a list (an empty list is refused)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else []
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{name} must be a string or a non-empty list of strings")
     return prompts
