@@ -15,7 +15,19 @@ import torch
 
 from editkit.errors import InputError
 
-__all__ = ["TextConditioning", "clean_prompt", "encode_text", "is_sdxl_unet"]
+__all__ = [
+    "EMBEDDING_NAMES",
+    "PromptEncodingMixin",
+    "TextConditioning",
+    "clean_prompt",
+    "conditioning_from_embeds",
+    "encode_text",
+    "guidance_conditioning",
+    "is_sdxl_unet",
+]
+
+#: diffusers' names of given text embeddings (``encode_prompt``'s outputs, SDXL's pooled ones last).
+EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 #: Longest prompt accepted at all (characters); CLIP reads 77 tokens, the rest is truncated with a warning.
 MAX_PROMPT_CHARS = 10_000
@@ -147,3 +159,91 @@ def encode_text(
         return _encode_sd(pipe, prompts, device, dtype)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return _encode_sdxl(pipe, prompts, device, dtype, height or native, width or native)
+
+
+def conditioning_from_embeds(
+    pipe, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None = None, *, height=None, width=None
+) -> TextConditioning:
+    """UNet text inputs from given embeddings (``prompt_embeds``; SDXL also ``pooled_prompt_embeds``)."""
+    dtype, device = pipe.unet.dtype, pipe._execution_device
+    embeds = prompt_embeds.to(device=device, dtype=dtype)
+    if not is_sdxl_unet(pipe.unet):
+        return TextConditioning(embeds)
+    if pooled_prompt_embeds is None:
+        raise InputError("an SDXL model needs pooled_prompt_embeds with prompt_embeds (see encode_prompt)")
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or native, width or native
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(embeds), device=device, dtype=dtype)
+    return TextConditioning(
+        embeds, {"text_embeds": pooled_prompt_embeds.to(device=device, dtype=dtype), "time_ids": time_ids}
+    )
+
+
+def guidance_conditioning(
+    pipe, prompt, negative_prompt, *, height: int, width: int, cfg: bool, embeds: dict | None = None
+) -> tuple[TextConditioning, TextConditioning | None]:
+    """(conditional, CFG batch [uncond, cond] or None), from text or given ``embeds`` (``encode_prompt``'s names)."""
+    embeds = dict(embeds or {})
+    given = embeds.get("prompt_embeds") is not None
+    encoded = pipe.encode_prompt(None if given else prompt, None, 1, cfg, negative_prompt, **embeds)
+    pooled = encoded[2:] if is_sdxl_unet(pipe.unet) else (None, None)
+    cond = conditioning_from_embeds(pipe, encoded[0], pooled[0], height=height, width=width)
+    if not cfg:
+        return cond, None
+    uncond = conditioning_from_embeds(pipe, encoded[1], pooled[1], height=height, width=width)
+    return cond, TextConditioning.cat([uncond, cond])
+
+
+class PromptEncodingMixin:
+    """diffusers' ``encode_prompt`` for pipelines serving both SD 1.x/2.x and SDXL UNets."""
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device=None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple:
+        """As ``StableDiffusionPipeline.encode_prompt`` (SD UNet): ``(prompt_embeds, negative_prompt_embeds)``;
+        as ``StableDiffusionXLPipeline.encode_prompt`` (SDXL UNet): those two and the two pooled ones.
+
+        ``negative_*`` is ``None`` without classifier-free guidance. SDXL with ``negative_prompt=None``
+        and ``force_zeros_for_empty_prompt`` gives zero negatives, as diffusers does. ``device`` is
+        accepted for signature compatibility; the text encoders run where they are.
+        """
+        sdxl = is_sdxl_unet(self.unet)
+        pooled, negative_pooled = pooled_prompt_embeds, negative_pooled_prompt_embeds
+        if prompt_embeds is None:
+            prompt_embeds, pooled = self._embed_text(_prompt_list(prompt), sdxl)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            zero = sdxl and negative_prompt is None and getattr(self.config, "force_zeros_for_empty_prompt", False)
+            if zero:
+                negative_prompt_embeds, negative_pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+            else:
+                negatives = _prompt_list(negative_prompt or "")
+                negatives = negatives * len(prompt_embeds) if len(negatives) == 1 else negatives
+                negative_prompt_embeds, negative_pooled = self._embed_text(negatives, sdxl)
+        outputs = [prompt_embeds, negative_prompt_embeds] + ([pooled, negative_pooled] if sdxl else [])
+        dtype = self.unet.dtype
+        return tuple(
+            None if x is None else x.to(dtype).repeat_interleave(num_images_per_prompt, dim=0) for x in outputs
+        )
+
+    def _embed_text(self, prompts: list[str], sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _warn_if_truncated(self.tokenizer, prompts)
+        device = self._execution_device
+        if sdxl:
+            return _encode_sdxl_text(self, prompts, device)
+        return _encode_sd(self, prompts, device, self.unet.dtype).prompt_embeds, None
+
+
+def _prompt_list(prompt: str | list[str] | None) -> list[str]:
+    if prompt is None:
+        raise InputError("give a prompt or prompt_embeds")
+    return [clean_prompt(p) for p in ([prompt] if isinstance(prompt, str) else list(prompt))]

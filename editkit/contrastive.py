@@ -48,6 +48,7 @@ __all__ = [
     "sample_locations",
     "sample_noise",
     "sample_timestep",
+    "sample_timesteps",
     "tokens_to_grid",
 ]
 
@@ -110,6 +111,19 @@ def sample_timestep(generator: torch.Generator | None, *, min_timestep: int = 50
     """One timestep uniform in [min_timestep, max_timestep), drawn from ``generator``."""
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(min_timestep, max_timestep, (1,), generator=generator, device=device).item())
+
+
+def sample_timesteps(
+    generator: torch.Generator | list[torch.Generator] | None,
+    batch: int,
+    *,
+    min_timestep: int = 50,
+    max_timestep: int = 950,
+) -> torch.Tensor:
+    """(batch,) timesteps: one draw shared by the batch, or one per generator of a list (one per item)."""
+    generators = generator if isinstance(generator, list) else [generator]
+    drawn = [sample_timestep(g, min_timestep=min_timestep, max_timestep=max_timestep) for g in generators]
+    return torch.tensor(drawn if isinstance(generator, list) else drawn * batch)
 
 
 def sample_noise(
@@ -211,7 +225,8 @@ def contrastive_loss(
     """Sum over sites and patch sizes of the PatchNCE loss (mean over patches and batch items).
 
     Features are (batch, tokens, channels) by site; the SAME locations (drawn from ``generator``,
-    inside ``region`` when given) are used for source and target. Sites and scales with fewer than
+    inside ``region`` when given) are used for source and target; a list of generators (one per batch
+    item) draws each item's own locations. Sites and scales with fewer than
     two cells are skipped.
     """
     total = None
@@ -229,10 +244,15 @@ def contrastive_loss(
             if source_cells.shape[-1] < 2:
                 continue
             allowed = _allowed_cells(region, grid, patch_size)
-            index = sample_locations(source_cells.shape[-1], num_patches, generator, allowed).to(target_cells.device)
+            cells, count = source_cells.shape[-1], source_cells.shape[0]
+            generators = generator if isinstance(generator, list) else [generator]
+            indices = [sample_locations(cells, num_patches, g, allowed).to(target_cells.device) for g in generators]
+            indices = indices if isinstance(generator, list) else indices * count  # one draw shared by the batch
             options = {"direction": direction, "tau": tau, "diagonal_fill": diagonal_fill}
-            pairs = zip(source_cells[..., index], target_cells[..., index])  # (channels, patches) each
-            per_item = [patch_nce_loss(s.T, t.T, **options) for s, t in pairs]
+            per_item = [
+                patch_nce_loss(s[:, i].T, t[:, i].T, **options)  # (patches, channels) each
+                for s, t, i in zip(source_cells, target_cells, indices, strict=True)
+            ]
             loss = torch.stack(per_item).mean()
             total = loss if total is None else total + loss
     if total is None:

@@ -308,11 +308,17 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 def encode_image_latents(
     vae: AutoencoderKL, image: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = False
 ) -> torch.Tensor:
-    """Image in [-1, 1], (batch, 3, H, W) -> scaled latents: posterior mean (or a sample), in the VAE's dtype."""
+    """Image in [-1, 1], (batch, 3, H, W) -> scaled latents: posterior mean (or a sample), in the VAE's dtype.
+
+    A VAE without a posterior (``AutoencoderTiny``) gives its deterministic latents, as diffusers'
+    ``retrieve_latents`` (used here) does.
+    """
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
     original_dtype = vae.dtype
     with _vae_precision(vae) as dtype:
-        posterior = vae.encode(image.to(device=execution_device(vae), dtype=dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mean
+        encoded = vae.encode(image.to(device=execution_device(vae), dtype=dtype))
+        latents = retrieve_latents(encoded, generator, sample_mode="sample" if sample else "argmax")  # argmax: mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).to(original_dtype)
 

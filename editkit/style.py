@@ -33,11 +33,13 @@ from editkit.style_file import CACHE_FORMAT, CACHE_METADATA_KEY, FEATURES_BY_KIN
 
 __all__ = [
     "DEFAULT_SITE_PATTERNS",
+    "FEATURE_TIMINGS",
     "FeatureRecorder",
     "StyleCache",
     "StyleInjectionController",
     "adain",
     "channel_stats",
+    "check_feature_timing",
     "content_aware_adain",
     "default_style_sites",
     "model_fingerprint",
@@ -311,6 +313,17 @@ class StyleCache:
     def from_recorder(cls, recorder: FeatureRecorder, final_latent: torch.Tensor, **header) -> StyleCache:
         """Wrap a finished recording (``header``: kind, model, size, steps, resample_steps, sites, timesteps)."""
         return cls(features=dict(recorder.records), final_latent=final_latent.detach().contiguous(), **header)
+
+
+#: Where the features of step t are recorded: the inversion's own call UNet(z_{t-1}, t), or UNet(z_t, t).
+FEATURE_TIMINGS = ("inversion_step", "inverted_latent")
+
+
+def check_feature_timing(cache: StyleCache, feature_timing: str, label: str) -> None:
+    """Refuse a cache recorded with the other ``feature_timing`` (older caches: inversion_step)."""
+    recorded = cache.extra.get("feature_timing", "inversion_step")
+    if recorded != feature_timing:
+        raise InputError(f"{label} was recorded with feature_timing={recorded!r}, this run uses {feature_timing!r}")
 
 
 def _replace(cache: StyleCache, **changes) -> StyleCache:

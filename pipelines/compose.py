@@ -7,7 +7,7 @@ attention layer, for SD 1.x/2.x and SDXL.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -17,18 +17,33 @@ from typing import Any, ClassVar
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
-from editkit.conditioning import TextConditioning, encode_text, is_sdxl_unet
+from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
 from editkit.loss_presets import LOSS_PRESETS, preset_weights, unified_loss
+from editkit.pipeline_io import (
+    DiffusersPipelineMixin,
+    as_list,
+    as_prompt_list,
+    broadcast,
+    callback_tensor_names,
+    check_generators,
+    check_num_images,
+    check_output_type,
+    postprocess,
+    prepare_noise,
+    scheduler_step_kwargs,
+    step_callback,
+    unet_call_kwargs,
+)
 from editkit.refine import (
     GUIDANCE_BLOCKS,
     GuidanceMapStore,
@@ -51,7 +66,8 @@ NOISE_REFINERS = ("single-step", "initno")
 
 @dataclass
 class ComposePipelineOutput(BaseOutput):
-    """Images and the constraint report.
+    """Images and the constraint report; with several images (a prompt list, ``num_images_per_prompt``)
+    every field but ``images`` is a list with one entry per image.
 
     ``report_before``/``report_after``: each constraint's status after stage 1 and after noise
     refinement (``None`` when not run); ``chosen``: ``"stage1"`` or ``"refined"``;
@@ -88,9 +104,11 @@ class _Run:
     guidance_scale: float
     capture_steps: int
     unet_dtype: torch.dtype
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
 
 
-class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
+class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the
@@ -108,7 +126,11 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
+    ]  # fmt: skip
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
         self,
@@ -120,6 +142,8 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        safety_checker: torch.nn.Module | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -130,6 +154,8 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             scheduler=scheduler,
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
+            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
+            feature_extractor=None,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
@@ -179,23 +205,6 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             logger.warning(note)
         return constraints, aligned
 
-    def encode(self, prompt: str, negative_prompt: str | None, height: int, width: int, cfg: bool):
-        """(conditional, CFG batch [uncond, cond] or None) text conditioning."""
-        cond = encode_text(self, prompt, height=height, width=width)
-        if not cfg:
-            return cond, None
-        if negative_prompt is None and is_sdxl_unet(self.unet) and self.config.force_zeros_for_empty_prompt:
-            uncond = TextConditioning(
-                torch.zeros_like(cond.prompt_embeds),
-                {
-                    "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
-                    "time_ids": cond.added_cond_kwargs["time_ids"],
-                },
-            )
-        else:
-            uncond = encode_text(self, negative_prompt or "", height=height, width=width)
-        return cond, TextConditioning.cat([uncond, cond])
-
     # -- guidance -----------------------------------------------------------------------------
     def attention_maps(self, latents: torch.Tensor, t, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         """One conditional UNet forward: its float32 ``(h, w, keys)`` attention and ``(tokens, h, w)`` token maps."""
@@ -229,11 +238,11 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             current = current.detach() - run.step_sizes[i] * grad
         return current.detach().to(latents.dtype), maps.detach()
 
-    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback_on_step_end):
+    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback):
         """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
         latents = noise * self.scheduler.init_noise_sigma
         captured: list[torch.Tensor] = []
-        extra = {"generator": generator} if "generator" in self._step_params() else {}
+        extra = scheduler_step_kwargs(self.scheduler, generator, run.eta)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 run.controller.begin_step(i, t)
@@ -255,14 +264,15 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
                 if run.cfg is not None:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + run.guidance_scale * (cond - uncond)
+                    if run.guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
+                        noise_pred = rescale_noise_cfg(noise_pred, cond, guidance_rescale=run.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                callback_on_step_end, names = callback
+                latents = step_callback(self, callback_on_step_end, i, t, {"latents": latents}, names)["latents"]
                 progress_bar.update()
+                if self.interrupt:
+                    break
         return latents, (torch.stack(captured).mean(dim=0) if captured else None)
-
-    def _step_params(self) -> set[str]:
-        return set(inspect.signature(self.scheduler.step).parameters)
 
     def refine_noise(self, noise, faulty, timesteps, run: _Run, refiner: str, step_size: float, initno_steps: int):
         """Stage 2: optimise z_T with the selective loss of the faulty entities (same noise tensor)."""
@@ -291,14 +301,22 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        constraints: Constraints | dict | None = None,
+        prompt: str | list[str],
+        constraints: Constraints | dict | list | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        generator: torch.Generator | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         max_iter_to_alter: int | None = None,
         scale_factor: float = 20.0,
@@ -325,6 +343,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
         r"""Generate ``prompt`` with its constraints enforced.
@@ -368,73 +387,119 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
+            num_images_per_prompt, generator (one or one per image), eta, guidance_rescale, *prompt_embeds
+                (pooled ones on SDXL), cross_attention_kwargs, latents, callback_on_step_end(_tensor_inputs):
+                as in ``StableDiffusionPipeline``; ``prompt`` is still needed (constraints are parsed from it).
         """
-        # 0. Defaults and checks
+        # 0. Defaults and checks (every prompt), one initial noise per output drawn at once, as diffusers does
+        embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        embeds = dict(zip(EMBEDDING_NAMES, embeds, strict=True))
+        per_prompt = broadcast(
+            {"prompt": as_prompt_list(prompt), "constraints": as_list(constraints) or [None],
+             "negative_prompt": as_list(negative_prompt) or [None]},
+            {k: len(v) for k, v in embeds.items() if v is not None},
+        )  # fmt: skip
+        prompts = per_prompt["prompt"]
+        check_num_images(num_images_per_prompt)
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
-        self.check_inputs(
-            prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale
-        )
+        checks = (height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale)
+        for text in prompts:
+            self.check_inputs(text, *checks)
         if loss_preset not in LOSS_PRESETS:
             raise InputError(f"unknown loss preset {loss_preset!r}; use {', '.join(LOSS_PRESETS)}")
-        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        grid = map_grid(latent_hw, map_divisor(self.unet.config))
-        try:
-            store = GuidanceMapStore(grid, blocks=attention_blocks)
-        except ValueError as error:
-            raise InputError(str(error)) from None
-        notes: list[str] = []
-        verifier = make_verifier(verifier)
+        check_output_type(output_type)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        total = len(prompts) * num_images_per_prompt
+        check_generators(generator, total)
         device = self._execution_device
-
-        # 1. Constraints -> token indices
-        constraints, aligned = self.prepare_constraints(prompt, constraints, constraint_parser, notes)
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (total, self.unet.config.in_channels, *latent_hw)
+        latents = prepare_noise(shape, generator, device, self.unet.dtype, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._begin_run(guidance_scale, len(self.scheduler.timesteps))
         weights = preset_weights(
             loss_preset, missing=missing_weight, mixing=mixing_weight, binding=binding_weight, spatial=spatial_weight
         )
         weights.spatial_margin = spatial_margin
-        guided = 0 if aligned.empty or not weights.any else max_iter_to_alter
-        verify = refine and not aligned.empty
-
-        # 2. Text conditioning
-        cond, cfg = self.encode(prompt, negative_prompt, height, width, guidance_scale > 1.0)
-
-        # 3. Timesteps and the initial noise z_T (kept: stage 2 refines this very tensor)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        shape = (1, self.unet.config.in_channels, *latent_hw)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.prompt_embeds.dtype)
-        initial_noise = latents.to(device=device, dtype=cond.prompt_embeds.dtype)
-
-        controller = compose(store, *(attention_controllers or []))
-        run = _Run(
-            cond=cond,
-            cfg=cfg,
-            aligned=aligned,
-            weights=weights,
-            loss_preset=loss_preset,
-            store=store,
-            store_grid=grid,
-            controller=controller,
-            guided_steps=guided,
+        template = _Run(
+            cond=None, cfg=None, aligned=None, store=None, store_grid=None, controller=None, guided_steps=0,
+            capture_steps=0, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+            weights=weights, loss_preset=loss_preset,
             map_kwargs={
-                "token_softmax_scale": token_softmax_scale,
-                "smooth": smooth_attention,
-                "kernel_size": smoothing_kernel_size,
-                "sigma": smoothing_sigma,
+                "token_softmax_scale": token_softmax_scale, "smooth": smooth_attention,
+                "kernel_size": smoothing_kernel_size, "sigma": smoothing_sigma,
             },
             step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
-            thresholds=dict(refinement_thresholds or {}),
-            max_refinement_steps=max_refinement_steps,
-            guidance_scale=guidance_scale,
-            capture_steps=max(max_iter_to_alter, 1) if verify and verifier.needs_maps else 0,
+            thresholds=dict(refinement_thresholds or {}), max_refinement_steps=max_refinement_steps,
             unet_dtype=self.unet.dtype,  # a property that walks the model: read once
-        )
+        )  # fmt: skip
+        options = {
+            "run": template, "height": height, "width": width, "num_inference_steps": num_inference_steps,
+            "max_iter_to_alter": max_iter_to_alter, "attention_blocks": attention_blocks, "refine": refine,
+            "verifier": make_verifier(verifier),
+            "noise_refiner": noise_refiner, "noise_step_size": noise_step_size, "initno_steps": initno_steps,
+            "constraint_parser": constraint_parser, "callback": (callback_on_step_end, names),
+            "attention_controllers": list(attention_controllers or []),
+        }  # fmt: skip
+
+        # 1.-6. Each output: constraints, stage 1, verification, stage 2 (prompt-major, as diffusers orders them)
+        runs = []
+        for index in range(total):
+            item = index // num_images_per_prompt
+            item_generator = generator[index] if isinstance(generator, list) else generator
+            noise = latents[index : index + 1]
+            texts = (prompts[item], per_prompt["constraints"][item], per_prompt["negative_prompt"][item])
+            rows = {k: v if len(v) == 1 else v[item : item + 1] for k, v in embeds.items() if v is not None}
+            with unet_call_kwargs(self.unet, cross_attention_kwargs):
+                runs.append(self._compose_one(*texts, rows, noise, item_generator, options))
+            if self.interrupt:
+                break
+
+        # 7. Decode the chosen latents
+        images = postprocess(self.vae, torch.cat([run.pop("final") for run in runs]), output_type)
+        self.maybe_free_model_hooks()
+        fields = runs[0] if total == 1 else {key: [run[key] for run in runs] for key in runs[0]}
+        output = ComposePipelineOutput(images=images, **fields)
+        return output if return_dict else (images,)
+
+    def _compose_one(self, prompt, constraints, negative_prompt, embeds, initial_noise, generator, options) -> dict:
+        """One output image: constraints, stage 1, verification, stage 2; the fields of the output."""
+        notes: list[str] = []
+        verifier = options["verifier"]
+        latent_hw = tuple(initial_noise.shape[-2:])
+        grid = map_grid(latent_hw, map_divisor(self.unet.config))
+        try:
+            store = GuidanceMapStore(grid, blocks=options["attention_blocks"])
+        except ValueError as error:
+            raise InputError(str(error)) from None
+
+        # 1. Constraints -> token indices
+        constraints, aligned = self.prepare_constraints(prompt, constraints, options["constraint_parser"], notes)
+        guided = 0 if aligned.empty or not options["run"].weights.any else options["max_iter_to_alter"]
+        verify = options["refine"] and not aligned.empty
+
+        # 2. Text conditioning
+        height, width, steps = options["height"], options["width"], options["num_inference_steps"]
+        cfg_on = self.do_classifier_free_guidance
+        size = {"height": height, "width": width}
+        cond, cfg = guidance_conditioning(self, prompt, negative_prompt, **size, cfg=cfg_on, embeds=embeds)
+
+        # 3. Timesteps; the initial noise z_T is kept: stage 2 refines this very tensor
+        device = self._execution_device
+        self.scheduler.set_timesteps(steps, device=device)
+        timesteps = self.scheduler.timesteps
+        controller = compose(store, *options["attention_controllers"])
+        run = dataclasses.replace(
+            options["run"], cond=cond, cfg=cfg, aligned=aligned, store=store, store_grid=grid, controller=controller,
+            guided_steps=guided,
+            capture_steps=max(options["max_iter_to_alter"], 1) if verify and verifier.needs_maps else 0,
+        )  # fmt: skip
+        callback = options["callback"]
         with self.attach_controllers(controller), frozen_weights(self.unet):
             # 4. Stage 1: guided generation
-            final, maps = self.denoise(initial_noise, timesteps, run, generator, callback_on_step_end)
+            final, maps = self.denoise(initial_noise, timesteps, run, generator, callback)
 
             # 5. Verification
             report_before = self.verify(verifier, final, maps, run) if verify else None
@@ -442,24 +507,18 @@ class ComposePipeline(AttentionKernelMixin, DiffusionPipeline):
 
             # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
             refined_noise, report_after, chosen = None, None, "stage1"
-            if faulty:
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+            if faulty and not self.interrupt:
+                self.scheduler.set_timesteps(steps, device=device)
                 refined_noise = self.refine_noise(
-                    initial_noise, faulty, timesteps, run, noise_refiner, noise_step_size, initno_steps
-                )
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback_on_step_end)
+                    initial_noise, faulty, timesteps, run, options["noise_refiner"], options["noise_step_size"],
+                    options["initno_steps"],
+                )  # fmt: skip
+                self.scheduler.set_timesteps(steps, device=device)
+                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback)
                 report_after = self.verify(verifier, second, second_maps, run)
                 if verifier.rank(report_after) > verifier.rank(report_before):
                     final, chosen = second, "refined"
-
-        # 7. Decode the chosen latents
-        if output_type == "latent":
-            images = final
-        else:
-            images = self.image_processor.postprocess(decode_latents(self.vae, final), output_type=output_type)
-        self.maybe_free_model_hooks()
-        output = ComposePipelineOutput(
-            images, constraints, report_before, report_after, chosen, initial_noise, refined_noise, notes
-        )
-        return output if return_dict else (images,)
+        return {
+            "final": final, "constraints": constraints, "report_before": report_before, "report_after": report_after,
+            "chosen": chosen, "initial_noise": initial_noise, "refined_noise": refined_noise, "warnings": notes,
+        }  # fmt: skip

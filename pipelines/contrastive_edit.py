@@ -19,9 +19,10 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
@@ -38,16 +39,28 @@ from editkit.contrastive import (
     guided_eps,
     noise_latents,
     sample_noise,
-    sample_timestep,
+    sample_timesteps,
 )
 from editkit.errors import InputError
-from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
-from editkit.inversion import decode_latents, encode_image_latents
 from editkit.models import model_family
+from editkit.pipeline_io import (
+    DiffusersPipelineMixin,
+    as_prompt_list,
+    batch_size,
+    callback_tensor_names,
+    check_alpha_scheduler,
+    check_generators,
+    check_num_images,
+    check_output_type,
+    image_latents,
+    pipeline_images,
+    pixel_size,
+    postprocess,
+    step_callback,
+    unet_call_kwargs,
+)
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 
 
 @dataclass
@@ -64,7 +77,7 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
+class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent
@@ -83,7 +96,11 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
+    ]  # fmt: skip
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
         self,
@@ -95,6 +112,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        safety_checker: torch.nn.Module | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -105,6 +124,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             scheduler=scheduler,
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
+            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
+            feature_extractor=None,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -129,10 +150,16 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
     ) -> None:
         """Short, specific InputErrors before any heavy work; a warning for identical prompts."""
         model_family(self.unet)
-        for name, prompt in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
-            if not isinstance(prompt, str) or not prompt.strip():
+        check_alpha_scheduler(self.scheduler, "contrastive editing (DDS noising)")
+        sources, targets = (
+            as_prompt_list(source_prompt, "source_prompt"),
+            as_prompt_list(target_prompt, "target_prompt"),
+        )
+        for name, prompt in [("source_prompt", p) for p in sources] + [("target_prompt", p) for p in targets]:
+            if not prompt.strip():
                 raise InputError(f"{name} must be a non-empty string")
-        if source_prompt.strip() == target_prompt.strip():
+        count = max(len(sources), len(targets))  # pairs with a single prompt broadcast
+        if any(s.strip() == t.strip() for s, t in zip(sources * count, targets * count)):
             warnings.warn("source and target prompts are identical: the edit will change little", stacklevel=3)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputError(f"the number of iterations must be at least 1, got {num_inference_steps}")
@@ -154,21 +181,9 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             raise InputError(f"feature must be one of {FEATURES}, got {feature!r}")
         if not patch_sizes or any(int(p) != p or p < 1 for p in patch_sizes) or num_patches < 2:
             raise InputError("patch_sizes must be positive integers and num_patches at least 2")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_output_type(output_type)
 
-    def _prepare_image(self, image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
-        """PIL (any size; aspect kept, sides rounded to the VAE factor) or (B, 3, H, W) in [-1, 1]."""
-        if isinstance(image, PIL.Image.Image):
-            size = fit_size(*image.size, multiple=self.vae_scale_factor)
-            return pil_to_tensor(resize_to(image.convert("RGB"), size))
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
-            raise InputError("image must be a PIL image or a (batch, 3, height, width) tensor in [-1, 1]")
-        if image.shape[-2] % self.vae_scale_factor or image.shape[-1] % self.vae_scale_factor:
-            raise InputError(f"image tensor sides must be multiples of {self.vae_scale_factor}")
-        return image
-
-    def _prepare_mask(self, mask, image: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+    def _prepare_mask(self, mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
         """A {0, 1} mask at the image's size -> (batch, 1, h, w) latent mask (a cell is in if any pixel is)."""
         if mask is None:
             return None
@@ -178,8 +193,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
         if mask.ndim != 4 or mask.shape[1] != 1:
             raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
-        if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
-            height, width = image.shape[-2:]
+        if tuple(mask.shape[-2:]) != tuple(size):
+            height, width = size
             raise InputError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {width}x{height}")
         if not ((mask == 0) | (mask == 1)).all():
             raise InputError("mask must be binary (0 and 1 only)")
@@ -188,14 +203,15 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         latent_mask = F.adaptive_max_pool2d(mask, latents.shape[-2:])
         return latent_mask.to(latents.device).expand(latents.shape[0], -1, -1, -1)
 
-    def _text(self, prompts: list[str], image: torch.Tensor) -> TextConditioning:
-        height, width = image.shape[-2:]
-        return encode_text(self, prompts, height=int(height), width=int(width))
+    def _text(self, prompts: list[str], size: tuple[int, int], repeats: int) -> TextConditioning:
+        """Prompts (one, or one per batch item) -> conditioning of ``repeats`` rows each."""
+        return encode_text(self, prompts, height=int(size[0]), width=int(size[1])).repeat(repeats)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _unet(self, latents, timestep, conditioning: TextConditioning, roles, controller) -> torch.Tensor:
         """One UNet call with its batch roles declared to the controllers."""
         controller.batch_roles = roles
+        timestep = timestep.repeat(latents.shape[0] // timestep.shape[0])  # (batch,) per item, tiled per branch
         return self.unet(latents.to(self.unet.dtype), timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
 
     def _eps(self, uncond, cond, z_t, alpha, guidance_scale) -> torch.Tensor:
@@ -232,8 +248,9 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             cond_trg = self._unet(noise_latents(z, noise, alpha), timestep, text["target_cond"], ("cond",), controller)
             recorder.branch = None
             loss = self._contrastive_loss(recorder, settings)
-            # CDS: (cutloss * w_cut).backward(); the DDS scale (loss_scale / pixels) is not applied here
-            (contrast_grad,) = torch.autograd.grad(loss * settings["contrast_weight"], z)
+            # CDS: (cutloss * w_cut).backward(); the DDS scale (loss_scale / pixels) is not applied here.
+            # The loss is a mean over batch items: times the batch size, each item gets its own step.
+            (contrast_grad,) = torch.autograd.grad(loss * settings["contrast_weight"] * z.shape[0], z)
         eps_src = self._eps(*source_out.chunk(2), z_src_t, alpha, settings["guidance_scale"])
         eps_trg = self._eps(uncond_trg, cond_trg.detach(), z_trg_t, alpha, settings["guidance_scale"])
         return dds_gradient(eps_trg, eps_src), contrast_grad, loss.detach()
@@ -241,10 +258,12 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
     def _iteration(self, index, latents, source_latents, text, settings, controller, recorder):
         """Draw t and eps, return (t, latent gradient of the total loss, contrastive loss or None)."""
         generator, device = settings["generator"], latents.device
-        t = sample_timestep(generator, min_timestep=settings["min_timestep"], max_timestep=settings["max_timestep"])
+        bounds = {"min_timestep": settings["min_timestep"], "max_timestep": settings["max_timestep"]}
+        timestep = sample_timesteps(generator, latents.shape[0], **bounds).to(device)  # (batch,)
         noise = sample_noise(latents.shape, generator, device)
-        timestep, alpha = torch.tensor(t, device=device), settings["alphas"][t]
-        controller.begin_step(index, t)
+        alpha = settings["alphas"][timestep].view(-1, 1, 1, 1)
+        t = timestep.tolist() if isinstance(generator, list) else int(timestep[0])
+        controller.begin_step(index, int(timestep[0]))
         z_src_t = noise_latents(source_latents, noise, alpha)
         loss, contrast_grad = None, 0.0
         if recorder is None:
@@ -286,21 +305,12 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             if gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
 
-    def _postprocess(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return latents
-        image = decode_latents(self.vae, latents)  # (batch, 3, H, W) in [-1, 1]
-        if output_type == "pil":
-            return tensor_to_pil(image)
-        image = (image + 1) / 2
-        return image if output_type == "pt" else image.permute(0, 2, 3, 1).cpu().numpy()
-
     @torch.no_grad()
     def __call__(
         self,
-        image: PIL.Image.Image | torch.Tensor,
-        source_prompt: str,
-        target_prompt: str,
+        image: PipelineImageInput,
+        source_prompt: str | list[str],
+        target_prompt: str | list[str],
         *,
         num_inference_steps: int = 200,
         guidance_scale: float = 7.5,
@@ -317,11 +327,15 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         contrast_sites: str | Sequence[str] = DEFAULT_SITES,
         identity_branch: bool = False,
         mask: torch.Tensor | PIL.Image.Image | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str | list[str] = "",
+        num_images_per_prompt: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        height: int | None = None,
+        width: int | None = None,
         loss_scale: float = 2000.0,
         reference_latent_pixels: int = REFERENCE_LATENT_PIXELS,
         gradient_checkpointing: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         attention_controllers: Sequence[AttentionController] | None = None,
@@ -331,9 +345,10 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         r"""Edit ``image`` from ``source_prompt`` (what it shows) towards ``target_prompt``.
 
         Args:
-            image: a PIL image (aspect kept, sides rounded to multiples of the VAE factor) or a
-                ``(batch, 3, H, W)`` tensor in [-1, 1].
-            source_prompt / target_prompt: text describing the input and the wanted result.
+            image: one image or a batch in diffusers' formats (``editkit.pipeline_io.prepare_images``):
+                PIL, path, numpy (B, H, W, C) or torch (B, C, H, W) in [0, 1], lists, (B, 4, h, w) latents.
+            source_prompt / target_prompt: text describing the input and the wanted result; one, or
+                one per image (a single image or prompt is broadcast to the batch).
             num_inference_steps: number of optimisation iterations (200 in DDS/CDS).
             guidance_scale: classifier-free guidance on both branches (7.5).
             learning_rate: plain SGD step on the fp32 master latent (0.1; Adam's normalisation
@@ -357,42 +372,67 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
                 source prompt (a second reading of "dual"); the two losses are averaged.
             mask: optional {0, 1} mask at the image's size: the edit (DDS gradient, contrastive
                 patches and the update) is restricted to it; latents outside stay unchanged.
-            negative_prompt: the unconditional prompt of classifier-free guidance.
+            negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image).
+            num_images_per_prompt: edits per image (each its own noise and timestep draws).
+            cross_attention_kwargs: passed to every UNet call, e.g. a LoRA ``{"scale": 0.5}``. DDS has
+                no sampler, so diffusers' ``eta`` and ``guidance_rescale`` do not apply; the prompts
+                are text (``encode_prompt`` serves the pipeline's text encoders on its own).
+            height, width: processing size (default: the first image's, rounded to the VAE factor).
             loss_scale: the reference code's 2000 of the DDS surrogate; with
                 ``reference_latent_pixels`` (64 x 64) the per-element DDS step is the reference
                 step at 512 px, at every resolution (the reference divides by the latent's own
                 H x W). It does not touch the contrastive term, which CDS backpropagates as
                 ``contrast_weight * loss`` alone.
             gradient_checkpointing: recompute UNet activations in the backward pass (less memory).
-            generator: the only source of randomness (timesteps, noise, patch locations).
-            output_type: ``"pil"``, ``"pt"`` (in [0, 1]), ``"np"`` or ``"latent"``.
-            attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
-            callback_on_step_end: ``fn(pipe, i, t, {"latents": ...}) -> dict`` after each iteration;
-                a returned ``"latents"`` replaces the edited latent.
+            generator: the only source of randomness (timesteps, noise, patch locations). One: the batch
+                shares each iteration's timestep and patches; a list (one per output image): item i draws
+                its own and equals a run of that image alone with generator i.
+            output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) in [0, 1]), ``"pt"`` ((B, 3, H, W) in
+                [0, 1]) or ``"latent"``.
+            return_dict: ``False`` returns ``(images,)``.
+            attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run;
+                they learn one timestep per iteration, so they need a single generator.
+            callback_on_step_end: ``fn(pipe, i, t, callback_kwargs) -> dict`` after each iteration;
+                ``callback_kwargs`` holds ``callback_on_step_end_tensor_inputs`` (of
+                ``_callback_tensor_inputs``); a returned ``"latents"`` replaces the edited latent.
+                Setting ``pipe._interrupt = True`` stops after the current iteration.
         """
         # 1. Check inputs
         self.check_inputs(
             source_prompt, target_prompt, num_inference_steps, guidance_scale, learning_rate, min_timestep,
             max_timestep, contrast, contrast_weight, feature, patch_sizes, num_patches, tau, output_type,
         )  # fmt: skip
+        check_num_images(num_images_per_prompt)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         if contrast is not None:
             try:
                 select_sites([s.name for s in attention_sites(self.unet)], contrast_sites, kind="self")
             except ValueError as error:
                 raise InputError(str(error)) from None
-        device = self._execution_device
+        if isinstance(generator, list) and len(generator) > 1 and attention_controllers:
+            raise InputError("attention_controllers need one generator (one timestep per iteration for the batch)")
+        self._begin_run(guidance_scale, num_inference_steps)
 
-        # 2. Encode the image: posterior mean, an fp32 master copy to optimise
-        pixels = self._prepare_image(image)
-        source_latents = encode_image_latents(self.vae, pixels.to(device)).float()
+        # 2. Encode the images (posterior mean: an fp32 master copy to optimise), one row per output
+        pixels = pipeline_images(self, image, height=height, width=width)  # or (B, 4, h, w) latents
+        size = pixel_size(pixels, self.vae, self.vae_scale_factor)
+        source_latents = image_latents(self, pixels).float()
+        prompts = {
+            "source": as_prompt_list(source_prompt), "target": as_prompt_list(target_prompt),
+            "negative": as_prompt_list(negative_prompt, "negative_prompt"),
+        }  # fmt: skip
+        items = batch_size({"image": source_latents.shape[0], **{k: len(v) for k, v in prompts.items()}})
+        repeats = num_images_per_prompt * (items // source_latents.shape[0])
+        source_latents = source_latents.repeat_interleave(repeats, dim=0)
+        check_generators(generator, source_latents.shape[0])
         latents = source_latents.clone()
-        region = self._prepare_mask(mask, pixels, latents)
-        batch = latents.shape[0]
+        region = self._prepare_mask(mask, size, latents)
 
-        # 3. Encode the prompts: [uncond, cond] per branch
-        uncond = self._text([negative_prompt], pixels).repeat(batch)
-        source = self._text([source_prompt], pixels).repeat(batch)
-        target = self._text([target_prompt], pixels).repeat(batch)
+        # 3. Encode the prompts: [uncond, cond] per branch, one row per output
+        repeat = {k: num_images_per_prompt * (items // len(v)) for k, v in prompts.items()}
+        uncond = self._text(prompts["negative"], size, repeat["negative"])
+        source = self._text(prompts["source"], size, repeat["source"])
+        target = self._text(prompts["target"], size, repeat["target"])
         text = {
             "dds": TextConditioning.cat([uncond, uncond, source, target]),
             "source": TextConditioning.cat([uncond, source]),
@@ -419,7 +459,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
             "reference_pixels": reference_latent_pixels,
             "min_timestep": min_timestep,
             "max_timestep": max_timestep,
-            "alphas": self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+            "alphas": self.scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32),
         }
 
         # 5. Optimise the edited latent
@@ -427,6 +467,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
         with (
             self.attach_controllers(controller),
             self._frozen_unet(gradient_checkpointing),
+            unet_call_kwargs(self.unet, cross_attention_kwargs),
             self.progress_bar(total=num_inference_steps) as progress,
         ):
             for i in range(num_inference_steps):
@@ -435,14 +476,14 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusionPipeline):
                 drawn.append(t)
                 if loss is not None:
                     losses.append(loss)
-                if callback_on_step_end is not None:
-                    local = {"latents": latents}
-                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    latents = (callback_on_step_end(self, i, t, callback_kwargs) or {}).get("latents", latents)
+                state = step_callback(self, callback_on_step_end, i, t, {"latents": latents}, names)
+                latents = state["latents"]
                 progress.update()
+                if self.interrupt:
+                    break
 
         # 6. Decode
-        images = self._postprocess(latents, output_type)
+        images = postprocess(self.vae, latents, output_type)
         self.maybe_free_model_hooks()
         loss_values = [float(v) for v in torch.stack(losses).cpu()] if losses else []
         if not return_dict:

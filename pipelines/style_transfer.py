@@ -12,9 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
@@ -26,33 +29,51 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from editkit.attention import (
-    AttentionController,
-    AttentionKernelMixin,
-    compose,
-    exposed_ip_adapters,
-    ip_adapter_processors,
-)
-from editkit.conditioning import TextConditioning, encode_text
+from editkit.attention import AttentionController, AttentionKernelMixin, compose, exposed_ip_adapters
+from editkit.conditioning import EMBEDDING_NAMES, guidance_conditioning
 from editkit.errors import InputError
-from editkit.image import fit_size, pil_to_tensor, resize_to, tensor_to_pil
 from editkit.inversion import (
     ddim_alphas,
     ddim_invert,
     ddim_step,
-    decode_latents,
-    encode_image_latents,
     generation_scheduler,
     model_eps,
     predicted_x0,
     replay_inverted_latents,
 )
-from editkit.models import model_family
+from editkit.ip_adapter import (
+    clip_image_embeds,
+    ip_adapter_count,
+    ip_embeds_list,
+    ip_scales,
+    restore_scales,
+    scale_snapshot,
+)
+from editkit.pipeline_io import (
+    DiffusersPipelineMixin,
+    as_list,
+    as_prompt_list,
+    broadcast,
+    callback_tensor_names,
+    check_alpha_scheduler,
+    check_generators,
+    check_num_images,
+    check_output_type,
+    image_latents,
+    is_latents,
+    pipeline_images,
+    pixel_size,
+    postprocess,
+    step_callback,
+    unet_call_kwargs,
+)
 from editkit.style import (
+    FEATURE_TIMINGS,
     FEATURES_BY_KIND,
     FeatureRecorder,
     StyleCache,
     StyleInjectionController,
+    check_feature_timing,
     content_aware_adain,
     model_fingerprint,
     resolve_style_sites,
@@ -60,27 +81,22 @@ from editkit.style import (
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Image.Image | torch.Tensor
-#: Where the features of step t are recorded: the inversion's own call UNet(z_{t-1}, t), or UNet(z_t, t).
-FEATURE_TIMINGS = ("inversion_step", "inverted_latent")
-# AttenST's blocks (method note; InstantStyle's layout block): the content in down_blocks.2.attentions.1,
-# the style in up_blocks.0.attentions.1 and .2 (AttenST's release: {"up": {"block_0": [0.0, s, s]}}).
-IP_ADAPTER_BLOCKS = {
-    "sdxl": ({"down": {"block_2": [0.0, 1.0]}}, {"up": {"block_0": [0.0, 1.0, 1.0]}}),
-    "sd": ({"down": {"block_2": [1.0, 1.0]}}, {"up": {"block_1": [1.0, 1.0, 1.0]}}),
-}
-
 
 @dataclass
 class StyleTransferPipelineOutput(BaseOutput):
-    """``images``: one stylized image per style; ``style_caches``/``content_cache``: reusable features."""
+    """``images``: per content image, one stylized image per style (each ``num_images_per_prompt`` times).
 
-    images: list[Image.Image] | torch.Tensor
+    ``style_caches``: the styles' features (for the first prompt); ``content_caches``: one per content
+    image; ``content_cache``: the first of them (one content image, the common case).
+    """
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
     style_caches: list[StyleCache]
     content_cache: StyleCache
+    content_caches: list[StyleCache] | None = None
 
 
-class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMixin):
+class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline, IPAdapterMixin):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):
@@ -107,7 +123,10 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"]
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker",)
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor", "safety_checker",
+    ]  # fmt: skip
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
@@ -121,6 +140,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         tokenizer_2: CLIPTokenizer | None = None,
         image_encoder: CLIPVisionModelWithProjection | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        safety_checker: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -133,6 +153,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             tokenizer_2=tokenizer_2,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
+            safety_checker=None,  # diffusers' SD component this pipeline never runs: accepted, dropped
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
@@ -141,6 +162,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         self, content_image, styles, caches, gamma, tau, adain_strength, steps, resample_steps, window,
         feature_timing="inversion_step",
     ):  # fmt: skip
+        check_alpha_scheduler(self.scheduler, "style transfer (DDIM inversion)")
         if feature_timing not in FEATURE_TIMINGS:
             raise InputError(f"feature_timing must be one of {FEATURE_TIMINGS}, got {feature_timing!r}")
         if content_image is None:
@@ -160,43 +182,17 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         if window is not None and (len(window) != 2 or window[0] > window[1]):
             raise InputError(f"injection_timesteps must be (low, high) with low <= high, got {window}")
 
-    def _prepare_image(self, image: ImageInput, size: tuple[int, int] | None) -> torch.Tensor:
-        """PIL image or (1, 3, H, W) tensor in [-1, 1] -> (1, 3, H, W) at ``size`` (a multiple of 8)."""
-        if isinstance(image, torch.Tensor):
-            tensor = image if image.ndim == 4 else image[None]
-            image = tensor_to_pil(tensor)[0]
-        width, height = size or fit_size(*image.size, multiple=self.vae_scale_factor)
-        if width % self.vae_scale_factor or height % self.vae_scale_factor:
-            raise InputError(f"image size {width}x{height} must be a multiple of {self.vae_scale_factor}")
-        return pil_to_tensor(resize_to(image.convert("RGB"), (width, height)))
+    def _prepare_image(self, image, size: tuple[int, int] | None, name: str = "content_image") -> torch.Tensor:
+        """Any diffusers image input -> (B, 3, H, W) in [-1, 1] at ``size``, or (B, 4, h, w) latents as given."""
+        width, height = size or (None, None)
+        return pipeline_images(self, image, height=height, width=width, name=name)
 
-    def _text(self, prompt: str, size: tuple[int, int]) -> TextConditioning:
-        return encode_text(self, [prompt], width=size[0], height=size[1])
+    def _pixel_size(self, image: torch.Tensor) -> tuple[int, int]:
+        """(width, height) in pixels of an image or latent batch."""
+        height, width = pixel_size(image, self.vae, self.vae_scale_factor)
+        return width, height
 
-    # -- IP-Adapter (dual-feature cross-attention) ------------------------------------------------
-    def _ip_adapter_count(self) -> int:
-        projection = getattr(self.unet, "encoder_hid_proj", None)
-        if self.unet.config.get("encoder_hid_dim_type") != "ip_image_proj" or projection is None:
-            return 0
-        return len(getattr(projection, "image_projection_layers", [projection]))
-
-    def _image_embeds(self, image: torch.Tensor) -> torch.Tensor:
-        """CLIP image embedding of a (1, 3, H, W) [-1, 1] image: (1, 1, dim)."""
-        if self.image_encoder is None or self.feature_extractor is None:
-            raise InputError("an IP-Adapter is loaded but the pipeline has no image_encoder/feature_extractor")
-        pixels = self.feature_extractor(tensor_to_pil(image), return_tensors="pt").pixel_values
-        encoder = self.image_encoder
-        return encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).image_embeds[:, None]
-
-    def _ip_scales(self, scale):
-        """InstantStyle-style per-block scale configs, content first, then style (set_ip_adapter_scale)."""
-        if scale is None or isinstance(scale, int | float):
-            value = 1.2 if scale is None else float(scale)  # AttenST: 1.2 for both adapters
-            content, style = IP_ADAPTER_BLOCKS[model_family(self.unet)]
-            scaled = [_scale_config(content, value), _scale_config(style, value)]
-            return scaled if self._ip_adapter_count() == 2 else scaled[1:]
-        return scale
-
+    # -- IP-Adapter (dual-feature cross-attention; helpers in editkit.ip_adapter) -----------------
     def set_ip_adapter_scale(self, scale) -> None:
         """diffusers' ``set_ip_adapter_scale``, also reaching adapters at sites where controllers are attached.
 
@@ -206,23 +202,17 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         with exposed_ip_adapters(self.unet):
             super().set_ip_adapter_scale(scale)
 
-    def _ip_snapshot(self) -> dict:
-        return {name: list(processor.scale) for name, processor in ip_adapter_processors(self.unet).items()}
-
-    def _ip_restore(self, snapshot: dict) -> None:
-        for name, processor in ip_adapter_processors(self.unet).items():
-            if name in snapshot:
-                processor.scale[:] = snapshot[name]
-
     # -- the three phases ------------------------------------------------------------------------
     def _invert(self, image, kind, sites, timesteps, text, steps, inversion, offload, ip_count, extra, progress):
         """Invert one image, recording only what injection needs; ``inversion``: (resample_steps, feature_timing)."""
         resample_steps, feature_timing = inversion
-        latents = encode_image_latents(self.vae, image.to(self._execution_device)).to(self.unet.dtype)
+        if ip_count and is_latents(image, self.vae):
+            raise InputError("with an IP-Adapter loaded, give images (the image encoder needs pixels), not latents")
+        latents = image_latents(self, image).to(self.unet.dtype)
         recorder = FeatureRecorder(sites, FEATURES_BY_KIND[kind], timesteps, offload=offload)
         stepper = compose(*extra, recorder)  # every attached controller learns the step
         added = dict(text.added_cond_kwargs or {})
-        image_embeds = self._image_embeds(image) if ip_count else None
+        image_embeds = clip_image_embeds(self, image) if ip_count else None
         if image_embeds is not None:  # the UNet needs image embeds; the scales are 0 while inverting
             added["image_embeds"] = [torch.zeros_like(image_embeds)] * ip_count
         during = feature_timing == "inversion_step"
@@ -244,7 +234,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
                     self.unet, result, text.prompt_embeds, added_cond_kwargs=added or None, timesteps=timesteps,
                     callback=lambda index, t, _: stepper.begin_step(index, t),
                 )  # fmt: skip
-        size = (image.shape[-1], image.shape[-2])
+        size = self._pixel_size(image)
         return StyleCache.from_recorder(
             recorder,
             result.final,
@@ -260,7 +250,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             extra={"feature_timing": feature_timing},
         )
 
-    def _denoise(self, latents, controller, text, guidance_scale, steps, callback_on_step_end, ip_embeds):
+    def _denoise(self, latents, controller, text, guidance, steps, callback, ip_embeds):
         """DDIM (eta 0) from the first timestep, the same arithmetic the inversion undoes."""
         scheduler = generation_scheduler(self.scheduler, steps)
         alpha_pair = ddim_alphas(scheduler, steps, latents.device)
@@ -269,6 +259,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         if ip_embeds is not None:
             kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), "image_embeds": ip_embeds}
         z = latents.float()
+        guidance_scale, guidance_rescale = guidance
         cfg = guidance_scale > 1.0
         for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
             # the controller keys on the int; the UNet gets the tensor, so a compiled UNet does not
@@ -279,26 +270,37 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             if cfg:
                 uncond, cond = output.chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
+                if guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
+                    output = rescale_noise_cfg(output, cond, guidance_rescale=guidance_rescale)
             alpha_t, alpha_prev = alpha_pair(int(t))
             eps = model_eps(output, z, alpha_t, prediction_type)
             z = ddim_step(predicted_x0(z, eps, alpha_t), eps, alpha_prev)
-            if callback_on_step_end is not None:
-                z = callback_on_step_end(self, index, t, {"latents": z}).get("latents", z)
+            callback_on_step_end, names = callback
+            z = step_callback(self, callback_on_step_end, index, t, {"latents": z}, names)["latents"]
+            if self.interrupt:
+                break
         return z.to(latents.dtype)
 
     # -- __call__ ----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
-        content_image: ImageInput | None = None,
-        style_image: ImageInput | Sequence[ImageInput] | None = None,
+        content_image: PipelineImageInput | None = None,
+        style_image: PipelineImageInput | Sequence[PipelineImageInput] | None = None,
         *,
         style_cache: StyleCache | Sequence[StyleCache] | None = None,
-        content_cache: StyleCache | None = None,
-        prompt: str = "",
-        negative_prompt: str = "",
+        content_cache: StyleCache | Sequence[StyleCache] | None = None,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] = "",
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
         gamma: float = 0.75,
         tau: float = 1.5,
         adain_strength: float | None = 0.6,
@@ -312,23 +314,37 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         style_size: tuple[int, int] | None = None,
         ip_adapter_scale: float | dict | list | None = None,
         offload_features: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
-        r"""Stylize ``content_image`` with each style; one output per style image, then one per style cache.
+        r"""Stylize each content image with each style: images ordered by content, then style, then copy.
 
         Args:
-            content_image: PIL image or (1, 3, H, W) tensor in [-1, 1] (ignored pixels-wise when
-                ``content_cache`` is given, but still needed for its size unless ``height``/``width``).
-            style_image: one or more style images (any size; keys need not match the content's size).
+            content_image: one content image or a batch, in diffusers' formats (PIL, path, numpy
+                (H, W, C)/(B, H, W, C) in [0, 1], torch (C, H, W)/(B, C, H, W) in [0, 1], lists of
+                these, or (B, 4, h, w) latents). Every item is stylized; a list is resized to the
+                first item's size. Still needed for its size when ``content_cache`` is given.
+            style_image: one or more style images (any size; keys need not match the content's size);
+                a batched style tensor or list is several styles.
             style_cache / content_cache: features from an earlier run (``output.style_caches``,
-                ``StyleCache.load``); validated against this model, sites and timesteps.
-            prompt, negative_prompt, guidance_scale: optional text; guidance 1 (default) runs one UNet
-                pass per step. With CFG both branches are injected (as AttenST does).
+                ``output.content_caches``, ``StyleCache.load``); one content cache per content image;
+                validated against this model, sites and timesteps.
+            prompt, negative_prompt, guidance_scale: optional text, one or one per content image;
+                guidance 1 (default) runs one UNet pass per step. With CFG both branches are injected
+                (as AttenST does). Each style is inverted with each distinct prompt.
             num_inference_steps: DDIM steps N, shared by inversion and generation.
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds:
+                given text embeddings instead of ``prompt``/``negative_prompt`` (diffusers' names and
+                ``encode_prompt``'s outputs; the pooled ones on SDXL), one row or one per content image.
+            guidance_rescale: diffusers' CFG rescale (Lin et al. 2024, eq. 16; 0: off) with CFG.
+            cross_attention_kwargs: passed to every UNet call (inversions included), e.g. a LoRA
+                ``{"scale": 0.5}``. No ``eta``: generation is DDIM with eta 0, the inversion it undoes.
+            num_images_per_prompt: copies of each output. The method is deterministic (DDIM, eta 0),
+                so copies are identical: diffusers' argument is accepted so batch code works unchanged.
             gamma: query preservation (0: the stylized latent's own query, 1: the content's).
             tau: attention temperature, logits scaled by ``tau / sqrt(d)`` (1 = plain attention).
             adain_strength: a_s of the content-aware AdaIN (1: plain AdaIN, 0: content colours, None: off).
@@ -344,20 +360,25 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
             ip_adapter_scale: with IP-Adapter(s) loaded, a float (InstantStyle blocks, AttenST 1.2) or
                 ``set_ip_adapter_scale`` configs (content's first when two adapters are loaded).
             offload_features: keep recorded features on the CPU, streaming them per step.
-            generator: accepted for API symmetry; the method is deterministic (DDIM, eta 0).
-            output_type: ``"pil"``, ``"pt"`` ((B, 3, H, W) in [0, 1]) or ``"latent"``.
-            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": z}) -> dict`` after each step.
+            generator: accepted for API symmetry (one or one per output image); the method is deterministic.
+            output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) in [0, 1]), ``"pt"`` ((B, 3, H, W) in [0, 1])
+                or ``"latent"``.
+            return_dict: ``False`` returns ``(images, style_caches, content_caches)``.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each
+                generation step; ``callback_kwargs`` holds the names in
+                ``callback_on_step_end_tensor_inputs`` (of ``_callback_tensor_inputs``); a returned
+                ``"latents"`` replaces the latent. Setting ``pipe._interrupt`` stops the loop.
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the whole run.
         """
-        styles = _as_list(style_image)
-        given_caches = _as_list(style_cache)
+        styles = [item for style in as_list(style_image) for item in _split_batch(style)]
+        given_caches = as_list(style_cache)
         self.check_inputs(
             content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
             injection_timesteps, feature_timing,
         )  # fmt: skip
-        if output_type not in ("pil", "pt", "latent"):
-            raise InputError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        device = self._execution_device
+        check_output_type(output_type)
+        check_num_images(num_images_per_prompt)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         sites = resolve_style_sites(self.unet, injection_sites)
         offload = "cpu" if offload_features else None
         inversion = (resample_steps, feature_timing)
@@ -366,128 +387,124 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusionPipeline, IPAdapterMi
         scheduler = generation_scheduler(self.scheduler, num_inference_steps)
         low, high = injection_timesteps or (0, scheduler.config.num_train_timesteps)
         window = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
+        self._begin_run(guidance_scale, len(scheduler.timesteps))
 
-        # 2. Content (and IP-Adapter features) at its processing size.
-        content = self._prepare_image(content_image, (width, height) if width and height else None)
-        content_size = (content.shape[-1], content.shape[-2])
+        # 2. Contents (every batch item), prompts and (IP-Adapter) state at the processing size.
+        contents = self._prepare_image(content_image, (width, height) if width and height else None)
+        embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        embeds = {k: v for k, v in zip(EMBEDDING_NAMES, embeds, strict=True) if v is not None}
+        texts = broadcast(
+            {"prompt": as_prompt_list(prompt), "negative_prompt": as_prompt_list(negative_prompt, "negative_prompt")},
+            {"content_image": len(contents), **{k: len(v) for k, v in embeds.items()}},
+        )
+        batch = len(texts["prompt"])
+        contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
+        # one text per batch item; styles are inverted once per distinct prompt (or embedding row)
+        keys = list(range(batch)) if embeds else texts["prompt"]
+        text = lambda i, size, cfg=False: guidance_conditioning(  # noqa: E731
+            self, texts["prompt"][i], texts["negative_prompt"][i], width=size[0], height=size[1], cfg=cfg,
+            embeds={k: v if len(v) == 1 else v[i : i + 1] for k, v in embeds.items()},
+        )  # fmt: skip
+        given_content = as_list(content_cache)
+        if given_content and len(given_content) != batch:
+            raise InputError(f"got {len(given_content)} content caches for {batch} content images")
+        outputs = batch * (len(styles) + len(given_caches)) * num_images_per_prompt
+        check_generators(generator, outputs)
+        content_size = self._pixel_size(contents)
         if mask is not None:
             style_size = content_size  # a masked blend needs equal token counts per layer
-        ip_count = self._ip_adapter_count()
-        ip_snapshot = self._ip_snapshot() if ip_count else None
+        ip_count = ip_adapter_count(self.unet)
+        ip_snapshot = scale_snapshot(self.unet) if ip_count else None
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
         fingerprint = model_fingerprint(self.unet)
         extra = list(attention_controllers or [])
+        invert = lambda image, kind, text: self._invert(  # noqa: E731
+            image, kind, sites if kind == "style" or gamma > 0 else [], window, text, num_inference_steps,
+            inversion, offload, ip_count, extra, progress,
+        )  # fmt: skip
         try:
-            with self.attach_controllers(extra) if extra else contextlib.nullcontext():
+            with (
+                self.attach_controllers(extra) if extra else contextlib.nullcontext(),
+                unet_call_kwargs(self.unet, cross_attention_kwargs),
+            ):
                 if ip_count:
                     self.set_ip_adapter_scale([0.0] * ip_count)  # inversion runs without the image prompt
 
-                # 3. Content inversion (its queries), unless cached.
-                if content_cache is None:
-                    content_cache = self._invert(
-                        content, "content", sites if gamma > 0 else [], window, self._text(prompt, content_size),
-                        num_inference_steps, inversion, offload, ip_count, extra, progress,
+                # 3. Content inversions (their queries), unless cached: one per batch item.
+                content_caches = given_content or [
+                    invert(contents[i : i + 1], "content", text(i, content_size)[0]) for i in range(batch)
+                ]
+                for cache in content_caches:
+                    cache.validate(
+                        kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
+                        size=content_size, label="content cache",
                     )  # fmt: skip
-                content_cache.validate(
-                    kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
-                    size=content_size, label="content cache",
-                )  # fmt: skip
-                if gamma > 0:
-                    _check_feature_timing(content_cache, feature_timing, "content cache")
+                    if gamma > 0:
+                        check_feature_timing(cache, feature_timing, "content cache")
 
-                # 4. Style inversions (their keys and values), unless cached.
-                caches = []  # one per style image (in order), then the given caches
-                for style in styles:
-                    style_tensor = self._prepare_image(style, style_size)
-                    style_px = (style_tensor.shape[-1], style_tensor.shape[-2])
-                    caches.append(
-                        self._invert(
-                            style_tensor, "style", sites, window, self._text(prompt, style_px),
-                            num_inference_steps, inversion, offload, ip_count, extra, progress,
-                        )
-                    )  # fmt: skip
-                caches += given_caches
-                for cache in caches:
+                # 4. Style inversions (their keys and values), unless cached: once per distinct prompt.
+                style_tensors = [self._prepare_image(style, style_size, "style_image") for style in styles]
+                caches_by_prompt = {}
+                for index, key in enumerate(keys):
+                    if key not in caches_by_prompt:
+                        inverted = [invert(s, "style", text(index, self._pixel_size(s))[0]) for s in style_tensors]
+                        caches_by_prompt[key] = inverted + given_caches
+                for cache in given_caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
-                    _check_feature_timing(cache, feature_timing, "style cache")
+                    check_feature_timing(cache, feature_timing, "style cache")
 
-                # 5. Generation per style: AdaIN'd start latent, injected self-attention.
-                text = self._text(prompt, content_size)
-                cfg = guidance_scale > 1.0
-                if cfg:
-                    text = TextConditioning.cat([self._text(negative_prompt, content_size), text])
+                # 5. Generation per content and style: AdaIN'd start latent, injected self-attention.
                 if ip_count:
-                    self._ip_restore(ip_snapshot)
-                    self.set_ip_adapter_scale(self._ip_scales(ip_adapter_scale))
+                    restore_scales(self.unet, ip_snapshot)
+                    self.set_ip_adapter_scale(ip_scales(self.unet, ip_adapter_scale))
+                injection = {
+                    "sites": sites, "window": window, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
+                    "mask": mask, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                    "steps": num_inference_steps,
+                    "callback": (callback_on_step_end, names), "ip_count": ip_count, "extra": extra,
+                }  # fmt: skip
                 latents = []
-                for cache in caches:
-                    start = content_cache.final_latent.to(device)
-                    if adain_strength is not None:
-                        start = content_aware_adain(start, cache.final_latent.to(device), adain_strength)
-                    controller = StyleInjectionController(
-                        sites, cache, content_cache if gamma > 0 else None,
-                        gamma=gamma, tau=tau, timesteps=window, mask=_mask_tensor(mask),
-                    )  # fmt: skip
-                    ip = _ip_list(content_cache.image_embeds, cache.image_embeds, ip_count, cfg) if ip_count else None
-                    with self.attach_controllers(controller):
-                        latents.append(
-                            self._denoise(
-                                start, compose(*extra, controller), text, guidance_scale, num_inference_steps,
-                                callback_on_step_end, ip,
-                            )
-                        )  # fmt: skip
+                for index, content_features in enumerate(content_caches):
+                    cond, cfg = text(index, content_size, guidance_scale > 1.0)
+                    for cache in caches_by_prompt[keys[index]]:
+                        latents.append(self._generate(content_features, cache, cfg or cond, injection))
         finally:
             if ip_snapshot is not None:
-                self._ip_restore(ip_snapshot)
+                restore_scales(self.unet, ip_snapshot)
 
-        # 6. Decode the final latents only.
-        images = self._output(torch.cat(latents), output_type)
+        # 6. Decode the final latents only (each repeated num_images_per_prompt times).
+        latents = torch.cat(latents).repeat_interleave(num_images_per_prompt, dim=0)
+        images = postprocess(self.vae, latents, output_type)
         self.maybe_free_model_hooks()
-        style_caches = caches
+        style_caches = caches_by_prompt[keys[0]]
         if not return_dict:
-            return images, style_caches, content_cache
-        return StyleTransferPipelineOutput(images=images, style_caches=style_caches, content_cache=content_cache)
+            return images, style_caches, content_caches
+        return StyleTransferPipelineOutput(
+            images=images, style_caches=style_caches, content_cache=content_caches[0], content_caches=content_caches
+        )
 
-    def _output(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return latents
-        image = decode_latents(self.vae, latents)
-        if output_type == "pt":
-            return (image + 1) / 2
-        return tensor_to_pil(image)
-
-
-def _check_feature_timing(cache: StyleCache, feature_timing: str, label: str) -> None:
-    """Refuse a cache recorded with the other ``feature_timing`` (older caches: inversion_step)."""
-    recorded = cache.extra.get("feature_timing", "inversion_step")
-    if recorded != feature_timing:
-        raise InputError(f"{label} was recorded with feature_timing={recorded!r}, this run uses {feature_timing!r}")
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, list | tuple):
-        return list(value)
-    return [value]
+    def _generate(self, content_cache, cache, text, options: dict) -> torch.Tensor:
+        """One stylized latent: the AdaIN'd content start latent denoised with injected self-attention."""
+        device, gamma = self._execution_device, options["gamma"]
+        start = content_cache.final_latent.to(device)
+        if options["adain_strength"] is not None:
+            start = content_aware_adain(start, cache.final_latent.to(device), options["adain_strength"])
+        controller = StyleInjectionController(
+            options["sites"], cache, content_cache if gamma > 0 else None,
+            gamma=gamma, tau=options["tau"], timesteps=options["window"], mask=_mask_tensor(options["mask"]),
+        )  # fmt: skip
+        guidance, count = (options["guidance_scale"], options["guidance_rescale"]), options["ip_count"]
+        ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, count, guidance[0] > 1) if count else None
+        with self.attach_controllers(controller):
+            controllers = compose(*options["extra"], controller)
+            return self._denoise(start, controllers, text, guidance, options["steps"], options["callback"], ip)
 
 
-def _scale_config(config: dict, value: float) -> dict:
-    """Multiply every per-block scale of an InstantStyle config by ``value``."""
-    return {
-        part: {block: [s * value for s in scales] for block, scales in blocks.items()}
-        for part, blocks in config.items()
-    }
-
-
-def _ip_list(content_embeds, style_embeds, count: int, cfg: bool = False) -> list[torch.Tensor]:
-    """Image embeds per adapter: [content, style] for two adapters, [style] for one."""
-    if content_embeds is None or style_embeds is None:
-        raise InputError("a cache made without the IP-Adapter lacks the image embedding; recompute it")
-    embeds = [content_embeds, style_embeds][-count:]
-    if cfg:
-        embeds = [torch.cat([torch.zeros_like(e), e]) for e in embeds]
-    return embeds
+def _split_batch(image) -> list:
+    """A batched style tensor/array is several styles; anything else is one."""
+    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
+        return [image[i : i + 1] for i in range(image.shape[0])]
+    return [image]
 
 
 def _mask_tensor(mask) -> torch.Tensor | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
@@ -243,15 +245,33 @@ def test_controller_list_chains_hooks_in_order():
         chain.controllers[0].role_rows("cond", 3)
 
 
-def test_fused_projections_are_refused(sd15_pipe):
-    unet = sd15_pipe.unet
-    module = next(m for n, m in unet.named_modules() if n.endswith("attn1"))
-    module.fused_projections = True
-    try:
-        with pytest.raises(RuntimeError, match="unfuse_qkv_projections"), attach(unet, AttentionController()):
-            pass
-    finally:
-        module.fused_projections = False
+def test_fused_projections_match_unfused_and_reach_the_controller():
+    """After fuse_qkv_projections (FusedAttnProcessor2_0 on every layer) the controller still sees q, k, v."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    from editkit.testing import tiny_sd15_components
+
+    unet = tiny_sd15_components(seed=0)["unet"]
+    inputs = _unet_inputs(unet)
+    with attach(unet, AttentionController()):
+        unfused = _run(unet, inputs)
+
+    class Queries(AttentionController):
+        seen: ClassVar[dict] = {}
+
+        def on_qkv(self, site, query, key, value):
+            self.seen[site.name] = query.shape
+            return query, key, value
+
+    unet.fuse_qkv_projections()
+    assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
+    stock = _run(unet, inputs)
+    with attach(unet, Queries()):
+        fused = _run(unet, inputs)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, stock, atol=1e-6, rtol=1e-5)
+    assert len(Queries.seen) == 32  # every site ran editkit's processor
+    assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())  # restored
 
 
 def test_inserted_context_tokens_are_removed_from_maps(sd15_pipe):

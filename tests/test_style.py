@@ -435,7 +435,7 @@ def test_default_sites_are_the_last_two_decoder_levels_also_on_a_three_level_une
         ({"resample_steps": -1}, "resample_steps"),
         ({"style_image": []}, "style"),
         ({"injection_sites": ["up_blocks.9"]}, "matches no"),
-        ({"output_type": "np"}, "output_type"),
+        ({"output_type": "jpg"}, "output_type"),
     ],
 )
 def test_bad_arguments_raise_short_input_errors(sd_style, kwargs, message):

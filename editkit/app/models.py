@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -116,11 +117,8 @@ class ModelManager:
         if isinstance(self._base, pipe_class):
             return self._base
         try:
-            if (
-                not hasattr(pipe_class, "_optional_components")
-                or "safety_checker" not in pipe_class._optional_components
-            ):
-                return pipe_class.from_pipe(self._base, dtype=self._base.dtype)
+            if "requires_safety_checker" not in inspect.signature(pipe_class.__init__).parameters:
+                return pipe_class.from_pipe(self._base, dtype=self._base.dtype)  # editkit's: nothing to skip
             return pipe_class.from_pipe(  # the plain SD pipeline: no safety checker to load or skip
                 self._base,
                 dtype=self._base.dtype,

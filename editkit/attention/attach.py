@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import (
-    Attention,
     AttnProcessor,
     AttnProcessor2_0,
+    FusedAttnProcessor2_0,
     IPAdapterAttnProcessor,
     IPAdapterAttnProcessor2_0,
     XFormersAttnProcessor,
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["attach", "attention_sites", "exposed_ip_adapters", "ip_adapter_processors", "uncompiled"]
 
 # Processors whose computation editkit's processor reproduces exactly: replaced while attached.
-_STOCK = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
+_STOCK = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0, XFormersAttnProcessor)
 # Processors whose extra work editkit's processor carries along (decoupled image cross-attention).
 _IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
@@ -78,13 +78,12 @@ def attach(
     ``finally``, also when the body raises. Nested ``attach`` calls compose: the inner
     controller runs after the outer one on the sites both apply to. A site carrying an
     IP-Adapter processor keeps its image prompt; any other foreign processor is left in place
-    (with a warning if the controller wanted that site). Fused QKV projections and diffusers'
-    xformers toggle are refused while attached (they replace or bypass the processors).
+    (with a warning if the controller wanted that site). Fused QKV projections
+    (``fuse_qkv_projections``) are supported: editkit's processor splits ``to_qkv``/``to_kv``.
     """
     if not isinstance(controller, AttentionController):
         controller = compose(*controller)
     layers = _attention_layers(unet)
-    _refuse_fused_projections(layers)
     kernel = AttentionKernel(backend=backend, sdpa_backends=sdpa_backends, chunk_size=chunk_size)
     call_state = UNetCallState()
     snapshot = {name: layer.get_processor() for name, layer in layers.items()}
@@ -178,15 +177,6 @@ def _build_processors(layers, snapshot, controller, kernel, call_state) -> dict:
                 type(original).__name__,
             )
     return processors
-
-
-def _refuse_fused_projections(layers: dict[str, torch.nn.Module]) -> None:
-    for module in layers.values():
-        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-            raise RuntimeError(
-                "the UNet has fused QKV projections (fuse_qkv_projections); call "
-                "unfuse_qkv_projections() before using editkit's attention controllers"
-            )
 
 
 def _record_latent_size(call_state: UNetCallState):

@@ -95,13 +95,9 @@ class EditkitAttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
+        if encoder_hidden_states is not None and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -175,3 +171,17 @@ class EditkitAttnProcessor(nn.Module):
             image_attention = image_attention.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
             hidden_states = hidden_states + scale * image_attention.to(query.dtype)
         return hidden_states
+
+
+def _project_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    """Query, key and value projections (batch, tokens, inner_dim), separate or fused.
+
+    After ``fuse_qkv_projections`` a self-attention layer has one ``to_qkv`` and a cross-attention
+    layer ``to_q`` plus one ``to_kv``, split as diffusers' ``FusedAttnProcessor2_0`` splits them.
+    """
+    if getattr(attn, "fused_projections", False):
+        if context is None:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    context = hidden_states if context is None else context
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
