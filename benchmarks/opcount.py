@@ -164,7 +164,9 @@ def measure(pipe, run: Callable[[], object]) -> dict:
     """The method's operation count, its floor's, and their ratio."""
     calls: list[UNetCall] = []
     counter = OpCounter()
-    skipped = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if m is not None]
+    # the VAE is reached through vae.encode/decode (methods, not forward): pause in its children
+    vae = getattr(pipe, "vae", None)
+    skipped = [m for m in (getattr(pipe, "text_encoder", None), *(vae.children() if vae else ())) if m is not None]
     with recorded_calls(pipe.unet, calls), paused_inside(counter, skipped), counter:
         run()
     cache: dict[UNetCall, Counter[str]] = {}
