@@ -96,28 +96,51 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
 
 
 def add_attention_option(parser: argparse.ArgumentParser) -> None:
-    """--attention sdpa|xformers: the kernel of editkit's attention layer."""
+    """--attention sdpa|xformers: the kernel of editkit's attention layer; --compile [MODE]."""
     parser.add_argument(
         "--attention",
         choices=("sdpa", "xformers"),
         default="sdpa",
         help="attention kernel: torch SDPA (default) or xformers (CUDA, when installed; SDPA otherwise)",
     )
+    add_compile_option(parser)
+
+
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    """--compile [MODE]: torch.compile the UNet (``compile_mode`` turns the value into the mode)."""
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default=None,
+        help="torch.compile the UNet with this mode (default: off; the flag alone: mode 'default'); "
+        "the first steps pay the compilation",
+    )
 
 
 def load_method_pipeline(pipeline_class, args: argparse.Namespace) -> tuple[object, list]:
-    """The pipeline of --model/--device/--dtype with --attention applied, and the controllers of
+    """The pipeline of --model/--device/--dtype with --attention and --compile applied, and the controllers of
     --soft-tokens (an empty list without it) to pass as ``attention_controllers``."""
     from editkit.models import load_pipeline
 
     pipe = load_pipeline(pipeline_class, args.model, device=args.device, dtype=args.dtype)
     if args.attention == "xformers":  # on editkit pipelines this selects editkit's kernel
         pipe.enable_xformers_memory_efficient_attention()
+    if args.compile:
+        from editkit.acceleration import compile_unet
+
+        compile_unet(pipe.unet, mode=compile_mode(args.compile))
     if not args.soft_tokens:
         return pipe, []
     from editkit.softrepa import load_soft_tokens
 
     return pipe, [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
+
+
+def compile_mode(value: str) -> str | None:
+    """torch.compile's mode for a --compile value (``"default"`` is torch's ``None``)."""
+    return None if value == "default" else value
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:

@@ -11,10 +11,12 @@ from pathlib import Path
 from editkit.cli import echo
 from editkit.commands.common import (
     DEFAULT_SD_MODEL,
+    add_compile_option,
     add_model_options,
     add_output_options,
     check_output_path,
     command_params,
+    compile_mode,
     finite_float,
     non_negative_int,
     png_metadata,
@@ -132,6 +134,7 @@ def _register_generate(actions) -> None:
     parser.add_argument("--height", type=positive_int, default=None)
     add_model_options(parser)
     add_output_options(parser)
+    add_compile_option(parser)
     parser.set_defaults(run=run_generate)
 
 
@@ -181,6 +184,10 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     pipe = load_pipeline(text_to_image_class(args.model), args.model, device=args.device, dtype=args.dtype)
     controller = load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)
+    if args.compile:
+        from editkit.acceleration import compile_unet
+
+        compile_unet(pipe.unet, mode=compile_mode(args.compile))
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with use_soft_tokens(pipe.unet, controller):
         image = pipe(
