@@ -148,7 +148,16 @@ class SoftTokens(nn.Module):
                 "these soft tokens are time-dependent: the pipeline must call controller.begin_step(i, t) "
                 "before each UNet evaluation (or use editkit.softrepa.use_soft_tokens)"
             )
-        return self.tokens + self.time_embedding[self.bucket(timestep)]  # a shared (width,) row broadcasts over m
+        return self.tokens_in_bucket(torch.tensor(self.bucket(timestep), device=self.time_embedding.device))
+
+    def tokens_in_bucket(self, bucket: torch.Tensor) -> torch.Tensor:
+        """The ``(m, width)`` tokens of time bucket ``bucket`` (a 0-d long tensor).
+
+        ``index_select``, not ``time_embedding[bucket]``: dynamo turns a 0-d tensor index into
+        ``.item()`` and would guard on its value (one compiled graph per bucket).
+        """
+        row = self.time_embedding.index_select(0, bucket.view(1))[0]
+        return self.tokens + row  # a shared (width,) row broadcasts over m; per-token rows are (m, width)
 
     def bucket_tensor(self, timestep: torch.Tensor) -> torch.Tensor:
         """``bucket`` in tensor arithmetic (a 0-d long tensor on the time embedding's device).
@@ -247,10 +256,7 @@ class SoftTokenController(AttentionController):
             return soft.tokens
         if self._step_bucket is None:
             soft.tokens_for(None, None)  # raises: the pipeline must tell the controller the timestep
-        # index_select with the bucket tensor, not time_embedding[bucket]: dynamo turns a 0-d index
-        # into .item() and would guard on its value (one graph per bucket)
-        row = soft.time_embedding.index_select(0, self._step_bucket.view(1))[0]
-        return soft.tokens + row  # a shared (width,) row broadcasts over m; per-token rows are (m, width)
+        return soft.tokens_in_bucket(self._step_bucket)
 
 
 def default_sites(unet) -> list[str]:
