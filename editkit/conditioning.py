@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,35 @@ def conditioning_from_embeds(
     return TextConditioning(
         embeds, {"text_embeds": pooled_prompt_embeds.to(device=device, dtype=dtype), "time_ids": time_ids}
     )
+
+
+def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
+    """A prompt or a list of prompts as a list (an empty list is refused)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{name} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def role_conditioning(
+    pipe, name: str, prompt, prompt_embeds=None, pooled_prompt_embeds=None, *, height: int, width: int
+) -> TextConditioning:
+    """One text role (``source_prompt``, ``target_prompt``, ``negative_prompt``): encoded text or given embeddings.
+
+    ``prompt`` is a string or a list (one per batch item); ``prompt_embeds`` (``(rows, tokens, dim)``,
+    SDXL also ``pooled_prompt_embeds``) replace it, one row per item, as diffusers' ``prompt_embeds`` do.
+    """
+    if prompt_embeds is None:
+        if pooled_prompt_embeds is not None:
+            raise InputError(f"{name}: pooled embeddings were given without {name}_embeds")
+        if prompt is None:
+            raise InputError(f"give {name} or {name}_embeds")
+        return encode_text(pipe, as_prompt_list(prompt, name), height=height, width=width)
+    if prompt is not None:
+        raise InputError(f"give {name} or {name}_embeds, not both")
+    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+        raise InputError(f"{name}_embeds must be a (batch, tokens, dim) tensor (see encode_prompt)")
+    return conditioning_from_embeds(pipe, prompt_embeds, pooled_prompt_embeds, height=height, width=width)
 
 
 def guidance_conditioning(

@@ -16,6 +16,7 @@ from editkit.models import model_family
 __all__ = [
     "IP_ADAPTER_BLOCKS",
     "clip_image_embeds",
+    "given_ip_embeds",
     "ip_adapter_count",
     "ip_embeds_list",
     "ip_scales",
@@ -41,11 +42,7 @@ def ip_adapter_count(unet) -> int:
 
 def clip_image_embeds(pipe, image: torch.Tensor) -> torch.Tensor:
     """CLIP image embedding of a (1, 3, H, W) [-1, 1] image with ``pipe``'s image encoder: (1, 1, dim)."""
-    if pipe.image_encoder is None or pipe.feature_extractor is None:
-        raise InputError("an IP-Adapter is loaded but the pipeline has no image_encoder/feature_extractor")
-    pixels = pipe.feature_extractor(tensor_to_pil(image), return_tensors="pt").pixel_values
-    encoder = pipe.image_encoder
-    return encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).image_embeds[:, None]
+    return _encode_image_prompt(pipe, tensor_to_pil(image))
 
 
 def ip_scales(unet, scale):
@@ -85,3 +82,49 @@ def ip_embeds_list(content_embeds, style_embeds, count: int, cfg: bool = False) 
     if cfg:
         embeds = [torch.cat([torch.zeros_like(e), e]) for e in embeds]
     return embeds
+
+
+def given_ip_embeds(
+    pipe, ip_adapter_image, ip_adapter_image_embeds, count: int, cfg: bool
+) -> list[torch.Tensor] | None:
+    """The image prompts a caller chose (diffusers' ``ip_adapter_image`` / ``ip_adapter_image_embeds``), per adapter.
+
+    ``ip_adapter_image``: one image per loaded adapter (content's first with two), PIL/numpy through the
+    feature extractor, a tensor taken as its ``pixel_values`` (as ``IPAdapterMixin`` pipelines do).
+    ``ip_adapter_image_embeds``: one ``(rows, num_images, dim)`` tensor per adapter, the negative rows
+    first when ``cfg`` (diffusers' convention); one image prompt serves every output.
+    """
+    if ip_adapter_image is None and ip_adapter_image_embeds is None:
+        return None
+    if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+        raise InputError("give ip_adapter_image or ip_adapter_image_embeds, not both")
+    if count == 0:
+        raise InputError("ip_adapter_image(_embeds) needs an IP-Adapter: load one with pipe.load_ip_adapter(...)")
+    given = ip_adapter_image if ip_adapter_image is not None else ip_adapter_image_embeds
+    given = list(given) if isinstance(given, list | tuple) else [given]
+    name = "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
+    if len(given) != count:
+        raise InputError(f"{name} needs one entry per loaded IP-Adapter ({count}, content's first), got {len(given)}")
+    if ip_adapter_image is not None:
+        embeds = [_encode_image_prompt(pipe, image) for image in given]
+        return [torch.cat([torch.zeros_like(e), e]) if cfg else e for e in embeds]
+    for embeds in given:
+        rows = 2 if cfg else 1
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != rows:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise InputError(
+                f"each ip_adapter_image_embeds entry must be ({rows}, num_images, dim)"
+                + (" (negative first, as with guidance_scale > 1)" if cfg else "")
+                + f", got {shape}"
+            )
+    return [e.to(device=pipe._execution_device, dtype=pipe.unet.dtype) for e in given]
+
+
+def _encode_image_prompt(pipe, image) -> torch.Tensor:
+    """(1, 1, dim) image embedding of one image prompt with ``pipe``'s image encoder."""
+    if pipe.image_encoder is None or pipe.feature_extractor is None:
+        raise InputError("an IP-Adapter is loaded but the pipeline has no image_encoder/feature_extractor")
+    if not isinstance(image, torch.Tensor):
+        image = pipe.feature_extractor(image, return_tensors="pt").pixel_values
+    encoder = pipe.image_encoder
+    return encoder(image.to(device=encoder.device, dtype=encoder.dtype)).image_embeds[:, None]

@@ -30,7 +30,7 @@ from diffusers.loaders import FromSingleFileMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from editkit.conditioning import PromptEncodingMixin
+from editkit.conditioning import PromptEncodingMixin, as_prompt_list
 from editkit.errors import InputError
 from editkit.image import fit_size, load_image
 from editkit.inversion import decode_latents, encode_image_latents
@@ -206,14 +206,6 @@ def postprocess(vae, latents: torch.Tensor, output_type: str):
 
 
 # -- batches -------------------------------------------------------------------------------------
-def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
-    """A prompt or a list of prompts as a list (an empty list is refused)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"{name} must be a string or a non-empty list of strings")
-    return prompts
-
-
 def batch_size(name_counts: dict[str, int]) -> int:
     """The common batch size of inputs that each hold 1 (broadcast) or the same number of items."""
     sizes = {count for count in name_counts.values() if count != 1}

@@ -26,7 +26,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
-from editkit.conditioning import TextConditioning, encode_text
+from editkit.conditioning import TextConditioning, role_conditioning
 from editkit.contrastive import (
     DEFAULT_SITES,
     DIRECTIONS,
@@ -133,8 +133,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(
         self,
-        source_prompt: str,
-        target_prompt: str,
+        source_prompt: str | list[str] | None,
+        target_prompt: str | list[str] | None,
         num_inference_steps: int,
         guidance_scale: float,
         learning_rate: float,
@@ -147,17 +147,23 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         num_patches: int,
         tau: float,
         output_type: str,
+        source_prompt_embeds: torch.Tensor | None = None,
+        target_prompt_embeds: torch.Tensor | None = None,
     ) -> None:
         """Short, specific InputErrors before any heavy work; a warning for identical prompts."""
         model_family(self.unet)
         check_alpha_scheduler(self.scheduler, "contrastive editing (DDS noising)")
-        sources, targets = (
-            as_prompt_list(source_prompt, "source_prompt"),
-            as_prompt_list(target_prompt, "target_prompt"),
-        )
-        for name, prompt in [("source_prompt", p) for p in sources] + [("target_prompt", p) for p in targets]:
-            if not prompt.strip():
+        texts = {}
+        for name, prompt, embeds in [
+            ("source_prompt", source_prompt, source_prompt_embeds),
+            ("target_prompt", target_prompt, target_prompt_embeds),
+        ]:
+            if (prompt is None) == (embeds is None):
+                raise InputError(f"give {name} or {name}_embeds" + ("" if prompt is None else ", not both"))
+            texts[name] = [] if prompt is None else as_prompt_list(prompt, name)
+            if any(not p.strip() for p in texts[name]):
                 raise InputError(f"{name} must be a non-empty string")
+        sources, targets = texts["source_prompt"], texts["target_prompt"]
         count = max(len(sources), len(targets))  # pairs with a single prompt broadcast
         if any(s.strip() == t.strip() for s, t in zip(sources * count, targets * count)):
             warnings.warn("source and target prompts are identical: the edit will change little", stacklevel=3)
@@ -202,10 +208,6 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
             raise InputError("mask is empty: nothing to edit")
         latent_mask = F.adaptive_max_pool2d(mask, latents.shape[-2:])
         return latent_mask.to(latents.device).expand(latents.shape[0], -1, -1, -1)
-
-    def _text(self, prompts: list[str], size: tuple[int, int], repeats: int) -> TextConditioning:
-        """Prompts (one, or one per batch item) -> conditioning of ``repeats`` rows each."""
-        return encode_text(self, prompts, height=int(size[0]), width=int(size[1])).repeat(repeats)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _unet(self, latents, timestep, conditioning: TextConditioning, roles, controller) -> torch.Tensor:
@@ -309,8 +311,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
     def __call__(
         self,
         image: PipelineImageInput,
-        source_prompt: str | list[str],
-        target_prompt: str | list[str],
+        source_prompt: str | list[str] | None = None,
+        target_prompt: str | list[str] | None = None,
         *,
         num_inference_steps: int = 200,
         guidance_scale: float = 7.5,
@@ -327,7 +329,13 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         contrast_sites: str | Sequence[str] = DEFAULT_SITES,
         identity_branch: bool = False,
         mask: torch.Tensor | PIL.Image.Image | None = None,
-        negative_prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = None,
+        source_prompt_embeds: torch.Tensor | None = None,
+        target_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        source_pooled_prompt_embeds: torch.Tensor | None = None,
+        target_pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
         cross_attention_kwargs: dict | None = None,
         height: int | None = None,
@@ -372,7 +380,12 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
                 source prompt (a second reading of "dual"); the two losses are averaged.
             mask: optional {0, 1} mask at the image's size: the edit (DDS gradient, contrastive
                 patches and the update) is restricted to it; latents outside stay unchanged.
-            negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image).
+            negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image;
+                ``""`` when neither it nor ``negative_prompt_embeds`` is given).
+            source_prompt_embeds / target_prompt_embeds / negative_prompt_embeds: precomputed text
+                embeddings ``(rows, tokens, dim)`` (e.g. from ``encode_prompt``) in place of the
+                matching prompt, one row or one per image; on SDXL each needs its
+                ``*_pooled_prompt_embeds`` too (diffusers' ``prompt_embeds`` convention, one set per role).
             num_images_per_prompt: edits per image (each its own noise and timestep draws).
             cross_attention_kwargs: passed to every UNet call, e.g. a LoRA ``{"scale": 0.5}``. DDS has
                 no sampler, so diffusers' ``eta`` and ``guidance_rescale`` do not apply; the prompts
@@ -401,6 +414,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         self.check_inputs(
             source_prompt, target_prompt, num_inference_steps, guidance_scale, learning_rate, min_timestep,
             max_timestep, contrast, contrast_weight, feature, patch_sizes, num_patches, tau, output_type,
+            source_prompt_embeds=source_prompt_embeds, target_prompt_embeds=target_prompt_embeds,
         )  # fmt: skip
         check_num_images(num_images_per_prompt)
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -417,22 +431,30 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         pixels = pipeline_images(self, image, height=height, width=width)  # or (B, 4, h, w) latents
         size = pixel_size(pixels, self.vae, self.vae_scale_factor)
         source_latents = image_latents(self, pixels).float()
-        prompts = {
-            "source": as_prompt_list(source_prompt), "target": as_prompt_list(target_prompt),
-            "negative": as_prompt_list(negative_prompt, "negative_prompt"),
-        }  # fmt: skip
-        items = batch_size({"image": source_latents.shape[0], **{k: len(v) for k, v in prompts.items()}})
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = ""
+        roles = {
+            "source": (source_prompt, source_prompt_embeds, source_pooled_prompt_embeds),
+            "target": (target_prompt, target_prompt_embeds, target_pooled_prompt_embeds),
+            "negative": (negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds),
+        }
+        encoded = {
+            role: role_conditioning(self, f"{role}_prompt", *given, height=int(size[0]), width=int(size[1]))
+            for role, given in roles.items()
+        }
+        counts = {role: len(text.prompt_embeds) for role, text in encoded.items()}
+        items = batch_size({"image": source_latents.shape[0], **counts})
         repeats = num_images_per_prompt * (items // source_latents.shape[0])
         source_latents = source_latents.repeat_interleave(repeats, dim=0)
         check_generators(generator, source_latents.shape[0])
         latents = source_latents.clone()
         region = self._prepare_mask(mask, size, latents)
 
-        # 3. Encode the prompts: [uncond, cond] per branch, one row per output
-        repeat = {k: num_images_per_prompt * (items // len(v)) for k, v in prompts.items()}
-        uncond = self._text(prompts["negative"], size, repeat["negative"])
-        source = self._text(prompts["source"], size, repeat["source"])
-        target = self._text(prompts["target"], size, repeat["target"])
+        # 3. Text conditioning: [uncond, cond] per branch, one row per output
+        uncond, source, target = (
+            encoded[role].repeat(num_images_per_prompt * (items // counts[role]))
+            for role in ("negative", "source", "target")
+        )
         text = {
             "dds": TextConditioning.cat([uncond, uncond, source, target]),
             "source": TextConditioning.cat([uncond, source]),

@@ -43,6 +43,7 @@ from editkit.inversion import (
 )
 from editkit.ip_adapter import (
     clip_image_embeds,
+    given_ip_embeds,
     ip_adapter_count,
     ip_embeds_list,
     ip_scales,
@@ -313,6 +314,8 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         width: int | None = None,
         style_size: tuple[int, int] | None = None,
         ip_adapter_scale: float | dict | list | None = None,
+        ip_adapter_image: PipelineImageInput | list | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         offload_features: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -359,6 +362,10 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
             height, width / style_size: processing sizes (default: the images' own, rounded to 8).
             ip_adapter_scale: with IP-Adapter(s) loaded, a float (InstantStyle blocks, AttenST 1.2) or
                 ``set_ip_adapter_scale`` configs (content's first when two adapters are loaded).
+            ip_adapter_image / ip_adapter_image_embeds: image prompts in place of the content and
+                style images (AttenST's choice), one per loaded adapter, content's first: images, or
+                ``(rows, num_images, dim)`` embeddings with the negative rows first when
+                ``guidance_scale > 1`` (diffusers' ``IPAdapterMixin`` convention); shared by every output.
             offload_features: keep recorded features on the CPU, streaming them per step.
             generator: accepted for API symmetry (one or one per output image); the method is deterministic.
             output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) in [0, 1]), ``"pt"`` ((B, 3, H, W) in [0, 1])
@@ -415,6 +422,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
             style_size = content_size  # a masked blend needs equal token counts per layer
         ip_count = ip_adapter_count(self.unet)
         ip_snapshot = scale_snapshot(self.unet) if ip_count else None
+        ip_given = given_ip_embeds(self, ip_adapter_image, ip_adapter_image_embeds, ip_count, guidance_scale > 1.0)
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
         fingerprint = model_fingerprint(self.unet)
         extra = list(attention_controllers or [])
@@ -460,8 +468,8 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                 injection = {
                     "sites": sites, "window": window, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
                     "mask": mask, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
-                    "steps": num_inference_steps,
-                    "callback": (callback_on_step_end, names), "ip_count": ip_count, "extra": extra,
+                    "steps": num_inference_steps, "callback": (callback_on_step_end, names),
+                    "ip_count": ip_count, "ip_given": ip_given, "extra": extra,
                 }  # fmt: skip
                 latents = []
                 for index, content_features in enumerate(content_caches):
@@ -494,7 +502,9 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
             gamma=gamma, tau=options["tau"], timesteps=options["window"], mask=_mask_tensor(options["mask"]),
         )  # fmt: skip
         guidance, count = (options["guidance_scale"], options["guidance_rescale"]), options["ip_count"]
-        ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, count, guidance[0] > 1) if count else None
+        ip = options["ip_given"]
+        if ip is None and count:
+            ip = ip_embeds_list(content_cache.image_embeds, cache.image_embeds, count, guidance[0] > 1)
         with self.attach_controllers(controller):
             controllers = compose(*options["extra"], controller)
             return self._denoise(start, controllers, text, guidance, options["steps"], options["callback"], ip)
