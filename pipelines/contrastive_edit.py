@@ -388,8 +388,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
                 ``*_pooled_prompt_embeds`` too (diffusers' ``prompt_embeds`` convention, one set per role).
             num_images_per_prompt: edits per image (each its own noise and timestep draws).
             cross_attention_kwargs: passed to every UNet call, e.g. a LoRA ``{"scale": 0.5}``. DDS has
-                no sampler, so diffusers' ``eta`` and ``guidance_rescale`` do not apply; the prompts
-                are text (``encode_prompt`` serves the pipeline's text encoders on its own).
+                no sampler, so diffusers' ``eta`` and ``guidance_rescale`` do not apply
+                (``encode_prompt`` serves the pipeline's text encoders on its own).
             height, width: processing size (default: the first image's, rounded to the VAE factor).
             loss_scale: the reference code's 2000 of the DDS surrogate; with
                 ``reference_latent_pixels`` (64 x 64) the per-element DDS step is the reference
