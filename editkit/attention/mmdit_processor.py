@@ -90,17 +90,20 @@ class _MMDiTProcessor:
         self._sites: dict[tuple, Site] = {}  # the site per (grid, layout), built once
 
     def _site_for(self, image_tokens: int, text_tokens: int) -> Site:
+        """This site with the call's grid and layout: cached in eager mode, built afresh when traced."""
         grid = self.call_state.token_grid
-        if grid is not None and grid[0] * grid[1] != image_tokens:
-            grid = None
-        layout = TokenLayout(image_tokens, text_tokens, self.text_first)
-        if torch.compiler.is_compiling():  # filling the cache would make dynamo recompile
-            return self.site.with_call(grid, layout)
         key = (grid, image_tokens, text_tokens)
+        if torch.compiler.is_compiling():  # filling the cache would make dynamo recompile
+            return self._new_site(*key)
         site = self._sites.get(key)
         if site is None:
-            site = self._sites[key] = self.site.with_call(grid, layout)
+            site = self._sites[key] = self._new_site(*key)
         return site
+
+    def _new_site(self, grid: tuple[int, int] | None, image_tokens: int, text_tokens: int) -> Site:
+        if grid is not None and grid[0] * grid[1] != image_tokens:
+            grid = None  # the call's grid is not this layer's token count (e.g. extra reference tokens)
+        return self.site.with_call(grid, TokenLayout(image_tokens, text_tokens, self.text_first))
 
     def _context(self, site: Site, context: torch.Tensor) -> tuple[Site, torch.Tensor, tuple[int, int] | None]:
         """The controlled text stream, the site with its new text length, and the inserted tokens."""
