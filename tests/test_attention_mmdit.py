@@ -390,3 +390,36 @@ def test_pass_through_dispatches_the_same_aten_operations(models, family):
         with editkit:
             _run(model, inputs)
     assert stock.count > 0 and editkit.by_op == stock.by_op
+
+
+def test_fused_flux_projections_stay_bit_exact():
+    model, inputs = _flux(), _inputs("flux")
+    model.fuse_qkv_projections()
+    assert model.transformer_blocks[0].attn.fused_projections
+    reference = _run(model, inputs)
+    with attach(model, AttentionController()):
+        controlled = _run(model, inputs)
+    assert torch.equal(reference, controlled)
+
+
+def test_nested_attach_composes_and_restores_layer_by_layer(models):
+    model, inputs = models["sd35"], _inputs("sd35")
+    stock = dict(model.attn_processors)
+    outer, inner = _SiteLog(), SelfAttentionOutputRecorder(sites="transformer_blocks.1")
+    with attach(model, outer):
+        attached = dict(model.attn_processors)
+        with attach(model, inner):
+            _run(model, inputs)
+        assert all(model.attn_processors[name] is processor for name, processor in attached.items())
+    assert all(model.attn_processors[name] is processor for name, processor in stock.items())
+    assert set(outer.seen) == {s.name for s in attention_sites(model)}
+    assert set(inner.outputs) == {"transformer_blocks.1.attn"}
+
+
+def test_undeclared_text_insertions_are_refused(models):
+    class Undeclared(_SoftTokens):
+        def inserted_tokens(self, site):
+            return None
+
+    with pytest.raises(ValueError, match="changed the text length by 2 tokens"), attach(models["sd3"], Undeclared()):
+        _run(models["sd3"], _inputs("sd3"))

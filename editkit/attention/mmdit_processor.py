@@ -111,6 +111,12 @@ class _MMDiTProcessor:
         if controlled is context:
             return site, context, None
         inserted = self.controller.inserted_tokens(site)
+        added = controlled.shape[1] - context.shape[1]
+        if added != (0 if inserted is None else inserted[1]):
+            raise ValueError(
+                f"on_context at {site.name} changed the text length by {added} tokens but inserted_tokens "
+                f"declares {inserted}; the text stream must keep its length outside the declared insertion"
+            )
         site = self._site_for(site.layout.image_tokens, controlled.shape[1])
         return site, controlled, inserted
 
