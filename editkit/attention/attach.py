@@ -1,6 +1,9 @@
 """``attach``: install editkit's processor on the sites a controller applies to, restore on exit.
 
-This is the only code in editkit that sets attention processors.
+This is the only code in editkit that sets attention processors. It works on UNets (SD 1.x/2.x,
+SDXL: ``EditkitAttnProcessor``) and on MM-DiT transformers (SD3 / SD3.5: ``EditkitJointAttnProcessor``,
+FLUX.1: ``EditkitFluxAttnProcessor``); which processor replaces a layer's is decided by the
+layer's stock processor, never by class names.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from diffusers.models.attention_processor import (
 
 from editkit.attention.controller import AttentionController, compose
 from editkit.attention.kernels import AttentionKernel
+from editkit.attention.mmdit_processor import (
+    EditkitFluxAttnProcessor,
+    EditkitJointAttnProcessor,
+    FluxAttnProcessor,
+    JointAttnProcessor2_0,
+    TransformerCallState,
+    mmdit_kind,
+)
 from editkit.attention.processor import EditkitAttnProcessor, UNetCallState
 from editkit.attention.sites import Site
 
@@ -44,33 +55,45 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_sites(model: torch.nn.Module) -> list[Site]:
-    """Every attention site of ``model`` (a UNet), parsed from ``attn_processors``'s names."""
+    """Every attention site of ``model`` (a UNet or an MM-DiT transformer), in ``attn_processors``'s order.
+
+    UNet kinds come from the names; MM-DiT kinds (``joint``, ``image_self``, ``single``) from each
+    layer and its processor (``mmdit_kind``).
+    """
     model = uncompiled(model)
     modules = dict(model.named_modules())
     sites = []
     for key in model.attn_processors:
         name = key.removesuffix(".processor")
         module = modules.get(name)
-        sites.append(Site.from_name(name, getattr(module, "is_cross_attention", None)))
+        sites.append(_site_of(name, module))
     return sites
+
+
+def _site_of(name: str, layer: torch.nn.Module | None) -> Site:
+    kind = None if layer is None else mmdit_kind(layer, layer.get_processor())
+    return Site.from_name(name, getattr(layer, "is_cross_attention", None), kind=kind)
 
 
 @contextlib.contextmanager
 def attach(
-    unet: torch.nn.Module,
+    model: torch.nn.Module,
     controller: AttentionController | Sequence[AttentionController],
     *,
     backend: str = "sdpa",
     sdpa_backends: Sequence[object] | None = None,
     chunk_size: int = 1024,
 ) -> Iterator[AttentionController]:
-    """Run ``unet`` with ``controller`` on the sites it applies to; restore the processors after.
+    """Run ``model`` with ``controller`` on the sites it applies to; restore the processors after.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL) or any model whose
-            attention layers have diffusers' ``get_processor``/``set_processor``.
+        model: a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL), ``SD3Transformer2DModel``
+            (SD3 / SD3.5), ``FluxTransformer2DModel`` (FLUX.1), or any model whose attention layers
+            have diffusers' ``get_processor``/``set_processor``.
         controller: one controller or a list of them (composed, run in order).
-        backend: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning off CUDA).
+        backend: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning off CUDA). FLUX
+            layers keep diffusers' dispatcher instead: choose their kernel with
+            ``transformer.set_attention_backend``.
         sdpa_backends: optional ``SDPBackend`` members to restrict SDPA to.
         chunk_size: query rows per chunk where explicit probabilities are requested.
 
@@ -83,12 +106,16 @@ def attach(
     """
     if not isinstance(controller, AttentionController):
         controller = compose(*controller)
-    layers = _attention_layers(unet)
+    layers = _attention_layers(model)
     kernel = AttentionKernel(backend=backend, sdpa_backends=sdpa_backends, chunk_size=chunk_size)
-    call_state = UNetCallState()
+    states = _CallStates()
     snapshot = {name: layer.get_processor() for name, layer in layers.items()}
-    installed = _build_processors(layers, snapshot, controller, kernel, call_state)
-    hook = unet.register_forward_pre_hook(_record_latent_size(call_state), with_kwargs=True)
+    installed = _build_processors(layers, snapshot, controller, kernel, states)
+    if states.transformer_used:
+        recorder = _record_transformer_call(states.transformer, getattr(uncompiled(model), "config", None))
+    else:
+        recorder = _record_latent_size(states.unet)
+    hook = model.register_forward_pre_hook(recorder, with_kwargs=True)
     _set_processors(layers, installed)
     try:
         yield controller
@@ -151,12 +178,27 @@ def _set_processors(layers: dict[str, torch.nn.Module], processors: dict) -> Non
             layers[name].set_processor(processor)
 
 
-def _build_processors(layers, snapshot, controller, kernel, call_state) -> dict:
+class _CallStates:
+    """The call states of one ``attach``: the UNet's (latent size) and the transformer's (grid, text length)."""
+
+    def __init__(self) -> None:
+        self.unet = UNetCallState()
+        self.transformer = TransformerCallState()
+        self.transformer_used = False
+
+
+def _build_processors(layers, snapshot, controller, kernel, states: _CallStates) -> dict:
     processors = dict(snapshot)
     for name, original in snapshot.items():
-        site = Site.from_name(name, getattr(layers[name], "is_cross_attention", None))
+        site = _site_of(name, layers[name])
         if not controller.applies_to(site):
             continue
+        mmdit = _mmdit_processor(site, original, controller, kernel, states.transformer)
+        if mmdit is not None:
+            processors[name] = mmdit
+            states.transformer_used = True
+            continue
+        call_state = states.unet
         if isinstance(original, EditkitAttnProcessor):  # nested attach: compose with the outer one
             processors[name] = EditkitAttnProcessor(
                 site,
@@ -177,6 +219,46 @@ def _build_processors(layers, snapshot, controller, kernel, call_state) -> dict:
                 type(original).__name__,
             )
     return processors
+
+
+def _mmdit_processor(site, original, controller, kernel, call_state):
+    """editkit's MM-DiT processor replacing ``original``, or ``None`` when ``original`` is no MM-DiT processor."""
+    if isinstance(original, EditkitJointAttnProcessor):  # nested attach: compose with the outer one
+        return EditkitJointAttnProcessor(site, compose(original.controller, controller), original.kernel, call_state)
+    if isinstance(original, EditkitFluxAttnProcessor):
+        return EditkitFluxAttnProcessor(
+            site, compose(original.controller, controller), original.kernel, call_state, original.original
+        )
+    if isinstance(original, JointAttnProcessor2_0):
+        return EditkitJointAttnProcessor(site, controller, kernel, call_state)
+    if isinstance(original, FluxAttnProcessor):
+        return EditkitFluxAttnProcessor(site, controller, kernel, call_state, original)
+    return None
+
+
+def _record_transformer_call(call_state: TransformerCallState, config):
+    """A pre-hook recording the image-token grid and the text length of each transformer call.
+
+    SD3 takes latents ``(batch, channels, height, width)``: the grid is the latent size over the
+    patch size. FLUX takes packed tokens: the grid is read from ``img_ids`` (rows, columns), once
+    per ids tensor (a pipeline passes the same one at every step).
+    """
+    patch_size = getattr(config, "patch_size", 1) or 1
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("hidden_states")
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        call_state.text_tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) else None
+        image_ids = kwargs.get("img_ids")
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            call_state.token_grid = (int(sample.shape[-2]) // patch_size, int(sample.shape[-1]) // patch_size)
+        elif isinstance(image_ids, torch.Tensor) and image_ids is not call_state.image_ids:
+            ids = image_ids.reshape(-1, image_ids.shape[-1])
+            call_state.token_grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            call_state.image_ids = image_ids
+        return None
+
+    return hook
 
 
 def _record_latent_size(call_state: UNetCallState):

@@ -15,6 +15,11 @@ diffusers' layout:
 - ``on_output``: ``(batch, tokens, dim)``, the layer's output after ``to_out`` (before the
   residual connection and output rescaling).
 
+On MM-DiT transformers (SD3 / SD3.5, FLUX.1) the hooks keep their names; ``on_context`` gets the
+text stream, ``on_qkv`` the joint q/k/v in the order of ``site.layout``, ``on_probs`` the
+image-query x text-key block (``queries`` indexes image tokens), ``on_output`` the image part
+(details in ``editkit.attention.mmdit_processor``).
+
 State lives on the controller, keyed by site name. Stores overwrite by site (gradient
 checkpointing runs every processor twice). Batch roles (classifier-free guidance's
 ``("uncond", "cond")``, editing's ``("source", "target")``) are told to the controller by the

@@ -1,9 +1,21 @@
-"""Attention sites: one attention layer of a UNet, named as in ``unet.attn_processors``.
+"""Attention sites: one attention layer of a UNet or an MM-DiT transformer, named as in ``attn_processors``.
 
 A site's name is the processor key minus ``.processor``
-(``up_blocks.2.attentions.1.transformer_blocks.0.attn1``). Block (down/mid/up) and kind
-(self = attn1, cross = attn2) are decided from the name, never from a position in
-``attn_processors`` (its order is registration order: down, up, mid).
+(``up_blocks.2.attentions.1.transformer_blocks.0.attn1``, ``transformer_blocks.3.attn``). Block
+(down/mid/up; transformer/single for MM-DiT blocks) and, on UNets, kind (self = attn1, cross =
+attn2) are decided from the name, never from a position in ``attn_processors`` (its order is
+registration order: down, up, mid).
+
+MM-DiT kinds (decided from the layer and its stock processor, see ``editkit.attention.mmdit``):
+
+- ``joint``: SD3's ``transformer_blocks.{i}.attn`` (sequence ``[image; text]``) and FLUX's
+  double-stream ``transformer_blocks.{i}.attn`` (``[text; image]``);
+- ``image_self``: SD3.5's image-only ``transformer_blocks.{i}.attn2``;
+- ``single``: FLUX's ``single_transformer_blocks.{i}.attn`` (``[text; image]`` already
+  concatenated; the text length comes from the transformer call, never guessed).
+
+At run time a site also carries its ``TokenLayout``: which slice of the sequence is image and
+which is text. Controllers ask the layout, never index positions by hand.
 """
 
 from __future__ import annotations
@@ -15,18 +27,55 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-Block = Literal["down", "mid", "up", "other"]
-Kind = Literal["self", "cross"]
+Block = Literal["down", "mid", "up", "transformer", "single", "other"]
+Kind = Literal["self", "cross", "joint", "image_self", "single"]
+
+#: Kinds whose queries are image tokens attending to text keys (cross-attention maps live there).
+TEXT_KINDS: tuple[str, ...] = ("cross", "joint", "single")
+#: Kinds whose output holds image-token features attended over image tokens (self-attention-like).
+IMAGE_KINDS: tuple[str, ...] = ("self", "joint", "image_self", "single")
 
 _BLOCK_PATTERN = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+_TRANSFORMER_PATTERN = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where image and text tokens sit in an attention layer's (joint) sequence.
+
+    ``text_first`` is FLUX's ``[text; image]``; otherwise SD3's ``[image; text]``. An image-only
+    layer (SD3.5 ``attn2``) has ``text_tokens == 0``. ``text_tokens`` counts the text tokens the
+    kernel sees, inserted ones (``inserted_tokens``) included.
+    """
+
+    image_tokens: int
+    text_tokens: int
+    text_first: bool
+
+    @property
+    def image(self) -> slice:
+        """The image tokens' positions in the sequence."""
+        start = self.text_tokens if self.text_first else 0
+        return slice(start, start + self.image_tokens)
+
+    @property
+    def text(self) -> slice:
+        """The text tokens' positions in the sequence (empty for an image-only layer)."""
+        start = 0 if self.text_first else self.image_tokens
+        return slice(start, start + self.text_tokens)
+
+    @property
+    def total(self) -> int:
+        return self.image_tokens + self.text_tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
     """One attention layer.
 
-    ``grid`` is the (height, width) token grid of the call being run; it is known only at run
-    time (``None`` in a site built from a name alone).
+    ``grid`` is the (height, width) image-token grid of the call being run and ``layout`` (MM-DiT
+    sites) its token layout; both are known only at run time (``None`` in a site built from a
+    name alone).
     """
 
     name: str
@@ -34,28 +83,34 @@ class Site:
     block_index: int | None
     kind: Kind
     grid: tuple[int, int] | None = None
+    layout: TokenLayout | None = None
 
     @classmethod
-    def from_name(cls, name: str, is_cross_attention: bool | None = None) -> Site:
-        """Parse a site from a processor key (``.processor`` suffix optional)."""
+    def from_name(cls, name: str, is_cross_attention: bool | None = None, kind: Kind | None = None) -> Site:
+        """Parse a site from a processor key (``.processor`` suffix optional).
+
+        ``kind`` overrides the kind read from the name (MM-DiT layers: ``joint``, ``image_self``,
+        ``single``, decided from the layer by ``editkit.attention.mmdit.mmdit_kind``).
+        """
         name = name.removesuffix(".processor")
-        match = _BLOCK_PATTERN.match(name)
-        if match is None:
-            block, index = "other", None
-        elif match.group(3):
-            block, index = "mid", None
-        else:
-            block, index = ("down" if match.group(1) == "down_blocks" else "up"), int(match.group(2))
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("attn1", "attn2"):
-            kind: Kind = "self" if leaf == "attn1" else "cross"
-        else:
-            kind = "cross" if is_cross_attention else "self"
+        block, index = _block_of(name)
+        if kind is None:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("attn1", "attn2"):
+                kind = "self" if leaf == "attn1" else "cross"
+            else:
+                kind = "cross" if is_cross_attention else "self"
         return cls(name=name, block=block, block_index=index, kind=kind)
 
     def with_grid(self, grid: tuple[int, int] | None) -> Site:
         """The same site, annotated with the token grid of the current call."""
         return self if grid == self.grid else dataclasses.replace(self, grid=grid)
+
+    def with_call(self, grid: tuple[int, int] | None, layout: TokenLayout | None) -> Site:
+        """The same site, annotated with the token grid and layout of the current call."""
+        if grid == self.grid and layout == self.layout:
+            return self
+        return dataclasses.replace(self, grid=grid, layout=layout)
 
     @property
     def is_self(self) -> bool:
@@ -64,6 +119,23 @@ class Site:
     @property
     def is_cross(self) -> bool:
         return self.kind == "cross"
+
+    @property
+    def has_text(self) -> bool:
+        """Whether image queries attend to text keys here (cross, joint and single sites)."""
+        return self.kind in TEXT_KINDS
+
+
+def _block_of(name: str) -> tuple[Block, int | None]:
+    match = _BLOCK_PATTERN.match(name)
+    if match is not None:
+        if match.group(3):
+            return "mid", None
+        return ("down" if match.group(1) == "down_blocks" else "up"), int(match.group(2))
+    match = _TRANSFORMER_PATTERN.match(name)
+    if match is not None:
+        return ("transformer" if match.group(1) == "transformer_blocks" else "single"), int(match.group(2))
+    return "other", None
 
 
 def infer_grid(num_tokens: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -84,16 +156,20 @@ def infer_grid(num_tokens: int, latent_hw: tuple[int, int] | None) -> tuple[int,
     return (side, side) if side * side == num_tokens else None
 
 
-def select_sites(names: Iterable[str], patterns: str | Sequence[str] | None, *, kind: Kind | None = None) -> list[str]:
+def select_sites(
+    names: Iterable[str | Site], patterns: str | Sequence[str] | None, *, kind: Kind | None = None
+) -> list[str]:
     """Site names matching any of ``patterns`` (exact names, prefixes or fnmatch globs).
 
     A pattern that is a prefix of a site name ending at a dot (``up_blocks.2``) selects every
     site under it. ``patterns=None`` selects everything (of ``kind`` when given). A pattern that
     matches nothing raises ``ValueError`` naming it: a typo never silently selects no layer.
+    Pass ``Site`` objects (``attention_sites(model)``) where the kind is not in the name (MM-DiT).
     """
-    names = [name.removesuffix(".processor") for name in names]
+    sites = [item if isinstance(item, Site) else Site.from_name(item) for item in names]
     if kind is not None:
-        names = [name for name in names if Site.from_name(name).kind == kind]
+        sites = [site for site in sites if site.kind == kind]
+    names = [site.name for site in sites]
     if patterns is None:
         return names
     if isinstance(patterns, str):

@@ -2,6 +2,11 @@
 
 Every store keys what it keeps by site name (and timestep where it says so) and overwrites on a
 repeated call, so gradient checkpointing's second run of a processor never duplicates entries.
+
+On MM-DiT transformers (SD3 / SD3.5, FLUX.1) the same stores work on the MM-DiT kinds: the map
+store keeps the image-query x text-key block of joint and single sites, the q/k/v recorder the
+joint q/k/v (or their image or text part, ``part=``) of the kinds it is given, the output recorder
+the image part of every image-attending site.
 """
 
 from __future__ import annotations
@@ -11,15 +16,15 @@ from collections.abc import Sequence
 import torch
 
 from editkit.attention.controller import AttentionController
-from editkit.attention.sites import Site, site_matches
+from editkit.attention.sites import IMAGE_KINDS, TEXT_KINDS, Site, site_matches
 
 __all__ = ["CrossAttentionMapStore", "QKVRecorder", "SelfAttentionOutputRecorder"]
 
 
 class _SiteFilter(AttentionController):
-    """A controller restricted to a kind of site and, optionally, named sites (patterns)."""
+    """A controller restricted to a kind (or kinds) of site and, optionally, named sites (patterns)."""
 
-    kind: str = "self"
+    kind: str | tuple[str, ...] = "self"
 
     def __init__(self, sites: str | Sequence[str] | None = None, role: str | None = None) -> None:
         super().__init__()
@@ -27,7 +32,8 @@ class _SiteFilter(AttentionController):
         self.role = role
 
     def applies_to(self, site: Site) -> bool:
-        return site.kind == self.kind and site_matches(site.name, self.site_patterns)
+        kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
+        return site.kind in kinds and site_matches(site.name, self.site_patterns)
 
     def rows(self, batch_size: int) -> slice:
         return self.role_rows(self.role, batch_size) if self.role is not None else slice(0, batch_size)
@@ -35,6 +41,9 @@ class _SiteFilter(AttentionController):
 
 class CrossAttentionMapStore(_SiteFilter):
     """Head-averaged cross-attention probabilities of chosen grids, for one batch role.
+
+    On UNets from the cross-attention sites; on MM-DiT transformers the image-query x text-key
+    block of joint and single sites (normalised over all keys, as the model computes it).
 
     Args:
         grids: token grids to keep, e.g. ``[(16, 16)]``; ``None`` keeps every grid.
@@ -46,7 +55,7 @@ class CrossAttentionMapStore(_SiteFilter):
     ``maps[site]`` is ``(batch, height, width, text_tokens)``.
     """
 
-    kind = "cross"
+    kind = TEXT_KINDS
 
     def __init__(
         self,
@@ -102,7 +111,10 @@ class QKVRecorder(_SiteFilter):
         role: batch role to keep; ``None`` keeps the whole batch.
         dtype: storage dtype (float16 by default: half the memory of the research code's fp32).
         offload: move recordings to this device (e.g. ``"cpu"``) as they are made.
-        kind: ``"self"`` or ``"cross"`` sites.
+        kind: the site kind(s) to record: ``"self"`` or ``"cross"`` on UNets, ``"joint"``,
+            ``"image_self"`` or ``"single"`` on MM-DiT transformers (or a tuple of kinds).
+        part: ``"all"`` tokens of the (joint) sequence, or only its ``"image"`` or ``"text"``
+            tokens (``site.layout``; MM-DiT sites only).
 
     ``records[(site, timestep)]`` maps ``"query"``/``"key"``/``"value"`` to
     ``(batch, heads, tokens, head_dim)`` tensors; the timestep is the one given to
@@ -116,13 +128,17 @@ class QKVRecorder(_SiteFilter):
         role: str | None = None,
         dtype: torch.dtype | None = torch.float16,
         offload: str | torch.device | None = None,
-        kind: str = "self",
+        kind: str | tuple[str, ...] = "self",
+        part: str = "all",
     ) -> None:
         super().__init__(sites, role)
         unknown = set(keep) - {"query", "key", "value"}
         if unknown:
             raise ValueError(f"QKVRecorder can keep 'query', 'key', 'value', not {sorted(unknown)}")
+        if part not in ("all", "image", "text"):
+            raise ValueError(f"QKVRecorder part must be 'all', 'image' or 'text', not {part!r}")
         self.kind = kind
+        self.part = part
         self.keep = tuple(keep)
         self.dtype = dtype
         self.offload = offload
@@ -145,8 +161,16 @@ class QKVRecorder(_SiteFilter):
             raise RuntimeError("QKVRecorder needs begin_step(index, timestep) before each UNet call")
         tensors = {"query": query, "key": key, "value": value}
         rows = self.rows(query.shape[0])
-        self._step[site.name] = {name: self._stored(tensors[name][rows]) for name in self.keep}
+        tokens = self._tokens(site)
+        self._step[site.name] = {name: self._stored(tensors[name][rows, :, tokens]) for name in self.keep}
         return query, key, value
+
+    def _tokens(self, site: Site) -> slice:
+        if self.part == "all":
+            return slice(None)
+        if site.layout is None:
+            raise ValueError(f"QKVRecorder part={self.part!r} needs an MM-DiT site; {site.name} has no token layout")
+        return site.layout.image if self.part == "image" else site.layout.text
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
         """One contiguous copy: reuse from memory and from a reloaded (contiguous) file agree bit for bit."""
@@ -163,12 +187,19 @@ class SelfAttentionOutputRecorder(_SiteFilter):
 
     ``outputs[site]`` is ``(batch, tokens, dim)``; with ``keep_grad`` the tensor stays in the
     autograd graph (contrastive losses backpropagate through it), otherwise it is detached.
+    ``kind`` selects the sites: by default UNet self-attention and, on MM-DiT transformers, the
+    image part of the joint, image-only and single-stream sites' outputs.
     """
 
     def __init__(
-        self, sites: str | Sequence[str] | None = None, role: str | None = None, keep_grad: bool = False
+        self,
+        sites: str | Sequence[str] | None = None,
+        role: str | None = None,
+        keep_grad: bool = False,
+        kind: str | tuple[str, ...] = IMAGE_KINDS,
     ) -> None:
         super().__init__(sites, role)
+        self.kind = kind
         self.keep_grad = keep_grad
         self.outputs: dict[str, torch.Tensor] = {}
         self.grids: dict[str, tuple[int, int] | None] = {}
