@@ -250,28 +250,93 @@ def constraint_loss(
     weights: LossWeights,
     *,
     entities: set[int] | None = None,
+    near_distance: float = 0.35,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The unified loss on ``(tokens, h, w)`` maps and its terms; ``entities`` restricts it (selective loss)."""
+    """The unified loss on ``(tokens, h, w)`` maps and its terms; ``entities`` restricts it (selective loss).
+
+    Terms (each a mean over its constraints): :func:`missing_loss` over the chosen entities,
+    entity mixing (soft IoU of each pair with a chosen entity), :func:`binding_loss` and
+    :func:`spatial_loss`. Computed vectorised, the same values as those functions applied one
+    constraint at a time (to float rounding): every phrase map (entities, then attributes) is one
+    row of a selection-matrix product, and the IoUs, centroids and gaps are batched over pairs and
+    relations, so the operation count does not grow with the number of constraints.
+    """
     chosen = set(range(len(aligned.entities))) if entities is None else set(entities)
-    ents = {i: entity_maps(maps, tokens) for i, tokens in enumerate(aligned.entities)}
+    count = len(aligned.entities)
+    bindings = [(tokens, e) for tokens, e, _ in aligned.bindings if e in chosen] if weights.binding > 0 else []
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count) if i in chosen or j in chosen]
+    pairs = pairs if weights.mixing > 0 and chosen else []
+    relations = [r for r in aligned.relations if r[0] in chosen or r[2] in chosen] if weights.spatial > 0 else []
+    phrases = _phrase_maps(maps, [*aligned.entities, *(tokens for tokens, _ in bindings)])  # (phrases, h * w)
+    peaks = phrases.amax(dim=1)
     terms: dict[str, torch.Tensor] = {}
     if chosen and weights.missing > 0:
-        terms["missing"] = missing_loss([ents[i] for i in sorted(chosen)])
-    if len(ents) > 1 and weights.mixing > 0 and chosen:
-        pairs = [(i, j) for i in ents for j in ents if i < j and (i in chosen or j in chosen)]
-        terms["mixing"] = torch.stack([soft_iou(ents[i], ents[j]) for i, j in pairs]).mean()
-    bindings = [(tokens, e) for tokens, e, _ in aligned.bindings if e in chosen]
-    if bindings and weights.binding > 0:
-        terms["binding"] = binding_loss([entity_maps(maps, t) for t, _ in bindings], [ents[e] for _, e in bindings])
-    relations = [r for r in aligned.relations if r[0] in chosen or r[2] in chosen]
-    if relations and weights.spatial > 0:
-        losses = [
-            spatial_loss(ents[s], ents[o], rel, margin=weights.spatial_margin, softness=weights.spatial_softness)
-            for s, rel, o in relations
-        ]
-        terms["spatial"] = torch.stack(losses).mean()
+        order = sorted(chosen)
+        picked = peaks[:count] if order == list(range(count)) else peaks[_index(order, peaks.device)]
+        terms["missing"] = (1 - picked).amax()
+    iou_pairs = pairs + [(count + k, e) for k, (_, e) in enumerate(bindings)]
+    if iou_pairs:
+        ious = _pair_ious(phrases, peaks, iou_pairs)
+        if pairs:
+            terms["mixing"] = ious[: len(pairs)].mean()
+        if bindings:
+            terms["binding"] = (1 - ious[len(pairs) :]).mean()
+    if relations:
+        gaps = _relation_gaps(phrases[:count], maps.shape[-2:], relations, near_distance) + weights.spatial_margin
+        softness = weights.spatial_softness
+        losses = F.relu(gaps) if softness is None else softness * F.softplus(gaps / softness)
+        terms["spatial"] = losses.mean()
     total = sum((getattr(weights, name) * value for name, value in terms.items()), maps.new_zeros(()))
     return total, terms
+
+
+def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _phrase_maps(maps: torch.Tensor, phrases: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``(phrases, h * w)``: row p the sum of the maps of phrase p's tokens (:func:`entity_maps`), one product."""
+    selection = [[0.0] * maps.shape[0] for _ in phrases]
+    for row, tokens in zip(selection, phrases, strict=True):
+        for token in tokens:
+            row[token - 1] += 1.0  # row k of ``maps`` is token k + 1
+    selection = torch.tensor(selection, dtype=maps.dtype, device=maps.device)
+    return selection @ maps.flatten(1)
+
+
+def _pair_ious(phrases: torch.Tensor, peaks: torch.Tensor, pairs: Sequence[tuple[int, int]], eps: float = 1e-8):
+    """:func:`soft_iou` of each pair of phrase rows: ``(pairs,)``."""
+    normalised = phrases / (peaks[:, None] + eps)
+    first = normalised[_index([i for i, _ in pairs], phrases.device)]
+    second = normalised[_index([j for _, j in pairs], phrases.device)]
+    return torch.minimum(first, second).sum(dim=1) / (torch.maximum(first, second).sum(dim=1) + eps)
+
+
+def _relation_gaps(
+    entities: torch.Tensor, grid: Sequence[int], relations: Sequence[tuple[int, str, int]], near_distance: float
+) -> torch.Tensor:
+    """:func:`relation_gap` of each relation (its order kept): ``(relations,)`` from one centroid product."""
+    height, width = grid
+    cells = [((c % width + 0.5) / width, (c // width + 0.5) / height) for c in range(height * width)]
+    coords = torch.tensor(cells, dtype=entities.dtype, device=entities.device)  # (h * w, 2): (x, y) of each cell
+    centroids = (entities @ coords) / (entities.sum(dim=1, keepdim=True) + 1e-8)  # (entities, 2)
+    axis = {"left": (0, 1.0), "right": (0, -1.0), "above": (1, 1.0), "below": (1, -1.0)}
+    if all(rel in axis for _, rel, _ in relations):
+        flat = centroids.flatten()  # gap = sign * (subject - object) on the relation's axis
+        subject = flat[_index([2 * s + axis[rel][0] for s, rel, _ in relations], flat.device)]
+        obj = flat[_index([2 * o + axis[rel][0] for _, rel, o in relations], flat.device)]
+        signs = torch.tensor([axis[rel][1] for _, rel, _ in relations], dtype=flat.dtype, device=flat.device)
+        return signs * (subject - obj)
+    return torch.stack([_one_gap(centroids[s], centroids[o], rel, near_distance) for s, rel, o in relations])
+
+
+def _one_gap(subject: torch.Tensor, obj: torch.Tensor, relation: str, near_distance: float) -> torch.Tensor:
+    """:func:`relation_gap` from two ``(x, y)`` centroids."""
+    if relation == "near":
+        return torch.sqrt(((subject - obj) ** 2).sum() + 1e-12) - near_distance
+    sign = 1.0 if relation in ("left", "above") else -1.0
+    axis = 0 if relation in ("left", "right") else 1
+    return sign * (subject[axis] - obj[axis])
 
 
 # -- initial-noise refiners ---------------------------------------------------------------------
