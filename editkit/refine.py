@@ -59,7 +59,11 @@ class GuidanceMapStore(CrossAttentionMapStore):
     With ``early_exit`` it raises :class:`MapsCaptured` as soon as the map of ``stop_after`` (the
     last site of the grid in execution order, learnt on the first full pass) is complete: a guided
     pass needs the maps, not the UNet's output, so the layers after them (SD 1.5: the 32x32 and
-    64x64 up blocks) are neither run nor backpropagated through.
+    64x64 up blocks) are neither run nor backpropagated through. Not under ``torch.compile``:
+    there the guided pass runs the whole UNet forward (the backward still stops at the maps in
+    eager autograd; aot-autograd backends such as inductor run the compiled backward whole, with
+    zero gradients for the unused output), so that one graph serves every guided step. That costs
+    the layers after the maps; ``benchmarks/RESULTS.md`` (issue 21) gives the measured figure.
 
     ``blocks`` chooses the UNet blocks whose layers at the grid are averaged: ``("down", "up")``
     (A&E and the paper: SD 1.5's down_blocks.2 and up_blocks.1) or ``("down",)``, which stops the
@@ -90,7 +94,10 @@ class GuidanceMapStore(CrossAttentionMapStore):
 
     def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
         super().on_probs(site, probs, queries)
-        if self.early_exit and site.name == self.stop_after and site.name in self.maps:
+        # Under torch.compile the pass runs whole: an exception out of a traced frame makes dynamo fall
+        # back to compiling each block on its own (48 graphs for a 12-step run instead of 2).
+        compiling = torch.compiler.is_compiling()
+        if self.early_exit and not compiling and site.name == self.stop_after and site.name in self.maps:
             raise MapsCaptured
 
     def learn_last_site(self) -> None:
