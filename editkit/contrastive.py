@@ -437,4 +437,6 @@ class ContrastiveFeatureRecorder(AttentionController):
         self.grids[site.name] = site.grid
 
     def clear(self) -> None:
+        """Forget the features and grids (each iteration starts from the same state: no retrace)."""
         self.features.clear()
+        self.grids.clear()

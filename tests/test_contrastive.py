@@ -352,8 +352,8 @@ def test_unet_calls_per_iteration_and_extra_controllers(edit_pipe, image):
     before = dict(edit_pipe.unet.attn_processors)
     flags = [p.requires_grad for p in edit_pipe.unet.parameters()]
     edit_pipe(image, "a cat", "a dog", num_inference_steps=2, attention_controllers=[spy], output_type="latent")
-    per_iteration = [(("uncond", "cond"), 2, False), (("uncond",), 1, False), (("cond",), 1, True)]
-    assert spy.calls == per_iteration * 2  # source no grad; target uncond no grad; target cond with grad
+    per_iteration = [(("uncond", "cond", "target_uncond"), 3, False), (("cond",), 1, True)]
+    assert spy.calls == per_iteration * 2  # source and target uncond, no grad, in one call; target cond with grad
     spy.calls.clear()
     edit_pipe(image, "a cat", "a dog", num_inference_steps=1, contrast=None, attention_controllers=[spy])
     assert spy.calls == [(("uncond", "cond"), 4, False)]  # plain DDS: one batched no-grad call
