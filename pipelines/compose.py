@@ -47,9 +47,11 @@ from editkit.pipeline_io import (
 from editkit.refine import (
     GUIDANCE_BLOCKS,
     GuidanceMapStore,
+    LossPlan,
     LossWeights,
     MapsCaptured,
     initno_refine,
+    loss_plan,
     map_divisor,
     map_grid,
     min_peak,
@@ -98,7 +100,7 @@ class _Run:
     controller: AttentionController
     guided_steps: int
     map_kwargs: dict
-    step_sizes: list[float]
+    step_sizes: torch.Tensor  # (num_inference_steps,) fp32 on the device: a step's size is a tensor, not a constant
     thresholds: dict[int, float]
     max_refinement_steps: int
     guidance_scale: float
@@ -106,6 +108,7 @@ class _Run:
     unet_dtype: torch.dtype
     guidance_rescale: float = 0.0
     eta: float = 0.0
+    loss_plan: LossPlan | None = None  # the guided steps' loss constants, made once per generation
 
 
 class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
@@ -220,6 +223,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
             run.store.active = run.store.early_exit = False
         run.store.learn_last_site()
         probs = run.store.aggregate(run.store_grid)[0].float()  # (h, w, keys)
+        run.store.clear()  # nothing in the autograd graph outlives the pass (a captured step returns only these)
         return probs, token_maps(probs, run.aligned.last_token, **run.map_kwargs)
 
     def guided_step(
@@ -237,7 +241,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
         with torch.enable_grad():
             current = latents.detach().float().requires_grad_(True)
             probs, maps = self.attention_maps(current, t, run)
-            loss, _ = unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights)
+            loss, _ = unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights, plan=run.loss_plan)
             (grad,) = torch.autograd.grad(loss, current) if loss.requires_grad else (torch.zeros_like(current),)
         return (current - step_size * grad).detach(), maps.detach()
 
@@ -450,7 +454,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
                 "token_softmax_scale": token_softmax_scale, "smooth": smooth_attention,
                 "kernel_size": smoothing_kernel_size, "sigma": smoothing_sigma,
             },
-            step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
+            step_sizes=torch.tensor(step_sizes(num_inference_steps, scale_factor, scale_range), device=device),
             thresholds=dict(refinement_thresholds or {}), max_refinement_steps=max_refinement_steps,
             unet_dtype=self.unet.dtype,  # a property that walks the model: read once
         )  # fmt: skip
@@ -514,6 +518,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
             options["run"], cond=cond, cfg=cfg, aligned=aligned, store=store, store_grid=grid, controller=controller,
             guided_steps=guided,
             capture_steps=max(options["max_iter_to_alter"], 1) if verify and verifier.needs_maps else 0,
+            loss_plan=loss_plan(aligned, options["run"].weights, (aligned.last_token, *grid), device=device),
         )  # fmt: skip
         callback = options["callback"]
         with self.attach_controllers(controller), frozen_weights(self.unet):
