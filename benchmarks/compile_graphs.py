@@ -71,12 +71,74 @@ def count_graphs(name: str, steps: int, iterations: int) -> dict:
     return result
 
 
+class _Stop(Exception):  # noqa: N818 - control flow, as the guided pass's early exit
+    pass
+
+
+def guided_pass_flops(size: int = 512, stop_after: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2") -> dict:
+    """FLOPs of one guided pass of compose on the full-size SD 1.5 UNet (meta device: instant, load-free).
+
+    Eager editkit stops the forward after the last 16x16 map layer (``stop_after``) and backpropagates
+    from there; under torch.compile the forward runs whole (one graph for every step), its backward
+    still from the maps with eager autograd, but whole with an aot-autograd backend (inductor: zero
+    gradients flow back from the unused output). The backward is taken from the stop layer's output,
+    as ``benchmarks.opcount``'s floor does. Reference: one no-grad CFG forward (batch 2).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from editkit.testing import full_size_sd15_unet
+
+    unet = full_size_sd15_unet(device="meta")
+    latent, context = size // 8, torch.randn(1, 77, 768, device="meta")
+
+    def flops(stop: bool, backward_from_output: bool, batch: int = 1, grad: bool = True) -> int:
+        kept = {}
+        hook = unet.get_submodule(stop_after).register_forward_hook(
+            lambda module, args, output: (kept.__setitem__("maps", output), _raise(_Stop) if stop else None)[0]
+        )
+        sample = torch.randn(batch, 4, latent, latent, device="meta", requires_grad=grad)
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter, torch.set_grad_enabled(grad):
+                try:
+                    output = unet(sample, torch.tensor(500), encoder_hidden_states=context.expand(batch, -1, -1)).sample
+                except _Stop:
+                    output = None
+                if grad:
+                    (output if backward_from_output else kept["maps"]).sum().backward()  # FlopCounterMode: not .grad()
+        finally:
+            hook.remove()
+        return counter.get_total_flops()
+
+    early = flops(stop=True, backward_from_output=False)
+    whole_eager_backward = flops(stop=False, backward_from_output=False)
+    whole = flops(stop=False, backward_from_output=True)
+    cfg = flops(stop=False, backward_from_output=False, batch=2, grad=False)
+    return {
+        "size": size, "stop_after": stop_after, "gflops": {
+            "guided_early_exit": early / 1e9, "guided_whole_forward_eager_backward": whole_eager_backward / 1e9,
+            "guided_whole_forward_whole_backward": whole / 1e9, "cfg_forward_batch2": cfg / 1e9,
+        },
+        "whole_forward_vs_early_exit": whole_eager_backward / early,
+        "whole_forward_and_backward_vs_early_exit": whole / early,
+        "guided_step_with_cfg_whole_vs_early": (whole + cfg) / (early + cfg),
+    }  # fmt: skip
+
+
+def _raise(error: type[Exception]) -> None:
+    raise error
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", default=["stylize", "edit", "soft_tokens", "compose_stage1"])
     parser.add_argument("--steps", type=int, default=12, help="denoising / inversion steps")
     parser.add_argument("--iterations", type=int, default=3, help="edit optimisation iterations")
+    parser.add_argument("--guided-cost", action="store_true", help="only the FLOPs of compose's guided pass")
     args = parser.parse_args(argv)
+    if args.guided_cost:
+        print_json({"environment": environment(), "guided_pass": guided_pass_flops()})
+        return
     torch._dynamo.config.recompile_limit = 64  # count every recompile instead of falling back to eager
     results = {name: count_graphs(name, args.steps, args.iterations) for name in args.methods}
     print_json({"environment": environment(), "steps": args.steps, "iterations": args.iterations, "methods": results})

@@ -207,12 +207,13 @@ def methods(size: int, steps: int, iterations: int) -> dict[str, Callable[[objec
     common = {"output_type": "pt"}
 
     def passthrough(pipe):
-        sample = torch.randn(2, 4, size // 8, size // 8)
-        context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+        like = {"device": pipe.unet.device, "dtype": pipe.unet.dtype}
+        sample = torch.randn(2, 4, size // 8, size // 8, **like)
+        context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, **like)
 
         def run():
             with torch.no_grad(), attach(pipe.unet, AttentionController()):
-                pipe.unet(sample, torch.tensor(500), encoder_hidden_states=context)
+                pipe.unet(sample, torch.tensor(500, device=like["device"]), encoder_hidden_states=context)
 
         return run
 
@@ -264,7 +265,7 @@ def soft_token_generation(size: int, steps: int):
 
         sites = default_sites(pipe.unet)
         width = pipe.unet.config.cross_attention_dim
-        tokens = SoftTokens(torch.randn(4, width, generator=_seeded(0)) * 0.02, sites)
+        tokens = SoftTokens((torch.randn(4, width, generator=_seeded(0)) * 0.02).to(pipe.unet.device), sites)
 
         def run():
             with use_soft_tokens(pipe.unet, SoftTokenController(tokens)):

@@ -6,9 +6,10 @@
   give one graph for the whole UNet, and a new ``attach`` (new processor objects, same classes) reuses
   it. Controllers with per-step state (``StyleInjectionController``, the q/k/v and feature
   recorders, SoftREPA's time tokens) set it up in ``begin_step`` and read no Python timestep in
-  their hooks, so the compiled UNet keeps its graphs from step to step (a 12-step stylize: one
-  graph per phase, 3 in all; ``python -m benchmarks.compile_graphs``). Compose's guided passes,
-  which stop early by raising, still recompile; ``recompile_limit`` raises dynamo's limit (8).
+  their hooks, so the compiled UNet keeps its graphs from step to step (a 12-step stylize, compose
+  stage 1 or soft-token generation and 3 edit iterations: at most 2 graphs each;
+  ``python -m benchmarks.compile_graphs``). Compose's guided passes, which stop early by raising when
+  eager, run whole under compile; ``recompile_limit`` raises dynamo's limit (8).
   diffusers' recipe ``pipe.unet = torch.compile(pipe.unet)`` works too (``attach`` and
   ``model_family`` see through the wrapper).
 - ``to_channels_last``: NHWC convolutions (faster on recent GPUs with fp16/bf16).

@@ -16,26 +16,36 @@ collects self-attention features on the shared attention layer:
   ``identity_branch=True`` (also contrast with the edited latent under the source prompt); the
   compared feature (``feature=`` output / query / key / value) and layers (``contrast_sites=``).
 
-Features are recorded by site name for a named branch (``"source"``, ``"target"``,
-``"identity"``), never by position in the batch.
+PatchNCE itself lives in :mod:`editkit.patchnce` (re-exported here). Features are recorded by
+site name for a named branch (``"source"``, ``"target"``, ``"identity"``), never by position in
+the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from editkit.attention import AttentionController, Site, site_matches
-from editkit.errors import InputError
 from editkit.inversion import model_eps
+from editkit.patchnce import (
+    DIRECTIONS,
+    batched_patch_nce,
+    contrastive_loss,
+    patch_nce,
+    patch_nce_loss,
+    pool_patches,
+    sample_locations,
+    tokens_to_grid,
+)
 
 __all__ = [
     "DIRECTIONS",
     "FEATURES",
     "ContrastiveFeatureRecorder",
+    "batched_patch_nce",
     "classifier_free_guidance",
     "contrastive_loss",
     "dds_gradient",
@@ -52,7 +62,6 @@ __all__ = [
     "tokens_to_grid",
 ]
 
-DIRECTIONS = ("source", "target", "dual")
 FEATURES = ("output", "query", "key", "value")
 DEFAULT_SITES = ("up_blocks",)
 #: Latent pixels of SD 1.x at 512 px, where the reference scale 2000 / (H_lat * W_lat) was tuned.
@@ -133,136 +142,6 @@ def sample_noise(
     return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
-# -- PatchNCE -----------------------------------------------------------------------------------
-def tokens_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(batch, tokens, channels) -> (batch, channels, height, width)."""
-    batch, tokens, channels = features.shape
-    height, width = grid
-    if height * width != tokens:
-        raise ValueError(f"{tokens} tokens do not fill a {height}x{width} grid")
-    return features.transpose(1, 2).reshape(batch, channels, height, width)
-
-
-def pool_patches(feature_map: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Mean of each non-overlapping patch_size x patch_size patch: (batch, channels, h // p, w // p)."""
-    if patch_size == 1:
-        return feature_map
-    return F.avg_pool2d(feature_map, kernel_size=patch_size, stride=patch_size)
-
-
-def sample_locations(
-    num_cells: int, num_patches: int, generator: torch.Generator | None, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Up to ``num_patches`` distinct cell indices (of ``allowed`` cells when given), from ``generator``."""
-    candidates = torch.arange(num_cells) if allowed is None else allowed.flatten().nonzero().flatten().cpu()
-    device = generator.device if generator is not None else "cpu"
-    order = torch.randperm(len(candidates), generator=generator, device=device).cpu()
-    return candidates[order[:num_patches]]
-
-
-def patch_nce(anchor: torch.Tensor, positive: torch.Tensor, *, tau: float = 0.07, diagonal_fill: float = -10.0):
-    """PatchNCE: mean_i CE([a_i.p_i, a_i.p_j (j != i), -10] / tau, 0)  (CUT, Park et al. 2020, eq. 2).
-
-    ``anchor`` and ``positive`` are (patches, channels), L2-normalised; row i of ``positive`` is
-    the positive of anchor i and the other rows are its negatives (same image only). The
-    diagonal of the negatives is set to ``diagonal_fill`` before dividing by ``tau``.
-    """
-    positive_logits = (anchor * positive).sum(dim=-1, keepdim=True)  # (patches, 1)
-    negative_logits = anchor @ positive.transpose(0, 1)  # (patches, patches)
-    eye = torch.eye(anchor.shape[0], dtype=torch.bool, device=anchor.device)
-    negative_logits = negative_logits.masked_fill(eye, diagonal_fill)
-    logits = torch.cat([positive_logits, negative_logits], dim=1) / tau
-    target = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
-    return F.cross_entropy(logits, target)
-
-
-def patch_nce_loss(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    direction: str = "dual",
-    tau: float = 0.07,
-    diagonal_fill: float = -10.0,
-) -> torch.Tensor:
-    """Source-anchored (CDS, rows of S), target-anchored (CUT, columns of S) or dual (their mean) PatchNCE.
-
-    ``source`` and ``target``: (patches, channels) features at the same locations (normalised here).
-    """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    source = F.normalize(source.float(), dim=-1)
-    target = F.normalize(target.float(), dim=-1)
-    losses = []
-    if direction in ("source", "dual"):
-        losses.append(patch_nce(source, target, tau=tau, diagonal_fill=diagonal_fill))
-    if direction in ("target", "dual"):
-        losses.append(patch_nce(target, source, tau=tau, diagonal_fill=diagonal_fill))
-    return losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
-
-
-def _allowed_cells(region: torch.Tensor | None, grid: tuple[int, int], patch_size: int) -> torch.Tensor | None:
-    """Cells (after pooling) that overlap ``region`` (batch, 1, H, W); None when fewer than two do."""
-    if region is None:
-        return None
-    covered = F.adaptive_avg_pool2d(region.float().amax(dim=0, keepdim=True), grid)
-    covered = pool_patches(covered, patch_size)[0, 0] > 0  # (h // p, w // p)
-    return covered if int(covered.sum()) >= 2 else None
-
-
-def contrastive_loss(
-    source_features: Mapping[str, torch.Tensor],
-    target_features: Mapping[str, torch.Tensor],
-    grids: Mapping[str, tuple[int, int] | None],
-    *,
-    direction: str = "dual",
-    patch_sizes: Sequence[int] = (1, 2),
-    num_patches: int = 256,
-    tau: float = 0.07,
-    diagonal_fill: float = -10.0,
-    generator: torch.Generator | None = None,
-    region: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sum over sites and patch sizes of the PatchNCE loss (mean over patches and batch items).
-
-    Features are (batch, tokens, channels) by site; the SAME locations (drawn from ``generator``,
-    inside ``region`` when given) are used for source and target; a list of generators (one per batch
-    item) draws each item's own locations. Sites and scales with fewer than
-    two cells are skipped.
-    """
-    total = None
-    for site in sorted(target_features):
-        grid = grids.get(site)
-        if grid is None or site not in source_features:
-            raise KeyError(f"no source features or grid recorded at {site}")
-        source_map = tokens_to_grid(source_features[site], grid)
-        target_map = tokens_to_grid(target_features[site], grid)
-        for patch_size in patch_sizes:
-            if min(grid) < patch_size:  # the grid holds no whole patch of this size
-                continue
-            source_cells = pool_patches(source_map, patch_size).flatten(2)  # (batch, channels, cells)
-            target_cells = pool_patches(target_map, patch_size).flatten(2)
-            if source_cells.shape[-1] < 2:
-                continue
-            allowed = _allowed_cells(region, grid, patch_size)
-            cells, count = source_cells.shape[-1], source_cells.shape[0]
-            generators = generator if isinstance(generator, list) else [generator]
-            indices = [sample_locations(cells, num_patches, g, allowed).to(target_cells.device) for g in generators]
-            indices = indices if isinstance(generator, list) else indices * count  # one draw shared by the batch
-            options = {"direction": direction, "tau": tau, "diagonal_fill": diagonal_fill}
-            per_item = [
-                patch_nce_loss(s[:, i].T, t[:, i].T, **options)  # (patches, channels) each
-                for s, t, i in zip(source_cells, target_cells, indices, strict=True)
-            ]
-            loss = torch.stack(per_item).mean()
-            total = loss if total is None else total + loss
-    if total is None:
-        raise InputError(
-            "the image is too small for the contrastive loss (every feature grid is smaller than two patches); "
-            "use a larger image or no contrast"
-        )
-    return total
-
-
 # -- features on the shared attention layer -----------------------------------------------------
 class ContrastiveFeatureRecorder(AttentionController):
     """Self-attention features by site, for the branch the pipeline names before each UNet call.
@@ -321,4 +200,6 @@ class ContrastiveFeatureRecorder(AttentionController):
         self.grids[site.name] = site.grid
 
     def clear(self) -> None:
+        """Forget the features and grids (each iteration starts from the same state: no retrace)."""
         self.features.clear()
+        self.grids.clear()

@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 
 from editkit.constraints import AlignedConstraints
-from editkit.refine import LossWeights, constraint_loss, entity_maps, relation_gap
+from editkit.refine import LossPlan, LossWeights, constraint_loss, entity_maps, relation_gap
 
 __all__ = [
     "LOSS_PRESETS",
@@ -138,8 +138,12 @@ def unified_loss(
     weights: LossWeights,
     *,
     entities: set[int] | None = None,
+    plan: LossPlan | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The ``preset``'s loss: the paper's on raw ``probs`` (h, w, keys), A&E-style on token ``maps``."""
+    """The ``preset``'s loss: the paper's on raw ``probs`` (h, w, keys), A&E-style on token ``maps``.
+
+    ``plan``: the A&E-style loss's precomputed :class:`editkit.refine.LossPlan` (the paper's ignores it).
+    """
     if preset == "paper":
         return paper_constraint_loss(probs, aligned, weights, entities=entities)
-    return constraint_loss(maps, aligned, weights, entities=entities)
+    return constraint_loss(maps, aligned, weights, entities=entities, plan=plan)

@@ -23,6 +23,7 @@ from editkit.constraints import AlignedConstraints
 __all__ = [
     "GUIDANCE_BLOCKS",
     "GuidanceMapStore",
+    "LossPlan",
     "LossWeights",
     "MapsCaptured",
     "binding_loss",
@@ -32,6 +33,7 @@ __all__ = [
     "gaussian_smooth",
     "initno_refine",
     "kl_to_standard_normal",
+    "loss_plan",
     "map_divisor",
     "map_grid",
     "min_peak",
@@ -59,7 +61,12 @@ class GuidanceMapStore(CrossAttentionMapStore):
     With ``early_exit`` it raises :class:`MapsCaptured` as soon as the map of ``stop_after`` (the
     last site of the grid in execution order, learnt on the first full pass) is complete: a guided
     pass needs the maps, not the UNet's output, so the layers after them (SD 1.5: the 32x32 and
-    64x64 up blocks) are neither run nor backpropagated through.
+    64x64 up blocks) are neither run nor backpropagated through. Not under ``torch.compile``:
+    there the guided pass runs the whole UNet forward (the backward still stops at the maps in
+    eager autograd; aot-autograd backends such as inductor run the compiled backward whole, with
+    zero gradients for the unused output), so that one graph serves every guided step. That costs
+    the layers after the maps: SD 1.5 at 512 px, 1.48x the early-exit pass's FLOPs with eager
+    autograd, 2.05x with inductor (``python -m benchmarks.compile_graphs --guided-cost``).
 
     ``blocks`` chooses the UNet blocks whose layers at the grid are averaged: ``("down", "up")``
     (A&E and the paper: SD 1.5's down_blocks.2 and up_blocks.1) or ``("down",)``, which stops the
@@ -90,12 +97,15 @@ class GuidanceMapStore(CrossAttentionMapStore):
 
     def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
         super().on_probs(site, probs, queries)
-        if self.early_exit and site.name == self.stop_after and site.name in self.maps:
+        # Under torch.compile the pass runs whole: an exception out of a traced frame makes dynamo fall
+        # back to compiling each block on its own (48 graphs for a 12-step run instead of 2).
+        compiling = torch.compiler.is_compiling()
+        if self.early_exit and not compiling and site.name == self.stop_after and site.name in self.maps:
             raise MapsCaptured
 
     def learn_last_site(self) -> None:
         """Remember the last site recorded by a full pass (``maps`` keeps completion order after ``clear``)."""
-        if self.stop_after is None and self.maps:
+        if not torch.compiler.is_compiling() and self.stop_after is None and self.maps:  # eager only: see on_probs
             self.stop_after = list(self.maps)[-1]
 
 
@@ -244,34 +254,124 @@ class LossWeights:
         return any(w > 0 for w in (self.missing, self.mixing, self.binding, self.spatial))
 
 
+@dataclass(frozen=True)
+class LossPlan:
+    """What :func:`constraint_loss` gathers, as device tensors, for one constraint set (:func:`loss_plan`).
+
+    With a plan made once per generation the loss copies nothing from the host and branches only on
+    the plan's Python fields, so a guided step that uses it can be captured whole (CUDA graphs).
+    """
+
+    selection: torch.Tensor  # (phrases, tokens): row p sums phrase p's token maps; entities first, then attributes
+    entities: int
+    missing: torch.Tensor | slice | None  # entity rows of the missing term; None: no such term
+    first: torch.Tensor | None  # phrase rows of the soft-IoU pairs: the mixing pairs, then the bindings
+    second: torch.Tensor | None
+    mixing: int  # how many of the pairs are mixing pairs
+    bindings: int
+    coords: torch.Tensor | None  # (h * w, 2): (x, y) cell centres in [0, 1]; None: no relation
+    subject: torch.Tensor | None  # entity rows of the relations' subjects and objects
+    obj: torch.Tensor | None
+    axis_signs: torch.Tensor | None  # (relations, 2): the relation's axis, signed (left/above +, right/below -)
+    near: torch.Tensor | None  # (relations,) bool where the relation is "near"; None when none is
+    near_distance: float
+
+
+def loss_plan(
+    aligned: AlignedConstraints,
+    weights: LossWeights,
+    maps_shape: Sequence[int],
+    *,
+    entities: set[int] | None = None,
+    near_distance: float = 0.35,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LossPlan:
+    """The :class:`LossPlan` of ``aligned`` for ``(tokens, h, w)`` maps: the terms ``weights`` turn on, ``entities``."""
+    chosen = set(range(len(aligned.entities))) if entities is None else set(entities)
+    count, (tokens, height, width) = len(aligned.entities), maps_shape
+    bindings = [(t, e) for t, e, _ in aligned.bindings if e in chosen] if weights.binding > 0 else []
+    mixing = [(i, j) for i in range(count) for j in range(i + 1, count) if i in chosen or j in chosen]
+    mixing = mixing if weights.mixing > 0 and chosen else []
+    pairs = mixing + [(count + k, e) for k, (_, e) in enumerate(bindings)]  # binding: (attribute row, noun row)
+    relations = [r for r in aligned.relations if r[0] in chosen or r[2] in chosen] if weights.spatial > 0 else []
+    index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    selection = [[0.0] * tokens for _ in range(count + len(bindings))]
+    for row, phrase in zip(selection, [*aligned.entities, *(t for t, _ in bindings)], strict=True):
+        for token in phrase:
+            row[token - 1] += 1.0  # row k of the maps is token k + 1
+    missing = None
+    if chosen and weights.missing > 0:
+        order = sorted(chosen)
+        missing = slice(0, count) if order == list(range(count)) else index(order)
+    axes = {"left": (1.0, 0.0), "right": (-1.0, 0.0), "above": (0.0, 1.0), "below": (0.0, -1.0), "near": (0.0, 0.0)}
+    cells = [((c % width + 0.5) / width, (c // width + 0.5) / height) for c in range(height * width)]
+    near = [rel == "near" for _, rel, _ in relations]
+    return LossPlan(
+        selection=torch.tensor(selection, dtype=dtype, device=device), entities=count, missing=missing,
+        first=index([i for i, _ in pairs]) if pairs else None, second=index([j for _, j in pairs]) if pairs else None,
+        mixing=len(mixing), bindings=len(bindings),
+        coords=torch.tensor(cells, dtype=dtype, device=device) if relations else None,
+        subject=index([r[0] for r in relations]) if relations else None,
+        obj=index([r[2] for r in relations]) if relations else None,
+        axis_signs=torch.tensor([axes[r[1]] for r in relations], dtype=dtype, device=device) if relations else None,
+        near=torch.tensor(near, device=device) if any(near) else None, near_distance=near_distance,
+    )  # fmt: skip
+
+
 def constraint_loss(
     maps: torch.Tensor,
     aligned: AlignedConstraints,
     weights: LossWeights,
     *,
     entities: set[int] | None = None,
+    near_distance: float = 0.35,
+    plan: LossPlan | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The unified loss on ``(tokens, h, w)`` maps and its terms; ``entities`` restricts it (selective loss)."""
-    chosen = set(range(len(aligned.entities))) if entities is None else set(entities)
-    ents = {i: entity_maps(maps, tokens) for i, tokens in enumerate(aligned.entities)}
+    """The unified loss on ``(tokens, h, w)`` maps and its terms; ``entities`` restricts it (selective loss).
+
+    Terms (each a mean over its constraints): :func:`missing_loss` over the chosen entities,
+    entity mixing (soft IoU of each pair with a chosen entity), :func:`binding_loss` and
+    :func:`spatial_loss`. Computed vectorised, the same values as those functions applied one
+    constraint at a time (to float rounding): every phrase map is one row of a selection-matrix
+    product, and the IoUs, centroids and gaps are batched over pairs and relations, so the number
+    of operations does not grow with the number of constraints. ``plan``: a :func:`loss_plan` made
+    for the same ``aligned``, ``weights``, ``entities`` and map shape (built here when not given).
+    """
+    if plan is None:
+        options = {"entities": entities, "near_distance": near_distance, "device": maps.device, "dtype": maps.dtype}
+        plan = loss_plan(aligned, weights, maps.shape, **options)
+    phrases = plan.selection @ maps.flatten(1)  # (phrases, h * w)
+    peaks = phrases.amax(dim=1)
     terms: dict[str, torch.Tensor] = {}
-    if chosen and weights.missing > 0:
-        terms["missing"] = missing_loss([ents[i] for i in sorted(chosen)])
-    if len(ents) > 1 and weights.mixing > 0 and chosen:
-        pairs = [(i, j) for i in ents for j in ents if i < j and (i in chosen or j in chosen)]
-        terms["mixing"] = torch.stack([soft_iou(ents[i], ents[j]) for i, j in pairs]).mean()
-    bindings = [(tokens, e) for tokens, e, _ in aligned.bindings if e in chosen]
-    if bindings and weights.binding > 0:
-        terms["binding"] = binding_loss([entity_maps(maps, t) for t, _ in bindings], [ents[e] for _, e in bindings])
-    relations = [r for r in aligned.relations if r[0] in chosen or r[2] in chosen]
-    if relations and weights.spatial > 0:
-        losses = [
-            spatial_loss(ents[s], ents[o], rel, margin=weights.spatial_margin, softness=weights.spatial_softness)
-            for s, rel, o in relations
-        ]
-        terms["spatial"] = torch.stack(losses).mean()
+    if plan.missing is not None:
+        terms["missing"] = (1 - peaks[plan.missing]).amax()
+    if plan.first is not None:
+        normalised = phrases / (peaks[:, None] + 1e-8)
+        first, second = normalised[plan.first], normalised[plan.second]
+        ious = torch.minimum(first, second).sum(dim=1) / (torch.maximum(first, second).sum(dim=1) + 1e-8)
+        if plan.mixing:
+            terms["mixing"] = ious[: plan.mixing].mean()
+        if plan.bindings:
+            terms["binding"] = (1 - ious[plan.mixing :]).mean()
+    if plan.coords is not None:
+        gaps = _relation_gaps(phrases[: plan.entities], plan) + weights.spatial_margin
+        softness = weights.spatial_softness
+        losses = F.relu(gaps) if softness is None else softness * F.softplus(gaps / softness)
+        terms["spatial"] = losses.mean()
     total = sum((getattr(weights, name) * value for name, value in terms.items()), maps.new_zeros(()))
     return total, terms
+
+
+def _relation_gaps(entities: torch.Tensor, plan: LossPlan) -> torch.Tensor:
+    """:func:`relation_gap` of each relation of the plan, ``(relations,)``, from one centroid product."""
+    centroids = (entities @ plan.coords) / (entities.sum(dim=1, keepdim=True) + 1e-8)  # (entities, 2): (x, y)
+    offsets = centroids[plan.subject] - centroids[plan.obj]  # (relations, 2)
+    gaps = (offsets * plan.axis_signs).sum(dim=1)  # sign * (subject - object) on the relation's axis
+    if plan.near is None:
+        return gaps
+    distance = torch.sqrt((offsets**2).sum(dim=1) + 1e-12) - plan.near_distance
+    return torch.where(plan.near, distance, gaps)
 
 
 # -- initial-noise refiners ---------------------------------------------------------------------

@@ -145,6 +145,12 @@ class FeatureRecorder(QKVRecorder):
 
     Only the timesteps in ``timesteps`` are stored (the injection window); a repeated call at the same
     (site, timestep), as when inversion resamples, overwrites: the last evaluation is kept.
+
+    Inside the UNet the hook only holds on to the call's query, key and value (no copy, whatever
+    ``keep`` and the window say); :meth:`flush`, run by the next ``begin_step`` and by ``records``,
+    stores what is kept. A compiled UNet therefore sees one graph for a content inversion (queries),
+    a style inversion (keys and values) and the steps outside the window. The price: one call's
+    q/k/v at the recorded sites stay alive until the next step begins.
     """
 
     def __init__(
@@ -159,18 +165,35 @@ class FeatureRecorder(QKVRecorder):
         self.site_names = frozenset(sites)
         self.timesteps = frozenset(int(t) for t in timesteps)
         self._step_wanted = False
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def applies_to(self, site: Site) -> bool:
         return site.kind == "self" and site.name in self.site_names
 
     def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        self.flush()
         super().begin_step(index, timestep)
         self._step_wanted = self.timestep in self.timesteps  # decided here: the hooks read no timestep
 
     def on_qkv(self, site, query, key, value):
-        if self._step_wanted:
-            return super().on_qkv(site, query, key, value)
+        self._pending[site.name] = (query, key, value)
         return query, key, value
+
+    def flush(self) -> None:
+        """Store the kept features of the last UNet call (when its step is in the window)."""
+        if self._pending and self._step is None:
+            raise RuntimeError("FeatureRecorder needs begin_step(index, timestep) before each UNet call")
+        if self._step_wanted:
+            for name, (query, key, value) in self._pending.items():
+                tensors = {"query": query, "key": key, "value": value}
+                rows = self.rows(query.shape[0])
+                self._step[name] = {part: self._stored(tensors[part][rows]) for part in self.keep}
+        self._pending.clear()
+
+    @property
+    def records(self) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+        self.flush()
+        return super().records
 
 
 # -- the style cache -----------------------------------------------------------------------------

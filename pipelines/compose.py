@@ -47,9 +47,11 @@ from editkit.pipeline_io import (
 from editkit.refine import (
     GUIDANCE_BLOCKS,
     GuidanceMapStore,
+    LossPlan,
     LossWeights,
     MapsCaptured,
     initno_refine,
+    loss_plan,
     map_divisor,
     map_grid,
     min_peak,
@@ -98,7 +100,7 @@ class _Run:
     controller: AttentionController
     guided_steps: int
     map_kwargs: dict
-    step_sizes: list[float]
+    step_sizes: torch.Tensor  # (num_inference_steps,) fp32 on the device: a step's size is a tensor, not a constant
     thresholds: dict[int, float]
     max_refinement_steps: int
     guidance_scale: float
@@ -106,6 +108,7 @@ class _Run:
     unet_dtype: torch.dtype
     guidance_rescale: float = 0.0
     eta: float = 0.0
+    loss_plan: LossPlan | None = None  # the guided steps' loss constants, made once per generation
 
 
 class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
@@ -220,23 +223,43 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
             run.store.active = run.store.early_exit = False
         run.store.learn_last_site()
         probs = run.store.aggregate(run.store_grid)[0].float()  # (h, w, keys)
+        run.store.clear()  # nothing in the autograd graph outlives the pass (a captured step returns only these)
         return probs, token_maps(probs, run.aligned.last_token, **run.map_kwargs)
 
+    def guided_step(
+        self, latents: torch.Tensor, t, step_size: float | torch.Tensor, run: _Run
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One A&E update ``z_t - step_size * grad_z loss(z_t)`` (fp32) and the token maps at ``z_t``.
+
+        Written to be captured whole (a CUDA graph, ``torch.compile(fullgraph=True)``): the conditional
+        forward with grad to the map layers, the loss and ``autograd.grad``, with static shapes, no host
+        synchronisation and no branch on a tensor's value. ``step_size`` may be a 0-d tensor, so one
+        capture replays at every step; so does ``t`` with a scheduler whose ``scale_model_input`` is the
+        identity (DDIM, DDPM, PNDM). Eagerly the forward stops after the last map layer (``MapsCaptured``,
+        caught inside).
+        """
+        with torch.enable_grad():
+            current = latents.detach().float().requires_grad_(True)
+            probs, maps = self.attention_maps(current, t, run)
+            loss, _ = unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights, plan=run.loss_plan)
+            (grad,) = torch.autograd.grad(loss, current) if loss.requires_grad else (torch.zeros_like(current),)
+        return (current - step_size * grad).detach(), maps.detach()
+
     def guided_update(self, latents: torch.Tensor, i: int, t, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """A&E step: ``z_t -= step_size_i * grad(loss)`` (fp32), with iterative refinement at chosen steps."""
+        """A&E step ``i`` (:meth:`guided_step`), with iterative refinement at the steps of ``run.thresholds``.
+
+        Refinement repeats the step until every entity's peak reaches the step's threshold (at most
+        ``max_refinement_steps`` more): the one host-side test on a tensor's value, between steps. A
+        repeat whose maps already pass is not applied (as A&E; its backward is spent).
+        """
         current = latents.detach().float()
         target = run.thresholds.get(i)
         for iteration in range(1 + (run.max_refinement_steps if target is not None else 0)):
-            with torch.enable_grad():
-                current = current.detach().requires_grad_(True)
-                probs, maps = self.attention_maps(current, t, run)
-                loss, _ = unified_loss(run.loss_preset, probs, maps, run.aligned, run.weights)
-                done = target is None or min_peak(maps, run.aligned) >= target
-                if iteration > 0 and done:
-                    break
-                (grad,) = torch.autograd.grad(loss, current) if loss.requires_grad else (torch.zeros_like(current),)
-            current = current.detach() - run.step_sizes[i] * grad
-        return current.detach().to(latents.dtype), maps.detach()
+            updated, maps = self.guided_step(current, t, run.step_sizes[i], run)
+            if iteration > 0 and min_peak(maps, run.aligned) >= target:
+                break
+            current = updated
+        return current.to(latents.dtype), maps
 
     def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback):
         """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
@@ -431,7 +454,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
                 "token_softmax_scale": token_softmax_scale, "smooth": smooth_attention,
                 "kernel_size": smoothing_kernel_size, "sigma": smoothing_sigma,
             },
-            step_sizes=step_sizes(num_inference_steps, scale_factor, scale_range),
+            step_sizes=torch.tensor(step_sizes(num_inference_steps, scale_factor, scale_range), device=device),
             thresholds=dict(refinement_thresholds or {}), max_refinement_steps=max_refinement_steps,
             unet_dtype=self.unet.dtype,  # a property that walks the model: read once
         )  # fmt: skip
@@ -495,6 +518,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
             options["run"], cond=cond, cfg=cfg, aligned=aligned, store=store, store_grid=grid, controller=controller,
             guided_steps=guided,
             capture_steps=max(options["max_iter_to_alter"], 1) if verify and verifier.needs_maps else 0,
+            loss_plan=loss_plan(aligned, options["run"].weights, (aligned.last_token, *grid), device=device),
         )  # fmt: skip
         callback = options["callback"]
         with self.attach_controllers(controller), frozen_weights(self.unet):

@@ -232,15 +232,17 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
     def _contrastive_step(self, z_trg, noise, z_src_t, timestep, alpha, text, settings, controller, recorder):
         """DDS gradient and contrastive loss/gradient of one iteration.
 
-        Source branch (uncond + cond, no grad, source features), target uncond (no grad), target
-        cond (grad, target features, its noise prediction reused), identity branch when asked.
+        One no-grad call on [source uncond, source cond (source features), target uncond], target cond
+        (grad, target features, its noise prediction reused), identity branch when asked: a compiled
+        UNet sees two graphs (three with the identity branch).
         """
         z_trg_t = noise_latents(z_trg, noise, alpha)
         recorder.clear()
         recorder.branch = "source"
-        source_out = self._unet(torch.cat([z_src_t] * 2), timestep, text["source"], ("uncond", "cond"), controller)
+        roles = ("uncond", "cond", "target_uncond")
+        latents = torch.cat([z_src_t, z_src_t, z_trg_t])
+        uncond_src, cond_src, uncond_trg = self._unet(latents, timestep, text["no_grad"], roles, controller).chunk(3)
         recorder.branch = None
-        uncond_trg = self._unet(z_trg_t, timestep, text["uncond"], ("uncond",), controller)
         if settings["identity_branch"]:
             recorder.branch = "identity"
             self._unet(z_trg_t, timestep, text["source_cond"], ("cond",), controller)
@@ -253,7 +255,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
             # CDS: (cutloss * w_cut).backward(); the DDS scale (loss_scale / pixels) is not applied here.
             # The loss is a mean over batch items: times the batch size, each item gets its own step.
             (contrast_grad,) = torch.autograd.grad(loss * settings["contrast_weight"] * z.shape[0], z)
-        eps_src = self._eps(*source_out.chunk(2), z_src_t, alpha, settings["guidance_scale"])
+        eps_src = self._eps(uncond_src, cond_src, z_src_t, alpha, settings["guidance_scale"])
         eps_trg = self._eps(uncond_trg, cond_trg.detach(), z_trg_t, alpha, settings["guidance_scale"])
         return dds_gradient(eps_trg, eps_src), contrast_grad, loss.detach()
 
@@ -457,8 +459,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         )
         text = {
             "dds": TextConditioning.cat([uncond, uncond, source, target]),
-            "source": TextConditioning.cat([uncond, source]),
-            "uncond": uncond,
+            "no_grad": TextConditioning.cat([uncond, source, uncond]),  # source uncond/cond, target uncond
             "source_cond": source,
             "target_cond": target,
         }

@@ -51,3 +51,30 @@ def test_compiled_unet_gives_the_eager_result(method):
     with torch._dynamo.config.patch(disable=True):
         compiled = run(pipe).images
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_check_parses_and_its_compiled_part_dry_runs_on_the_cpu(tmp_path):
+    """``benchmarks/cuda_check.sh`` is valid bash, names known methods, and its Python part runs (tiny, dynamo off)."""
+    import json
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks.compiled_speed import main
+    from benchmarks.opcount import methods
+
+    script = Path(__file__).parents[1] / "benchmarks" / "cuda_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    (default,) = re.findall(r"COMPILED_METHODS:-([^}]*)\}", script.read_text())
+    out = tmp_path / "compiled.json"
+    result = main(["--dry-run", "--methods", "pass_through", "compose_stage1", "--output", str(out)])
+    assert json.loads(out.read_text())["methods"].keys() == result["methods"].keys()
+    assert set(result["methods"]) == {"stock_forward", "plain_generation", "pass_through", "compose_stage1"}
+    for name in ("pass_through", "compose_stage1"):
+        entry = result["methods"][name]
+        stock = result["methods"][entry["baseline"]]
+        assert entry["compiled_vs_stock_compiled"] == pytest.approx(
+            entry["compiled"]["median_s"] / stock["compiled"]["median_s"]
+        )
+        assert entry["compiled"]["first_call_s"] > 0 and entry["eager"]["median_s"] > 0
+    assert default.split() and set(default.split()) <= set(methods(64, 2, 1))  # the script names known methods

@@ -137,6 +137,83 @@ def test_contrastive_loss_sums_sites_and_scales_with_shared_locations():
     assert same < perturbed
 
 
+def _per_site_reference(source, target, grids, *, direction, generators, region=None, num_patches=5, tau=0.07):
+    """The contrastive loss as a plain loop (CUT eq. 2 per site, patch size and item), from the paper.
+
+    Per sorted site and patch size p (1, 2): average-pool p x p, draw the locations with
+    ``torch.randperm`` of the cells (of the cells the region covers), one draw per generator, the
+    same for source and target; L2-normalise; logits [a_i . f_i, a_i . f_j (j != i), -10] / tau;
+    cross-entropy with the positive first, mean over the patches; rows of S for "source", columns
+    for "target", their mean for "dual"; mean over items, summed over sites and patch sizes.
+    """
+    functional = torch.nn.functional
+    total = 0.0
+    for site in sorted(target):
+        (h, w), (batch, _, channels) = grids[site], target[site].shape
+        for p in (1, 2):
+            if min(h, w) < p or (h // p) * (w // p) < 2:  # no whole patch, or no negative: skipped
+                continue
+            maps = [
+                functional.avg_pool2d(f[site].transpose(1, 2).reshape(batch, channels, h, w), p)
+                for f in (source, target)
+            ]
+            cells = torch.arange(maps[0].shape[-2] * maps[0].shape[-1])
+            if region is not None:
+                covered = functional.adaptive_avg_pool2d(region.float().amax(0, keepdim=True), (h, w))
+                covered = functional.avg_pool2d(covered, p)[0, 0].flatten() > 0
+                cells = cells[covered] if covered.sum() >= 2 else cells
+            drawn = [cells[torch.randperm(len(cells), generator=g)[:num_patches]] for g in generators]
+            drawn = drawn if len(drawn) == batch else drawn * batch
+            items = []
+            for item in range(batch):
+                a, f = (functional.normalize(m[item].flatten(1)[:, drawn[item]].T, dim=-1) for m in maps)
+                rows, columns = [], []
+                for anchor, other, out in ((a, f, rows), (f, a, columns)):
+                    for i in range(len(anchor)):
+                        negatives = [
+                            anchor[i] @ other[j] if j != i else torch.tensor(-10.0) for j in range(len(anchor))
+                        ]
+                        logits = torch.stack([anchor[i] @ other[i], *negatives]) / tau
+                        out.append(torch.logsumexp(logits, 0) - logits[0])
+                rows, columns = torch.stack(rows).mean(), torch.stack(columns).mean()
+                items.append({"source": rows, "target": columns, "dual": (rows + columns) / 2}[direction])
+            total = total + torch.stack(items).mean()
+    return total
+
+
+@pytest.mark.parametrize("direction", ["source", "target", "dual"])
+@pytest.mark.parametrize("case", ["shared draw", "one generator per item", "region"])
+def test_batched_loss_equals_the_per_site_reference(direction, case):
+    """Sites of two widths and three grids (one too small for 2x2 patches), some grids with fewer cells than
+    ``num_patches`` (padding inside the batch), two items: value and gradient equal the plain loop."""
+    make = torch.Generator().manual_seed(3)
+    grids = {"up.0": (4, 4), "up.1": (4, 4), "up.2": (2, 6), "up.3": (1, 3), "up.4": (6, 4)}
+    widths = {"up.0": 8, "up.1": 8, "up.2": 8, "up.3": 4, "up.4": 4}
+    source = {s: torch.randn(2, h * w, widths[s], generator=make) for s, (h, w) in grids.items()}
+    target = {s: (v + 0.5 * torch.randn(v.shape, generator=make)).requires_grad_(True) for s, v in source.items()}
+    seeds = [11, 12] if case == "one generator per item" else [11]
+    region = None
+    if case == "region":
+        region = torch.zeros(2, 1, 16, 16)
+        region[0, :, 2:9, 3:12] = 1
+    options = {
+        "direction": direction,
+        "generators": [torch.Generator().manual_seed(s) for s in seeds],
+        "region": region,
+    }
+    expected = _per_site_reference(source, target, grids, **options)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generator = generators if case == "one generator per item" else generators[0]
+    got = contrastive_loss(
+        source, target, grids, direction=direction, num_patches=5, generator=generator, region=region
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    expected_grads = torch.autograd.grad(expected, list(target.values()))
+    got_grads = torch.autograd.grad(got, list(target.values()))
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 # -- DDS helpers ----------------------------------------------------------------------------------
 def test_dds_step_is_independent_of_resolution_and_masked():
     small, large = torch.ones(1, 4, 8, 8), torch.ones(1, 4, 64, 64)
@@ -275,8 +352,8 @@ def test_unet_calls_per_iteration_and_extra_controllers(edit_pipe, image):
     before = dict(edit_pipe.unet.attn_processors)
     flags = [p.requires_grad for p in edit_pipe.unet.parameters()]
     edit_pipe(image, "a cat", "a dog", num_inference_steps=2, attention_controllers=[spy], output_type="latent")
-    per_iteration = [(("uncond", "cond"), 2, False), (("uncond",), 1, False), (("cond",), 1, True)]
-    assert spy.calls == per_iteration * 2  # source no grad; target uncond no grad; target cond with grad
+    per_iteration = [(("uncond", "cond", "target_uncond"), 3, False), (("cond",), 1, True)]
+    assert spy.calls == per_iteration * 2  # source and target uncond, no grad, in one call; target cond with grad
     spy.calls.clear()
     edit_pipe(image, "a cat", "a dog", num_inference_steps=1, contrast=None, attention_controllers=[spy])
     assert spy.calls == [(("uncond", "cond"), 4, False)]  # plain DDS: one batched no-grad call

@@ -168,6 +168,73 @@ def test_constraint_loss_terms_and_selection():
     assert zero.item() == 0 and not terms and not LossWeights(0, 0, 0, 0).any
 
 
+def _reference_constraint_loss(maps, aligned, weights, entities, near_distance=0.35):
+    """The unified loss one constraint at a time, from the formulas (A&E missing, soft IoU, centroid hinge)."""
+    chosen = set(range(len(aligned.entities))) if entities is None else entities
+    phrase = lambda tokens: sum(maps[t - 1] for t in tokens)  # noqa: E731 - a phrase's map sums its tokens
+    ents = [phrase(tokens) for tokens in aligned.entities]
+
+    def iou(a, b):
+        a, b = a / (a.max() + 1e-8), b / (b.max() + 1e-8)
+        return torch.minimum(a, b).sum() / (torch.maximum(a, b).sum() + 1e-8)
+
+    def center(a):
+        h, w = a.shape
+        ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+        mass = a.sum() + 1e-8
+        return (a * xs[None, :]).sum() / mass, (a * ys[:, None]).sum() / mass
+
+    terms = {}
+    if chosen:
+        terms["missing"] = max(1 - ents[i].max() for i in sorted(chosen))
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(ents)), 2) if i in chosen or j in chosen]
+    if pairs and chosen:
+        terms["mixing"] = sum(iou(ents[i], ents[j]) for i, j in pairs) / len(pairs)
+    bindings = [(phrase(tokens), ents[e]) for tokens, e, _ in aligned.bindings if e in chosen]
+    if bindings:
+        terms["binding"] = sum(1 - iou(a, n) for a, n in bindings) / len(bindings)
+    gaps = []
+    for s, rel, o in (r for r in aligned.relations if r[0] in chosen or r[2] in chosen):
+        (xs, ys), (xo, yo) = center(ents[s]), center(ents[o])
+        gap = {"left": xs - xo, "right": xo - xs, "above": ys - yo, "below": yo - ys}.get(rel)
+        gap = torch.sqrt((xs - xo) ** 2 + (ys - yo) ** 2 + 1e-12) - near_distance if rel == "near" else gap
+        gap = gap + weights.spatial_margin
+        soft = weights.spatial_softness
+        gaps.append(torch.relu(gap) if soft is None else soft * torch.nn.functional.softplus(gap / soft))
+    if gaps:
+        terms["spatial"] = sum(gaps) / len(gaps)
+    return sum(getattr(weights, k) * v for k, v in terms.items()), terms
+
+
+@pytest.mark.parametrize(
+    ("relations", "softness", "entities"),
+    [
+        ([(0, "left", 1), (2, "below", 1)], None, None),
+        ([(0, "left", 1), (2, "below", 1)], None, {2}),
+        ([(1, "near", 2), (0, "above", 2), (2, "right", 0)], 0.05, None),
+        ([(1, "near", 2), (0, "above", 2)], None, {0, 1}),
+    ],
+)
+def test_vectorised_constraint_loss_equals_the_per_constraint_formulas(relations, softness, entities):
+    """Three entities (one of two tokens, one token repeated), two bindings, mixed relations: value and gradient."""
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.rand(12, 6, 10, generator=generator).requires_grad_(True)
+    aligned = AlignedConstraints(
+        entities=[[3], [5, 6], [9, 9]], names=["cat", "dog house", "bird"], relations=relations, last_token=12,
+        bindings=[([2], 0, "red"), ([8, 7], 2, "blue")], dropped=[],
+    )  # fmt: skip
+    weights = LossWeights(mixing=0.7, binding=0.3, spatial=1.5, spatial_margin=0.05, spatial_softness=softness)
+    total, terms = constraint_loss(maps, aligned, weights, entities=entities)
+    expected, expected_terms = _reference_constraint_loss(maps, aligned, weights, entities)
+    assert terms.keys() == expected_terms.keys()
+    for name, value in expected_terms.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(total, maps)
+    (expected_grad,) = torch.autograd.grad(expected, maps)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_single_step_refine_one_step_per_faulty_entity():
     noise = torch.randn(1, 4, 8, 8)
     calls = []
