@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(args.methods) - set(methods_for(args))
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; use some of {sorted(methods_for(args))}")
-    torch.set_grad_enabled(False)
-    pipe = build_pipe(args).to(args.device)
+    with torch.no_grad():  # not torch.set_grad_enabled(False): main also runs inside a test process
+        pipe = build_pipe(args).to(args.device)
     settings = {k: getattr(args, k) for k in ("size", "steps", "iterations", "repeats", "mode", "device", "dry_run")}
     result: dict = {"environment": environment(), "settings": settings, "methods": {}}
     names = list(dict.fromkeys([baseline(name) for name in args.methods] + list(args.methods)))  # baselines first

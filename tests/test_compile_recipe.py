@@ -68,6 +68,7 @@ def test_cuda_check_parses_and_its_compiled_part_dry_runs_on_the_cpu(tmp_path):
     (default,) = re.findall(r"COMPILED_METHODS:-([^}]*)\}", script.read_text())
     out = tmp_path / "compiled.json"
     result = main(["--dry-run", "--methods", "pass_through", "compose_stage1", "--output", str(out)])
+    assert torch.is_grad_enabled()  # the benchmark leaves the process's grad mode alone
     assert json.loads(out.read_text())["methods"].keys() == result["methods"].keys()
     assert set(result["methods"]) == {"stock_forward", "plain_generation", "pass_through", "compose_stage1"}
     for name in ("pass_through", "compose_stage1"):
