@@ -180,9 +180,9 @@ def load_pipeline(
     if kind == "hub" and offline and not _in_cache(source, kwargs):
         raise ModelLoadError(OFFLINE_MESSAGE.format(model=source))
     family = source_family(kind, source, kwargs)
-    pipeline_class = _pipeline_class_for(pipeline_class, family, model)
     if kind == "folder":
         _check_components(Path(source), family)
+    pipeline_class = _pipeline_class_for(pipeline_class, family, model)
     try:
         if kind == "file":
             if variant is not None:

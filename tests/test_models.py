@@ -70,6 +70,8 @@ def test_folder_without_model_index(tmp_path: Path) -> None:
 def test_folder_of_another_family_refused_before_loading(tmp_path: Path) -> None:
     index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"is a FLUX\.1 model; StableDiffusionPipeline runs on Stable Diffusion"):
         load_pipeline(StableDiffusionPipeline, tmp_path, device="cpu")
 
