@@ -4,7 +4,8 @@ A model is a Hugging Face Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5`
 diffusers folder (one with ``model_index.json``, as written by ``save_pretrained``) or a
 single-file ``.safetensors`` checkpoint. Weights are always loaded from safetensors: pickle-based
 files (``.ckpt``, ``.bin``, ...) can run code when loaded and are refused, and remote code is never
-trusted. Failures the user can fix raise :class:`~editkit.errors.ModelLoadError` (sources) or
+trusted. The family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1: :mod:`editkit.backbones.families`) is
+recognised before weights are read. Failures the user can fix raise :class:`~editkit.errors.ModelLoadError` (sources) or
 :class:`~editkit.errors.InputError` (options), each with a one-line message naming the fix.
 """
 
@@ -222,19 +223,16 @@ def source_family(kind: str, source: str | Path, kwargs: dict[str, Any] | None =
         return None
     index = read_json(Path(cached["model_index.json"]))
     unet_config = read_json(Path(cached["unet/config.json"])) if isinstance(cached["unet/config.json"], str) else None
-    return family_of_index(
-        index, f"{source} (model_index.json)", unet_config if isinstance(unet_config, dict) else None
-    )
+    return family_of_index(index, f"{source} (model_index.json)", unet_config)
 
 
 def _pipeline_class_for(pipeline_class: type | None, family: str | None, model: str | os.PathLike) -> type:
     """``pipeline_class`` checked against the model's family, or the family's own pipeline when None."""
     if pipeline_class is None:
-        if family is None:
-            raise ModelLoadError(OFFLINE_MESSAGE.format(model=os.fspath(model)))
         import diffusers
 
-        return getattr(diffusers, FAMILIES[family].pipeline)
+        # unknown before download (a Hub repo not cached yet): the class its model_index.json names
+        return diffusers.DiffusionPipeline if family is None else getattr(diffusers, FAMILIES[family].pipeline)
     accepted = _accepted_families(pipeline_class)
     if family is not None and accepted is not None and family not in accepted:
         runs_on = " or ".join(FAMILIES[name].label for name in accepted)

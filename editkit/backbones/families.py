@@ -93,7 +93,11 @@ def family_of_model(model: Any) -> str:
 
     from editkit.attention import uncompiled
 
-    denoiser = getattr(model, "unet", None) or getattr(model, "transformer", None) or model
+    denoiser = model
+    for name in ("unet", "transformer"):  # no truth tests: a compiled module refuses len()
+        if getattr(model, name, None) is not None:
+            denoiser = getattr(model, name)
+            break
     denoiser = uncompiled(denoiser)
     if isinstance(denoiser, SD3Transformer2DModel):
         return "sd3"
