@@ -16,10 +16,8 @@ from editkit.backbones import (
     flow_noisy,
     flow_velocity,
     flow_x0,
-    from_vae_latents,
     shift_sigmas,
     sigma_from_timestep,
-    to_vae_latents,
 )
 from editkit.errors import InputError
 
@@ -68,11 +66,15 @@ def test_shift_matches_scheduler_and_paper():
     assert shift_sigmas(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)  # 3 * 0.5 / (1 + 2 * 0.5)
 
 
-def test_vae_latent_scaling_round_trip(sd3_pipe):
-    z = torch.randn(1, 4, 4, 4)
-    latents = from_vae_latents(sd3_pipe.vae, z)
+def test_image_latents_use_the_vae_shift(sd3_pipe):
+    """SD3's img2img pipeline: latents = (z - shift_factor) * scaling_factor, and back for decoding."""
+    backbone = backbone_for(sd3_pipe)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z = sd3_pipe.vae.encode(image).latent_dist.mean
+    latents = backbone.encode_image(image)
     torch.testing.assert_close(latents, (z - 0.0609) * 1.5305)
-    torch.testing.assert_close(to_vae_latents(sd3_pipe.vae, latents), z)
+    expected = sd3_pipe.vae.decode(latents / 1.5305 + 0.0609).sample.clamp(-1, 1)
+    torch.testing.assert_close(backbone.decode(latents), expected)
 
 
 # -- each backbone reproduces its pipeline's own sampling loop -------------------------------------

@@ -16,8 +16,6 @@ from editkit.backbones.base import (
     FlowBackbone,
     FlowConditioning,
     check_site_names,
-    from_vae_latents,
-    to_vae_latents,
 )
 from editkit.backbones.families import FAMILIES, MMDIT_FAMILIES, UNET_FAMILIES, family_of_model, supported_families
 from editkit.backbones.flow_matching import (
@@ -51,11 +49,9 @@ __all__ = [
     "flow_noisy",
     "flow_velocity",
     "flow_x0",
-    "from_vae_latents",
     "shift_sigmas",
     "sigma_from_timestep",
     "supported_families",
-    "to_vae_latents",
 ]
 
 

@@ -2,7 +2,7 @@
 
 A backbone wraps one loaded diffusers pipeline and answers, for its family, the questions every
 method asks: encode these prompts, run the denoiser once on these latents at this timestep, turn
-a prediction into ``x0``, noise ``x0`` to a timestep, move latents to and from the VAE's space.
+a prediction into ``x0``, noise ``x0`` to a timestep, encode an image and decode latents.
 Latents are always spatial ``(batch, channels, height, width)`` at the interface (FLUX packs and
 unpacks inside its ``denoise``), and timesteps are the scheduler's own values.
 """
@@ -24,9 +24,7 @@ __all__ = [
     "FlowBackbone",
     "FlowConditioning",
     "check_site_names",
-    "from_vae_latents",
     "prompt_list",
-    "to_vae_latents",
 ]
 
 #: First name components of attention sites per architecture (``attn_processors`` names).
@@ -111,6 +109,21 @@ class Backbone(abc.ABC):
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    def encode_image(
+        self, image: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """Image in [-1, 1] -> the denoiser's latents: ``(z - shift_factor) * scaling_factor`` (SD3 / FLUX
+        VAEs have a shift, SD's none), via :func:`editkit.inversion.encode_image_latents`."""
+        from editkit.inversion import encode_image_latents
+
+        return encode_image_latents(self.pipe.vae, image, generator=generator, sample=sample)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents -> image in [-1, 1], float32 (:func:`editkit.inversion.decode_latents`)."""
+        from editkit.inversion import decode_latents
+
+        return decode_latents(self.pipe.vae, latents)
+
     def check_sites(self, names: list[str] | tuple[str, ...], option: str = "sites") -> None:
         """InputError when ``names`` (site names or patterns) belong to the other architecture."""
         check_site_names(self.family, names, option)
@@ -161,15 +174,3 @@ def check_site_names(family: str, names: list[str] | tuple[str, ...], option: st
                 f"{option}: {name!r} is {kind} attention site name, but this is a {family} ({other}) model; "
                 f"its sites start with {' or '.join(own)}"
             )
-
-
-def to_vae_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """z = latents / scaling_factor + shift_factor  (the denoiser's latents back to the VAE's space)."""
-    shift = vae.config.get("shift_factor") or 0.0
-    return latents / vae.config.scaling_factor + shift
-
-
-def from_vae_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
-    """latents = (z - shift_factor) * scaling_factor  (SD3 / FLUX VAEs have a shift; SD's has none)."""
-    shift = vae.config.get("shift_factor") or 0.0
-    return (z - shift) * vae.config.scaling_factor
