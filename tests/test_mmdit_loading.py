@@ -87,6 +87,19 @@ def test_sd3_without_t5_is_not_incomplete(sd3_dir, tmp_path):
     assert pipe.text_encoder_3 is None and model_family(pipe) == "sd3"
 
 
+def test_optional_components_may_be_null(sdxl_dir, tmp_path):
+    """diffusers' own optional components (SDXL's first text encoder: absent from the refiner) are not required."""
+    folder = tmp_path / "refiner-like"
+    shutil.copytree(sdxl_dir, folder)
+    for name in ("text_encoder", "tokenizer"):
+        shutil.rmtree(folder / name)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder=[None, None], tokenizer=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(None, folder, device="cpu")
+    assert pipe.text_encoder is None and model_family(pipe) == "sdxl"
+
+
 def _index_folder(folder: Path, index: dict, unet_config: dict | None = None) -> Path:
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps(index))

@@ -150,8 +150,15 @@ def _component_class(entry: Any) -> str | None:
 
 
 def missing_components(folder: Path, index: dict, family: str) -> list[str]:
-    """Components of a diffusers folder that its family needs but that are null or have no subfolder."""
-    optional = set(FAMILIES[family].optional) | set(_ALWAYS_OPTIONAL)
+    """Components of a diffusers folder that its family needs but that are null or have no subfolder.
+
+    Optional are those of the family's diffusers pipeline (``_optional_components``: e.g. SDXL's
+    first text encoder, absent from the refiner), :attr:`Family.optional` and :data:`_ALWAYS_OPTIONAL`.
+    """
+    import diffusers
+
+    pipeline_optional = getattr(diffusers, FAMILIES[family].pipeline)._optional_components
+    optional = {*FAMILIES[family].optional, *_ALWAYS_OPTIONAL, *pipeline_optional}
     missing = []
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list | tuple):
