@@ -33,6 +33,7 @@ from editkit.backbones.families import (
     missing_components,
     read_index,
     read_json,
+    supported_families,
 )
 from editkit.errors import EditkitError, InputError, ModelLoadError
 from editkit.safefiles import is_pickle
@@ -45,6 +46,7 @@ __all__ = [
     "load_pipeline",
     "model_family",
     "source_family",
+    "supported_families",
 ]
 
 logger = logging.getLogger(__name__)

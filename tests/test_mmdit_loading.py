@@ -12,10 +12,10 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 from safetensors.torch import save_file
 
-from editkit.backbones import supported_families
+from editkit.backbones import FAMILIES
 from editkit.backbones.families import family_of_checkpoint
 from editkit.errors import ModelLoadError
-from editkit.models import load_pipeline, model_family
+from editkit.models import load_pipeline, model_family, supported_families
 
 
 @pytest.mark.parametrize(
@@ -172,9 +172,13 @@ def test_single_file_loads_with_the_family_pipeline(flux_pipe, tmp_path, monkeyp
 
 
 def test_supported_families_lists_every_family():
-    families = {row["name"]: row for row in supported_families()}
-    assert list(families) == ["sd", "sdxl", "sd3", "flux"]
-    assert families["flux"]["pipeline"] == "FluxPipeline" and families["sd3"]["denoiser"] == "SD3Transformer2DModel"
+    assert supported_families() == [
+        "sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
+        "sdxl: Stable Diffusion XL (StableDiffusionXLPipeline)",
+        "sd3: Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline)",
+        "flux: FLUX.1 (FluxPipeline)",
+    ]
+    assert FAMILIES["sd3"].denoiser == "SD3Transformer2DModel"
 
 
 def test_env_lists_the_families(capsys):
@@ -182,5 +186,5 @@ def test_env_lists_the_families(capsys):
 
     assert main(["env"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "model families" in line)
-    assert "sd3 = Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline)" in line
-    assert "flux = FLUX.1 (FluxPipeline)" in line
+    assert "sd3: Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline)" in line
+    assert "flux: FLUX.1 (FluxPipeline)" in line

@@ -77,11 +77,10 @@ _CHECKPOINT_SENTINELS = (
 _UNSUPPORTED_SENTINELS = ("flux2", "flux3", "xl_refiner", "playground-v2-5", "chroma")
 
 
-def supported_families() -> list[dict[str, str]]:
-    """Each family's name, label, denoiser and the diffusers pipeline that loads it (for ``editkit env``)."""
-    return [
-        {"name": f.name, "label": f.label, "denoiser": f.denoiser, "pipeline": f.pipeline} for f in FAMILIES.values()
-    ]
+def supported_families() -> list[str]:
+    """One line per family: its name, what users call it and the diffusers pipeline that loads it
+    (``"flux: FLUX.1 (FluxPipeline)"``), for ``editkit env``; :data:`FAMILIES` has the fields."""
+    return [f"{f.name}: {f.label} ({f.pipeline})" for f in FAMILIES.values()]
 
 
 def family_of_model(model: Any) -> str:

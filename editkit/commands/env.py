@@ -26,7 +26,7 @@ def environment_report() -> dict[str, str]:
     import transformers
 
     from editkit.attention import xformers_available
-    from editkit.backbones import supported_families
+    from editkit.models import supported_families
 
     report = {
         "editkit": __version__,
@@ -39,7 +39,7 @@ def environment_report() -> dict[str, str]:
         "mps": "available" if torch.backends.mps.is_available() else "not available",
         "cpu threads": str(torch.get_num_threads()),
         "attention kernels": ", ".join(["sdpa", *(["xformers"] if xformers_available() else [])]),
-        "model families": "; ".join(f"{f['name']} = {f['label']} ({f['pipeline']})" for f in supported_families()),
+        "model families": ", ".join(supported_families()),
     }
     try:
         import gradio
