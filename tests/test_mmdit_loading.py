@@ -87,8 +87,28 @@ def test_sd3_without_t5_is_not_incomplete(sd3_dir, tmp_path):
     assert pipe.text_encoder_3 is None and model_family(pipe) == "sd3"
 
 
+def test_required_component_null_in_the_index(flux_dir, tmp_path):
+    folder = tmp_path / "null-t5"
+    shutil.copytree(flux_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"FLUX\.1 folder: component\(s\) text_encoder_2 missing"):
+        load_pipeline(None, folder, device="cpu")
+
+
+def test_editkit_pipeline_folder_with_null_components(sd15_pipe, tmp_path):
+    """An editkit pipeline saved with SD weights lists text_encoder_2 as null: not a missing component."""
+    from pipelines.style_transfer import StyleTransferPipeline
+
+    StyleTransferPipeline.from_pipe(sd15_pipe).save_pretrained(tmp_path / "stylize", safe_serialization=True)
+    assert json.loads((tmp_path / "stylize" / "model_index.json").read_text())["text_encoder_2"] == [None, None]
+    pipe = load_pipeline(StyleTransferPipeline, tmp_path / "stylize", device="cpu")
+    assert model_family(pipe) == "sd"
+
+
 def test_optional_components_may_be_null(sdxl_dir, tmp_path):
-    """diffusers' own optional components (SDXL's first text encoder: absent from the refiner) are not required."""
+    """Components a family does not require (SDXL's first text encoder: absent from the refiner) may be null."""
     folder = tmp_path / "refiner-like"
     shutil.copytree(sdxl_dir, folder)
     for name in ("text_encoder", "tokenizer"):

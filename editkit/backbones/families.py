@@ -43,29 +43,27 @@ class Family:
     label: str
     denoiser: str
     pipeline: str
-    optional: tuple[str, ...] = ()  # pipeline components that may be absent (null in model_index.json)
+    required: tuple[str, ...]  # components a folder must have (others may be null in model_index.json)
 
 
+_UNET = ("unet", "vae", "scheduler")
+_MMDIT = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FAMILIES = {
     family.name: family
     for family in (
-        Family("sd", "Stable Diffusion 1.x/2.x", "UNet2DConditionModel", "StableDiffusionPipeline"),
-        Family("sdxl", "Stable Diffusion XL", "UNet2DConditionModel", "StableDiffusionXLPipeline"),
-        Family(
-            "sd3",
-            "Stable Diffusion 3 / 3.5",
-            "SD3Transformer2DModel",
-            "StableDiffusion3Pipeline",
-            optional=("text_encoder_3", "tokenizer_3"),  # SD3 runs without T5, as diffusers allows
-        ),
-        Family("flux", "FLUX.1", "FluxTransformer2DModel", "FluxPipeline"),
+        Family("sd", "Stable Diffusion 1.x/2.x", "UNet2DConditionModel", "StableDiffusionPipeline",
+               (*_UNET, "text_encoder", "tokenizer")),
+        # the SDXL refiner has only the second text encoder
+        Family("sdxl", "Stable Diffusion XL", "UNet2DConditionModel", "StableDiffusionXLPipeline",
+               (*_UNET, "text_encoder_2", "tokenizer_2")),
+        # SD3 runs without T5 (text_encoder_3=None), as diffusers allows
+        Family("sd3", "Stable Diffusion 3 / 3.5", "SD3Transformer2DModel", "StableDiffusion3Pipeline", _MMDIT),
+        Family("flux", "FLUX.1", "FluxTransformer2DModel", "FluxPipeline", _MMDIT),
     )
-}
+}  # fmt: skip
 UNET_FAMILIES = ("sd", "sdxl")
 MMDIT_FAMILIES = ("sd3", "flux")
 SUPPORTED_FAMILIES = "editkit supports Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 pipelines"
-#: Components every pipeline may lack (safety checker, IP-Adapter image encoder, ...).
-_ALWAYS_OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "inverse_scheduler")
 _TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 #: diffusers' single-file model types (``infer_diffusers_model_type``'s names) per family.
 _CHECKPOINT_SENTINELS = (
@@ -149,25 +147,22 @@ def _component_class(entry: Any) -> str | None:
 
 
 def missing_components(folder: Path, index: dict, family: str) -> list[str]:
-    """Components of a diffusers folder that its family needs but that are null or have no subfolder.
+    """Components of a diffusers folder that are listed without a subfolder, or required but null/absent.
 
-    Optional are those of the family's diffusers pipeline (``_optional_components``: e.g. SDXL's
-    first text encoder, absent from the refiner), :attr:`Family.optional` and :data:`_ALWAYS_OPTIONAL`.
+    Required are :attr:`Family.required`; any other component may be null (a safety checker, SD3's
+    T5, the second text encoder of an editkit pipeline saved with SD weights).
     """
-    import diffusers
-
-    pipeline_optional = getattr(diffusers, FAMILIES[family].pipeline)._optional_components
-    optional = {*FAMILIES[family].optional, *_ALWAYS_OPTIONAL, *pipeline_optional}
-    missing = []
+    required = FAMILIES[family].required
+    missing = [name for name in required if _component_class(index.get(name)) is None]
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list | tuple):
-            continue
-        if _component_class(entry) is None or entry[0] is None:
-            if name not in optional:
-                missing.append(name)
-        elif not (folder / name).is_dir() or not any((folder / name).iterdir()):
+        listed = not name.startswith("_") and _component_class(entry) is not None and entry[0] is not None
+        if listed and name not in missing and _empty(folder / name):
             missing.append(name)
     return missing
+
+
+def _empty(folder: Path) -> bool:
+    return not folder.is_dir() or not any(folder.iterdir())
 
 
 def family_of_checkpoint(path: Path) -> str:
