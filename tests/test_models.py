@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -67,13 +66,10 @@ def test_folder_without_model_index(tmp_path: Path) -> None:
         load_pipeline(StableDiffusionPipeline, tmp_path, device="cpu")
 
 
-def test_folder_of_another_family_refused_before_loading(tmp_path: Path) -> None:
-    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
-    (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text("{}")
+def test_folder_of_another_family_refused_before_loading(flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ModelLoadError, match=r"is a FLUX\.1 model; StableDiffusionPipeline runs on Stable Diffusion"):
-        load_pipeline(StableDiffusionPipeline, tmp_path, device="cpu")
+        load_pipeline(StableDiffusionPipeline, flux_dir, device="cpu")
 
 
 def test_folder_with_missing_weights(sd15_folder: Path, tmp_path: Path) -> None:
