@@ -4,7 +4,8 @@ A model is a Hugging Face Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5`
 diffusers folder (one with ``model_index.json``, as written by ``save_pretrained``) or a
 single-file ``.safetensors`` checkpoint. Weights are always loaded from safetensors: pickle-based
 files (``.ckpt``, ``.bin``, ...) can run code when loaded and are refused, and remote code is never
-trusted. Failures the user can fix raise :class:`~editkit.errors.ModelLoadError` (sources) or
+trusted. The family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1: :mod:`editkit.backbones.families`) is
+recognised before weights are read. Failures the user can fix raise :class:`~editkit.errors.ModelLoadError` (sources) or
 :class:`~editkit.errors.InputError` (options), each with a one-line message naming the fix.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -23,10 +23,31 @@ from typing import Any, TypeVar
 
 import torch
 
+from editkit.backbones.families import (
+    FAMILIES,
+    SUPPORTED_FAMILIES,
+    UNET_FAMILIES,
+    family_of_checkpoint,
+    family_of_index,
+    family_of_model,
+    missing_components,
+    read_index,
+    read_json,
+    supported_families,
+)
 from editkit.errors import EditkitError, InputError, ModelLoadError
 from editkit.safefiles import is_pickle
 
-__all__ = ["choose_device", "choose_dtype", "is_v_prediction", "load_pipeline", "model_family"]
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "choose_device",
+    "choose_dtype",
+    "is_v_prediction",
+    "load_pipeline",
+    "model_family",
+    "source_family",
+    "supported_families",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +64,6 @@ DTYPES = {
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 SINGLE_FILE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-SUPPORTED_FAMILIES = "editkit supports Stable Diffusion 1.x/2.x and SDXL UNet pipelines"
 OFFLINE_MESSAGE = (
     "model '{model}' is not in the local Hugging Face cache and the Hub cannot be reached (offline). "
     "Download it once with network access, or pass a local diffusers folder: --model /path/to/folder"
@@ -117,28 +137,13 @@ def choose_dtype(device: str | torch.device, dtype: str | torch.dtype | None = N
     return resolved
 
 
-def model_family(unet_or_pipe: Any) -> str:
-    """``"sdxl"`` for a UNet with ``text_time`` conditioning, ``"sd"`` for SD 1.x/2.x UNets.
+def model_family(model: Any) -> str:
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` (SD3 / SD3.5) or ``"flux"`` for a pipeline, UNet or transformer.
 
-    Accepts a pipeline (its ``unet``) or a UNet, also one wrapped by ``torch.compile``; anything
-    else (a transformer-based pipeline, a UNet with other added conditioning) raises ModelLoadError.
+    A ``torch.compile`` wrapper is seen through; anything else (a PixArt transformer, a UNet with
+    other added conditioning) raises ModelLoadError. See :mod:`editkit.backbones.families`.
     """
-    from diffusers import UNet2DConditionModel
-
-    from editkit.attention import uncompiled
-
-    unet = uncompiled(getattr(unet_or_pipe, "unet", unet_or_pipe))
-    if not isinstance(unet, UNet2DConditionModel):
-        raise ModelLoadError(f"unsupported model family: {type(unet_or_pipe).__name__}; {SUPPORTED_FAMILIES}")
-    addition = unet.config.get("addition_embed_type")
-    if addition == "text_time":
-        return "sdxl"
-    if addition is None:
-        return "sd"
-    raise ModelLoadError(
-        f"unsupported model family: {type(unet_or_pipe).__name__} (UNet conditioning {addition!r}); "
-        f"{SUPPORTED_FAMILIES}"
-    )
+    return family_of_model(model)
 
 
 def is_v_prediction(scheduler: Any) -> bool:
@@ -147,7 +152,7 @@ def is_v_prediction(scheduler: Any) -> bool:
 
 
 def load_pipeline(
-    pipeline_class: type[PipelineT],
+    pipeline_class: type[PipelineT] | None,
     model: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
@@ -158,9 +163,14 @@ def load_pipeline(
 ) -> PipelineT:
     """Load ``pipeline_class`` from a Hub id, a diffusers folder or a ``.safetensors`` file, on ``device``.
 
-    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Extra ``kwargs`` go to ``from_pretrained``
-    (or ``from_single_file``, e.g. ``config=``). The SDXL VAE keeps its ``force_upcast`` behaviour
-    in float16. Raises ModelLoadError for anything about the model, InputError for bad options.
+    ``pipeline_class=None`` loads the family's own diffusers pipeline (``StableDiffusion3Pipeline``
+    for an SD3 folder, ``FluxPipeline`` for FLUX, ...). The model's family is recognised before any
+    weights are read (folder index, cached Hub index, checkpoint keys): a UNet pipeline given an
+    MM-DiT model (or the reverse) and a folder with a missing component are ModelLoadErrors naming
+    the cause. ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Extra ``kwargs`` go to
+    ``from_pretrained`` (or ``from_single_file``, e.g. ``config=``). The SDXL VAE keeps its
+    ``force_upcast`` behaviour in float16. Raises ModelLoadError for anything about the model,
+    InputError for bad options.
     """
     if kwargs.get("trust_remote_code") or kwargs.get("use_safetensors") is False:
         raise InputError("editkit loads safetensors weights only and never trusts remote code")
@@ -172,6 +182,10 @@ def load_pipeline(
     offline = _offline(local_files_only)
     if kind == "hub" and offline and not _in_cache(source, kwargs):
         raise ModelLoadError(OFFLINE_MESSAGE.format(model=source))
+    family = source_family(kind, source, kwargs)
+    if kind == "folder":
+        _check_components(Path(source), family)
+    pipeline_class = _pipeline_class_for(pipeline_class, family, model)
     try:
         if kind == "file":
             if variant is not None:
@@ -192,6 +206,62 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def source_family(kind: str, source: str | Path, kwargs: dict[str, Any] | None = None) -> str | None:
+    """The family of a resolved model source before loading it; None for a Hub repo not in the cache."""
+    if kind == "file":
+        return family_of_checkpoint(Path(source))
+    if kind == "folder":
+        return _folder_family(Path(source))
+    from huggingface_hub import try_to_load_from_cache
+
+    kwargs = kwargs or {}
+    cached = {
+        name: try_to_load_from_cache(
+            str(source), name, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+        for name in ("model_index.json", "unet/config.json")
+    }
+    if not isinstance(cached["model_index.json"], str):
+        return None
+    index = read_json(Path(cached["model_index.json"]))
+    unet_config = read_json(Path(cached["unet/config.json"])) if isinstance(cached["unet/config.json"], str) else None
+    return family_of_index(index, f"{source} (model_index.json)", unet_config)
+
+
+def _pipeline_class_for(pipeline_class: type | None, family: str | None, model: str | os.PathLike) -> type:
+    """``pipeline_class`` checked against the model's family, or the family's own pipeline when None."""
+    if pipeline_class is None:
+        import diffusers
+
+        # unknown before download (a Hub repo not cached yet): the class its model_index.json names
+        return diffusers.DiffusionPipeline if family is None else getattr(diffusers, FAMILIES[family].pipeline)
+    accepted = _accepted_families(pipeline_class)
+    if family is not None and accepted is not None and family not in accepted:
+        runs_on = " or ".join(FAMILIES[name].label for name in accepted)
+        raise ModelLoadError(
+            f"{os.fspath(model)} is a {FAMILIES[family].label} model; {pipeline_class.__name__} runs on "
+            f"{runs_on} models only"
+        )
+    return pipeline_class
+
+
+def _accepted_families(pipeline_class: type) -> tuple[str, ...] | None:
+    """The families a pipeline class can load, from its ``unet`` / ``transformer`` parameter (None: unknown)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(pipeline_class.__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    if "unet" in parameters:
+        return UNET_FAMILIES
+    if "transformer" in parameters:
+        annotation = getattr(parameters["transformer"].annotation, "__name__", parameters["transformer"].annotation)
+        found = tuple(name for name, family in FAMILIES.items() if family.denoiser == str(annotation).split(".")[-1])
+        return found or None
+    return None
+
+
 def _resolve_source(model: str | os.PathLike) -> tuple[str, str | Path]:
     """Classify ``model`` as ("file", path), ("folder", path) or ("hub", id), checking local paths."""
     text = os.fspath(model)
@@ -207,7 +277,6 @@ def _resolve_source(model: str | os.PathLike) -> tuple[str, str | Path]:
             raise ModelLoadError(f"{path} is a pickle renamed .safetensors; pickle-based checkpoints can run code")
         return "file", path
     if path.is_dir():
-        _check_folder(path)
         return "folder", path
     if isinstance(model, Path) or _looks_like_path(text):
         raise ModelLoadError(f"no such model folder or file: {text}")
@@ -222,21 +291,21 @@ def _looks_like_path(text: str) -> bool:
     return any(sep in text for sep in separators) and not _HUB_ID.match(text)
 
 
-def _check_folder(folder: Path) -> None:
-    """Require a diffusers ``model_index.json`` naming a UNet pipeline."""
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
+def _folder_family(folder: Path) -> str:
+    """The family of a diffusers folder; ModelLoadError for no index or an unsupported family."""
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else None
+    return family_of_index(read_index(folder), str(folder / "model_index.json"), unet_config)
+
+
+def _check_components(folder: Path, family: str) -> None:
+    """ModelLoadError naming the components a folder of ``family`` lacks (null or no subfolder)."""
+    missing = missing_components(folder, read_index(folder), family)
+    if missing:
         raise ModelLoadError(
-            f"{folder} has no model_index.json, so it is not a diffusers pipeline folder; pass a folder "
-            "written by save_pretrained or a .safetensors checkpoint"
+            f"{folder} is an incomplete {FAMILIES[family].label} folder: component(s) {', '.join(missing)} "
+            f"missing (no {missing[0]}/ subfolder or null in model_index.json); re-save or re-download the model"
         )
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"cannot read {index_file}: {error}") from None
-    if not isinstance(index, dict) or "unet" not in index:
-        name = index.get("_class_name", "unknown") if isinstance(index, dict) else "unknown"
-        raise ModelLoadError(f"unsupported model family: {name} (no unet in {index_file}); {SUPPORTED_FAMILIES}")
 
 
 def _offline(local_files_only: bool | None) -> bool:

@@ -217,6 +217,7 @@ class StyleCache:
     sites: tuple[str, ...]
     timesteps: tuple[int, ...]
     model_name: str = ""
+    family: str = ""  # "sd", "sdxl", "sd3", "flux" (editkit.models.model_family); "" in older caches
     image_embeds: torch.Tensor | None = None  # CLIP image embedding (1, 1, dim), when an IP-Adapter was used
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -234,6 +235,7 @@ class StyleCache:
             "kind": self.kind,
             "model": self.model,
             "model_name": self.model_name,
+            "family": self.family,
             "size": list(self.size),
             "num_inference_steps": self.num_inference_steps,
             "resample_steps": self.resample_steps,
@@ -252,10 +254,16 @@ class StyleCache:
         timesteps: Sequence[int],
         size: tuple[int, int] | None = None,
         label: str = "style cache",
+        family: str | None = None,
     ) -> None:
-        """Refuse (InputError, one line) a cache made for another model, size, site set or schedule."""
+        """Refuse (InputError, one line) a cache made for another family, model, size, site set or schedule."""
         if self.kind != kind:
             raise InputError(f"{label} holds {self.kind} features, a {kind} cache is needed")
+        if family is not None and self.family and self.family != family:
+            raise InputError(
+                f"{label} was made on a {self.family} model ({self.model_name or '?'}), this is a {family} model: "
+                "attention features do not transfer between model families; recompute the cache with this model"
+            )
         if self.model != model:
             raise InputError(
                 f"{label} was made with another model ({self.model_name or '?'}, fingerprint {self.model}); "
@@ -328,6 +336,7 @@ class StyleCache:
             sites=sites,
             timesteps=timesteps,
             model_name=str(header.get("model_name", "")),
+            family=str(header.get("family", "")),
             image_embeds=tensors["image_embeds"].to(device) if "image_embeds" in tensors else None,
             extra=dict(header.get("extra", {})),
         )

@@ -1,8 +1,8 @@
 """The style cache file format: reading a ``.safetensors`` style cache and checking every field.
 
 A style cache (:class:`editkit.style.StyleCache`) is a safetensors file whose metadata key
-:data:`CACHE_METADATA_KEY` holds a JSON header (format, kind, model fingerprint, size, steps,
-sites, timesteps) and whose tensors are ``final_latent`` (1, channels, h, w), optionally
+:data:`CACHE_METADATA_KEY` holds a JSON header (format, kind, model fingerprint, model family,
+size, steps, sites, timesteps) and whose tensors are ``final_latent`` (1, channels, h, w), optionally
 ``image_embeds``, and one ``(1, heads, tokens, head_dim)`` tensor per ``site/timestep/feature``.
 :func:`read_cache_file` is the one place a file is checked: a crafted header (nested deep, a
 list or null, a non-finite number, a field of the wrong type) or a tensor of the wrong shape or
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from editkit.backbones.families import FAMILIES
 from editkit.errors import InputError
 from editkit.jsonio import parse_json
 from editkit.safefiles import is_pickle
@@ -60,9 +61,11 @@ def _check_header(header: Any) -> None:
         raise ValueError(f"format {header.get('format')!r}, expected {CACHE_FORMAT!r}")
     if header.get("kind") not in FEATURES_BY_KIND:
         raise ValueError(f"kind {header.get('kind')!r} is not one of {sorted(FEATURES_BY_KIND)}")
-    for name in ("model", "model_name"):
+    for name in ("model", "model_name", "family"):
         if not isinstance(header.get(name, ""), str):
             raise ValueError(f"{name} must be a string")
+    if header.get("family") and header["family"] not in FAMILIES:
+        raise ValueError(f"family {header['family'][:40]!r} is not one of {', '.join(FAMILIES)}")
     size = header.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(_whole(side, 1) for side in size)):
         raise ValueError(f"size must be [width, height] in pixels, got {size!r}")

@@ -4,7 +4,8 @@ Nothing here downloads anything. The tiny models have the real topologies (SD 1.
 processors with the real names; SDXL: two text encoders, ``text_time`` conditioning, attention in
 the first two up blocks) with random weights. ``full_size_sd15_unet`` builds the real 860M-parameter
 SD 1.5 UNet architecture with random weights: it costs exactly what the real model costs, so the
-benchmarks use it.
+benchmarks use it. SD3 / SD3.5 / FLUX.1 builders live in :mod:`editkit.testing_mmdit` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -14,14 +15,39 @@ from pathlib import Path
 
 import torch
 
+from editkit.testing_mmdit import (
+    FLUX1_DEV_TRANSFORMER,
+    SD35_LARGE_TRANSFORMER,
+    SD35_MEDIUM_TRANSFORMER,
+    flow_match_scheduler,
+    full_width_transformer,
+    tiny_flux_components,
+    tiny_flux_pipeline,
+    tiny_sd3_components,
+    tiny_sd3_pipeline,
+    tiny_t5,
+    tiny_t5_tokenizer,
+)
+
 __all__ = [
+    "FLUX1_DEV_TRANSFORMER",
+    "SD35_LARGE_TRANSFORMER",
+    "SD35_MEDIUM_TRANSFORMER",
+    "flow_match_scheduler",
     "full_size_sd15_components",
     "full_size_sd15_unet",
+    "full_width_transformer",
     "sd_ddim_scheduler",
+    "tiny_flux_components",
+    "tiny_flux_pipeline",
+    "tiny_sd3_components",
+    "tiny_sd3_pipeline",
     "tiny_sd15_components",
     "tiny_sd15_pipeline",
     "tiny_sdxl_components",
     "tiny_sdxl_pipeline",
+    "tiny_t5",
+    "tiny_t5_tokenizer",
     "tiny_tokenizer",
 ]
 

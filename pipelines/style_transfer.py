@@ -50,6 +50,7 @@ from editkit.ip_adapter import (
     restore_scales,
     scale_snapshot,
 )
+from editkit.models import model_family
 from editkit.pipeline_io import (
     DiffusersPipelineMixin,
     as_list,
@@ -242,6 +243,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
             kind=kind,
             model=model_fingerprint(self.unet),
             model_name=str(getattr(self.config, "_name_or_path", "")),
+            family=model_family(self.unet),
             size=size,
             num_inference_steps=steps,
             resample_steps=resample_steps,
@@ -424,7 +426,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         ip_snapshot = scale_snapshot(self.unet) if ip_count else None
         ip_given = given_ip_embeds(self, ip_adapter_image, ip_adapter_image_embeds, ip_count, guidance_scale > 1.0)
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
-        fingerprint = model_fingerprint(self.unet)
+        fingerprint, family = model_fingerprint(self.unet), model_family(self.unet)
         extra = list(attention_controllers or [])
         invert = lambda image, kind, text: self._invert(  # noqa: E731
             image, kind, sites if kind == "style" or gamma > 0 else [], window, text, num_inference_steps,
@@ -445,7 +447,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                 for cache in content_caches:
                     cache.validate(
                         kind="content", model=fingerprint, sites=sites if gamma > 0 else [], timesteps=window,
-                        size=content_size, label="content cache",
+                        size=content_size, label="content cache", family=family,
                     )  # fmt: skip
                     if gamma > 0:
                         check_feature_timing(cache, feature_timing, "content cache")
@@ -458,7 +460,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                         inverted = [invert(s, "style", text(index, self._pixel_size(s))[0]) for s in style_tensors]
                         caches_by_prompt[key] = inverted + given_caches
                 for cache in given_caches:
-                    cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window)
+                    cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window, family=family)
                     check_feature_timing(cache, feature_timing, "style cache")
 
                 # 5. Generation per content and style: AdaIN'd start latent, injected self-attention.

@@ -59,6 +59,54 @@ def sdxl_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def sd3_pipe():
+    from editkit.testing import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd35_pipe():
+    from editkit.testing import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline(seed=0, sd35=True)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe():
+    from editkit.testing import tiny_flux_pipeline
+
+    return tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    from editkit.testing import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline(seed=0, path=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd35_dir(tmp_path_factory):
+    from editkit.testing import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd35")
+    tiny_sd3_pipeline(seed=0, path=path, sd35=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    from editkit.testing import tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux_pipeline(seed=0, path=path)
+    return path
+
+
 @pytest.fixture
 def saves(monkeypatch):
     """Record every image save; ``saves.interrupt_at = n`` makes the n-th save (1-based) a Ctrl-C mid-write."""

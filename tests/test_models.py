@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -67,11 +66,10 @@ def test_folder_without_model_index(tmp_path: Path) -> None:
         load_pipeline(StableDiffusionPipeline, tmp_path, device="cpu")
 
 
-def test_folder_of_another_family_refused_before_loading(tmp_path: Path) -> None:
-    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="unsupported model family: FluxPipeline"):
-        load_pipeline(StableDiffusionPipeline, tmp_path, device="cpu")
+def test_folder_of_another_family_refused_before_loading(flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ModelLoadError, match=r"is a FLUX\.1 model; StableDiffusionPipeline runs on Stable Diffusion"):
+        load_pipeline(StableDiffusionPipeline, flux_dir, device="cpu")
 
 
 def test_folder_with_missing_weights(sd15_folder: Path, tmp_path: Path) -> None:
@@ -179,9 +177,18 @@ class _SingleFilePipeline:
         raise AssertionError("a single file must go through from_single_file")
 
 
+def _sd_checkpoint(folder: Path) -> Path:
+    """A safetensors file that an SD 1.x checkpoint's key names (diffusers' sentinel) make an "sd" one."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+    from safetensors.torch import save_file
+
+    checkpoint = folder / "model.safetensors"
+    save_file({CHECKPOINT_KEY_NAMES["v1"]: torch.zeros(1)}, str(checkpoint))
+    return checkpoint
+
+
 def test_single_safetensors_file_uses_from_single_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"{}")
+    checkpoint = _sd_checkpoint(tmp_path)
     monkeypatch.setattr(_SingleFilePipeline, "calls", [])
     pipe = load_pipeline(_SingleFilePipeline, checkpoint, device="cpu", config="some/config")
     assert model_family(pipe) == "sd"
@@ -191,8 +198,7 @@ def test_single_safetensors_file_uses_from_single_file(tmp_path: Path, monkeypat
 
 
 def test_single_file_offline_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"{}")
+    checkpoint = _sd_checkpoint(tmp_path)
     monkeypatch.setattr(_SingleFilePipeline, "error", LocalEntryNotFoundError("not cached"))
     with pytest.raises(ModelLoadError, match="needs its diffusers config from the Hub"):
         load_pipeline(_SingleFilePipeline, checkpoint, device="cpu")

@@ -141,13 +141,14 @@ class _Recorder:
 
 
 def test_load_pipeline_asks_for_safetensors_and_no_remote_code(sd15_dir, tmp_path):
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
     from safetensors.torch import save_file
 
     from editkit.errors import ModelLoadError
     from editkit.models import load_pipeline
 
-    single = tmp_path / "model.safetensors"
-    save_file({"w": __import__("torch").zeros(1)}, str(single))
+    single = tmp_path / "model.safetensors"  # an SD 1.x key, so editkit recognises the family
+    save_file({CHECKPOINT_KEY_NAMES["v1"]: __import__("torch").zeros(1)}, str(single))
     _Recorder.calls = []
     for source in (sd15_dir, single):
         with pytest.raises(ModelLoadError):

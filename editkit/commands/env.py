@@ -1,4 +1,4 @@
-"""``editkit env``: versions, devices and attention kernels available here."""
+"""``editkit env``: versions, devices, attention kernels and the model families supported here."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def environment_report() -> dict[str, str]:
     import transformers
 
     from editkit.attention import xformers_available
+    from editkit.models import supported_families
 
     report = {
         "editkit": __version__,
@@ -38,6 +39,7 @@ def environment_report() -> dict[str, str]:
         "mps": "available" if torch.backends.mps.is_available() else "not available",
         "cpu threads": str(torch.get_num_threads()),
         "attention kernels": ", ".join(["sdpa", *(["xformers"] if xformers_available() else [])]),
+        "model families": ", ".join(supported_families()),
     }
     try:
         import gradio

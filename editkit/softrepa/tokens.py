@@ -75,6 +75,8 @@ class SoftTokens(nn.Module):
             (editkit's earlier layout, kept as an option: ``(buckets, m, width)``, initialised 0).
         num_train_timesteps: the timestep scale the buckets divide (1000 for SD).
         base_model: the model the tokens were trained for (informational, stored in files).
+        family: the model family they were trained on (``editkit.models.model_family``: ``"sd"``,
+            ``"sdxl"``, ...), stored in files and checked on load; ``""`` when unknown (older files).
         generator: the generator of the time embedding's N(0, 0.02) initialisation.
     """
 
@@ -89,6 +91,7 @@ class SoftTokens(nn.Module):
         time_layout: str = TIME_SHARED,
         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         base_model: str = "",
+        family: str = "",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -104,6 +107,7 @@ class SoftTokens(nn.Module):
         self.time_layout = time_layout
         self.num_train_timesteps = int(num_train_timesteps)
         self.base_model = base_model
+        self.family = family
         self.time_embedding = None
         if self.time_buckets:
             shape = self.time_embedding_shape(self.time_buckets, self.num_tokens, self.width, time_layout)
@@ -182,6 +186,7 @@ class SoftTokens(nn.Module):
             "time_layout": self.time_layout,
             "num_train_timesteps": str(self.num_train_timesteps),
             "base_model": self.base_model,
+            "family": self.family,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -332,7 +337,7 @@ def tokens_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     module = SoftTokens(
         check_tensor(tensors, "tokens", path, (num_tokens, width), bound=MAX_TOKEN_ABS), sites,
         time_buckets=buckets, time_layout=layout, num_train_timesteps=steps,
-        base_model=str(metadata.get("base_model", "")),
+        base_model=str(metadata.get("base_model", "")), family=_family_field(metadata, path),
     )  # fmt: skip
     if buckets:
         shape = SoftTokens.time_embedding_shape(buckets, num_tokens, width, layout)
@@ -342,8 +347,26 @@ def tokens_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     return module
 
 
+def _family_field(metadata: dict[str, str], path: Path) -> str:
+    """The optional ``family`` metadata field: a known family name, or "" (files written before it existed)."""
+    from editkit.backbones.families import FAMILIES
+
+    family = metadata.get("family", "")
+    if family and family not in FAMILIES:
+        raise ModelLoadError(f"{path}: unknown model family {family[:40]!r} (expected one of {', '.join(FAMILIES)})")
+    return family
+
+
 def validate_for_unet(soft_tokens: SoftTokens, unet, path: str | os.PathLike = "soft tokens") -> None:
-    """Refuse tokens made for another model: width must equal ``cross_attention_dim``, sites must exist."""
+    """Refuse tokens made for another model: same family, width ``cross_attention_dim``, existing sites."""
+    from editkit.models import model_family
+
+    family = model_family(unet)
+    if soft_tokens.family and soft_tokens.family != family:
+        raise ModelLoadError(
+            f"{path}: soft tokens trained on a {soft_tokens.family} model ({soft_tokens.base_model or '?'}) "
+            f"do not apply to this {family} model; train tokens for this model family"
+        )
     width = unet.config.cross_attention_dim
     if soft_tokens.width != width:
         raise ModelLoadError(

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from editkit.attention import attach
-from editkit.errors import InputError
+from editkit.backbones.families import FAMILIES, UNET_FAMILIES, family_of_model
+from editkit.errors import InputError, ModelLoadError
 from editkit.softrepa import checkpoint as ckpt
 from editkit.softrepa.config import TrainConfig, check_config
 from editkit.softrepa.data import CaptionDataset, read_records, split_records
@@ -65,7 +66,12 @@ def _load_pipe(config: TrainConfig, accelerator):
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(text_to_image_class(config.model), config.model, device=accelerator.device, dtype=dtype)
-    model_family(pipe)
+    family = model_family(pipe)
+    if family not in UNET_FAMILIES:
+        raise ModelLoadError(
+            f"{config.model} is a {FAMILIES[family].label} model; SoftREPA training runs on "
+            "SD 1.x/2.x and SDXL UNets (MM-DiT tokens are not implemented yet)"
+        )
     return pipe
 
 
@@ -121,6 +127,7 @@ class _Trainer:
             time_layout=config.time_layout,
             num_train_timesteps=len(self.alphas),
             base_model=str(config.model),
+            family=family_of_model(pipe),
             generator=generator,
         ).to(self.device)
         self.controller = SoftTokenController(self.soft)
@@ -356,7 +363,7 @@ class _Trainer:
             tokens = SoftTokens(
                 self.best_tensors["tokens"], self.soft.sites, time_buckets=self.soft.time_buckets,
                 time_layout=self.soft.time_layout, num_train_timesteps=self.soft.num_train_timesteps,
-                base_model=self.soft.base_model,
+                base_model=self.soft.base_model, family=self.soft.family,
             )  # fmt: skip
             if tokens.time_embedding is not None:
                 tokens.time_embedding.data.copy_(self.best_tensors["time_embedding"])
