@@ -26,9 +26,12 @@ import torch
 from editkit.errors import EditkitError, InputError, ModelLoadError
 from editkit.safefiles import is_pickle
 
-__all__ = ["choose_device", "choose_dtype", "is_v_prediction", "load_pipeline", "model_family"]
+__all__ = ["DEFAULT_SD_MODEL", "choose_device", "choose_dtype", "is_v_prediction", "load_pipeline", "model_family"]
 
 logger = logging.getLogger(__name__)
+
+#: The model every command and the app load when none is given.
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 DTYPES = {
     "fp16": torch.float16,

@@ -19,7 +19,7 @@ from PIL import Image
 from editkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FAST = ["--steps", "1", "--height", "32", "--width", "32", "--no-refine", "--device", "cpu"]
+COMPOSE_FAST = ["--steps", "1", "--size", "32", "--no-refine", "--device", "cpu"]
 STYLIZE_FAST = ["--steps", "1", "--size", "32", "--device", "cpu"]
 
 
@@ -116,7 +116,7 @@ def test_stylize_batch_refuses_files_it_did_not_write(capsys, sd15_dir, tmp_path
     assert (out / "c1__s.png").read_bytes() == b"precious" and not (out / "c0__s.png").exists()
 
 
-EDIT_FAST = ["--iterations", "1", "--device", "cpu"]
+EDIT_FAST = ["--steps", "1", "--device", "cpu"]
 
 
 def test_edit_batch_resumes_after_ctrl_c(capsys, sd15_dir, tmp_path, saves):

@@ -25,8 +25,8 @@ from editkit.commands import batch
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {
     "stylize": ["--steps", "1", "--size", "32", "--device", "cpu"],
-    "edit": ["--iterations", "1", "--device", "cpu"],
-    "compose": ["--steps", "1", "--height", "32", "--width", "32", "--no-refine", "--device", "cpu"],
+    "edit": ["--steps", "1", "--device", "cpu"],
+    "compose": ["--steps", "1", "--size", "32", "--no-refine", "--device", "cpu"],
 }
 
 
