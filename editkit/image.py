@@ -26,6 +26,8 @@ from editkit.errors import InputError
 
 __all__ = [
     "atomic_write",
+    "check_mask_aspect",
+    "fit_mask",
     "fit_size",
     "load_image",
     "load_mask",
@@ -81,6 +83,26 @@ def load_mask(path_or_image: ImageInput, size: tuple[int, int], *, threshold: fl
         gray = gray.resize(tuple(size), Image.Resampling.LANCZOS)
     binary = np.asarray(gray, dtype=np.float32) / 255.0 >= threshold
     return torch.from_numpy(binary.astype(np.float32))[None, None]
+
+
+def check_mask_aspect(mask_size: tuple[int, int], image_size: tuple[int, int], name: str = "mask") -> None:
+    """Refuse a mask (width, height) whose aspect ratio is not the image's; a mask that is the image
+    scaled, each side rounded to a whole pixel, passes (|mw * h - mh * w| <= (w + h) / 2)."""
+    (mw, mh), (w, h) = mask_size, image_size
+    if abs(mw * h - mh * w) > max(w + h, mw + mh) / 2:
+        raise InputError(
+            f"{name} is {mw}x{mh} but the image is {w}x{h}: a mask needs the image's size or at least its aspect ratio"
+        )
+
+
+def fit_mask(mask: torch.Tensor, size: tuple[int, int], *, threshold: float = 0.5) -> torch.Tensor:
+    """A (batch, 1, h, w) mask tensor resized to ``size`` = (height, width) as diffusers' mask processor
+    does with tensors (nearest interpolation, then 0/1 at ``threshold``); another aspect ratio raises."""
+    height, width = size
+    check_mask_aspect((mask.shape[-1], mask.shape[-2]), (width, height))
+    if tuple(mask.shape[-2:]) != (height, width):
+        mask = torch.nn.functional.interpolate(mask.float(), size=(height, width))
+    return (mask >= threshold).to(mask.dtype)
 
 
 def mask_coverage(mask: torch.Tensor) -> float:

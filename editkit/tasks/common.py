@@ -29,7 +29,7 @@ import torch
 
 from editkit import __version__
 from editkit.errors import InputError
-from editkit.image import fit_size, load_mask, mask_coverage, read_mask_image
+from editkit.image import check_mask_aspect, fit_size, load_mask, mask_coverage, read_mask_image
 
 __all__ = [
     "check_mask_aspect",
@@ -83,16 +83,6 @@ def processing_size(pipe: Any, size: Size = None, image_size: tuple[int, int] | 
         return fit_size(int(size[0]), int(size[1]), multiple=multiple)
     width, height = image_size or (1, 1)
     return fit_size(width, height, multiple=multiple, target=int(size or native_side(pipe)))
-
-
-def check_mask_aspect(mask_size: tuple[int, int], image_size: tuple[int, int], name: str = "mask") -> None:
-    """Refuse a mask whose aspect ratio is not the image's (a mask that is the image scaled, each side
-    rounded to a whole pixel, passes)."""
-    (mw, mh), (w, h) = mask_size, image_size
-    if abs(mw * h - mh * w) > max(w + h, mw + mh) / 2:
-        raise InputError(
-            f"{name} is {mw}x{mh} but the image is {w}x{h}: a mask needs the image's size or at least its aspect ratio"
-        )
 
 
 def prepare_mask(mask: Any, image_size: tuple[int, int], size: tuple[int, int], name: str = "mask"):
