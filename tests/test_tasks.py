@@ -18,8 +18,8 @@ from editkit.tasks import EditOptions, StylizeOptions, make_generator, processin
 from editkit.tasks.common import parse_size
 
 pytest.importorskip("gradio")
-from editkit.app.handlers import Handlers, form_options  # noqa: E402
-from editkit.app.models import ModelManager  # noqa: E402
+from editkit.app.handlers import Handlers, form_options
+from editkit.app.models import ModelManager
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ def test_png_metadata_holds_the_values_used_versions_hashes_and_a1111_parameters
     used = record["used"]
     assert used["device"] == "cpu" and used["dtype"] == "float32" and used["size"] == [128, 104]
     assert used["num_inference_steps"] == 1 and used["seed"] == 7
-    assert record["versions"] == {"editkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    versions = {"editkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    assert record["versions"] == versions
     digest = hashlib.sha256((files / "content.png").read_bytes()).hexdigest()
     assert record["inputs"]["image"]["sha256"] == digest
     prompt, settings = parameters.split("\n")
