@@ -45,7 +45,8 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         shown = "%(default)" in text or "default:" in text or "(default" in text
-        if shown or default in (None, False, "", argparse.SUPPRESS) or default == [] or not action.option_strings:
+        nothing = default is None or default is False or default is argparse.SUPPRESS or default in ("", [])
+        if shown or nothing or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

@@ -123,6 +123,11 @@ def test_mask_of_another_aspect_ratio_is_refused_in_cli_app_and_api(handlers, sd
     pipe = ContrastiveEditPipeline.from_pipe(sd15_pipe)
     with pytest.raises(InputError, match="aspect ratio"):
         pipe(torch.rand(1, 3, 64, 80), "a", "b", mask=torch.ones(1, 1, 40, 40), num_inference_steps=1)
+    from pipelines.style_transfer import StyleTransferPipeline
+
+    stylizer = StyleTransferPipeline.from_pipe(sd15_pipe)
+    with pytest.raises(InputError, match="aspect ratio"):
+        stylizer(torch.rand(1, 3, 64, 80), torch.rand(1, 3, 64, 80), mask=torch.ones(40, 40), num_inference_steps=1)
 
 
 def test_one_size_rule_and_one_seed_rule(sd15_pipe):

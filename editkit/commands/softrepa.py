@@ -212,6 +212,12 @@ def _register_generate(actions) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from editkit.errors import InputError
+
+    if not args.data.exists():  # cheap checks before the model loads
+        raise InputError(f"training data not found: {args.data}")
+    if args.output.suffix.lower() != ".safetensors":
+        raise InputError(f"cannot write {args.output}: use a .safetensors file name")
     from editkit.softrepa import ContrastiveLossConfig, TrainConfig, train_soft_tokens
 
     loss = ContrastiveLossConfig(args.logit_form, args.tau, args.logit_scale, args.direction, args.denoise_weight)
