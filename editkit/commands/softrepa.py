@@ -140,7 +140,7 @@ def _register_train(actions) -> None:
         "--direction",
         choices=("rows", "columns", "both"),
         default=_default("direction"),
-        help="softmax over images (rows), captions (columns) or both",
+        help="cross-entropy over captions per image (rows), over images per caption (columns) or both",
     )
     add(
         "--denoise-weight",
