@@ -26,11 +26,14 @@ from editkit.errors import InputError
 
 __all__ = [
     "atomic_write",
+    "check_mask_aspect",
+    "fit_mask",
     "fit_size",
     "load_image",
     "load_mask",
     "mask_coverage",
     "pil_to_tensor",
+    "read_mask_image",
     "resize_to",
     "save_image",
     "tensor_to_pil",
@@ -55,12 +58,18 @@ def load_image(path_or_image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXEL
     return _to_rgb(_read(path_or_image, max_pixels), _name(path_or_image))
 
 
+def read_mask_image(path_or_image: ImageInput) -> Image.Image:
+    """A mask as 8-bit grayscale at its own size: its non-uniform alpha channel, else its luminance."""
+    return _mask_channel(_read(path_or_image, DEFAULT_MAX_PIXELS), _name(path_or_image))
+
+
 def load_mask(path_or_image: ImageInput, size: tuple[int, int], *, threshold: float = 0.5) -> torch.Tensor:
     """Load a mask as a (1, 1, height, width) float tensor of 0s and 1s; ``size`` is (width, height).
 
     The mask is the alpha channel when the image has a non-uniform one, its luminance otherwise;
-    it is resized bilinearly to ``size`` and thresholded (``value >= threshold`` is 1). Empty masks
-    are returned as they are: check :func:`mask_coverage`.
+    it is resized to ``size`` with Lanczos filtering and thresholded (``value >= threshold`` is 1),
+    as diffusers' mask processor (``VaeImageProcessor(do_binarize=True)``) does with PIL masks.
+    Empty masks are returned as they are: check :func:`mask_coverage`.
     """
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"mask threshold must be in (0, 1], got {threshold}")
@@ -71,9 +80,29 @@ def load_mask(path_or_image: ImageInput, size: tuple[int, int], *, threshold: fl
         warnings.warn(f"mask {name} is not binary; thresholded at {threshold}", stacklevel=2)
     if gray.size != tuple(size):
         warnings.warn(f"mask {name} is {gray.width}x{gray.height}, resized to {size[0]}x{size[1]}", stacklevel=2)
-        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
+        gray = gray.resize(tuple(size), Image.Resampling.LANCZOS)
     binary = np.asarray(gray, dtype=np.float32) / 255.0 >= threshold
     return torch.from_numpy(binary.astype(np.float32))[None, None]
+
+
+def check_mask_aspect(mask_size: tuple[int, int], image_size: tuple[int, int], name: str = "mask") -> None:
+    """Refuse a mask (width, height) whose aspect ratio is not the image's; a mask that is the image
+    scaled, each side rounded to a whole pixel, passes (|mw * h - mh * w| <= (w + h) / 2)."""
+    (mw, mh), (w, h) = mask_size, image_size
+    if abs(mw * h - mh * w) > max(w + h, mw + mh) / 2:
+        raise InputError(
+            f"{name} is {mw}x{mh} but the image is {w}x{h}: a mask needs the image's size or at least its aspect ratio"
+        )
+
+
+def fit_mask(mask: torch.Tensor, size: tuple[int, int], *, threshold: float = 0.5) -> torch.Tensor:
+    """A (batch, 1, h, w) mask tensor resized to ``size`` = (height, width) as diffusers' mask processor
+    does with tensors (nearest interpolation, then 0/1 at ``threshold``); another aspect ratio raises."""
+    height, width = size
+    check_mask_aspect((mask.shape[-1], mask.shape[-2]), (width, height))
+    if tuple(mask.shape[-2:]) != (height, width):
+        mask = torch.nn.functional.interpolate(mask.float(), size=(height, width))
+    return (mask >= threshold).to(mask.dtype)
 
 
 def mask_coverage(mask: torch.Tensor) -> float:

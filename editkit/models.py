@@ -39,6 +39,7 @@ from editkit.errors import EditkitError, InputError, ModelLoadError
 from editkit.safefiles import is_pickle
 
 __all__ = [
+    "DEFAULT_SD_MODEL",
     "SUPPORTED_FAMILIES",
     "choose_device",
     "choose_dtype",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The model every command and the app load when none is given.
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 DTYPES = {
     "fp16": torch.float16,

@@ -29,7 +29,7 @@ COMMANDS = (
     'editkit compose "a red circle to the left of a blue square" --model $M -o compose.png --steps 25',
     "editkit stylize $E/content.png $E/style.png --model $M -o stylized.png --steps 25",
     'editkit edit $E/edit.png --source-prompt "a green triangle and a yellow square" \\\n'
-    '    --target-prompt "a blue triangle and a yellow square" --model $M -o edited.png --iterations 100',
+    '    --target-prompt "a blue triangle and a yellow square" --model $M -o edited.png --steps 100',
 )
 #: (label, inputs, output) per sheet row; paths relative to the scratch folder.
 ROWS = (

@@ -42,6 +42,7 @@ from editkit.contrastive import (
     sample_timesteps,
 )
 from editkit.errors import InputError
+from editkit.image import fit_mask
 from editkit.models import model_family
 from editkit.pipeline_io import (
     DiffusersPipelineMixin,
@@ -199,9 +200,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
         if mask.ndim != 4 or mask.shape[1] != 1:
             raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
-        if tuple(mask.shape[-2:]) != tuple(size):
-            height, width = size
-            raise InputError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {width}x{height}")
+        if tuple(mask.shape[-2:]) != tuple(size):  # the image's aspect ratio: resized as diffusers' mask processor
+            mask = fit_mask(mask, size)
         if not ((mask == 0) | (mask == 1)).all():
             raise InputError("mask must be binary (0 and 1 only)")
         if not mask.any():
@@ -380,7 +380,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
             contrast_sites: site patterns of the compared self-attention layers (the up blocks).
             identity_branch: also contrast the edited features with the edited latent under the
                 source prompt (a second reading of "dual"); the two losses are averaged.
-            mask: optional {0, 1} mask at the image's size: the edit (DDS gradient, contrastive
+            mask: optional {0, 1} mask at the image's size or aspect ratio (another size is resized
+                as diffusers' mask processor does: nearest, then binarised at 0.5): the edit (DDS gradient, contrastive
                 patches and the update) is restricted to it; latents outside stay unchanged.
             negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image;
                 ``""`` when neither it nor ``negative_prompt_embeds`` is given).

@@ -32,6 +32,7 @@ from transformers import (
 from editkit.attention import AttentionController, AttentionKernelMixin, compose, exposed_ip_adapters
 from editkit.conditioning import EMBEDDING_NAMES, guidance_conditioning
 from editkit.errors import InputError
+from editkit.image import check_mask_aspect
 from editkit.inversion import (
     ddim_alphas,
     ddim_invert,
@@ -360,7 +361,8 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                 records (one more call per injected step and image). Measured: ``benchmarks/RESULTS.md``.
             injection_sites: self-attention sites (names/patterns); None: the family's defaults.
             injection_timesteps: inject only at timesteps ``low <= t <= high`` (None: every step).
-            mask: (1, 1, H, W) or (H, W) mask in {0, 1}: stylize only inside it (style at content size).
+            mask: (1, 1, H, W) or (H, W) mask in {0, 1} of the content's aspect ratio (any resolution: it
+                is area-resampled to each layer's grid): stylize only inside it (style at content size).
             height, width / style_size: processing sizes (default: the images' own, rounded to 8).
             ip_adapter_scale: with IP-Adapter(s) loaded, a float (InstantStyle blocks, AttenST 1.2) or
                 ``set_ip_adapter_scale`` configs (content's first when two adapters are loaded).
@@ -422,6 +424,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         content_size = self._pixel_size(contents)
         if mask is not None:
             style_size = content_size  # a masked blend needs equal token counts per layer
+            check_mask_aspect(tuple(torch.as_tensor(mask).shape[-2:])[::-1], content_size)  # any size, same aspect
         ip_count = ip_adapter_count(self.unet)
         ip_snapshot = scale_snapshot(self.unet) if ip_count else None
         ip_given = given_ip_embeds(self, ip_adapter_image, ip_adapter_image_embeds, ip_count, guidance_scale > 1.0)

@@ -144,9 +144,14 @@ AWKWARD_IMAGES: dict[str, Callable[[Path], Path]] = {
 
 # -- masks ----------------------------------------------------------------------------------------
 def mask(folder: Path, kind: str, size: tuple[int, int] = (40, 32)) -> Path:
-    """``empty`` (all black), ``full`` (all white) or ``other size`` (half white, another size)."""
+    """``empty`` (all black), ``full`` (all white), ``other size`` (half white, twice the size: the same
+    aspect ratio) or ``other aspect`` (half white, twice the width only)."""
     path = folder / f"mask-{kind.replace(' ', '-')}.png"
-    if kind == "other size":
+    if kind == "other aspect":
+        pixels = np.zeros((size[1], size[0] * 2), np.uint8)
+        pixels[:, : size[0]] = 255
+        Image.fromarray(pixels).save(path)
+    elif kind == "other size":
         pixels = np.zeros((size[1] * 2, size[0] * 2), np.uint8)
         pixels[:, : size[0]] = 255
         Image.fromarray(pixels).save(path)

@@ -127,7 +127,9 @@ def test_edit_endpoint_with_mask(server, client):
     side = _expected_side(server)
     assert Image.open(image).size == (side, side)
     meta = _metadata(download)
-    assert meta["command"] == "edit" and meta["mask"] is True and meta["target_prompt"] == "a blue triangle"
+    assert meta["command"] == "edit" and meta["target_prompt"] == "a blue triangle"
+    assert meta["inputs"]["mask"]["file"].endswith(".png") and len(meta["inputs"]["mask"]["sha256"]) == 64
+    assert "/" not in meta["inputs"]["image"]["file"]  # the upload's name, never the server's temporary path
 
 
 def test_compose_endpoint_reports_constraints(server, client):
@@ -157,7 +159,7 @@ def test_generate_with_tokens_uses_the_token_file(server, client, token_file):
     assert Image.open(with_tokens).size == (side, side)
     assert not np.array_equal(_pixels(with_tokens), _pixels(without))  # strength 0 is the bare model
     meta = _metadata(download)
-    assert meta["soft_token_strength"] == 1.0 and meta["soft_tokens"] == "tokens.safetensors"
+    assert meta["soft_token_strength"] == 1.0 and meta["inputs"]["soft_tokens"]["file"] == "tokens.safetensors"
 
 
 def test_concurrent_requests_equal_sequential(client):

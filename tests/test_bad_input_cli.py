@@ -21,9 +21,9 @@ from editkit.cli import main
 
 FAST = {
     "stylize": ["--steps", "1", "--size", "32", "--device", "cpu"],
-    "edit": ["--iterations", "1", "--device", "cpu"],
-    "compose": ["--steps", "1", "--height", "32", "--width", "32", "--no-refine", "--device", "cpu"],
-    "generate": ["--steps", "1", "--height", "32", "--width", "32", "--device", "cpu"],
+    "edit": ["--steps", "1", "--device", "cpu"],
+    "compose": ["--steps", "1", "--size", "32", "--no-refine", "--device", "cpu"],
+    "generate": ["--steps", "1", "--size", "32", "--device", "cpu"],
 }
 
 
@@ -137,7 +137,8 @@ def test_awkward_images_work(capsys, ctx, command, case):
     [
         ("stylize", "empty", "is empty"),
         ("edit", "empty", "is empty"),
-        ("edit", "other size", "but the image is 80x64"),
+        ("edit", "other aspect", "but the image is 80x64"),
+        ("stylize", "other aspect", "but the image is 80x64"),
     ],
 )
 def test_bad_masks_exit_2(capsys, ctx, command, kind, fragment):
@@ -145,7 +146,9 @@ def test_bad_masks_exit_2(capsys, ctx, command, kind, fragment):
     assert_user_error(run_cli(capsys, ctx.argv(command, extra=["--mask", mask])), fragment, ctx.out)
 
 
-@pytest.mark.parametrize(("command", "kind"), [("stylize", "full"), ("stylize", "other size"), ("edit", "full")])
+@pytest.mark.parametrize(
+    ("command", "kind"), [("stylize", "full"), ("stylize", "other size"), ("edit", "full"), ("edit", "other size")]
+)
 def test_full_and_resized_masks_work(capsys, caplog, ctx, command, kind):
     mask = bad.mask(ctx.folder, kind, (80, 64))
     err = assert_success(run_cli(capsys, ctx.argv(command, extra=["--mask", mask])), ctx.out)
@@ -203,16 +206,16 @@ def test_long_non_ascii_and_control_prompts_work(capsys, ctx, prompt, note):
         ("stylize", ["--tau", "-1"], "greater than 0"),
         ("stylize", ["--tau", "inf"], "not a finite number"),
         ("stylize", ["--steps", "0"], "at least 1"),
-        ("stylize", ["--size", "abc"], "not a whole number"),
-        ("stylize", ["--seed", "-3"], "0 or more"),
+        ("stylize", ["--size", "abc"], "a number of pixels or WIDTHxHEIGHT"),
+        ("stylize", ["--seed", "-3"], "at least 0"),
         ("edit", ["--guidance-scale", "nan"], "not a finite number"),
-        ("edit", ["--iterations", "0"], "at least 1"),
+        ("edit", ["--steps", "0"], "at least 1"),
         ("edit", ["--learning-rate", "-0.1"], "--learning-rate"),
         ("edit", ["--contrast-weight", "nan"], "not a finite number"),
         ("compose", ["--guidance-scale", "NaN"], "not a finite number"),
         ("compose", ["--guidance-scale", "1e9"], "between 0 and 50"),
-        ("compose", ["--height", "33"], "multiple of 8"),
-        ("compose", ["--max-iter-to-alter", "5"], "exceeds --steps"),
+        ("compose", ["--size", "0x64"], "WIDTHxHEIGHT"),
+        ("compose", ["--max-iter-to-alter", "5"], "exceeds the steps"),
         ("generate", ["--soft-token-strength", "nan"], "not a finite number"),
         ("generate", ["--steps", "-1"], "at least 1"),
     ],
@@ -522,4 +525,4 @@ def test_nan_latents_are_a_clear_error(capsys, ctx, command, monkeypatch):
 def test_edit_of_a_small_image_works(capsys, ctx):
     """Feature grids smaller than a contrastive patch are skipped (they used to crash avg_pool2d)."""
     small = bad.good_image(ctx.folder, "small.png", (24, 16))
-    assert_success(run_cli(capsys, ctx.argv("edit", image=small, extra=["--max-side", "24"])), ctx.out)
+    assert_success(run_cli(capsys, ctx.argv("edit", image=small, extra=["--size", "24"])), ctx.out)

@@ -19,7 +19,7 @@ from PIL import Image
 from editkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FAST = ["--steps", "1", "--height", "32", "--width", "32", "--no-refine", "--device", "cpu"]
+COMPOSE_FAST = ["--steps", "1", "--size", "32", "--no-refine", "--device", "cpu"]
 STYLIZE_FAST = ["--steps", "1", "--size", "32", "--device", "cpu"]
 
 
@@ -87,7 +87,7 @@ def test_stylize_batch_resumes_after_ctrl_c(capsys, sd15_dir, tmp_path, saves):
     for i in range(2):
         bad.good_image(contents, f"c{i}.png", (40, 32), seed=i)
         bad.good_image(styles, f"s{i}.png", (32, 32), seed=10 + i)
-    argv = ["stylize", contents, styles, "-o", out, "--model", sd15_dir, *STYLIZE_FAST]
+    argv = ["stylize", contents, styles, "--output-dir", out, "--model", sd15_dir, *STYLIZE_FAST]
     saves.interrupt_at = 2
     code, err = _cli(capsys, argv)
     assert code == 130 and "interrupted" in err
@@ -111,12 +111,12 @@ def test_stylize_batch_refuses_files_it_did_not_write(capsys, sd15_dir, tmp_path
         bad.good_image(contents, f"c{i}.png", (40, 32), seed=i)
     style = bad.good_image(tmp_path, "s.png", (32, 32), seed=3)
     (out / "c1__s.png").write_bytes(b"precious")
-    code, err = _cli(capsys, ["stylize", contents, style, "-o", out, "--model", sd15_dir, *STYLIZE_FAST])
+    code, err = _cli(capsys, ["stylize", contents, style, "--output-dir", out, "--model", sd15_dir, *STYLIZE_FAST])
     assert code == 2 and "not recorded" in err and "--overwrite" in err
     assert (out / "c1__s.png").read_bytes() == b"precious" and not (out / "c0__s.png").exists()
 
 
-EDIT_FAST = ["--iterations", "1", "--device", "cpu"]
+EDIT_FAST = ["--steps", "1", "--device", "cpu"]
 
 
 def test_edit_batch_resumes_after_ctrl_c(capsys, sd15_dir, tmp_path, saves):

@@ -25,8 +25,8 @@ from editkit.commands import batch
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {
     "stylize": ["--steps", "1", "--size", "32", "--device", "cpu"],
-    "edit": ["--iterations", "1", "--device", "cpu"],
-    "compose": ["--steps", "1", "--height", "32", "--width", "32", "--no-refine", "--device", "cpu"],
+    "edit": ["--steps", "1", "--device", "cpu"],
+    "compose": ["--steps", "1", "--size", "32", "--no-refine", "--device", "cpu"],
 }
 
 
@@ -48,7 +48,7 @@ def _argv(command: str, tmp_path: Path, model: Path, out: Path) -> list:
         head = ["edit", inputs, "--source-prompt", "a cat", "--target-prompt", "a dog", "--output-dir", out]
         return [*head, "--model", model, *FAST[command]]
     style = bad.good_image(tmp_path, "style.png", (32, 32), seed=9)
-    return ["stylize", inputs, style, "-o", out, "--model", model, *FAST[command]]
+    return ["stylize", inputs, style, "--output-dir", out, "--model", model, *FAST[command]]
 
 
 def _manifest_outputs(folder: Path) -> list[str]:
@@ -124,7 +124,7 @@ def test_a_stylize_batch_into_its_own_content_folder(capsys, sd15_dir, tmp_path,
     for i in range(2):
         bad.good_image(folder, f"c{i}.png", (40, 32), seed=i)
     style = bad.good_image(tmp_path, "style.png", (32, 32), seed=9)
-    argv = ["stylize", folder, style, "-o", folder, "--model", sd15_dir, *FAST["stylize"]]
+    argv = ["stylize", folder, style, "--output-dir", folder, "--model", sd15_dir, *FAST["stylize"]]
     assert _cli(capsys, argv)[0] == 0
     assert sorted(p.name for p in folder.glob("*.png")) == ["c0.png", "c0__style.png", "c1.png", "c1__style.png"]
     code, err = _cli(capsys, argv)
@@ -175,7 +175,7 @@ def test_long_stems_and_dotted_folders_in_batch_mode(capsys, sd15_dir, tmp_path)
         bad.good_image(contents, f"{stem}.png", (40, 32), seed=i)
     style = bad.good_image(tmp_path, "s" * 120 + ".png", (32, 32), seed=9)
     out = tmp_path / "results.v2"
-    code, err = _cli(capsys, ["stylize", contents, style, "-o", out, "--model", sd15_dir, *FAST["stylize"]])
+    code, err = _cli(capsys, ["stylize", contents, style, "--output-dir", out, "--model", sd15_dir, *FAST["stylize"]])
     assert code == 0, err
     names = sorted(p.name for p in out.glob("*.png"))
     assert len(names) == 2 and len(set(names)) == 2 and all(len(os.fsencode(n)) <= 255 for n in names)

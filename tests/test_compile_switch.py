@@ -51,7 +51,7 @@ def test_compile_flag_reaches_compile_unet(monkeypatch, argv, mode):
     calls = []
     monkeypatch.setattr("editkit.models.load_pipeline", lambda *a, **k: pipe)
     monkeypatch.setattr("editkit.acceleration.compile_unet", lambda module, mode: calls.append((module, mode)))
-    assert load_method_pipeline(object, args) == (pipe, [])
+    assert load_method_pipeline("stylize", args) == (pipe, [])
     assert calls == ([] if mode == "off" else [(unet, mode)])
 
 

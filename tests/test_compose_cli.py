@@ -14,7 +14,7 @@ PROMPT = "a red car on the left of a blue bird"
 
 def _run(sd15_dir, tmp_path, *extra, prompt=PROMPT, output="out.png"):
     argv = ["compose", prompt, "-o", str(tmp_path / output), "--model", str(sd15_dir), "--device", "cpu"]
-    return main([*argv, "--steps", "2", "--height", "64", "--width", "64", *extra])
+    return main([*argv, "--steps", "2", "--size", "64", *extra])
 
 
 def test_compose_writes_image_report_and_metadata(sd15_dir, tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_bad_options_exit_2(sd15_dir, tmp_path, capsys):
     assert _run(sd15_dir, tmp_path, "--max-iter-to-alter", "5") == 2
     assert _run(sd15_dir, tmp_path, "--constraints", str(tmp_path / "none.json")) == 2
     err = capsys.readouterr().err
-    assert "prompt is empty" in err and "exceeds --steps" in err and "does not exist" in err
+    assert "prompt is empty" in err and "--max-iter-to-alter (5) exceeds" in err and "does not exist" in err
 
 
 def test_attention_xformers_falls_back_to_sdpa_on_cpu_with_the_same_image(sd15_dir, tmp_path, caplog):

@@ -398,7 +398,7 @@ def test_sdxl_edit_runs_with_both_text_encoders(sdxl_pipe, image):
         ({"target_prompt": "  "}, "target_prompt"),
         ({"num_inference_steps": 0}, "iterations"),
         ({"contrast": "both"}, "contrast"),
-        ({"mask": torch.ones(32, 32)}, "mask is 32x32"),
+        ({"mask": torch.ones(32, 48)}, "mask is 48x32"),  # another aspect ratio (32x32 is resized)
         ({"mask": torch.full((64, 64), 0.5)}, "binary"),
         ({"mask": torch.zeros(64, 64)}, "empty"),
         ({"contrast_sites": "up_blocks.9"}, "matches no"),

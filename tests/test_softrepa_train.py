@@ -186,7 +186,5 @@ def test_cli_refuses_an_existing_output_and_trains_with_overwrite(tmp_path, sd15
     assert read_soft_tokens(output).num_tokens == 4
     image = tmp_path / "g.png"
     generate = ["softrepa", "generate", "a picture", "--model", str(sd15_dir), "--soft-tokens", str(output)]
-    assert (
-        main([*generate, "-o", str(image), "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu"]) == 0
-    )
+    assert main([*generate, "-o", str(image), "--steps", "2", "--size", "64", "--device", "cpu"]) == 0
     assert Image.open(image).size == (64, 64)

@@ -51,7 +51,7 @@ def test_cli_stylizes_from_a_saved_folder_with_metadata(family, sd15_dir, sdxl_d
         params = json.loads(image.text["editkit"])
     assert params["command"] == "stylize" and params["gamma"] == 0.5 and params["tau"] == 1.5
     assert params["feature_timing"] == "inverted_latent"
-    assert params["steps"] == 2 and params["style"] == str(style) and params["content"] == str(content)
+    assert params["num_inference_steps"] == 2 and params["style"] == str(style) and params["content"] == str(content)
 
 
 def test_folders_give_all_pairs_and_each_style_is_inverted_once(sd15_dir, tmp_path, capsys, monkeypatch):
@@ -69,7 +69,9 @@ def test_folders_give_all_pairs_and_each_style_is_inverted_once(sd15_dir, tmp_pa
 
     monkeypatch.setattr(style_module.StyleTransferPipeline, "_invert", counting)
     out, caches = tmp_path / "out", tmp_path / "caches"
-    code, _, err = _run(capsys, contents, styles, "-o", out, "--model", sd15_dir, *FAST, "--save-style-cache", caches)
+    code, _, err = _run(
+        capsys, contents, styles, "--output-dir", out, "--model", sd15_dir, *FAST, "--save-style-cache", caches
+    )
     assert code == 0, err
     assert sorted(p.name for p in out.glob("*.png")) == ["c0__s0.png", "c0__s1.png", "c1__s0.png", "c1__s1.png"]
     assert (out / "manifest.json").is_file()  # batch mode: resumable
@@ -87,14 +89,14 @@ def test_folders_give_all_pairs_and_each_style_is_inverted_once(sd15_dir, tmp_pa
         capsys, contents / "c0.png", "--style-cache", cache, "-o", refused, "--model", sd15_dir, "--steps", "2",
         "--size", "48",
     )  # fmt: skip
-    assert code == 2 and "32x32 px" in err and "--size 48" in err
+    assert code == 2 and "32x32 px" in err and "48x48" in err
     assert not refused.exists()
 
 
 def test_mask_of_another_size_and_not_binary_is_resized_and_thresholded(sd15_dir, images, tmp_path, capsys, caplog):
     content, style = images
-    mask = np.zeros((10, 10), dtype=np.uint8)
-    mask[:, :5] = 200  # not binary, another size
+    mask = np.zeros((16, 20), dtype=np.uint8)  # half the content's 40x32: the same aspect ratio
+    mask[:, :5] = 200  # not binary
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "masked.png"
     code, _, err = _run(capsys, content, style, "-o", out, "--model", sd15_dir, *FAST, "--mask", tmp_path / "mask.png")

@@ -17,6 +17,8 @@ import gradio as gr
 
 from editkit.app.handlers import Handlers
 from editkit.app.models import ModelManager
+from editkit.tasks import ComposeOptions, EditOptions, GenerateOptions, StylizeOptions
+from editkit.tasks.options import knob_of
 
 __all__ = ["CONCURRENCY_ID", "EXAMPLES_DIR", "MAX_FILE_SIZE", "build_demo", "launch_demo"]
 
@@ -75,8 +77,16 @@ def _wire(button: gr.Button, fn: Any, inputs: list, outputs: list, api_name: str
     )
 
 
-def _seed() -> gr.Number:
-    return gr.Number(label="Seed", value=0, precision=0, minimum=0)
+def _seed(options: type) -> gr.Number:
+    return gr.Number(label="Seed", value=options.seed, precision=0, minimum=knob_of(options, "seed").low)
+
+
+def _slider(options: type, name: str, **kwargs: Any) -> gr.Slider:
+    """A slider for an option: its default, label and suggested range from the options dataclass
+    (``editkit.tasks``); the handler checks the option's full range, the API may go beyond the slider."""
+    spec = knob_of(options, name)
+    low, high, step = spec.slider
+    return gr.Slider(low, high, value=getattr(options, name), step=step, label=spec.label, **kwargs)
 
 
 def _stylize_tab(handlers: Handlers) -> None:
@@ -86,15 +96,13 @@ def _stylize_tab(handlers: Handlers) -> None:
                 with gr.Row():
                     content = gr.Image(label="Content", type="filepath", elem_id="stylize-content")
                     style = gr.Image(label="Style", type="filepath", elem_id="stylize-style")
-                gamma = gr.Slider(0, 1, value=0.75, step=0.05, label="gamma: query preservation (1 keeps the content)")
-                tau = gr.Slider(0.5, 3, value=1.5, step=0.1, label="tau: attention temperature (sharpens the style)")
+                gamma = _slider(StylizeOptions, "gamma")
+                tau = _slider(StylizeOptions, "tau")
                 use_adain = gr.Checkbox(value=True, label="Content-aware AdaIN of the start latent")
-                adain = gr.Slider(
-                    0, 1, value=0.6, step=0.05, label="AdaIN style strength (0 keeps the content's colours)"
-                )
-                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="stylize-steps")
+                adain = _slider(StylizeOptions, "adain_strength")
+                steps = _slider(StylizeOptions, "num_inference_steps", elem_id="stylize-steps")
                 mask = gr.Image(label="Mask (optional: stylize only the white part)", type="filepath")
-                seed = _seed()
+                seed = _seed(StylizeOptions)
                 run = gr.Button("Stylize", variant="primary", elem_id="stylize-run")
             with gr.Column():
                 outputs = _result_column("stylize")
@@ -111,15 +119,12 @@ def _edit_tab(handlers: Handlers) -> None:
                 image = gr.Image(label="Image", type="filepath")
                 source = gr.Textbox(label="Source prompt (what the image shows)")
                 target = gr.Textbox(label="Target prompt (what it should show)")
-                contrast = gr.Radio(
-                    ["dual", "source", "target", "none"],
-                    value="dual",
-                    label="Contrast: dual (both anchors), source (CDS), target (CUT) or none (plain DDS)",
-                )
-                steps = gr.Slider(1, 400, value=200, step=1, label="Optimisation steps")
-                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                spec = knob_of(EditOptions, "contrast")
+                contrast = gr.Radio(list(spec.choices), value=EditOptions.contrast, label=spec.label)
+                steps = _slider(EditOptions, "num_inference_steps")
+                guidance = _slider(EditOptions, "guidance_scale")
                 mask = gr.Image(label="Mask (optional: edit only the white part)", type="filepath")
-                seed = _seed()
+                seed = _seed(EditOptions)
                 run = gr.Button("Edit", variant="primary")
             with gr.Column():
                 outputs = _result_column("edit")
@@ -136,10 +141,10 @@ def _compose_tab(handlers: Handlers) -> None:
                     label='Constraints (optional JSON; empty: parsed from the prompt), e.g. {"entities": ["circle"]}',
                     language="json",
                 )
-                refine = gr.Checkbox(value=True, label="Verify and refine the initial noise")
-                steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
-                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
-                seed = _seed()
+                refine = gr.Checkbox(value=ComposeOptions.refine, label=knob_of(ComposeOptions, "refine").label)
+                steps = _slider(ComposeOptions, "num_inference_steps")
+                guidance = _slider(ComposeOptions, "guidance_scale")
+                seed = _seed(ComposeOptions)
                 run = gr.Button("Compose", variant="primary")
             with gr.Column():
                 outputs = _result_column("compose", report=True)
@@ -152,10 +157,10 @@ def _tokens_tab(handlers: Handlers) -> None:
         with gr.Column():
             prompt = gr.Textbox(label="Prompt")
             tokens = gr.File(label="Soft-token file (from 'editkit softrepa train')", file_types=[".safetensors"])
-            strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Token strength (0: the model without tokens)")
-            steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
-            guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
-            seed = _seed()
+            strength = _slider(GenerateOptions, "soft_token_strength")
+            steps = _slider(GenerateOptions, "num_inference_steps")
+            guidance = _slider(GenerateOptions, "guidance_scale")
+            seed = _seed(GenerateOptions)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             outputs = _result_column("tokens")
@@ -174,7 +179,7 @@ def build_demo(
     """The app's Blocks for ``model`` (Hub id, folder, .safetensors or pipeline); loads nothing yet."""
     if manager is None:
         if model is None:
-            from editkit.commands.common import DEFAULT_SD_MODEL
+            from editkit.models import DEFAULT_SD_MODEL
 
             model = os.environ.get("EDITKIT_MODEL", DEFAULT_SD_MODEL)
         manager = ModelManager(model, device=device, dtype=dtype)

@@ -35,12 +35,26 @@ import torch
 from PIL import Image
 
 from editkit.app.models import ModelManager
-from editkit.commands.common import png_metadata
 from editkit.errors import EditkitError, InputError
-from editkit.image import fit_size, load_image, load_mask, resize_to, save_image
+from editkit.image import load_image, read_mask_image, save_image
 from editkit.jsonio import MAX_JSON_DEPTH, json_depth, parse_json
-from editkit.model_card import is_shapes_model
 from editkit.numerics import APP_OUT_OF_MEMORY_ADVICE, out_of_memory_message
+from editkit.tasks import (
+    ComposeInputs,
+    ComposeOptions,
+    EditInputs,
+    EditOptions,
+    GenerateInputs,
+    GenerateOptions,
+    StylizeInputs,
+    StylizeOptions,
+    png_metadata,
+)
+from editkit.tasks import compose as compose_task
+from editkit.tasks import edit as edit_task
+from editkit.tasks import generate as generate_task
+from editkit.tasks import stylize as stylize_task
+from editkit.tasks.options import OptionError, knob_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +62,6 @@ __all__ = ["MAX_PIXELS", "UNEXPECTED_ERROR", "Handlers"]
 
 #: Largest upload in pixels (width * height), checked from the image header before decoding.
 MAX_PIXELS = 4096 * 4096
-#: Guided (attention-loss) denoising steps of the compose tab: the paper's 25 of 50, at most half the steps.
-COMPOSE_GUIDED_STEPS = 25
 #: Downloads kept in the output folder; older ones are deleted (gradio serves its own cached copies).
 KEPT_OUTPUTS = 64
 #: Longest constraints JSON accepted from the compose tab (its schema needs far less).
@@ -121,14 +133,41 @@ def _note_frames(path: str, label: str) -> None:
             notes.append(f"the {label} image has {frames} frames; using the first")
 
 
-def read_mask(path: str | None, size: tuple[int, int]):
-    """An optional (vetted) uploaded mask as a (1, 1, H, W) tensor of 0s and 1s at ``size`` = (width, height)."""
+def read_mask(path: str | None):
+    """An optional (vetted) uploaded mask as grayscale at its own size (the task fits it to the image)."""
     if path is None:
         return None
     try:
-        return load_mask(path, size)
+        return read_mask_image(path)
     except InputError as error:
         raise InputError(str(error).replace(path, "the mask image")) from None
+
+
+def _files(**paths: str | None) -> dict[str, tuple[str, str]]:
+    """Upload role -> (shown name, path) for the record's hashes; the shown name is the file's name,
+    never the server's temporary path."""
+    return {role: (Path(path).name, path) for role, path in paths.items() if path is not None}
+
+
+def form_options(options: type, **values: Any) -> Any:
+    """``options`` from form or API values: each parsed by its field's kind, then checked by the
+    dataclass (one range for the app, the CLI and the API); a bad value names its option (the API's name)."""
+    parsed = {}
+    for name, value in values.items():
+        spec = knob_of(options, name)
+        label = name.replace("_", " ")
+        if value is None or isinstance(value, bool):
+            parsed[name] = value
+        elif spec.choices is not None:
+            parsed[name] = text(value, label)
+        elif spec.integer:
+            parsed[name] = whole(value, label, -(2**63), 2**63 - 1)
+        else:
+            parsed[name] = number(value, label)
+    try:
+        return options(**parsed)
+    except OptionError as error:
+        raise InputError(f"{error.field.replace('_', ' ')} {error.problem}") from None
 
 
 def number(value: Any, label: str, low: float = -math.inf, high: float = math.inf) -> float:
@@ -137,7 +176,9 @@ def number(value: Any, label: str, low: float = -math.inf, high: float = math.in
         result = float(value)
     except (TypeError, ValueError):
         raise InputError(f"{label} must be a number, got {value!r}") from None
-    if not math.isfinite(result) or not low <= result <= high:
+    if not math.isfinite(result):
+        raise InputError(f"{label} must be a finite number, got {value!r}")
+    if not low <= result <= high:
         raise InputError(f"{label} must be between {low:g} and {high:g}, got {value!r}")
     return result
 
@@ -218,11 +259,6 @@ def constraint_report(output: Any) -> dict[str, Any]:
     }
 
 
-def fit_to_model(image: Image.Image, side: int, multiple: int) -> Image.Image:
-    """Resize so the longer side is the model's native side, each side a multiple of ``multiple``."""
-    return resize_to(image, fit_size(image.width, image.height, multiple=multiple, target=side))
-
-
 def guarded(endpoint: Callable) -> Callable:
     """Turn an endpoint's errors into messages: EditkitError's own line, a generic one for bugs."""
 
@@ -290,37 +326,22 @@ class Handlers:
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio's idiom)
     ) -> Outputs:
         """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID)."""
-        params = {
-            "gamma": number(gamma, "gamma (query preservation)", 0.0, 1.0),
-            "tau": number(tau, "tau (attention temperature)", 0.1, 10.0),
-            "adain_strength": number(adain_strength, "AdaIN style strength", 0.0, 1.0)
-            if flag(use_adain, "use AdaIN")
-            else None,
-            "num_inference_steps": whole(steps, "steps", 1, 1000),
-            "seed": whole(seed, "seed"),
-        }
-        content_image = read_image(self._upload(content, "content image"), "content")
-        style_image = read_image(self._upload(style, "style image"), "style")
+        adain = adain_strength if flag(use_adain, "use AdaIN") else None
+        options = form_options(StylizeOptions, gamma=gamma, tau=tau, adain_strength=adain,
+                               num_inference_steps=steps, seed=seed)  # fmt: skip
+        content_path = self._upload(content, "content image")
+        style_path = self._upload(style, "style image")
+        content_image = read_image(content_path, "content")
+        style_image = read_image(style_path, "style")
         mask_path = self._upload(mask, "mask image")
+        files = _files(content=content_path, style=style_path, mask=mask_path)
+        inputs = StylizeInputs(content_image, [style_image], mask=read_mask(mask_path), files=files)
 
-        def work(pipe) -> tuple[Image.Image, list[str]]:
-            side, multiple = self.manager.resolution(pipe)
-            content_fit = fit_to_model(content_image, side, multiple)
-            mask_tensor = read_mask(mask_path, content_fit.size)
-            params["mask"] = mask_tensor is not None
-            output = pipe(
-                content_fit,
-                fit_to_model(style_image, side, multiple),
-                gamma=params["gamma"],
-                tau=params["tau"],
-                adain_strength=params["adain_strength"],
-                num_inference_steps=params["num_inference_steps"],
-                mask=mask_tensor,
-                generator=self.manager.generator(pipe, params["seed"]),
-            )
-            return output.images[0], []
+        def work(pipe) -> tuple[Image.Image, dict, list[str]]:
+            result = stylize_task.run(pipe, inputs, options)
+            return result.images[0], result.records[0], []
 
-        return self._run("stylize", params, work)
+        return self._run("stylize", work)
 
     @guarded
     def edit(
@@ -336,35 +357,20 @@ class Handlers:
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
     ) -> Outputs:
         """Edit ``image`` from ``source_prompt`` towards ``target_prompt`` (contrastive denoising score)."""
-        params = {
-            "source_prompt": text(source_prompt, "source prompt", required=False),
-            "target_prompt": text(target_prompt, "target prompt"),
-            "contrast": text(contrast, "contrast mode"),
-            "num_inference_steps": whole(steps, "steps", 1, 1000),
-            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
-            "seed": whole(seed, "seed"),
-        }
-        source = read_image(self._upload(image, "input image"), "input")
+        options = form_options(EditOptions, contrast=contrast, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, seed=seed)  # fmt: skip
+        source, target = text(source_prompt, "source prompt"), text(target_prompt, "target prompt")
+        image_path = self._upload(image, "input image")
+        picture = read_image(image_path, "input")
         mask_path = self._upload(mask, "mask image")
+        files = _files(image=image_path, mask=mask_path)
+        inputs = EditInputs(picture, source, target, mask=read_mask(mask_path), files=files)
 
-        def work(pipe) -> tuple[Image.Image, list[str]]:
-            side, multiple = self.manager.resolution(pipe)
-            fitted = fit_to_model(source, side, multiple)
-            mask_tensor = read_mask(mask_path, fitted.size)
-            params["mask"] = mask_tensor is not None
-            output = pipe(
-                fitted,
-                params["source_prompt"],
-                params["target_prompt"],
-                contrast=None if params["contrast"] == "none" else params["contrast"],
-                num_inference_steps=params["num_inference_steps"],
-                guidance_scale=params["guidance_scale"],
-                mask=mask_tensor,
-                generator=self.manager.generator(pipe, params["seed"]),
-            )
-            return output.images[0], []
+        def work(pipe) -> tuple[Image.Image, dict, list[str]]:
+            result = edit_task.run(pipe, inputs, options)
+            return result.images[0], result.records[0], []
 
-        return self._run("edit", params, work)
+        return self._run("edit", work)
 
     @guarded
     def compose(
@@ -378,34 +384,18 @@ class Handlers:
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
     ) -> tuple[Image.Image, str, str, dict]:
         """Generate ``prompt`` with its constraints enforced; also returns the constraint report."""
-        params = {
-            "prompt": text(prompt, "prompt"),
-            "constraints": parse_constraints(constraints),
-            "refine": flag(refine, "refine"),
-            "num_inference_steps": whole(steps, "steps", 1, 1000),
-            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
-            "seed": whole(seed, "seed"),
-        }
+        options = form_options(ComposeOptions, refine=flag(refine, "refine"), num_inference_steps=steps,
+                               guidance_scale=guidance_scale, seed=seed)  # fmt: skip
+        inputs = ComposeInputs(text(prompt, "prompt"), parse_constraints(constraints))
         report: dict[str, Any] = {}
 
-        def work(pipe) -> tuple[Image.Image, list[str]]:
-            side, _ = self.manager.resolution(pipe)
-            output = pipe(
-                params["prompt"],
-                constraints=params["constraints"],
-                height=side,
-                width=side,
-                refine=params["refine"],
-                verifier="shapes" if is_shapes_model(self.manager.name) else "attention",
-                num_inference_steps=params["num_inference_steps"],
-                max_iter_to_alter=min(COMPOSE_GUIDED_STEPS, params["num_inference_steps"] // 2),
-                guidance_scale=params["guidance_scale"],
-                generator=self.manager.generator(pipe, params["seed"]),
-            )
-            report.update(constraint_report(output))
-            return output.images[0], list(getattr(output, "warnings", None) or [])
+        def work(pipe) -> tuple[Image.Image, dict, list[str]]:
+            verifier = compose_task.make_task_verifier(pipe, options, model=self.manager.name)
+            result = compose_task.run(pipe, inputs, options, verifier=verifier)
+            report.update(constraint_report(result.output))
+            return result.images[0], result.records[0], list(getattr(result.output, "warnings", None) or [])
 
-        image, path, messages = self._run("compose", params, work)
+        image, path, messages = self._run("compose", work)
         return image, path, messages, report
 
     @guarded
@@ -420,55 +410,40 @@ class Handlers:
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
     ) -> Outputs:
         """Generate ``prompt`` with a SoftREPA token file inserted at ``strength`` (the family's plain pipeline)."""
-        params = {
-            "prompt": text(prompt, "prompt"),
-            "soft_token_strength": number(strength, "token strength", -10.0, 10.0),
-            "num_inference_steps": whole(steps, "steps", 1, 1000),
-            "guidance_scale": number(guidance_scale, "guidance scale", 0.0, 50.0),
-            "seed": whole(seed, "seed"),
-        }
+        options = form_options(GenerateOptions, soft_token_strength=strength, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, seed=seed)  # fmt: skip
+        prompt_text = text(prompt, "prompt")
         token_path = self._upload(tokens, "soft-token")
         if token_path is None:
             raise InputError("upload a soft-token file (.safetensors)")
-        params["soft_tokens"] = Path(token_path).name
+        inputs = GenerateInputs(prompt_text, token_path, files=_files(soft_tokens=token_path))
 
-        def work(pipe) -> tuple[Image.Image, list[str]]:
-            from editkit.softrepa import load_soft_tokens, use_soft_tokens
-
+        def work(pipe) -> tuple[Image.Image, dict, list[str]]:
             try:
-                controller = load_soft_tokens(token_path, unet=pipe.unet, strength=params["soft_token_strength"])
+                result = generate_task.run(pipe, inputs, options)
             except EditkitError as error:
                 raise type(error)(str(error).replace(token_path, "the token file")) from None
-            side, _ = self.manager.resolution(pipe)
-            with use_soft_tokens(pipe.unet, controller):  # as `editkit softrepa generate` does
-                output = pipe(
-                    params["prompt"],
-                    height=side,
-                    width=side,
-                    num_inference_steps=params["num_inference_steps"],
-                    guidance_scale=params["guidance_scale"],
-                    generator=self.manager.generator(pipe, params["seed"]),
-                )
-            return output.images[0], []
+            return result.images[0], result.records[0], []
 
-        return self._run("generate_with_tokens", params, work)
+        return self._run("generate_with_tokens", work)
 
     # -- shared run/render ------------------------------------------------------------------
-    def _run(self, command: str, params: dict[str, Any], work: Callable[[Any], tuple[Image.Image, list[str]]]):
-        """Run ``work(pipe)`` holding the shared model, collect its warnings, save the download."""
+    def _run(self, command: str, work: Callable[[Any], tuple[Image.Image, dict, list[str]]]):
+        """Run ``work(pipe)`` (a task run) holding the shared model, collect its warnings, save the download."""
         pipe = self.manager.pipeline(command)
         with self.manager.session(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            image, notes = work(pipe)
+            image, record, notes = work(pipe)
         uploads = _UPLOAD_NOTES.get() or []
         messages = [*uploads, *notes, *dict.fromkeys(str(w.message) for w in caught if _user_facing(w))]
-        path = self._save(image, command, params)
+        path = self._save(image, command, record)
         return image, str(path), "\n".join(messages) if messages else "Done."
 
-    def _save(self, image: Image.Image, command: str, params: dict[str, Any]) -> Path:
-        """The downloadable PNG, with the model and parameters in its ``editkit`` text chunk."""
-        name = f"editkit-{command}-seed{params.get('seed', 0)}-{uuid.uuid4().hex[:8]}.png"
-        metadata = png_metadata(command, {"model": self.manager.name, **params})
+    def _save(self, image: Image.Image, command: str, record: dict[str, Any]) -> Path:
+        """The downloadable PNG, with the task's record (model, options, values used) in its text chunks."""
+        seed = record.get("used", {}).get("seed", 0)
+        name = f"editkit-{command}-seed{seed}-{uuid.uuid4().hex[:8]}.png"
+        metadata = png_metadata({**record, "model": self.manager.name})
         path = save_image(image, self.output_dir / name, metadata=metadata)
         self._prune()
         return path

@@ -11,7 +11,6 @@ several events run.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import logging
 import os
@@ -20,48 +19,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from editkit.errors import EditkitError, ModelLoadError
+from editkit.errors import ModelLoadError
+from editkit.tasks.loading import text_to_image_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MethodSpec", "ModelManager", "text_to_image_class"]
+__all__ = ["METHODS", "MethodSpec", "ModelManager"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Where a method's pipeline class lives (imported on first use); ``class_name`` None: the
-    model family's plain diffusers text-to-image pipeline (what ``editkit softrepa generate`` uses)."""
+    """An endpoint's task in :mod:`editkit.tasks`; ``task`` None: the model family's plain diffusers
+    text-to-image pipeline (what ``editkit softrepa generate`` uses)."""
 
-    module: str
-    class_name: str | None
+    task: str | None
     title: str
 
     def load_class(self) -> type:
-        try:
-            module = importlib.import_module(self.module)
-        except ImportError as error:
-            raise EditkitError(f"{self.title} is not available in this install ({error})") from None
-        return getattr(module, self.class_name)
+        from editkit.tasks import pipeline_class
 
-
-def text_to_image_class(pipe: Any) -> type:
-    """diffusers' text-to-image pipeline of ``pipe``'s model family (SD 1.x/2.x or SDXL)."""
-    import diffusers
-
-    from editkit.models import model_family
-
-    sdxl = model_family(pipe) == "sdxl"
-    return diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        return pipeline_class(self.task)
 
 
 #: The app's methods by endpoint name.
 METHODS: dict[str, MethodSpec] = {
-    "stylize": MethodSpec("pipelines.style_transfer", "StyleTransferPipeline", "style transfer"),
-    "edit": MethodSpec("pipelines.contrastive_edit", "ContrastiveEditPipeline", "contrastive editing"),
-    "compose": MethodSpec("pipelines.compose", "ComposePipeline", "compositional generation"),
-    "generate_with_tokens": MethodSpec("diffusers", None, "soft-token generation"),
+    "stylize": MethodSpec("stylize", "style transfer"),
+    "edit": MethodSpec("edit", "contrastive editing"),
+    "compose": MethodSpec("compose", "compositional generation"),
+    "generate_with_tokens": MethodSpec(None, "soft-token generation"),
 }
 
 
@@ -97,7 +82,7 @@ class ModelManager:
         """The pipeline of ``method`` (an endpoint name of :data:`METHODS`), loading the base on first use."""
         spec = METHODS[method]
         with self._load_lock:
-            if spec.class_name is None:
+            if spec.task is None:
                 if self._base is None:  # the base loads with a method class: no safety checker, no extras
                     base = self._build(METHODS["compose"].load_class())
                     self._pipelines[type(base).__name__] = base
@@ -135,15 +120,8 @@ class ModelManager:
         with self._run_lock:
             yield
 
-    def generator(self, pipe: Any, seed: int) -> torch.Generator:
-        """A generator on the pipeline's execution device seeded with ``seed``."""
-        device = getattr(pipe, "_execution_device", None) or pipe.device
-        return torch.Generator(device=device).manual_seed(int(seed))
-
     def resolution(self, pipe: Any) -> tuple[int, int]:
-        """(native side, size multiple) in pixels: the UNet's sample size and its downsampling factor."""
-        scale = int(getattr(pipe, "vae_scale_factor", 8))
-        config = pipe.unet.config
-        side = int(config.sample_size) * scale
-        multiple = scale * 2 ** (len(config.block_out_channels) - 1)
-        return side, min(multiple, side)
+        """(native side, size multiple) in pixels, as the task layer decides them (``editkit.tasks.common``)."""
+        from editkit.tasks.common import native_side, size_multiple
+
+        return native_side(pipe), size_multiple(pipe)

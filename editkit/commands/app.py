@@ -1,11 +1,15 @@
-"""``editkit app``: launch the Gradio demo (``pip install 'editkit[app]'``)."""
+"""``editkit app``: launch the Gradio demo (``pip install 'editkit[app]'``).
+
+The one module of ``editkit.commands`` that may import ``editkit.app`` (lazily, in :func:`run`):
+the import rule (ruff TID251, ``editkit/commands/.ruff.toml``) names it as the exception.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from editkit.commands.common import DEFAULT_SD_MODEL
 from editkit.errors import InputError
+from editkit.models import DEFAULT_SD_MODEL
 
 EXAMPLE = "example: editkit app --model assets/models/shapes-sd --port 7860"
 

@@ -1,4 +1,4 @@
-"""What every subcommand shares: option types, model options, output handling, PNG metadata.
+"""What every subcommand shares: option types, options from the task layer's dataclasses, output handling.
 
 The commands are thin: parse, call a pipeline, write the result. Errors a user can fix are
 ``EditkitError``s; ``editkit.cli`` turns them into one line on stderr and exit code 2.
@@ -7,19 +7,17 @@ The commands are thin: parse, call a pipeline, write the result. Errors a user c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from editkit import __version__
 from editkit.errors import InputError
+from editkit.models import DEFAULT_SD_MODEL
+from editkit.tasks.options import OptionError, cli_default, cli_help, knob_of
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 # -- option types: argparse reports their ValueError/ArgumentTypeError as a usage error (exit 2) --
@@ -79,20 +77,72 @@ def positive_float(text: str) -> float:
 
 # -- shared options ---------------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_SD_MODEL) -> None:
-    """--model, --device, --dtype, --seed, --soft-tokens, --soft-token-strength."""
+    """--model, --device, --dtype, --soft-tokens, --soft-token-strength."""
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=default_model,
-        help=f"Hub id, diffusers folder or .safetensors file (default: {default_model})",
-    )
+    group.add_argument("--model", default=default_model, help="Hub id, diffusers folder or .safetensors file")
     group.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     group.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 elsewhere)")
-    group.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     group.add_argument("--soft-tokens", type=Path, default=None, help="SoftREPA token file (.safetensors)")
-    group.add_argument(
-        "--soft-token-strength", type=finite_float, default=1.0, help="scale of the soft tokens (default: 1.0)"
-    )
+    group.add_argument("--soft-token-strength", type=finite_float, default=1.0, help="scale of the soft tokens")
+
+
+def add_knob(parser, flag: str, options: type, name: str, **kwargs: Any) -> None:
+    """A flag for field ``name`` of an options dataclass: its default, help and range come from the field."""
+    spec = knob_of(options, name)
+    if spec.choices is not None:
+        kwargs.setdefault("choices", spec.choices)
+    elif "type" not in kwargs and "action" not in kwargs and "choices" not in kwargs:
+        kwargs["type"] = knob_type(options, name, int if spec.integer else finite_float)
+    if "action" not in kwargs and "choices" not in kwargs:
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=kwargs.pop("dest", name), default=cli_default(options, name),
+                        help=cli_help(options, name), **kwargs)  # fmt: skip
+
+
+def knob_type(options: type, name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that parses with ``parse`` and checks the field's range (argparse reports the problem)."""
+    spec = knob_of(options, name)
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if spec.integer else ''}number") from None
+        try:
+            spec.check(name, value)
+        except OptionError as error:
+            raise argparse.ArgumentTypeError(error.problem) from None
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
+def add_size_option(parser, options: type) -> None:
+    """--size N (the longer side; text-to-image: the side) or WIDTHxHEIGHT; default: the model's size."""
+    parser.add_argument("--size", type=size_type, default=None, metavar="N|WxH", help=cli_help(options, "size"))
+
+
+def size_type(text: str) -> int | tuple[int, int]:
+    from editkit.tasks.common import parse_size
+
+    try:
+        return parse_size(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_seed_option(parser, options: type) -> None:
+    add_knob(parser, "--seed", options, "seed")
+
+
+def make_options(options: type, flags: dict[str, str], args: argparse.Namespace, **values: Any) -> Any:
+    """``options`` from the parsed ``args`` (``flags``: field -> flag); an invalid value names its flag."""
+    fields = {name: getattr(args, name) for name in flags if hasattr(args, name)}
+    try:
+        return options(**{**fields, **values})
+    except OptionError as error:
+        raise InputError(f"{flags.get(error.field, error.field)} {error.problem}") from None
 
 
 def add_attention_option(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +151,7 @@ def add_attention_option(parser: argparse.ArgumentParser) -> None:
         "--attention",
         choices=("sdpa", "xformers"),
         default="sdpa",
-        help="attention kernel: torch SDPA (default) or xformers (CUDA, when installed; SDPA otherwise)",
+        help="attention kernel: torch SDPA or xformers (CUDA, when installed; SDPA otherwise)",
     )
     add_compile_option(parser)
 
@@ -119,23 +169,23 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_method_pipeline(pipeline_class, args: argparse.Namespace) -> tuple[object, list]:
-    """The pipeline of --model/--device/--dtype with --attention and --compile applied, and the controllers of
-    --soft-tokens (an empty list without it) to pass as ``attention_controllers``."""
-    from editkit.models import load_pipeline
+def load_method_pipeline(task: str, args: argparse.Namespace) -> tuple[object, list]:
+    """The pipeline of ``task`` (editkit.tasks) for --model/--device/--dtype with --attention and --compile
+    applied, and the controllers of --soft-tokens (an empty list without it) to pass as ``attention_controllers``."""
+    from editkit.tasks import load_task_pipeline, soft_token_controllers
 
-    pipe = load_pipeline(pipeline_class, args.model, device=args.device, dtype=args.dtype)
-    if args.attention == "xformers":  # on editkit pipelines this selects editkit's kernel
-        pipe.enable_xformers_memory_efficient_attention()
-    if args.compile:
-        from editkit.acceleration import compile_unet
+    attention = getattr(args, "attention", "sdpa")
+    pipe = load_task_pipeline(task, args.model, device=args.device, dtype=args.dtype, attention=attention,
+                              compile_mode=args.compile)  # fmt: skip
+    return pipe, soft_token_controllers(pipe, args.soft_tokens, getattr(args, "soft_token_strength", 1.0))
 
-        compile_unet(pipe.unet, mode=compile_mode(args.compile))
-    if not args.soft_tokens:
-        return pipe, []
-    from editkit.softrepa import load_soft_tokens
 
-    return pipe, [load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)]
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI's loading switches, recorded beside the task's record (model, kernel, compile, tokens)."""
+    settings = {"model": str(args.model), "attention": getattr(args, "attention", "sdpa"), "compile": args.compile}
+    if getattr(args, "soft_tokens", None) is not None:
+        settings.update(soft_tokens=str(args.soft_tokens), soft_token_strength=args.soft_token_strength)
+    return settings
 
 
 def compile_mode(value: str) -> str | None:
@@ -153,9 +203,14 @@ def read_text_lines(path: Path, what: str) -> list[str]:
         raise InputError(f"cannot read the {what} {path}: {error}") from None
 
 
-def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """-o/--output (``required=False`` for commands that also have a batch mode), --overwrite."""
+def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True, batch: bool = False) -> None:
+    """-o/--output (``required=False`` for commands that also have a batch mode), --output-dir (``batch``),
+    --overwrite."""
     parser.add_argument("-o", "--output", type=Path, required=required, help="output image (.png keeps the parameters)")
+    if batch:
+        parser.add_argument(
+            "--output-dir", type=Path, default=None, help="batch mode: folder for the images and manifest.json"
+        )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -181,12 +236,6 @@ def _writable(folder: Path) -> bool:
     import os
 
     return os.access(folder, os.W_OK | os.X_OK)
-
-
-def png_metadata(command: str, params: dict[str, Any]) -> dict[str, str]:
-    """PNG text chunks recording how an image was made (readable with PIL's ``image.text``)."""
-    clean = {key: (str(value) if isinstance(value, Path) else value) for key, value in params.items()}
-    return {"editkit": json.dumps({"version": __version__, "command": command, **clean}, sort_keys=True, default=str)}
 
 
 def command_params(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -6,32 +6,37 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from editkit.cli import echo
 from editkit.commands.common import (
     add_attention_option,
+    add_knob,
     add_model_options,
     add_output_options,
+    add_seed_option,
+    add_size_option,
     check_output_path,
     command_params,
     load_method_pipeline,
-    non_negative_int,
-    png_metadata,
-    positive_int,
-    ranged_float,
+    make_options,
     read_text_lines,
+    run_settings,
 )
 from editkit.errors import InputError
 from editkit.image import SAVE_FORMATS
+from editkit.tasks.compose import ComposeOptions, check_prompt
 
 logger = logging.getLogger(__name__)
 
+#: Option field -> flag (an invalid value is reported with its flag).
+FLAGS = {
+    "num_inference_steps": "--steps", "max_iter_to_alter": "--max-iter-to-alter", "guidance_scale": "--guidance-scale",
+    "negative_prompt": "--negative-prompt", "refine": "--no-refine", "verifier": "--verifier",
+    "verifier_model": "--verifier-model", "losses": "--losses", "noise_refiner": "--noise-refiner",
+    "attention_blocks": "--attention-blocks", "size": "--size", "seed": "--seed",
+}  # fmt: skip
 EXAMPLE = """examples:
   editkit compose "a red car on the left of a blue bird" -o car.png --seed 0
   editkit compose --prompts prompts.txt --output-dir out/   (one prompt per line; resumable)"""
-VERIFIER_CHOICES = ("auto", "attention", "shapes", "vqa", "detector")
-LOSS_CHOICES = ("attend-excite", "paper")
 VERIFIER_ABOUT = {
     "attention": "a heuristic on the model's own attention maps, not a check of the image",
     "shapes": "the shapes world's deterministic detector, on the image",
@@ -50,55 +55,35 @@ def register(subparsers) -> None:
             "refined through the initial noise when they fail. Prints a report of each constraint."
         ),
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompt", nargs="?", default=None, help="the text prompt")
     parser.add_argument(
         "--prompts", type=Path, default=None, help="batch mode: a text file with one prompt per line (# comments)"
     )
-    parser.add_argument(
-        "--output-dir", type=Path, default=None, help="batch mode: folder for the images and manifest.json"
-    )
     parser.add_argument("--constraints", type=Path, default=None, help="JSON constraints overriding the parser")
-    parser.add_argument("--no-refine", action="store_true", help="stage 1 only: no verification or noise refinement")
-    parser.add_argument(
-        "--verifier",
-        choices=VERIFIER_CHOICES,
-        default="auto",
-        help="constraint verifier (default: auto = shapes for a shapes-world model, attention otherwise)",
-    )
-    parser.add_argument(
-        "--losses",
-        choices=LOSS_CHOICES,
-        default="attend-excite",
-        help="loss formulation: attend-excite (default) or paper (the paper's own; see the pipeline docs)",
-    )
-    parser.add_argument(
-        "--verifier-model", default=None, help="weights of the vqa (BLIP) or detector (OWL-ViT) verifier"
-    )
-    parser.add_argument(
-        "--noise-refiner", choices=("single-step", "initno"), default="single-step", help="(default: single-step)"
-    )
-    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
-    parser.add_argument(
-        "--max-iter-to-alter", type=non_negative_int, default=None, help="guided steps (default: half of --steps)"
-    )
-    parser.add_argument(
-        "--attention-blocks",
-        nargs="+",
-        choices=("down", "mid", "up"),
-        default=["down", "up"],
-        help="UNet blocks whose cross-attention maps guide (default: down up, as the paper; 'down' alone "
-        "makes guided steps much cheaper but deviates from the paper and was less accurate in our tests)",
-    )
-    parser.add_argument("--guidance-scale", type=ranged_float(0, 50), default=7.5, help="CFG scale (default: 7.5)")
-    parser.add_argument("--negative-prompt", default=None, help="what to avoid")
-    parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the model's)")
-    parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the model's)")
+    method = parser.add_argument_group("method")
+    method.add_argument("--no-refine", dest="refine", action="store_false",
+                        help="stage 1 only: no verification or noise refinement")  # fmt: skip
+    add_knob(method, "--verifier", ComposeOptions, "verifier")
+    add_knob(method, "--losses", ComposeOptions, "losses")
+    add_knob(method, "--verifier-model", ComposeOptions, "verifier_model", type=str)
+    add_knob(method, "--noise-refiner", ComposeOptions, "noise_refiner")
+    add_knob(method, "--steps", ComposeOptions, "num_inference_steps")
+    add_knob(method, "--max-iter-to-alter", ComposeOptions, "max_iter_to_alter")
+    add_knob(method, "--attention-blocks", ComposeOptions, "attention_blocks", nargs="+", choices=("down", "mid", "up"))
+    add_knob(method, "--guidance-scale", ComposeOptions, "guidance_scale")
+    add_knob(method, "--negative-prompt", ComposeOptions, "negative_prompt", type=str)
+    add_size_option(method, ComposeOptions)
+    add_seed_option(method, ComposeOptions)
     add_model_options(parser)
     add_attention_option(parser)
-    add_output_options(parser, required=False)
+    add_output_options(parser, required=False, batch=True)
     parser.set_defaults(run=run)
+
+
+def options_from_args(args: argparse.Namespace) -> ComposeOptions:
+    """The task options of the parsed arguments (checked: an invalid value names its flag)."""
+    return make_options(ComposeOptions, FLAGS, args, attention_blocks=tuple(args.attention_blocks))
 
 
 def _check_mode(args: argparse.Namespace) -> None:
@@ -133,26 +118,13 @@ def _jobs(prompts: list[str], constraints: Path | None = None) -> list:
     ]
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace, options: ComposeOptions) -> None:
     """User mistakes caught before anything is loaded."""
-    if args.prompt is not None and not args.prompt.strip():
-        raise InputError("the prompt is empty; describe the image, e.g. 'a red car and a blue bird'")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and value % 8:
-            raise InputError(f"--{name} must be a multiple of 8, got {value}")
-    if args.max_iter_to_alter is not None and args.max_iter_to_alter > args.steps:
-        raise InputError(f"--max-iter-to-alter ({args.max_iter_to_alter}) exceeds --steps ({args.steps})")
-    if args.verifier not in ("auto", "attention") and args.no_refine:
+    check_prompt(args.prompt)
+    if options.verifier not in ("auto", "attention") and not options.refine:
         logger.warning("--verifier has no effect with --no-refine")
     if args.constraints is not None and args.constraints.is_dir():
         raise InputError(f"constraints file {args.constraints} is a folder; give a JSON file")
-    from editkit.image import SAVE_FORMATS
-
-    if args.verifier in ("vqa", "detector") and not args.no_refine and not args.verifier_model:
-        raise InputError(f"the {args.verifier} verifier needs weights: pass --verifier-model")
-    if args.output is not None and args.output.suffix.lower() not in SAVE_FORMATS:
-        raise InputError(f"cannot save {args.output}: use a .png, .jpg or .webp file name")
     if args.constraints is not None and not args.constraints.is_file():
         raise InputError(f"constraints file {args.constraints} does not exist")
 
@@ -186,25 +158,13 @@ def format_report(result, verifier=None, warnings: list[str] | tuple[str, ...] =
     return "\n".join(lines)
 
 
-def _verifier_name(args: argparse.Namespace) -> str:
-    """--verifier, with ``auto`` resolved: the shapes detector for a shapes-world model, else attention."""
-    from editkit.model_card import is_shapes_model
-
-    if args.verifier != "auto":
-        return args.verifier
-    return "shapes" if is_shapes_model(args.model) else "attention"
-
-
 def run(args: argparse.Namespace) -> int:
     from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.constraints import load_constraints
-    from editkit.image import save_image
-    from editkit.model_card import card_metadata, vocabulary_warnings
-    from editkit.verifiers import make_verifier
-    from pipelines.compose import ComposePipeline
 
     _check_mode(args)
-    _check_arguments(args)
+    options = options_from_args(args)
+    _check_arguments(args, options)
     if args.prompts is None:
         check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
         jobs, params = [], {}
@@ -213,37 +173,8 @@ def run(args: argparse.Namespace) -> int:
         params = command_params(args, skip=("prompts", "output_dir"))
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
-    pipe, extra = load_method_pipeline(ComposePipeline, args)
-    name = "attention" if args.no_refine else _verifier_name(args)  # --no-refine verifies nothing
-    verifier = make_verifier(name, model=args.verifier_model, device=pipe.device)
-    vocabulary = card_metadata(args.model).get("vocabulary")
-    vocabulary = {str(word).lower() for word in vocabulary} if isinstance(vocabulary, list) else None
-
-    def generate(prompt: str, output: Path, prompt_constraints=None) -> str:
-        result = pipe(
-            prompt,
-            constraints=prompt_constraints,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
-            max_iter_to_alter=args.max_iter_to_alter,
-            attention_blocks=tuple(args.attention_blocks),
-            refine=not args.no_refine,
-            verifier=verifier,
-            loss_preset=args.losses,
-            noise_refiner=args.noise_refiner,
-            attention_controllers=extra,
-        )
-        echo(format_report(result, verifier, vocabulary_warnings(prompt, pipe.tokenizer, vocabulary)))
-        meta = {**command_params(args, skip=("prompts", "output_dir")), "prompt": prompt}
-        meta.update(constraints_used=result.constraints.to_dict(), chosen=result.chosen)
-        save_image(result.images[0], output, metadata=png_metadata("compose", meta), overwrite=args.overwrite)
-        echo(f"wrote {output}")
-        return result.chosen
-
+    pipe, extra = load_method_pipeline("compose", args)
+    generate = _generator(pipe, args, options, extra)
     if args.prompts is None:
         generate(args.prompt, args.output, constraints)
         return 0
@@ -256,3 +187,26 @@ def run(args: argparse.Namespace) -> int:
 
     echo(run_batch(jobs, args.output_dir, "compose", params, produce, overwrite=args.overwrite))
     return 0
+
+
+def _generator(pipe, args: argparse.Namespace, options: ComposeOptions, extra):
+    """``generate(prompt, output, constraints) -> chosen``: one run of the task, its report, its file."""
+    from editkit.image import save_image
+    from editkit.model_card import card_metadata, vocabulary_warnings
+    from editkit.tasks import ComposeInputs, compose, png_metadata
+
+    verifier = compose.make_task_verifier(pipe, options, model=args.model)
+    vocabulary = card_metadata(args.model).get("vocabulary")
+    vocabulary = {str(word).lower() for word in vocabulary} if isinstance(vocabulary, list) else None
+    files = {"constraints": args.constraints} if args.constraints is not None else {}
+
+    def generate(prompt: str, output: Path, prompt_constraints=None) -> str:
+        inputs = ComposeInputs(prompt, prompt_constraints, files)
+        result = compose.run(pipe, inputs, options, verifier=verifier, attention_controllers=extra)
+        echo(format_report(result.output, verifier, vocabulary_warnings(prompt, pipe.tokenizer, vocabulary)))
+        record = {**result.records[0], **run_settings(args)}
+        save_image(result.images[0], output, metadata=png_metadata(record), overwrite=args.overwrite)
+        echo(f"wrote {output}")
+        return result.output.chosen
+
+    return generate

@@ -7,32 +7,39 @@ import logging
 import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from editkit.cli import echo
 from editkit.commands.common import (
     add_attention_option,
+    add_knob,
     add_model_options,
     add_output_options,
+    add_seed_option,
+    add_size_option,
     check_output_path,
     command_params,
-    finite_float,
     load_method_pipeline,
-    png_metadata,
-    positive_int,
+    make_options,
     read_text_lines,
+    run_settings,
 )
 from editkit.errors import InputError
 from editkit.image import SAVE_FORMATS
 from editkit.jsonio import parse_json
+from editkit.tasks.edit import EditOptions, check_prompts
 
 logger = logging.getLogger(__name__)
 
-CONTRAST_CHOICES = ("dual", "source", "target", "none")
+#: Option field -> flag (an invalid value is reported with its flag).
+FLAGS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "learning_rate": "--learning-rate",
+    "contrast": "--contrast", "contrast_weight": "--contrast-weight", "feature": "--feature",
+    "identity_branch": "--identity-branch", "gradient_checkpointing": "--gradient-checkpointing", "size": "--size",
+    "seed": "--seed",
+}  # fmt: skip
 EXAMPLE = """examples:
-  editkit edit cat.png --source-prompt "a photo of a cat" --target-prompt "a photo of a dog" -o dog.png --seed 0
-  editkit edit photos/ --source-prompt "a cat" --target-prompt "a dog" --output-dir out/   (every image; resumable)
+  editkit edit cat.png --source-prompt "a photo of a cat" --target-prompt "a photo of a dog" -o dog.png
+  editkit edit photos/ --source-prompt "a cat" --target-prompt "a dog" --output-dir out/
+      (every image; resumable)
   editkit edit photos/ --prompts edits.jsonl --output-dir out/
       (one edit per line: {"image": "cat.png", "source_prompt": "a cat", "target_prompt": "a dog"})"""
 
@@ -46,7 +53,6 @@ def register(subparsers) -> None:
             "score with a patch-wise contrastive loss on self-attention features (dual by default)."
         ),
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP), or a folder of them (batch mode)")
     parser.add_argument("--source-prompt", default=None, help="text describing the input image")
@@ -54,34 +60,21 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--prompts", type=Path, default=None, help="batch mode: JSON lines with image, source_prompt, target_prompt"
     )
-    parser.add_argument(
-        "--output-dir", type=Path, default=None, help="batch mode: folder for the edited images and manifest.json"
-    )
-    parser.add_argument("--iterations", type=int, default=200, help="optimisation iterations (default: 200)")
-    parser.add_argument("--guidance-scale", type=finite_float, default=7.5, help="CFG scale (default: 7.5)")
-    parser.add_argument(
-        "--contrast",
-        choices=CONTRAST_CHOICES,
-        default="dual",
-        help="PatchNCE anchor: source (CDS), target (CUT), dual (both) or none (plain DDS); default: dual",
-    )
-    parser.add_argument("--contrast-weight", type=finite_float, default=3.0, help="contrastive weight (default: 3)")
-    parser.add_argument(
-        "--feature",
-        choices=("output", "query", "key", "value"),
-        default="output",
-        help="self-attention feature compared (default: output)",
-    )
-    parser.add_argument("--identity-branch", action="store_true", help="also contrast with the identity branch")
-    parser.add_argument("--learning-rate", type=finite_float, default=0.1, help="SGD step (default: 0.1)")
-    parser.add_argument("--mask", type=Path, default=None, help="binary mask of the image's size: edit inside only")
-    parser.add_argument(
-        "--max-side", type=positive_int, default=None, help="downscale longer side to this (default: the model's)"
-    )
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower backward")
+    method = parser.add_argument_group("method")
+    add_knob(method, "--steps", EditOptions, "num_inference_steps")
+    add_knob(method, "--guidance-scale", EditOptions, "guidance_scale")
+    add_knob(method, "--contrast", EditOptions, "contrast")
+    add_knob(method, "--contrast-weight", EditOptions, "contrast_weight")
+    add_knob(method, "--feature", EditOptions, "feature")
+    add_knob(method, "--identity-branch", EditOptions, "identity_branch", action="store_true")
+    add_knob(method, "--learning-rate", EditOptions, "learning_rate")
+    method.add_argument("--mask", type=Path, default=None, help="edit inside this mask only (white = edit)")
+    add_size_option(method, EditOptions)
+    add_knob(method, "--gradient-checkpointing", EditOptions, "gradient_checkpointing", action="store_true")
+    add_seed_option(method, EditOptions)
     add_model_options(parser)
     add_attention_option(parser)
-    add_output_options(parser, required=False)
+    add_output_options(parser, required=False, batch=True)
     parser.set_defaults(run=run)
 
 
@@ -142,47 +135,15 @@ def _jobs(args: argparse.Namespace) -> list:
     return [Job(key, name, e, fingerprint(e, [e["image"]])) for key, name, e in zip(keys, names, edits)]
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """User mistakes caught before anything is loaded."""
-    for option, prompt in (("--source-prompt", args.source_prompt), ("--target-prompt", args.target_prompt)):
-        if prompt is not None and not prompt.strip():
-            raise InputError(f"{option} is empty; describe the image in a few words")
-    if args.iterations < 1:
-        raise InputError(f"--iterations must be at least 1, got {args.iterations}")
-    if args.guidance_scale < 1:
-        raise InputError(f"--guidance-scale must be at least 1, got {args.guidance_scale:g}")
-    if args.contrast_weight < 0 or args.learning_rate <= 0:
-        raise InputError("--contrast-weight must be >= 0 and --learning-rate > 0")
-
-
-def _load_mask(path: Path, image_size: tuple[int, int]) -> torch.Tensor:
-    """A binary, non-empty mask of exactly the image's size -> (1, 1, H, W) of {0, 1}."""
-    from editkit.image import load_image, load_mask
-
-    found = load_image(path).size
-    if found != image_size:
-        raise InputError(f"mask {path} is {found[0]}x{found[1]} but the image is {image_size[0]}x{image_size[1]}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mask = load_mask(path, image_size)
-    if any("not binary" in str(w.message) for w in caught):
-        raise InputError(f"mask {path} is not binary; use black (keep) and white (edit) pixels only")
-    if not mask.any():
-        raise InputError(f"mask {path} is empty (all black): nothing to edit")
-    return mask
-
-
 def run(args: argparse.Namespace) -> int:
     from editkit.commands.batch import check_batch_outputs, run_batch
     from editkit.image import load_image
-    from pipelines.contrastive_edit import ContrastiveEditPipeline
 
     _check_mode(args)
-    _check_arguments(args)
+    options = make_options(EditOptions, FLAGS, args)
+    check_prompts(args.source_prompt, args.target_prompt, names=("--source-prompt", "--target-prompt"))
     if args.output_dir is None:
         check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
-        if args.source_prompt.strip() == args.target_prompt.strip():
-            logger.warning("--source-prompt and --target-prompt are identical: the edit will change little")
         image = load_image(args.image)
         mask = _load_mask(args.mask, image.size) if args.mask is not None else None
     else:
@@ -191,51 +152,47 @@ def run(args: argparse.Namespace) -> int:
         jobs, params = _jobs(args), command_params(args, skip=("prompts", "output_dir", "image"))
         check_batch_outputs(jobs, args.output_dir, "edit", params, args.overwrite)
 
-    pipe, extra = load_method_pipeline(ContrastiveEditPipeline, args)
+    pipe, extra = load_method_pipeline("edit", args)
     if args.output_dir is None:
-        _edit(pipe, args, (image, args.image), args.source_prompt, args.target_prompt, mask, args.output, extra)
+        inputs = _inputs(image, args.image, args.source_prompt, args.target_prompt, mask, args.mask)
+        _edit(pipe, args, options, inputs, args.output, extra)
         return 0
 
     def produce(task) -> None:
         edit, output = task.job.inputs, task.path(task.job.output)
-        picture = (load_image(edit["image"]), edit["image"])
-        _edit(pipe, args, picture, edit["source_prompt"], edit["target_prompt"], None, output, extra)
+        inputs = _inputs(load_image(edit["image"]), edit["image"], edit["source_prompt"], edit["target_prompt"])
+        _edit(pipe, args, options, inputs, output, extra)
         task.written(task.job.output)
 
     echo(run_batch(jobs, args.output_dir, "edit", params, produce, overwrite=args.overwrite))
     return 0
 
 
-def _edit(pipe, args: argparse.Namespace, picture, source: str, target: str, mask, output: Path, extra) -> None:
-    """Edit one ``picture`` = (image, its path) with the command's options; save it with its parameters."""
-    from editkit.image import fit_size, resize_to, save_image
+def _load_mask(path: Path, image_size: tuple[int, int]):
+    """The mask image, checked before the model loads: readable, the image's aspect ratio, not empty."""
+    from editkit.image import read_mask_image
+    from editkit.tasks.common import prepare_mask
 
-    image, image_path = picture
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    size = fit_size(*image.size, multiple=pipe.vae_scale_factor, max_side=args.max_side or native)
-    if mask is not None and size != image.size:
-        mask = F.interpolate(mask, size=(size[1], size[0]), mode="nearest")
-    generator = torch.Generator("cpu").manual_seed(args.seed)
+    mask = read_mask_image(path)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="source and target prompts are identical")
-        result = pipe(
-            resize_to(image, size),
-            source,
-            target,
-            num_inference_steps=args.iterations,
-            guidance_scale=args.guidance_scale,
-            learning_rate=args.learning_rate,
-            contrast=None if args.contrast == "none" else args.contrast,
-            contrast_weight=args.contrast_weight,
-            feature=args.feature,
-            identity_branch=args.identity_branch,
-            mask=mask,
-            gradient_checkpointing=args.gradient_checkpointing,
-            generator=generator,
-            attention_controllers=extra,
-        )
-    params = command_params(args, skip=("prompts", "output_dir"))
-    params.update(image=str(image_path))
-    params.update(source_prompt=source, target_prompt=target, size=list(size))
-    save_image(result.images[0], output, metadata=png_metadata("edit", params), overwrite=args.overwrite)
+        warnings.simplefilter("ignore")  # the run reports the resize and threshold once
+        prepare_mask(mask, image_size, mask.size, name=f"mask {path}")
+    return mask
+
+
+def _inputs(image, image_path, source: str, target: str, mask=None, mask_path=None):
+    from editkit.tasks import EditInputs
+
+    files = {"image": image_path, **({"mask": mask_path} if mask_path is not None else {})}
+    return EditInputs(image, source, target, mask, files)
+
+
+def _edit(pipe, args: argparse.Namespace, options: EditOptions, inputs, output: Path, extra) -> None:
+    """Edit one image with the task layer; save it with its record."""
+    from editkit.image import save_image
+    from editkit.tasks import edit, png_metadata
+
+    result = edit.run(pipe, inputs, options, attention_controllers=extra)
+    record = {**result.records[0], **run_settings(args), "image": str(inputs.files["image"])}
+    save_image(result.images[0], output, metadata=png_metadata(record), overwrite=args.overwrite)
     echo(f"wrote {output}")

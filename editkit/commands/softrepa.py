@@ -10,31 +10,36 @@ from pathlib import Path
 
 from editkit.cli import echo
 from editkit.commands.common import (
-    DEFAULT_SD_MODEL,
     add_compile_option,
+    add_knob,
     add_model_options,
     add_output_options,
+    add_seed_option,
+    add_size_option,
     check_output_path,
-    command_params,
-    compile_mode,
-    finite_float,
+    make_options,
     non_negative_int,
-    png_metadata,
     positive_float,
     positive_int,
     ranged_float,
+    run_settings,
 )
+from editkit.models import DEFAULT_SD_MODEL
+from editkit.tasks.generate import GenerateOptions
 
-TRAIN_EXAMPLE = (
-    "example: editkit softrepa train --data coco_subset/ --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
-    "--output tokens.safetensors --max-steps 2000\n"
-    "  several GPUs: accelerate launch --multi_gpu --num_processes 4 -m editkit.cli softrepa train --data coco_subset/ "
-    "--output tokens.safetensors\n"
-    "  several CPU processes: the same with --device cpu"
-)
-GENERATE_EXAMPLE = (
-    "example: editkit softrepa generate 'a red cube left of a blue ball' --soft-tokens tokens.safetensors -o out.png"
-)
+TRAIN_EXAMPLE = """example:
+  editkit softrepa train --data coco_subset/ --output tokens.safetensors --max-steps 2000
+  several GPUs:
+    accelerate launch --multi_gpu --num_processes 4 -m editkit.cli softrepa train \\
+        --data coco_subset/ --output tokens.safetensors
+  several CPU processes: the same with --device cpu"""
+GENERATE_EXAMPLE = """example:
+  editkit softrepa generate 'a red cube left of a blue ball' --soft-tokens tokens.safetensors -o out.png"""
+#: Option field -> flag of ``generate`` (an invalid value is reported with its flag).
+GENERATE_FLAGS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
+    "soft_token_strength": "--soft-token-strength", "size": "--size", "seed": "--seed",
+}  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -43,11 +48,23 @@ def register(subparsers) -> None:
         help="train SoftREPA soft tokens; generate with them",
         description="SoftREPA: soft text tokens trained contrastively on a frozen model (better text alignment).",
         epilog=f"{TRAIN_EXAMPLE}\n{GENERATE_EXAMPLE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="softrepa_command", metavar="ACTION", required=True)
     _register_train(actions)
     _register_generate(actions)
+
+
+def _default(name: str):
+    """A default of :class:`editkit.softrepa.TrainConfig` (or of its loss config): written there once."""
+    import dataclasses
+
+    from editkit.softrepa import ContrastiveLossConfig, TrainConfig
+
+    for config in (TrainConfig, ContrastiveLossConfig):
+        found = {f.name: f.default for f in dataclasses.fields(config)}
+        if name in found:
+            return found[name]
+    raise KeyError(name)
 
 
 def _register_train(actions) -> None:
@@ -56,67 +73,123 @@ def _register_train(actions) -> None:
         help="train soft tokens on captioned images",
         description="Train m soft tokens (model frozen) with the contrastive denoising loss; writes .safetensors.",
         epilog=TRAIN_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder with images + metadata.jsonl, or a .csv")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_SD_MODEL,
-        help=f"Hub id, diffusers folder or .safetensors (default: {DEFAULT_SD_MODEL})",
+    add = parser.add_argument
+    add("--data", type=Path, required=True, help="folder with images + metadata.jsonl, or a .csv")
+    add("--model", default=DEFAULT_SD_MODEL, help="Hub id, diffusers folder or .safetensors file")
+    add("--output", "-o", type=Path, required=True, help="token file to write (.safetensors)")
+    add("--overwrite", action="store_true", help="replace an existing token file")
+    add("--device", default=None, help="cpu or cuda (default: what accelerate chooses)")
+    add("--seed", type=non_negative_int, default=_default("seed"), help="random seed")
+    add("--max-steps", type=positive_int, default=_default("max_steps"), help="optimisation steps")
+    add(
+        "--batch-size",
+        type=positive_int,
+        default=_default("batch_size"),
+        help="images per process and step (B; B^2 pairs)",
     )
-    parser.add_argument("--output", "-o", type=Path, required=True, help="token file to write (.safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing token file")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate chooses)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--max-steps", type=positive_int, default=1000)
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per process and step (B; B^2 pairs)")
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-3)
-    parser.add_argument("--weight-decay", type=ranged_float(0, 1), default=1e-4)
-    parser.add_argument(
-        "--min-learning-rate", type=ranged_float(0, 1), default=1e-5, help="floor of the cosine schedule"
+    add("--learning-rate", type=positive_float, default=_default("learning_rate"), help="AdamW learning rate")
+    add("--weight-decay", type=ranged_float(0, 1), default=_default("weight_decay"), help="AdamW weight decay")
+    add(
+        "--min-learning-rate",
+        type=ranged_float(0, 1),
+        default=_default("min_learning_rate"),
+        help="floor of the cosine schedule",
     )
-    parser.add_argument(
-        "--restart-every", type=positive_int, default=5000, help="steps between cosine warm restarts (reference: 5000)"
+    add(
+        "--restart-every",
+        type=positive_int,
+        default=_default("restart_every"),
+        help="steps between cosine warm restarts (reference: 5000)",
     )
-    parser.add_argument(
+    add(
         "--lr-step-every",
         type=positive_int,
-        default=500,
+        default=_default("lr_step_every"),
         help="steps between learning-rate updates (reference: 500, so T_0 = 10; 1: a smooth cosine)",
     )
-    parser.add_argument("--num-tokens", type=positive_int, default=4, help="m soft tokens")
-    parser.add_argument(
-        "--time-buckets", type=non_negative_int, default=100, help="time-embedding buckets (0: none; reference: 100)"
+    add("--num-tokens", type=positive_int, default=_default("num_tokens"), help="m soft tokens")
+    add(
+        "--time-buckets",
+        type=non_negative_int,
+        default=_default("time_buckets"),
+        help="time-embedding buckets (0: none; reference: 100)",
     )
-    parser.add_argument(
+    add(
         "--time-layout",
         choices=("shared", "per-token"),
-        default="shared",
+        default=_default("time_layout"),
         help="shared: one vector per bucket added to all m tokens (reference); per-token: (buckets, m, width)",
     )
-    parser.add_argument(
-        "--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)"
+    add("--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)")
+    add(
+        "--resolution",
+        type=positive_int,
+        default=_default("resolution"),
+        help="training size in pixels (reference: 512, SDXL included)",
     )
-    parser.add_argument(
-        "--resolution", type=positive_int, default=512, help="training size in pixels (reference: 512, SDXL included)"
+    add(
+        "--logit-form",
+        choices=("exp", "linear"),
+        default=_default("logit_form"),
+        help="contrastive logits: s*exp(-err/tau) or -err/tau",
     )
-    parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="s*exp(-err/tau) or -err/tau")
-    parser.add_argument("--tau", type=positive_float, default=0.07)
-    parser.add_argument("--logit-scale", type=positive_float, default=4.0, help="s of the exp form")
-    parser.add_argument("--direction", choices=("rows", "columns", "both"), default="rows")
-    parser.add_argument("--denoise-weight", type=ranged_float(0, 1e6), default=10.0)
-    parser.add_argument("--negative-bank", type=non_negative_int, default=0, help="extra negative captions per step")
-    parser.add_argument("--gather-negatives", action="store_true", help="other processes' captions as negatives")
-    parser.add_argument("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100)
-    parser.add_argument("--validate-every", type=non_negative_int, default=100)
-    parser.add_argument("--val-fraction", type=ranged_float(0, 0.5), default=0.1)
-    parser.add_argument("--patience", type=non_negative_int, default=0, help="validations without gain before stopping")
-    parser.add_argument("--resume", type=Path, default=None, help="checkpoint file or checkpoint folder to continue")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run_train)
+    add("--tau", type=positive_float, default=_default("tau"), help="temperature of the contrastive logits")
+    add("--logit-scale", type=positive_float, default=_default("scale"), help="s of the exp form")
+    add(
+        "--direction",
+        choices=("rows", "columns", "both"),
+        default=_default("direction"),
+        help="cross-entropy over captions per image (rows), over images per caption (columns) or both",
+    )
+    add(
+        "--denoise-weight",
+        type=ranged_float(0, 1e6),
+        default=_default("denoise_weight"),
+        help="weight of the plain denoising loss on the matching pairs",
+    )
+    add(
+        "--negative-bank",
+        type=non_negative_int,
+        default=_default("negative_bank"),
+        help="extra negative captions per step",
+    )
+    add("--gather-negatives", action="store_true", help="other processes' captions as negatives")
+    add("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call (default: all at once)")
+    add("--gradient-checkpointing", action="store_true", help="recompute UNet activations (less memory, slower)")
+    add(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=_default("mixed_precision"),
+        help="accelerate's mixed precision",
+    )
+    add(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=_default("checkpoint_every"),
+        help="steps between checkpoints (0: none)",
+    )
+    add(
+        "--validate-every",
+        type=non_negative_int,
+        default=_default("validate_every"),
+        help="steps between validations (0: none)",
+    )
+    add(
+        "--val-fraction",
+        type=ranged_float(0, 0.5),
+        default=_default("val_fraction"),
+        help="share of the data held out for validation",
+    )
+    add(
+        "--patience",
+        type=non_negative_int,
+        default=_default("patience"),
+        help="validations without gain before stopping (0: never stop early)",
+    )
+    add("--resume", type=Path, default=None, help="checkpoint file or checkpoint folder to continue")
+    add("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_train)  # fmt: skip
 
 
 def _register_generate(actions) -> None:
@@ -127,11 +200,11 @@ def _register_generate(actions) -> None:
         epilog=GENERATE_EXAMPLE,
     )
     parser.add_argument("prompt", help="text prompt")
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--steps", type=positive_int, default=30)
-    parser.add_argument("--guidance-scale", type=finite_float, default=7.5)
-    parser.add_argument("--width", type=positive_int, default=None)
-    parser.add_argument("--height", type=positive_int, default=None)
+    add_knob(parser, "--negative-prompt", GenerateOptions, "negative_prompt", type=str)
+    add_knob(parser, "--steps", GenerateOptions, "num_inference_steps")
+    add_knob(parser, "--guidance-scale", GenerateOptions, "guidance_scale")
+    add_size_option(parser, GenerateOptions)
+    add_seed_option(parser, GenerateOptions)
     add_model_options(parser)
     add_output_options(parser)
     add_compile_option(parser)
@@ -139,6 +212,12 @@ def _register_generate(actions) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from editkit.errors import InputError
+
+    if not args.data.exists():  # cheap checks before the model loads
+        raise InputError(f"training data not found: {args.data}")
+    if args.output.suffix.lower() != ".safetensors":
+        raise InputError(f"cannot write {args.output}: use a .safetensors file name")
     from editkit.softrepa import ContrastiveLossConfig, TrainConfig, train_soft_tokens
 
     loss = ContrastiveLossConfig(args.logit_form, args.tau, args.logit_scale, args.direction, args.denoise_weight)
@@ -168,33 +247,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from editkit.errors import InputError
     from editkit.image import SAVE_FORMATS, save_image
-    from editkit.models import load_pipeline
-    from editkit.softrepa import load_soft_tokens, use_soft_tokens
-    from editkit.softrepa.train import text_to_image_class
+    from editkit.tasks import GenerateInputs, generate, load_task_pipeline, png_metadata
 
+    options = make_options(GenerateOptions, GENERATE_FLAGS, args)
     check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
     if args.soft_tokens is None:
-        from editkit.errors import InputError
-
         raise InputError(
             "generate needs --soft-tokens FILE (plain generation without tokens is any diffusers pipeline)"
         )
-    pipe = load_pipeline(text_to_image_class(args.model), args.model, device=args.device, dtype=args.dtype)
-    controller = load_soft_tokens(args.soft_tokens, unet=pipe.unet, strength=args.soft_token_strength)
-    if args.compile:
-        from editkit.acceleration import compile_unet
-
-        compile_unet(pipe.unet, mode=compile_mode(args.compile))
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    with use_soft_tokens(pipe.unet, controller):
-        image = pipe(
-            args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale, width=args.width, height=args.height, generator=generator,
-        ).images[0]  # fmt: skip
-    save_image(
-        image, args.output, metadata=png_metadata("softrepa generate", command_params(args)), overwrite=args.overwrite
-    )
+    if not args.soft_tokens.is_file():
+        raise InputError(f"soft-token file not found: {args.soft_tokens}")
+    pipe = load_task_pipeline("generate", args.model, device=args.device, dtype=args.dtype, compile_mode=args.compile)
+    result = generate.run(pipe, GenerateInputs(args.prompt, args.soft_tokens), options)
+    record = {**result.records[0], **run_settings(args)}
+    save_image(result.images[0], args.output, metadata=png_metadata(record), overwrite=args.overwrite)
+    echo(f"wrote {args.output}")
     return 0

@@ -13,26 +13,34 @@ from editkit.cli import echo
 from editkit.commands.batch import Job, check_batch_outputs, fingerprint, output_name, without_outputs
 from editkit.commands.common import (
     add_attention_option,
+    add_knob,
     add_model_options,
     add_output_options,
+    add_seed_option,
+    add_size_option,
     check_output_path,
     command_params,
     load_method_pipeline,
-    non_negative_int,
-    png_metadata,
-    positive_float,
-    positive_int,
-    ranged_float,
+    make_options,
+    run_settings,
 )
 from editkit.errors import InputError, OutputExistsError
 from editkit.image import SAVE_FORMATS
+from editkit.tasks.stylize import StylizeOptions
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-EXAMPLE = """example:
+#: Option field -> flag (an invalid value is reported with its flag).
+FLAGS = {
+    "num_inference_steps": "--steps", "gamma": "--gamma", "tau": "--tau", "adain_strength": "--adain-strength",
+    "resample_steps": "--resample-steps", "feature_timing": "--feature-timing", "injection_sites": "--sites",
+    "prompt": "--prompt", "size": "--size", "seed": "--seed",
+}  # fmt: skip
+EXAMPLE = """examples:
   editkit stylize content.png style.png -o stylized.png --steps 50 --gamma 0.75 --tau 1.5
-  editkit stylize photos/ styles/ -o out/ --save-style-cache caches/   (all pairs, each style inverted once)
+  editkit stylize photos/ styles/ --output-dir out/ --save-style-cache caches/
+      (all pairs, each style inverted once; resumable)
   editkit stylize photo.png --style-cache caches/style.safetensors -o out.png"""
 
 
@@ -44,39 +52,27 @@ def register(subparsers) -> None:
             "Training-free style transfer: the content and style images are inverted with DDIM, then the "
             "content is regenerated with the style's self-attention keys/values in the decoder (query "
             "preservation gamma, temperature tau) from a content-aware AdaIN start latent. One output per "
-            "(content, style) pair; a folder of contents and a folder of styles give all pairs."
+            "(content, style) pair; a folder of contents and a folder of styles give all pairs (--output-dir)."
         ),
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("content", type=Path, help="content image, or a folder of them")
     parser.add_argument("style", type=Path, nargs="*", help="style image(s) or folder(s) of them")
-    add_output_options(parser)
+    add_output_options(parser, required=False, batch=True)
     add_model_options(parser)
     add_attention_option(parser)
     method = parser.add_argument_group("method")
-    method.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
-    method.add_argument("--gamma", type=ranged_float(0, 1), default=0.75, help="content query preservation (0.75)")
-    method.add_argument("--tau", type=positive_float, default=1.5, help="attention temperature, > 1 sharpens (1.5)")
-    method.add_argument(
-        "--adain-strength",
-        type=ranged_float(0, 1),
-        default=0.6,
-        help="style colour strength a_s (1: AdaIN, 0: content's colours; 0.6)",
-    )
-    method.add_argument(
-        "--resample-steps", type=non_negative_int, default=0, help="inversion resampling per step (0: plain DDIM)"
-    )
-    method.add_argument(
-        "--feature-timing",
-        choices=("inversion_step", "inverted_latent"),
-        default="inversion_step",
-        help="injected Q/K/V of step t from UNet(z_{t-1}, t) (default) or UNet(z_t, t) (StyleID's original)",
-    )
-    method.add_argument("--sites", nargs="+", default=None, help="self-attention sites/patterns (default: the model's)")
+    add_knob(method, "--steps", StylizeOptions, "num_inference_steps")
+    add_knob(method, "--gamma", StylizeOptions, "gamma")
+    add_knob(method, "--tau", StylizeOptions, "tau")
+    add_knob(method, "--adain-strength", StylizeOptions, "adain_strength")
+    add_knob(method, "--resample-steps", StylizeOptions, "resample_steps")
+    add_knob(method, "--feature-timing", StylizeOptions, "feature_timing")
+    add_knob(method, "--sites", StylizeOptions, "injection_sites", nargs="+", type=str)
     method.add_argument("--mask", type=Path, default=None, help="stylize only inside this mask (white = stylize)")
-    method.add_argument("--size", type=positive_int, default=None, help="longer side in pixels (default: the model's)")
-    method.add_argument("--prompt", default="", help="optional text prompt (default: empty)")
+    add_size_option(method, StylizeOptions)
+    add_knob(method, "--prompt", StylizeOptions, "prompt", type=str)
+    add_seed_option(method, StylizeOptions)
     cache = parser.add_argument_group("style cache")
     cache.add_argument(
         "--style-cache", type=Path, action="append", default=[], help="use a saved style cache (repeatable)"
@@ -88,6 +84,12 @@ def register(subparsers) -> None:
         help="save computed style caches (a file, or a folder for several)",
     )
     parser.set_defaults(run=run)
+
+
+def options_from_args(args: argparse.Namespace) -> StylizeOptions:
+    """The task options of the parsed arguments (checked: an invalid value names its flag)."""
+    sites = tuple(args.injection_sites) if args.injection_sites else None
+    return make_options(StylizeOptions, FLAGS, args, injection_sites=sites)
 
 
 @dataclass
@@ -106,6 +108,11 @@ def _images_in(path: Path) -> list[Path]:
             raise InputError(f"{path} contains no images ({', '.join(IMAGE_SUFFIXES)})")
         return files
     if not path.exists():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(
+                f"{str(path)!r} is not an image file; stylize takes two image paths, CONTENT and STYLE "
+                "(a text prompt goes to --prompt, or to 'editkit compose' / 'editkit edit')"
+            )
         raise InputError(f"image file not found: {path}")
     return [path]
 
@@ -114,12 +121,18 @@ def _output_name(content: Path, label: str) -> str:
     return output_name(f"{content.stem}__{label}")
 
 
+def _check_mode(args: argparse.Namespace) -> None:
+    """Either -o FILE (one content, one style) or --output-dir DIR (any number of pairs)."""
+    if (args.output is None) == (args.output_dir is None):
+        raise InputError("give -o FILE for one content and one style, or --output-dir DIR for several")
+
+
 def _inputs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
-    """Content and style files, less this batch's own outputs when -o is one of their folders."""
-    contents = without_outputs(_images_in(args.content), args.output)
-    styles = without_outputs([file for path in args.style for file in _images_in(path)], args.output)
-    if args.output.is_dir():  # outputs a killed run wrote before recording them are not inputs either
-        folder = args.output.resolve()
+    """Content and style files, less this batch's own outputs when --output-dir is one of their folders."""
+    contents = without_outputs(_images_in(args.content), args.output_dir)
+    styles = without_outputs([file for path in args.style for file in _images_in(path)], args.output_dir)
+    if args.output_dir is not None and args.output_dir.is_dir():  # outputs a killed run wrote before recording
+        folder = args.output_dir.resolve()
         labels = [p.stem for p in styles] + [p.stem for p in args.style_cache]
         planned = {_output_name(content, label) for content in contents for label in labels}
         contents = [p for p in contents if not (p.resolve().parent == folder and p.name in planned)]
@@ -129,18 +142,23 @@ def _inputs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
+    _check_mode(args)
     contents, styles = _inputs(args)
     caches = list(args.style_cache)
     if not styles and not caches:
         raise InputError("no style given: pass style image(s) or --style-cache FILE")
     labels = [p.stem for p in styles] + [p.stem for p in caches]
-    single = len(contents) == 1 and len(labels) == 1
-    outputs = {}
-    for ci, content in enumerate(contents):
-        for si, label in enumerate(labels):
-            outputs[(ci, si)] = args.output if single else args.output / _output_name(content, label)
-    if not single and (args.output.suffix.lower() in IMAGE_SUFFIXES or args.output.is_file()):
-        raise InputError(f"{len(outputs)} outputs: give a folder for -o, not the file name {args.output}")
+    single = args.output is not None
+    if single and (len(contents) > 1 or len(labels) > 1):
+        count = len(contents) * len(labels)
+        raise InputError(f"{count} outputs: give --output-dir DIR instead of -o {args.output}")
+    if single:
+        check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
+    outputs = {
+        (ci, si): args.output if single else args.output_dir / _output_name(content, label)
+        for ci, content in enumerate(contents)
+        for si, label in enumerate(labels)
+    }
     cache_outputs = []
     if args.save_style_cache is not None:
         if not styles:
@@ -149,13 +167,11 @@ def _plan(args: argparse.Namespace) -> _Plan:
         cache_outputs = [
             args.save_style_cache / f"{p.stem}.safetensors" if many else args.save_style_cache for p in styles
         ]
-    for path in outputs.values() if single else []:
-        check_output_path(path, args.overwrite, suffixes=SAVE_FORMATS)
     for path in cache_outputs:
         check_output_path(path, args.overwrite)
     plan = _Plan(contents, styles, caches, outputs, cache_outputs)
     if not single:
-        check_batch_outputs(_jobs(plan, args), args.output, "stylize", _batch_params(args), args.overwrite)
+        check_batch_outputs(_jobs(plan, args), args.output_dir, "stylize", _batch_params(args), args.overwrite)
     return plan
 
 
@@ -177,7 +193,8 @@ def _jobs(plan: _Plan, args: argparse.Namespace) -> list[Job]:
 
 def _batch_params(args: argparse.Namespace) -> dict:
     """The options a resumed batch must share with the interrupted one (the manifest checks them)."""
-    return command_params(args, skip=("debug", "save_style_cache", "content", "style", "style_cache"))
+    skip = ("debug", "save_style_cache", "content", "style", "style_cache", "output_dir")
+    return command_params(args, skip=skip)
 
 
 def _load_inputs(plan: _Plan, args: argparse.Namespace):
@@ -188,85 +205,50 @@ def _load_inputs(plan: _Plan, args: argparse.Namespace):
     contents = [load_image(path) for path in plan.contents]
     styles = [load_image(path) for path in plan.styles]
     caches = [StyleCache.load(path) for path in plan.caches]
-    if args.mask is not None:
-        load_image(args.mask)  # readable; it is resized to each content's size later
-    return contents, styles, caches
+    mask = None
+    if args.mask is not None:  # read and checked now, fitted to each content by the task
+        from editkit.image import read_mask_image
 
+        mask = read_mask_image(args.mask)
+        from editkit.tasks.common import prepare_mask
 
-def _size(image, target: int):
-    from editkit.image import fit_size
-
-    return fit_size(*image.size, multiple=8, target=target)
-
-
-def _mask(args: argparse.Namespace, size: tuple[int, int]):
-    """The mask at the content's processing size; resize/threshold warnings become one log line each."""
-    from editkit.image import load_mask, mask_coverage
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mask = load_mask(args.mask, size)
-    for warning in caught:
-        logger.warning("%s", warning.message)
-    if mask_coverage(mask) == 0.0:
-        raise InputError(f"mask {args.mask} is empty: nothing would be stylized")
-    return mask[0, 0]
-
-
-def _check_cache_sizes(caches, paths: list[Path], target: int) -> None:
-    for cache, path in zip(caches, paths):
-        if max(cache.size) != target:
-            raise InputError(
-                f"style cache {path} was made at {cache.size[0]}x{cache.size[1]} px; this run uses --size {target}"
-            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # each run reports the resize and threshold
+            for content, path in zip(contents, plan.contents):
+                prepare_mask(mask, content.size, mask.size, f"mask {args.mask} (for {path.name})")
+    return contents, styles, caches, mask
 
 
 def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
     plan = _plan(args)
-    contents, styles, caches = _load_inputs(plan, args)
+    contents, styles, caches, mask = _load_inputs(plan, args)
 
-    import torch
+    from editkit.tasks import StylizeInputs, stylize
 
-    from editkit.image import resize_to
-    from pipelines.style_transfer import StyleTransferPipeline
-
-    pipe, extra = load_method_pipeline(StyleTransferPipeline, args)
-    target = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    _check_cache_sizes(caches, plan.caches, target)
-    style_inputs = [resize_to(image, _size(image, target)) if args.mask is None else image for image in styles]
+    pipe, extra = load_method_pipeline("stylize", args)
     state = {"caches": None}  # every style's cache once it is inverted, reused for the other contents
 
-    def stylize(ci: int, pending: set[Path], on_saved=None) -> None:
-        content = contents[ci]
-        width, height = _size(content, target)
-        mask = _mask(args, (width, height)) if args.mask is not None else None
-        reuse = state["caches"] is not None and args.mask is None
-        out = pipe(
-            content,
-            None if reuse else style_inputs,
-            style_cache=state["caches"] if reuse else caches,
-            prompt=args.prompt,
-            num_inference_steps=args.steps,
-            gamma=args.gamma,
-            tau=args.tau,
-            adain_strength=args.adain_strength,
-            resample_steps=args.resample_steps,
-            feature_timing=args.feature_timing,
-            injection_sites=args.sites,
-            mask=mask,
-            width=width,
-            height=height,
-            offload_features=len(contents) > 1,
-            generator=torch.Generator(device="cpu").manual_seed(args.seed),
-            attention_controllers=extra,
-        )
+    def run_one(ci: int, pending: set[Path], on_saved=None) -> None:
+        reuse = state["caches"] is not None and mask is None
+        files = {"content": plan.contents[ci], **{f"style {i + 1}": p for i, p in enumerate(plan.styles)}}
+        files.update({f"style cache {i + 1}": p for i, p in enumerate(plan.caches)})
+        if args.mask is not None:
+            files["mask"] = args.mask
+        inputs = StylizeInputs(contents[ci], () if reuse else styles, state["caches"] if reuse else caches, mask, files)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = stylize.run(pipe, inputs, options, attention_controllers=extra,
+                                 offload_features=len(contents) > 1)  # fmt: skip
+        for warning in caught:
+            logger.warning("%s", warning.message)
         if state["caches"] is None:
-            state["caches"] = out.style_caches
-            _save_caches(out.style_caches, plan, args)
-        _save_outputs(out.images, ci, plan, args, pending, on_saved)
+            state["caches"] = result.style_caches
+            _save_caches(result.style_caches, plan, args)
+        _save_outputs(result, ci, plan, args, pending, on_saved)
 
-    if len(plan.outputs) == 1:
-        stylize(0, set(plan.outputs.values()))
+    if args.output is not None:
+        run_one(0, set(plan.outputs.values()))
         return 0
     from editkit.commands.batch import run_batch
 
@@ -274,10 +256,10 @@ def run(args: argparse.Namespace) -> int:
 
     def produce(task) -> None:
         pending = {task.path(name) for name in task.pending}
-        stylize(index[task.job.key], pending, lambda path: task.written(path.name))
+        run_one(index[task.job.key], pending, lambda path: task.written(path.name))
 
     manifest = run_batch(
-        _jobs(plan, args), args.output, "stylize", _batch_params(args), produce, overwrite=args.overwrite
+        _jobs(plan, args), args.output_dir, "stylize", _batch_params(args), produce, overwrite=args.overwrite
     )
     echo(manifest)
     return 0
@@ -297,17 +279,17 @@ def _save_caches(caches, plan: _Plan, args: argparse.Namespace) -> None:
                 logger.info("style cache %s was saved by another process of this batch", path)
 
 
-def _save_outputs(images, content_index: int, plan: _Plan, args: argparse.Namespace, pending, on_saved) -> None:
+def _save_outputs(result, content_index: int, plan: _Plan, args: argparse.Namespace, pending, on_saved) -> None:
     from editkit.image import save_image
+    from editkit.tasks import png_metadata
 
     labels = [str(p) for p in plan.styles] + [f"cache:{p}" for p in plan.caches]
-    for si, image in enumerate(images):
+    for si, (image, record) in enumerate(zip(result.images, result.records)):
         path = plan.outputs[(content_index, si)]
         if path not in pending:
             continue  # written by an interrupted run of this batch
-        params = command_params(args, skip=("style", "style_cache", "content"))
-        params.update(content=str(plan.contents[content_index]), style=labels[si])
-        save_image(image, path, metadata=png_metadata("stylize", params), overwrite=args.overwrite)
+        record = {**record, **run_settings(args), "content": str(plan.contents[content_index]), "style": labels[si]}
+        save_image(image, path, metadata=png_metadata(record), overwrite=args.overwrite)
         if on_saved is not None:
             on_saved(path)
         echo(path)

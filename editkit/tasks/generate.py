@@ -1,0 +1,84 @@
+"""The soft-token generation task (``editkit softrepa generate``, the app's Soft tokens tab): the
+model family's plain text-to-image pipeline with SoftREPA tokens in both CFG branches."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from editkit.errors import InputError
+from editkit.tasks.common import Size, make_generator, processing_size, run_record
+from editkit.tasks.options import check_options, knob
+from editkit.tasks.stylize import check_size
+
+__all__ = ["GenerateInputs", "GenerateOptions", "GenerateResult", "run"]
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Text-to-image knobs (diffusers' StableDiffusionPipeline names and defaults) and the token strength."""
+
+    num_inference_steps: int = knob(50, "denoising steps", low=1, integer=True, label="Steps", slider=(1, 100, 1))
+    guidance_scale: float = knob(7.5, "classifier-free guidance scale", low=0, high=50, label="Guidance scale",
+                                 slider=(1, 20, 0.5))  # fmt: skip
+    negative_prompt: str | None = knob(None, "what to avoid")
+    soft_token_strength: float = knob(1.0, "scale of the soft tokens (0: the model without them)",
+                                      label="Token strength (0: the model without tokens)",
+                                      slider=(0, 2, 0.05))  # fmt: skip
+    size: Size = knob(None, "image size: the side in pixels, or WIDTHxHEIGHT (unset: the model's size)")
+    seed: int = knob(0, "random seed (a CPU generator)", low=0, integer=True, label="Seed")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        check_size(self.size)
+        strength = self.soft_token_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise InputError(f"soft_token_strength must be a finite number, got {strength!r}")
+
+
+@dataclass
+class GenerateInputs:
+    """A prompt and a SoftREPA token file (``.safetensors``); ``files`` to hash (the token file by default)."""
+
+    prompt: str
+    soft_tokens: str | os.PathLike
+    files: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateResult:
+    images: list[Image.Image]
+    records: list[dict[str, Any]]
+
+
+def run(pipe: Any, inputs: GenerateInputs, options: GenerateOptions) -> GenerateResult:
+    """Generate ``inputs.prompt`` with the tokens at the processing size, a CPU generator of the seed."""
+    from editkit.softrepa import load_soft_tokens, use_soft_tokens
+
+    if not str(inputs.prompt).strip():
+        raise InputError("the prompt is empty; describe the image")
+    controller = load_soft_tokens(inputs.soft_tokens, unet=pipe.unet, strength=options.soft_token_strength)
+    width, height = processing_size(pipe, options.size)
+    with use_soft_tokens(pipe.unet, controller):
+        images = pipe(
+            inputs.prompt,
+            negative_prompt=options.negative_prompt,
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
+            width=width,
+            height=height,
+            generator=make_generator(options.seed),
+        ).images
+    used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
+            "sampler": type(pipe.scheduler).__name__, "guidance_scale": options.guidance_scale}  # fmt: skip
+    files = inputs.files or {"soft_tokens": inputs.soft_tokens}
+    record = run_record(
+        "softrepa generate", pipe, used, {"prompt": inputs.prompt, **dataclasses.asdict(options)}, files
+    )
+    return GenerateResult(list(images), [record] * len(images))

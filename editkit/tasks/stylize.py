@@ -1,0 +1,130 @@
+"""The stylize task: :class:`StylizeOptions` and ``run(pipe, inputs, options)`` (AttenST / StyleID)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from editkit.errors import InputError
+from editkit.image import resize_to
+from editkit.tasks.common import Size, make_generator, prepare_mask, processing_size, run_record
+from editkit.tasks.options import check_options, knob
+
+__all__ = ["FEATURE_TIMINGS", "StylizeInputs", "StylizeOptions", "StylizeResult", "run"]
+
+FEATURE_TIMINGS = ("inversion_step", "inverted_latent")
+
+
+def check_size(size: Size) -> None:
+    """``size``: None, a side >= 1 or (width, height) >= 1."""
+    sides = size if isinstance(size, tuple) else (size,) if size is not None else ()
+    if len(sides) not in (0, 1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise InputError(f"size must be a side >= 1 or (width, height), got {size!r}")
+
+
+@dataclass(frozen=True)
+class StylizeOptions:
+    """Style transfer knobs (the pipeline's names and defaults, AttenST/StyleID's paper values)."""
+
+    num_inference_steps: int = knob(50, "DDIM steps N, shared by inversion and generation", low=1, integer=True,
+                                    label="Steps", slider=(1, 100, 1))  # fmt: skip
+    gamma: float = knob(0.75, "content query preservation (0: the stylized query, 1: the content's)", low=0, high=1,
+                        label="gamma: query preservation (1 keeps the content)", slider=(0, 1, 0.05))  # fmt: skip
+    tau: float = knob(1.5, "attention temperature, logits x tau/sqrt(d) (1: plain; > 1 sharpens)", low=0,
+                      low_open=True, label="tau: attention temperature (sharpens the style)",
+                      slider=(0.5, 3, 0.1))  # fmt: skip
+    adain_strength: float | None = knob(0.6, "content-aware AdaIN strength a_s (1: AdaIN, 0: the content's colours)",
+                                        low=0, high=1, label="AdaIN style strength (0 keeps the content's colours)",
+                                        slider=(0, 1, 0.05))  # fmt: skip
+    resample_steps: int = knob(0, "style-preserving inversion resampling per step (0: plain DDIM; AttenST: 5)",
+                               low=0, integer=True)  # fmt: skip
+    feature_timing: str = knob("inversion_step", "injected Q/K/V of step t: UNet(z_{t-1}, t) or UNet(z_t, t) "
+                               "(StyleID's original)", choices=FEATURE_TIMINGS)  # fmt: skip
+    injection_sites: tuple[str, ...] | None = knob(None, "self-attention sites/patterns (unset: the model's)")
+    prompt: str = knob("", "optional text prompt")
+    size: Size = knob(None, "processing size: the longer side in pixels, or WIDTHxHEIGHT (unset: the model's size)")
+    seed: int = knob(0, "random seed (a CPU generator)", low=0, integer=True, label="Seed")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        check_size(self.size)
+
+
+@dataclass
+class StylizeInputs:
+    """A content image, styles as images and/or caches, an optional mask; ``files``: role -> path to hash."""
+
+    content: Image.Image
+    styles: Sequence[Image.Image] = ()
+    style_caches: Sequence[Any] = ()
+    mask: Any = None  # a path or an image (its alpha channel when it has one, else its luminance)
+    files: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StylizeResult:
+    """One image per style (images first, then caches), the styles' caches, one record per image."""
+
+    images: list[Image.Image]
+    style_caches: list[Any]
+    records: list[dict[str, Any]]
+
+
+def check_inputs(pipe: Any, inputs: StylizeInputs, options: StylizeOptions) -> None:
+    """Refuse what the pipeline would refuse later: no style, caches made at another size."""
+    if not inputs.styles and not inputs.style_caches:
+        raise InputError("no style given: pass style image(s) or a style cache")
+    for index, cache in enumerate(inputs.style_caches):
+        expected = processing_size(pipe, options.size, tuple(cache.size))
+        if tuple(cache.size) != expected:
+            raise InputError(
+                f"style cache {index + 1} was made at {cache.size[0]}x{cache.size[1]} px; "
+                f"this run uses {expected[0]}x{expected[1]}"
+            )
+
+
+def run(
+    pipe: Any,
+    inputs: StylizeInputs,
+    options: StylizeOptions,
+    *,
+    attention_controllers: Sequence[Any] = (),
+    offload_features: bool = False,
+) -> StylizeResult:
+    """Stylize ``inputs.content`` by every style at the processing size, with a CPU generator of the seed."""
+    check_inputs(pipe, inputs, options)
+    width, height = processing_size(pipe, options.size, inputs.content.size)
+    mask = None
+    if inputs.mask is not None:
+        mask = prepare_mask(inputs.mask, inputs.content.size, (width, height))[0, 0]
+    # with a mask the pipeline takes the styles at the content's size; otherwise each at its own
+    styles = [s if mask is not None else resize_to(s, processing_size(pipe, options.size, s.size))
+              for s in inputs.styles]  # fmt: skip
+    out = pipe(
+        resize_to(inputs.content, (width, height)),
+        styles or None,
+        style_cache=list(inputs.style_caches),
+        prompt=options.prompt,
+        num_inference_steps=options.num_inference_steps,
+        gamma=options.gamma,
+        tau=options.tau,
+        adain_strength=options.adain_strength,
+        resample_steps=options.resample_steps,
+        feature_timing=options.feature_timing,
+        injection_sites=list(options.injection_sites) if options.injection_sites else None,
+        mask=mask,
+        width=width,
+        height=height,
+        offload_features=offload_features,
+        generator=make_generator(options.seed),
+        attention_controllers=list(attention_controllers),
+    )
+    used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
+            "sampler": "DDIM", "guidance_scale": 1.0}  # fmt: skip
+    record = run_record("stylize", pipe, used, dataclasses.asdict(options), inputs.files)
+    records = [{**record, "style_index": index} for index in range(len(out.images))]
+    return StylizeResult(list(out.images), list(out.style_caches or []), records)
