@@ -135,6 +135,15 @@ class ModelManager:
         with self._run_lock:
             yield
 
+    def interrupt(self) -> None:
+        """Ask the running pipeline to stop after its current step (the app's Cancel button).
+
+        Sets diffusers' ``_interrupt`` flag on every built pipeline; each pipeline clears it when a
+        call begins and checks it after each denoising step (it then decodes what it has).
+        """
+        for pipe in list(self._pipelines.values()):
+            pipe._interrupt = True
+
     def generator(self, pipe: Any, seed: int) -> torch.Generator:
         """A generator on the pipeline's execution device seeded with ``seed``."""
         device = getattr(pipe, "_execution_device", None) or pipe.device
