@@ -2,7 +2,7 @@
 
 The shipped outputs come from one run on the shapes model (``assets/models/shapes-sd``)::
 
-    HF_HUB_OFFLINE=1 jupyter execute --inplace --NbClientApp.record_timing=False examples/quickstart.ipynb
+    HF_HUB_OFFLINE=1 python examples/execute_quickstart.py
 
 The run test executes a copy with nbclient (a fresh kernel, bounded time) in a temporary working
 folder, so the notebook's own path logic, not the working folder, finds the repository.
