@@ -208,3 +208,23 @@ def test_errors_and_rejected_uploads_go_to_the_messages_box(page, tmp_path, scre
     path = screenshots / "stylize-error.png"
     page.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")
+
+
+def test_progress_names_the_phase_and_cancel_stops_the_run(page, served):
+    """The run's progress bar names its phase; Cancel drops the run (its inversions may finish first)."""
+    expect = playwright_api.expect
+    _open_tab(page, "Stylize", "stylize")
+    page.locator("#stylize-content input[type=file]").set_input_files(str(EXAMPLES / "content.png"))
+    page.locator("#stylize-style input[type=file]").set_input_files(str(EXAMPLES / "style.png"))
+    expect(page.locator("#stylize-style img")).to_be_visible(timeout=TIMEOUT_MS)
+    _set_steps(page, "stylize", 100)
+    page.locator("#stylize-run").click()
+    progress = page.locator("#stylize-result")  # the run's one progress bar sits on the result box
+    phase = re.compile(r"(inverting content|inverting style|generating) - \d")
+    expect(progress).to_contain_text(phase, timeout=TIMEOUT_MS)
+    page.locator("#stylize-cancel").click()
+    expect(page.locator("#stylize-messages textarea")).to_have_value("Cancelled.", timeout=TIMEOUT_MS)
+    expect(progress).not_to_contain_text(re.compile(r"\d+/100"), timeout=TIMEOUT_MS)
+    expect(page.locator("#stylize-result img")).to_have_count(0)
+    with served[0].editkit_manager.session():  # the worker thread has let go of the model: nothing left running
+        pass

@@ -24,6 +24,7 @@ import gradio as gr
 from editkit.app.handlers import Handlers
 from editkit.app.models import ModelManager
 from editkit.app.render import REPORT_HEADERS, page_event, upload_message
+from editkit.quiet import quiet_library_noise
 
 __all__ = ["CONCURRENCY_ID", "EXAMPLES_DIR", "MAX_FILE_SIZE", "build_demo", "launch_demo"]
 
@@ -118,7 +119,11 @@ def _wire(handlers: Handlers, buttons: tuple, fn: Any, inputs: list, outputs: li
         show_progress_on=[outputs[0]],  # one progress bar per run, named after the running phase
         **common,
     )
-    cancel.click(handlers.manager.interrupt, cancels=[event], queue=False, api_visibility="private")
+    def cancel_run() -> str:
+        handlers.manager.interrupt()
+        return "Cancelled."
+
+    cancel.click(cancel_run, outputs=[outputs[2]], cancels=[event], queue=False, api_visibility="private")
     api_trigger = gr.Button(visible=False, elem_id=f"{api_name}-api")
     api_trigger.click(fn, inputs=inputs, outputs=outputs[:4], api_name=api_name, **common)
 
@@ -275,6 +280,7 @@ def build_demo(
 
 def launch_demo(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any):
     """Launch with editkit's settings: the upload limit, no tracebacks in the page, API link in the footer."""
+    quiet_library_noise()  # an edge: two harmless dependency messages (see editkit.quiet)
     options: dict[str, Any] = {
         "server_name": host,
         "server_port": port,
