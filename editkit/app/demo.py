@@ -119,6 +119,7 @@ def _wire(handlers: Handlers, buttons: tuple, fn: Any, inputs: list, outputs: li
         show_progress_on=[outputs[0]],  # one progress bar per run, named after the running phase
         **common,
     )
+
     def cancel_run() -> str:
         handlers.manager.interrupt()
         return "Cancelled."
