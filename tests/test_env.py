@@ -26,8 +26,9 @@ FIELDS = (
     "offline mode",
     "default model",
 )
-#: The target is 3 s on an idle machine (torch's import is most of it); the margin absorbs a loaded CI box.
-WALL_LIMIT_S = 10.0
+#: The target is 3 s on an idle machine, and torch's import (needed for CUDA/MPS) is most of it; so the
+#: test bounds what editkit adds on top of a bare ``import torch`` timed alongside (robust on a loaded box).
+OVER_TORCH_LIMIT_S = 5.0
 
 
 def _fake_cache(cache: Path, repo_id: str) -> None:
@@ -50,14 +51,17 @@ def test_env_lists_every_field_quickly_and_sees_the_cached_default_model(tmp_pat
         [sys.executable, "-m", "editkit.cli", "env"], capture_output=True, text=True, env=env, timeout=120
     )
     wall = time.perf_counter() - start
-    print(f"editkit env: {wall:.2f} s wall")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, env=env, timeout=120)
+    floor = time.perf_counter() - start
+    print(f"editkit env: {wall:.2f} s wall; import torch: {floor:.2f} s")
     assert result.returncode == 0, result.stderr
     lines = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert set(FIELDS) <= set(lines), set(FIELDS) - set(lines)
     assert lines["hf cache"] == str(cache)
     assert lines["offline mode"].startswith("on")
     assert lines["default model"] == f"{DEFAULT_SD_MODEL}: cached"
-    assert wall < WALL_LIMIT_S
+    assert wall < floor + OVER_TORCH_LIMIT_S
     assert result.stderr == ""  # no warnings, no progress bars
 
 
