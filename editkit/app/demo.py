@@ -130,11 +130,14 @@ def _wire(handlers: Handlers, buttons: tuple, fn: Any, inputs: list, outputs: li
 
 
 def _report_uploads(handlers: Handlers, fields: list[tuple[gr.components.Component, str]], messages) -> None:
-    """Check each upload at once and say in the Messages box whether it was accepted, or why not."""
+    """Check each upload at once and say in the Messages box whether it was accepted, or why not.
+
+    ``fields``: (component, label); the Soft tokens tab's file is a token file, every other one an image.
+    """
     for component, label in fields:
 
-        def check(value: Any, label: str = label) -> str:
-            size, error = handlers.check_upload(value, label)
+        def check(value: Any, label: str = label, kind: str = "tokens" if label == "soft-token" else "image") -> str:
+            size, error = handlers.check_upload(value, label, kind)
             return upload_message(label, size, error)
 
         component.upload(

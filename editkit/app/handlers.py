@@ -275,16 +275,16 @@ class Handlers:
         folders = self.upload_folders if self.upload_folders is not None else [gradio_upload_folder()]
         return vetted_upload(value, label, folders)
 
-    def check_upload(self, value: Any, label: str) -> tuple[tuple[int, int] | None, str | None]:
+    def check_upload(self, value: Any, label: str, kind: str = "image") -> tuple[tuple[int, int] | None, str | None]:
         """Check an upload as the run will: ((width, height) or None, None) if accepted, (None, reason) if not.
 
-        ``label`` ends in "image" for images (size, pixel limit, decoding) or names the soft-token file.
+        ``kind``: "image" (upload folder, pixel limit, decoding) or "tokens" (a soft-token file's format).
         """
         try:
             path = self._upload(value, label)
             if path is None:
                 return None, None
-            if not label.endswith("image"):
+            if kind == "tokens":
                 from editkit.softrepa import read_soft_tokens
 
                 try:
