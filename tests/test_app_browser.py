@@ -205,6 +205,7 @@ def test_errors_and_rejected_uploads_go_to_the_messages_box(page, tmp_path, scre
     expect(messages).to_have_value(re.compile("^Rejected the content image"), timeout=TIMEOUT_MS)
     text = messages.input_value()
     assert "not an image" in text and str(tmp_path) not in text and "/tmp/" not in text
+    expect(page.locator("#stylize-content img")).to_have_count(0)  # the rejected upload is cleared
     path = screenshots / "stylize-error.png"
     page.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")

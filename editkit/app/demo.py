@@ -130,18 +130,24 @@ def _wire(handlers: Handlers, buttons: tuple, fn: Any, inputs: list, outputs: li
 
 
 def _report_uploads(handlers: Handlers, fields: list[tuple[gr.components.Component, str]], messages) -> None:
-    """Check each upload at once and say in the Messages box whether it was accepted, or why not.
+    """Check each upload at once and say in the Messages box whether it was accepted, or why not;
+    a rejected upload is also cleared from its field.
 
     ``fields``: (component, label); the Soft tokens tab's file is a token file, every other one an image.
     """
     for component, label in fields:
 
-        def check(value: Any, label: str = label, kind: str = "tokens" if label == "soft-token" else "image") -> str:
+        def check(value: Any, label: str = label, kind: str = "tokens" if label == "soft-token" else "image"):
             size, error = handlers.check_upload(value, label, kind)
-            return upload_message(label, size, error)
+            return upload_message(label, size, error), gr.skip() if error is None else None
 
         component.upload(
-            check, inputs=[component], outputs=[messages], preprocess=False, api_visibility="private", queue=False
+            check,
+            inputs=[component],
+            outputs=[messages, component],
+            preprocess=False,
+            api_visibility="private",
+            queue=False,
         )
 
 
