@@ -17,6 +17,7 @@ import warnings
 
 from editkit import __version__
 from editkit.errors import EditkitError
+from editkit.quiet import quiet_library_noise
 
 # Subcommand modules under editkit.commands, in the order --help lists them.
 COMMANDS = ("stylize", "edit", "compose", "softrepa", "app", "env")
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
+    quiet_library_noise()  # two harmless dependency messages (editkit.quiet lists them and why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # each distinct warning once
@@ -138,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning for the user as one line on stderr; library deprecation noise only in --debug logs."""
-    if issubclass(category, (DeprecationWarning, FutureWarning)):
+    """A warning for the user as one line on stderr; deprecation and resource noise only in --debug logs.
+
+    ResourceWarning ("unclosed event loop" from gradio's launch) is ignored by Python's default
+    filters; the ``simplefilter("default")`` above would show it, so it goes to the debug log too.
+    """
+    if issubclass(category, (DeprecationWarning, FutureWarning, ResourceWarning)):
         logging.getLogger("py.warnings").debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
         return
     print(f"editkit: warning: {message}", file=sys.stderr)

@@ -284,13 +284,13 @@ def _vae_precision(vae: AutoencoderKL, *, force: bool = False) -> Iterator[torch
     """Run a float16 VAE with ``force_upcast`` (SDXL: fp16 overflow), or ``force``, in float32, restoring it after."""
     dtype = vae.dtype
     upcast = dtype == torch.float16 and (force or getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
+    if upcast:  # .float()/.half(), not .to(dtype): diffusers' to() warns about an empty fp32-module list
+        vae.float()
     try:
         yield torch.float32 if upcast else dtype
     finally:
         if upcast:
-            vae.to(dtype)
+            vae.half()  # upcast only happens from float16
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:

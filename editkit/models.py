@@ -207,7 +207,7 @@ def load_pipeline(
     family = model_family(pipe)
     _note_vae_upcast(pipe, family, dtype)
     logger.info("loaded %s (%s, %s) on %s", model, family, dtype, device)
-    return pipe.to(device)
+    return pipe.to(device, silence_dtype_warnings=True)  # fp16 on the CPU: choose_dtype warned once already
 
 
 def source_family(kind: str, source: str | Path, kwargs: dict[str, Any] | None = None) -> str | None:

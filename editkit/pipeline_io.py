@@ -49,6 +49,7 @@ __all__ = [
     "check_output_type",
     "image_latents",
     "is_latents",
+    "phase_label",
     "pipeline_images",
     "pixel_size",
     "postprocess",
@@ -327,6 +328,21 @@ class DiffusersPipelineMixin(PromptEncodingMixin, StableDiffusionMixin, FromSing
         compile_unet(self.unet, mode=mode, backend=backend, fullgraph=fullgraph, **options)
         return self
 
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+        """diffusers' progress bar, named after the phase it counts (``desc``: "inverting content", "generating").
+
+        The name shows in terminals and in gradio's progress (``track_tqdm``). A ``desc`` set with
+        ``set_progress_bar_config`` wins, and ``disable=True`` still disables the bar.
+        """
+        config = getattr(self, "_progress_bar_config", None)
+        if desc is None or not isinstance(config, dict | None) or "desc" in (config or {}):
+            return super().progress_bar(iterable=iterable, total=total)
+        self._progress_bar_config = {**(config or {}), "desc": desc}  # diffusers builds the bar from this dict
+        try:
+            return super().progress_bar(iterable=iterable, total=total)
+        finally:
+            self._progress_bar_config = config if config is not None else {}
+
     @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
@@ -345,6 +361,11 @@ class DiffusersPipelineMixin(PromptEncodingMixin, StableDiffusionMixin, FromSing
 
     def _begin_run(self, guidance_scale: float, num_timesteps: int) -> None:
         self._guidance_scale, self._num_timesteps, self._interrupt = float(guidance_scale), int(num_timesteps), False
+
+
+def phase_label(phase: str, index: int, count: int) -> str:
+    """A progress bar's name for item ``index`` (0-based) of ``count``: "inverting style 1/2", or the phase alone."""
+    return f"{phase} {index + 1}/{count}" if count > 1 else phase
 
 
 def callback_tensor_names(pipe, callback, tensor_inputs: Sequence[str] | None) -> list[str]:

@@ -261,12 +261,14 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
             current = updated
         return current.to(latents.dtype), maps
 
-    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback):
-        """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps)."""
+    def denoise(self, noise: torch.Tensor, timesteps, run: _Run, generator, callback, label: str = "stage 1"):
+        """Stage 1 from ``noise`` (z_T): guided steps, then plain CFG steps; returns (latents, mean maps).
+
+        ``label`` names the progress bar ("stage 1", or "refinement" for the regeneration from the refined noise)."""
         latents = noise * self.scheduler.init_noise_sigma
         captured: list[torch.Tensor] = []
         extra = scheduler_step_kwargs(self.scheduler, generator, run.eta)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps), desc=label) as progress_bar:
             for i, t in enumerate(timesteps):
                 run.controller.begin_step(i, t)
                 if i < run.guided_steps:
@@ -538,7 +540,7 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
                     options["initno_steps"],
                 )  # fmt: skip
                 self.scheduler.set_timesteps(steps, device=device)
-                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback)
+                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback, "refinement")
                 report_after = self.verify(verifier, second, second_maps, run)
                 if verifier.rank(report_after) > verifier.rank(report_before):
                     final, chosen = second, "refined"

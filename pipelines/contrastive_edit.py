@@ -492,7 +492,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
             self.attach_controllers(controller),
             self._frozen_unet(gradient_checkpointing),
             unet_call_kwargs(self.unet, cross_attention_kwargs),
-            self.progress_bar(total=num_inference_steps) as progress,
+            self.progress_bar(total=num_inference_steps, desc="editing") as progress,
         ):
             for i in range(num_inference_steps):
                 t, step, loss = self._iteration(i, latents, source_latents, text, settings, controller, recorder)

@@ -64,6 +64,7 @@ from editkit.pipeline_io import (
     check_output_type,
     image_latents,
     is_latents,
+    phase_label,
     pipeline_images,
     pixel_size,
     postprocess,
@@ -265,7 +266,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         z = latents.float()
         guidance_scale, guidance_rescale = guidance
         cfg = guidance_scale > 1.0
-        for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
+        for index, t in enumerate(self.progress_bar(scheduler.timesteps, desc="generating")):
             # the controller keys on the int; the UNet gets the tensor, so a compiled UNet does not
             # specialise (and recompile) on each timestep's Python int
             controller.begin_step(index, int(t))
@@ -428,12 +429,12 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         ip_count = ip_adapter_count(self.unet)
         ip_snapshot = scale_snapshot(self.unet) if ip_count else None
         ip_given = given_ip_embeds(self, ip_adapter_image, ip_adapter_image_embeds, ip_count, guidance_scale > 1.0)
-        progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
+        progress = lambda label: lambda steps: self.progress_bar(list(steps), desc=label)  # noqa: E731
         fingerprint, family = model_fingerprint(self.unet), model_family(self.unet)
         extra = list(attention_controllers or [])
-        invert = lambda image, kind, text: self._invert(  # noqa: E731
+        invert = lambda image, kind, text, label: self._invert(  # noqa: E731
             image, kind, sites if kind == "style" or gamma > 0 else [], window, text, num_inference_steps,
-            inversion, offload, ip_count, extra, progress,
+            inversion, offload, ip_count, extra, progress(label),
         )  # fmt: skip
         try:
             with (
@@ -444,8 +445,10 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                     self.set_ip_adapter_scale([0.0] * ip_count)  # inversion runs without the image prompt
 
                 # 3. Content inversions (their queries), unless cached: one per batch item.
+                content_label = lambda i: phase_label("inverting content", i, batch)  # noqa: E731
                 content_caches = given_content or [
-                    invert(contents[i : i + 1], "content", text(i, content_size)[0]) for i in range(batch)
+                    invert(contents[i : i + 1], "content", text(i, content_size)[0], content_label(i))
+                    for i in range(batch)
                 ]
                 for cache in content_caches:
                     cache.validate(
@@ -457,10 +460,14 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
 
                 # 4. Style inversions (their keys and values), unless cached: once per distinct prompt.
                 style_tensors = [self._prepare_image(style, style_size, "style_image") for style in styles]
+                style_label = lambda j: phase_label("inverting style", j, len(style_tensors))  # noqa: E731
                 caches_by_prompt = {}
                 for index, key in enumerate(keys):
                     if key not in caches_by_prompt:
-                        inverted = [invert(s, "style", text(index, self._pixel_size(s))[0]) for s in style_tensors]
+                        inverted = [
+                            invert(s, "style", text(index, self._pixel_size(s))[0], style_label(j))
+                            for j, s in enumerate(style_tensors)
+                        ]
                         caches_by_prompt[key] = inverted + given_caches
                 for cache in given_caches:
                     cache.validate(kind="style", model=fingerprint, sites=sites, timesteps=window, family=family)

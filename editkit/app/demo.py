@@ -5,6 +5,12 @@
 ``/generate_with_tokens`` (``gradio_client.Client(url).predict(..., api_name="/stylize")``).
 All four share one concurrency group of size 1, so runs on the shared UNet are queued, never
 interleaved. :func:`launch_demo` applies the launch settings (upload limit, no tracebacks).
+
+Each tab's Run and Cancel buttons sit right under its main inputs (visible without scrolling on
+a 1280x900 window); the page's own events show results for people (``editkit.app.render``:
+enlarged small results, errors in the Messages box, the compose report as a table), while the
+named API endpoints keep the handlers' values as they are. Each upload is checked at once and
+its acceptance or rejection is said in the Messages box.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import gradio as gr
 
 from editkit.app.handlers import Handlers
 from editkit.app.models import ModelManager
+from editkit.app.render import REPORT_HEADERS, page_event, upload_message
+from editkit.quiet import quiet_library_noise
 from editkit.tasks import ComposeOptions, EditOptions, GenerateOptions, StylizeOptions
 from editkit.tasks.options import knob_of
 
@@ -30,6 +38,11 @@ CACHE_LIFETIME = (3600, 3600)
 CONCURRENCY_ID = "editkit-model"
 #: Example inputs shipped with a source checkout (absent from an installed wheel: no examples then).
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
+#: The demo soft-token file for the shipped shapes model (``examples/make_demo_tokens.py`` makes it).
+DEMO_TOKENS = Path(__file__).resolve().parents[2] / "assets" / "demo" / "shapes-softrepa.safetensors"
+#: Heights in pixels of the result boxes (a minimum: results are shown enlarged to fill them) and input images.
+RESULT_HEIGHT = 448
+INPUT_HEIGHT = 220
 TITLE = "editkit: diffusion image editing and style transfer"
 INTRO = (
     "Training-free style transfer (AttenST/StyleID), contrastive editing (DDS/CDS), compositional "
@@ -39,42 +52,105 @@ INTRO = (
 
 
 def _result_column(tab: str, report: bool = False) -> list[gr.components.Component]:
-    """The outputs every tab shares: image, PNG download with parameters, messages (+ report)."""
+    """The outputs every tab shares: image (shown enlarged), PNG download, messages; (+ JSON report, table)."""
     outputs = [
         gr.Image(
-            label="Result",
+            label="Result (small outputs shown enlarged; the PNG below is the true output)",
             type="pil",
             format="png",
             interactive=False,
-            buttons=["download", "fullscreen"],
+            height=RESULT_HEIGHT,
+            buttons=["fullscreen"],  # the download is the PNG file below, at its true size
             elem_id=f"{tab}-result",
         ),
         gr.File(label="PNG with parameters", interactive=False, elem_id=f"{tab}-download"),
-        gr.Textbox(label="Messages", interactive=False, lines=2, elem_id=f"{tab}-messages"),
+        gr.Textbox(label="Messages", interactive=False, lines=3, elem_id=f"{tab}-messages"),
     ]
-    if report:
-        outputs.append(gr.JSON(label="Constraint report", elem_id=f"{tab}-report"))
+    if report:  # the API's JSON (hidden) and the page's table
+        outputs.append(gr.JSON(label="Constraint report (JSON)", visible=False, elem_id=f"{tab}-report-json"))
+        outputs.append(
+            gr.Dataframe(
+                headers=REPORT_HEADERS, label="Constraint report", interactive=False, wrap=True, elem_id=f"{tab}-report"
+            )
+        )
     return outputs
 
 
-def _examples(rows: list[list[str]], inputs: list[gr.components.Component]) -> None:
-    """Example rows of files under :data:`EXAMPLES_DIR` (skipped when the files are not there)."""
-    resolved = [[str(EXAMPLES_DIR / name) if name else None for name in row] for row in rows]
-    if all(path is None or os.path.isfile(path) for row in resolved for path in row):
-        gr.Examples(examples=resolved, inputs=inputs)
+def _example_file(name: str | None) -> str | None:
+    """An example file: a name under :data:`EXAMPLES_DIR` or an absolute path; None when it is not there."""
+    path = Path(name) if name and os.path.isabs(name) else EXAMPLES_DIR / (name or "")
+    return str(path) if name and path.is_file() else None
 
 
-def _wire(button: gr.Button, fn: Any, inputs: list, outputs: list, api_name: str) -> None:
-    button.click(
-        fn,
+def _examples(tab: str, rows: list[list[str]], inputs: list[gr.components.Component], files: int = 0) -> None:
+    """Example rows filling every field they name; the first ``files`` values are files (rows skipped if absent)."""
+    resolved = [[_example_file(v) if i < files else v for i, v in enumerate(row)] for row in rows]
+    if all(value is not None for row in resolved for value in row):
+        gr.Examples(examples=resolved, inputs=inputs, elem_id=f"{tab}-examples")
+
+
+def _buttons(label: str, tab: str) -> tuple[gr.Button, gr.Button]:
+    """The tab's Run and Cancel buttons, side by side."""
+    with gr.Row():
+        run = gr.Button(label, variant="primary", elem_id=f"{tab}-run", scale=2)
+        cancel = gr.Button("Cancel", variant="secondary", elem_id=f"{tab}-cancel", scale=1)
+    return run, cancel
+
+
+def _wire(handlers: Handlers, buttons: tuple, fn: Any, inputs: list, outputs: list, api_name: str) -> None:
+    """The page's Run and Cancel events, and the named API endpoint (on a hidden trigger).
+
+    The page's event shows results for people (:func:`~editkit.app.render.page_event`); the API
+    endpoint returns the handler's values as they are (true-size image, JSON report, raised errors).
+    Cancel drops the queued or running event and asks the pipeline to stop after its current step.
+    """
+    run, cancel = buttons
+    report = len(outputs) > 3
+    common = {
+        "preprocess": False,  # handlers read uploads with editkit.image (its checks, its messages)
+        "concurrency_limit": 1,
+        "concurrency_id": CONCURRENCY_ID,
+    }
+    event = run.click(
+        page_event(fn, report=report),
         inputs=inputs,
-        outputs=outputs,
-        api_name=api_name,
-        preprocess=False,  # handlers read uploads with editkit.image (its checks, its messages)
-        concurrency_limit=1,
-        concurrency_id=CONCURRENCY_ID,
+        outputs=[*outputs[:3], *outputs[4:]],
+        api_name=f"{api_name}_page",  # its own name: the endpoint's name stays the API's
+        api_visibility="private",
         show_progress="full",
+        show_progress_on=[outputs[0]],  # one progress bar per run, named after the running phase
+        **common,
     )
+
+    def cancel_run() -> str:
+        handlers.manager.interrupt()
+        return "Cancelled."
+
+    cancel.click(cancel_run, outputs=[outputs[2]], cancels=[event], queue=False, api_visibility="private")
+    api_trigger = gr.Button(visible=False, elem_id=f"{api_name}-api")
+    api_trigger.click(fn, inputs=inputs, outputs=outputs[:4], api_name=api_name, **common)
+
+
+def _report_uploads(handlers: Handlers, fields: list[tuple[gr.components.Component, str]], messages) -> None:
+    """Check each upload at once and say in the Messages box whether it was accepted, or why not;
+    a rejected upload is also cleared from its field.
+
+    ``fields``: (component, label); the Soft tokens tab's file is a token file, every other one an image.
+    """
+    for component, label in fields:
+
+        def check(value: Any, label: str = label, kind: str = "tokens" if label == "soft-token" else "image"):
+            size, error = handlers.check_upload(value, label, kind)
+            return upload_message(label, size, error), gr.skip() if error is None else None
+
+        component.upload(
+            check,
+            inputs=[component],
+            outputs=[messages, component],
+            preprocess=False,
+            api_visibility="private",
+            queue=False,
+        )
 
 
 def _seed(options: type) -> gr.Number:
@@ -89,83 +165,102 @@ def _slider(options: type, name: str, **kwargs: Any) -> gr.Slider:
     return gr.Slider(low, high, value=getattr(options, name), step=step, label=spec.label, **kwargs)
 
 
+def _image(label: str, elem_id: str) -> gr.Image:
+    return gr.Image(label=label, type="filepath", height=INPUT_HEIGHT, elem_id=elem_id)
+
+
 def _stylize_tab(handlers: Handlers) -> None:
     with gr.Tab("Stylize"):
         with gr.Row():
             with gr.Column():
                 with gr.Row():
-                    content = gr.Image(label="Content", type="filepath", elem_id="stylize-content")
-                    style = gr.Image(label="Style", type="filepath", elem_id="stylize-style")
+                    content = _image("Content", "stylize-content")
+                    style = _image("Style", "stylize-style")
+                buttons = _buttons("Stylize", "stylize")
                 gamma = _slider(StylizeOptions, "gamma")
                 tau = _slider(StylizeOptions, "tau")
                 use_adain = gr.Checkbox(value=True, label="Content-aware AdaIN of the start latent")
                 adain = _slider(StylizeOptions, "adain_strength")
                 steps = _slider(StylizeOptions, "num_inference_steps", elem_id="stylize-steps")
-                mask = gr.Image(label="Mask (optional: stylize only the white part)", type="filepath")
+                mask = _image("Mask (optional: stylize only the white part)", "stylize-mask")
                 seed = _seed(StylizeOptions)
-                run = gr.Button("Stylize", variant="primary", elem_id="stylize-run")
             with gr.Column():
                 outputs = _result_column("stylize")
-        _wire(
-            run, handlers.stylize, [content, style, gamma, tau, use_adain, adain, steps, mask, seed], outputs, "stylize"
-        )
-        _examples([["content.png", "style.png"]], [content, style])
+        inputs = [content, style, gamma, tau, use_adain, adain, steps, mask, seed]
+        _wire(handlers, buttons, handlers.stylize, inputs, outputs, "stylize")
+        uploads = [(content, "content image"), (style, "style image"), (mask, "mask image")]
+        _report_uploads(handlers, uploads, outputs[2])
+        _examples("stylize", [["content.png", "style.png"]], [content, style], files=2)
 
 
 def _edit_tab(handlers: Handlers) -> None:
     with gr.Tab("Edit"):
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Image", type="filepath")
-                source = gr.Textbox(label="Source prompt (what the image shows)")
-                target = gr.Textbox(label="Target prompt (what it should show)")
+                image = _image("Image", "edit-image")
+                source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="edit-source")
+                target = gr.Textbox(label="Target prompt (what it should show)", elem_id="edit-target")
+                buttons = _buttons("Edit", "edit")
                 spec = knob_of(EditOptions, "contrast")
                 contrast = gr.Radio(list(spec.choices), value=EditOptions.contrast, label=spec.label)
-                steps = _slider(EditOptions, "num_inference_steps")
+                steps = _slider(EditOptions, "num_inference_steps", elem_id="edit-steps")
                 guidance = _slider(EditOptions, "guidance_scale")
-                mask = gr.Image(label="Mask (optional: edit only the white part)", type="filepath")
+                mask = _image("Mask (optional: edit only the white part)", "edit-mask")
                 seed = _seed(EditOptions)
-                run = gr.Button("Edit", variant="primary")
             with gr.Column():
                 outputs = _result_column("edit")
-        _wire(run, handlers.edit, [image, source, target, contrast, steps, guidance, mask, seed], outputs, "edit")
-        _examples([["edit.png", "mask.png"]], [image, mask])
+        inputs = [image, source, target, contrast, steps, guidance, mask, seed]
+        _wire(handlers, buttons, handlers.edit, inputs, outputs, "edit")
+        _report_uploads(handlers, [(image, "input image"), (mask, "mask image")], outputs[2])
+        prompts = ["a green triangle and a yellow square", "a blue triangle and a yellow square"]
+        _examples("edit", [["edit.png", "mask.png", *prompts]], [image, mask, source, target], files=2)
 
 
 def _compose_tab(handlers: Handlers) -> None:
     with gr.Tab("Compose"):
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="a red circle to the left of a blue square")
+                prompt = gr.Textbox(
+                    label="Prompt", placeholder="a red circle to the left of a blue square", elem_id="compose-prompt"
+                )
+                buttons = _buttons("Compose", "compose")
                 constraints = gr.Code(
                     label='Constraints (optional JSON; empty: parsed from the prompt), e.g. {"entities": ["circle"]}',
                     language="json",
+                    elem_id="compose-constraints",
                 )
                 refine = gr.Checkbox(value=ComposeOptions.refine, label=knob_of(ComposeOptions, "refine").label)
-                steps = _slider(ComposeOptions, "num_inference_steps")
+                steps = _slider(ComposeOptions, "num_inference_steps", elem_id="compose-steps")
                 guidance = _slider(ComposeOptions, "guidance_scale")
                 seed = _seed(ComposeOptions)
-                run = gr.Button("Compose", variant="primary")
             with gr.Column():
                 outputs = _result_column("compose", report=True)
-        _wire(run, handlers.compose, [prompt, constraints, refine, steps, guidance, seed], outputs, "compose")
-        gr.Examples(examples=[["a red circle to the left of a blue square"]], inputs=[prompt])
+        inputs = [prompt, constraints, refine, steps, guidance, seed]
+        _wire(handlers, buttons, handlers.compose, inputs, outputs, "compose")
+        _examples("compose", [["a red circle to the left of a blue square"]], [prompt])
 
 
 def _tokens_tab(handlers: Handlers) -> None:
-    with gr.Tab("Soft tokens"), gr.Row():
-        with gr.Column():
-            prompt = gr.Textbox(label="Prompt")
-            tokens = gr.File(label="Soft-token file (from 'editkit softrepa train')", file_types=[".safetensors"])
-            strength = _slider(GenerateOptions, "soft_token_strength")
-            steps = _slider(GenerateOptions, "num_inference_steps")
-            guidance = _slider(GenerateOptions, "guidance_scale")
-            seed = _seed(GenerateOptions)
-            run = gr.Button("Generate", variant="primary")
-        with gr.Column():
-            outputs = _result_column("tokens")
-    inputs = [prompt, tokens, strength, steps, guidance, seed]
-    _wire(run, handlers.generate_with_tokens, inputs, outputs, "generate_with_tokens")
+    with gr.Tab("Soft tokens"):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", elem_id="tokens-prompt")
+                tokens = gr.File(
+                    label="Soft-token file (from 'editkit softrepa train')",
+                    file_types=[".safetensors"],
+                    elem_id="tokens-file",
+                )
+                buttons = _buttons("Generate", "tokens")
+                strength = _slider(GenerateOptions, "soft_token_strength")
+                steps = _slider(GenerateOptions, "num_inference_steps", elem_id="tokens-steps")
+                guidance = _slider(GenerateOptions, "guidance_scale")
+                seed = _seed(GenerateOptions)
+                _examples("tokens", [[str(DEMO_TOKENS), "a red circle"]], [tokens, prompt], files=1)
+            with gr.Column():
+                outputs = _result_column("tokens")
+        inputs = [prompt, tokens, strength, steps, guidance, seed]
+        _wire(handlers, buttons, handlers.generate_with_tokens, inputs, outputs, "generate_with_tokens")
+        _report_uploads(handlers, [(tokens, "soft-token")], outputs[2])
 
 
 def build_demo(
@@ -186,7 +281,8 @@ def build_demo(
     handlers = Handlers(manager, output_dir)
     # delete_cache: gradio removes its cached uploads/results older than an hour, every hour
     with gr.Blocks(title="editkit", analytics_enabled=False, delete_cache=CACHE_LIFETIME) as demo:
-        gr.Markdown(f"# {TITLE}\n{INTRO}\n\nModel: `{manager.name}` (loaded on the first run).")
+        shown = Path(manager.name).name if os.path.isabs(manager.name) else manager.name  # no server folders
+        gr.Markdown(f"# {TITLE}\n{INTRO}\n\nModel: `{shown}` (loaded on the first run).")
         with gr.Tabs():
             _stylize_tab(handlers)
             _edit_tab(handlers)
@@ -199,6 +295,7 @@ def build_demo(
 
 def launch_demo(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any):
     """Launch with editkit's settings: the upload limit, no tracebacks in the page, API link in the footer."""
+    quiet_library_noise()  # an edge: two harmless dependency messages (see editkit.quiet)
     options: dict[str, Any] = {
         "server_name": host,
         "server_port": port,

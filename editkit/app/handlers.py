@@ -311,6 +311,27 @@ class Handlers:
         folders = self.upload_folders if self.upload_folders is not None else [gradio_upload_folder()]
         return vetted_upload(value, label, folders)
 
+    def check_upload(self, value: Any, label: str, kind: str = "image") -> tuple[tuple[int, int] | None, str | None]:
+        """Check an upload as the run will: ((width, height) or None, None) if accepted, (None, reason) if not.
+
+        ``kind``: "image" (upload folder, pixel limit, decoding) or "tokens" (a soft-token file's format).
+        """
+        try:
+            path = self._upload(value, label)
+            if path is None:
+                return None, None
+            if kind == "tokens":
+                from editkit.softrepa import read_soft_tokens
+
+                try:
+                    read_soft_tokens(path)
+                except EditkitError as error:
+                    raise type(error)(str(error).replace(path, f"the {label} file")) from None
+                return None, None
+            return read_image(path, label.removesuffix(" image")).size, None
+        except EditkitError as error:
+            return None, str(error)
+
     @guarded
     def stylize(
         self,

@@ -120,6 +120,15 @@ class ModelManager:
         with self._run_lock:
             yield
 
+    def interrupt(self) -> None:
+        """Ask the running pipeline to stop after its current step (the app's Cancel button).
+
+        Sets diffusers' ``_interrupt`` flag on every built pipeline; each pipeline clears it when a
+        call begins and checks it after each denoising step (it then decodes what it has).
+        """
+        for pipe in list(self._pipelines.values()):
+            pipe._interrupt = True
+
     def resolution(self, pipe: Any) -> tuple[int, int]:
         """(native side, size multiple) in pixels, as the task layer decides them (``editkit.tasks.common``)."""
         from editkit.tasks.common import native_side, size_multiple
