@@ -40,14 +40,14 @@ def main() -> None:
     parser.add_argument("target_prompt", nargs="?", default="a photo of a dog")
     parser.add_argument("-o", "--output", type=Path, default=Path("edited.png"))
     parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="DDS optimisation iterations (num_inference_steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", action="store_true", help="also run plain DDS and CDS; save a strip")
     parser.add_argument("--tiny", action="store_true", help="offline smoke run on a tiny random model")
     args = parser.parse_args()
 
     if args.tiny:
-        pipe, args.iterations = tiny_pipeline(), min(args.iterations, 5)
+        pipe, args.steps = tiny_pipeline(), min(args.steps, 5)
         rng = np.random.default_rng(0)
         image = Image.fromarray((rng.random((128, 128, 3)) * 255).astype(np.uint8))
     else:
@@ -63,7 +63,7 @@ def main() -> None:
     for name, contrast in variants.items():
         generator = torch.Generator().manual_seed(args.seed)  # the same draws for every variant
         output = pipe(
-            image, args.source_prompt, args.target_prompt, num_inference_steps=args.iterations,
+            image, args.source_prompt, args.target_prompt, num_inference_steps=args.steps,
             contrast=contrast, generator=generator,
         )  # fmt: skip
         print(f"{name}: final contrastive loss {output.contrastive_losses[-1:]}")

@@ -101,7 +101,7 @@ def test_token_file_of_another_family(capsys, tmp_path, sd15_pipe, sdxl_dir):
     assert read_soft_tokens(path).family == "sd"
     out = tmp_path / "out.png"
     argv = ["softrepa", "generate", "a red car", "--soft-tokens", path, "-o", out, "--model", sdxl_dir,
-            "--steps", "1", "--height", "32", "--width", "32", "--device", "cpu"]  # fmt: skip
+            "--steps", "1", "--size", "32", "--device", "cpu"]  # fmt: skip
     _assert_exit_2(capsys, argv, "soft tokens trained on a sd model (tiny-sd) do not apply to this sdxl model", out)
 
 
