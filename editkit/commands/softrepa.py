@@ -86,6 +86,13 @@ def _register_train(actions) -> None:
     )
     parser.add_argument("--num-tokens", type=positive_int, default=4, help="m soft tokens")
     parser.add_argument(
+        "--token-init",
+        choices=("text", "normal"),
+        default="text",
+        help="initial tokens: text (the empty prompt's start-of-text embedding on SD 1.x) or normal "
+        "(N(0, 0.02), as the reference's time tokens) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--time-buckets", type=non_negative_int, default=100, help="time-embedding buckets (0: none; reference: 100)"
     )
     parser.add_argument(
@@ -107,12 +114,27 @@ def _register_train(actions) -> None:
     parser.add_argument("--denoise-weight", type=ranged_float(0, 1e6), default=10.0)
     parser.add_argument("--negative-bank", type=non_negative_int, default=0, help="extra negative captions per step")
     parser.add_argument("--gather-negatives", action="store_true", help="other processes' captions as negatives")
+    parser.add_argument(
+        "--hard-negatives",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="up to N perturbed captions per batch caption as extra negatives: colours swapped between its two "
+        "objects, relation flipped (default: %(default)s, none)",
+    )
     parser.add_argument("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100)
     parser.add_argument("--validate-every", type=non_negative_int, default=100)
     parser.add_argument("--val-fraction", type=ranged_float(0, 0.5), default=0.1)
+    parser.add_argument(
+        "--keep-best",
+        choices=("group", "hard-negatives"),
+        default="group",
+        help="held-out metric that picks the saved tokens: own caption lowest among a group of validation "
+        "captions, or among it and its hard negatives (default: %(default)s)",
+    )
     parser.add_argument("--patience", type=non_negative_int, default=0, help="validations without gain before stopping")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint file or checkpoint folder to continue")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,6 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data, model=args.model, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, min_learning_rate=args.min_learning_rate,
         restart_every=args.restart_every, lr_step_every=args.lr_step_every, num_tokens=args.num_tokens,
+        token_init=args.token_init, hard_negatives=args.hard_negatives, keep_best=args.keep_best,
         time_buckets=args.time_buckets, time_layout=args.time_layout, sites=args.sites,
         resolution=args.resolution, seed=args.seed, loss=loss, negative_bank=args.negative_bank,
         gather_negatives=args.gather_negatives, row_chunk=args.row_chunk,
