@@ -14,7 +14,8 @@ library's reference settings and a checkpoint at every evaluation, then scores e
   distinction generation gets wrong; the in-batch metric compares captions that differ in almost
   everything.
 
-Usage: ``python -m benchmarks.softrepa_curve --steps 2000 --eval-every 500 --prompts 64``
+Usage: ``python -m benchmarks.softrepa_curve --steps 2000 --eval-every 500 --prompts 64``; training
+options as ``editkit softrepa train``: ``--hard-negatives N --keep-best hard-negatives --token-init normal``
 (prints one JSON document; CPU: about 0.4 s per step and 2.5 min per evaluation of 3 x 64 prompts).
 """
 
