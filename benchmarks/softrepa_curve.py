@@ -130,6 +130,7 @@ def run(args) -> dict:
             val_fraction=0.1, progress=False, time_layout=args.time_layout, time_buckets=args.time_buckets,
             seed=args.seed, loss=ContrastiveLossConfig(args.logit_form, args.tau, denoise_weight=args.denoise_weight),
             hard_negatives=args.hard_negatives, keep_best=args.keep_best, token_init=args.token_init,
+            learning_rate=args.learning_rate,
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="as softrepa train")
     parser.add_argument("--tau", type=float, default=0.07)
     parser.add_argument("--denoise-weight", type=float, default=10.0, help="reference: 10")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="as softrepa train (default: 1e-3)")
     parser.add_argument("--hard-negatives", type=int, default=0, help="as softrepa train (default: 0)")
     parser.add_argument("--keep-best", choices=("group", "hard-negatives"), default="group", help="as softrepa train")
     parser.add_argument("--token-init", choices=("text", "normal"), default="text", help="as softrepa train")
