@@ -141,8 +141,8 @@ def run(args) -> dict:
             curve.append(entry | scores)
             logger.info("step %d: %s", entry["step"], scores)
             Path(args.partial).write_text(json.dumps(result | {"curve": curve}, indent=1))
-    best_step = next(e["step"] for e in trained.log if e["val_accuracy"] == trained.best_metric[0])
-    result |= {"curve": curve, "best_metric": trained.best_metric, "best_step_first_reaching_it": best_step}
+    best_step = next(e["step"] for e in trained.log if [e["val_accuracy"], e["val_margin"]] == trained.best_metric)
+    result |= {"curve": curve, "best_metric": trained.best_metric, "best_step": best_step}
     return result
 
 
