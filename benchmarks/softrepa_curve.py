@@ -93,6 +93,14 @@ def checkpoint_tokens(path: Path, template):
     return template
 
 
+@torch.no_grad()
+def text_token_norm(pipe, captions: list[str]) -> float:
+    """Mean L2 norm of the text encoder's output tokens (the scale the soft tokens sit beside)."""
+    from editkit.conditioning import encode_text
+
+    return float(encode_text(pipe, captions).prompt_embeds.norm(dim=-1).mean())
+
+
 def score(pipe, prompts: int, hard_set, soft=None) -> dict:
     """Generation accuracy on held-out prompts and the hard-negative metric, with ``soft`` tokens or without."""
     import contextlib
@@ -118,6 +126,7 @@ def run(args) -> dict:
     pairs = [i for i, scene in enumerate(scenes) if len(scene.objects) == 2][: args.hard_scenes]
     hard_set = ([scenes[i] for i in pairs], images[pairs])
     result = {"environment": environment(), "settings": vars(args) | {"hard_scenes_used": len(pairs)}}
+    result["text_token_norm"] = text_token_norm(pipe, [scene.caption for scene in hard_set[0]])
     if not args.no_baseline:
         result["without_tokens"] = score(pipe, args.prompts, hard_set)
         logger.info("without tokens: %s", result["without_tokens"])
@@ -138,6 +147,7 @@ def run(args) -> dict:
         for entry in trained.log:
             path = config.checkpoint_dir / f"step-{entry['step']:07d}.safetensors"
             scores = score(pipe, args.prompts, hard_set, checkpoint_tokens(path, template))
+            scores["token_norm"] = float(template.tokens.detach().norm(dim=-1).mean())  # vs text_token_norm
             curve.append(entry | scores)
             logger.info("step %d: %s", entry["step"], scores)
             Path(args.partial).write_text(json.dumps(result | {"curve": curve}, indent=1))
