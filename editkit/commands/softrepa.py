@@ -89,8 +89,8 @@ def _register_train(actions) -> None:
         "--token-init",
         choices=("text", "normal"),
         default="text",
-        help="initial tokens: text (the empty prompt's start-of-text embedding on SD 1.x) or normal "
-        "(N(0, 0.02), as the reference's time tokens) (default: %(default)s)",
+        help="initial tokens: text (the empty prompt's start-of-text embedding on SD 1.x, the reference's) or "
+        "normal (N(0, 0.02) on every model) (default: %(default)s)",
     )
     parser.add_argument(
         "--time-buckets", type=non_negative_int, default=100, help="time-embedding buckets (0: none; reference: 100)"

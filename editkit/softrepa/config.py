@@ -42,8 +42,8 @@ class TrainConfig:
     own caption's error lowest among ``val_group`` validation captions) or ``"hard-negatives"`` (the
     own caption's error lowest among it and its hard negatives; images without any are skipped,
     and with none at all the group metric is used, with a warning); both are logged at every
-    evaluation. ``token_init``: ``"text"`` (the empty prompt's start-of-text embedding on SD 1.x)
-    or ``"normal"`` (N(0, 0.02), as the reference's time tokens); see
+    evaluation. ``token_init``: ``"text"`` (the reference's SD 1.5 initialisation, the empty
+    prompt's start-of-text embedding) or ``"normal"`` (N(0, 0.02) on every model); see
     :func:`editkit.softrepa.tokens.initial_tokens`.
 
     Reference settings (SoftREPA release): ``time_buckets=100`` in the ``"shared"`` layout (one

@@ -276,9 +276,10 @@ def initial_tokens(
 ) -> torch.Tensor:
     """The ``(m, width)`` starting tokens.
 
-    ``init="text"`` (editkit's default): on SD 1.x the start-of-text output embedding of the empty
-    prompt, repeated (other families: N(0, 0.02)). ``init="normal"``: N(0, 0.02) drawn with
-    ``generator``, as the reference release initialises its time tokens.
+    ``init="text"`` (the default, the method note's SD 1.5 initialisation): on SD 1.x the
+    start-of-text output embedding of the empty prompt, repeated (other families: N(0, 0.02)).
+    ``init="normal"`` (an option, for every family): N(0, 0.02) drawn with ``generator``, as the
+    reference initialises its time tokens and its tokens for other models.
     """
     from editkit.conditioning import encode_text
     from editkit.models import model_family
