@@ -9,17 +9,19 @@ library's reference settings and a checkpoint at every evaluation, then scores e
   metric (the true caption's denoising error lowest among a group of 4 validation captions);
 - a hard-negative metric on separate validation scenes (training-split captions): the true
   caption's error against the same scene with the two objects' colours swapped (binding) and,
-  for relations, the opposite relation. That is the distinction generation gets wrong; the
-  in-batch metric compares captions that differ in almost everything.
+  for relations, the opposite relation (``editkit.softrepa.hard_negatives``, which gives the same
+  captions as swapping the scene's objects' colours and relation; a test checks it). That is the
+  distinction generation gets wrong; the in-batch metric compares captions that differ in almost
+  everything.
 
-Usage: ``python -m benchmarks.softrepa_curve --steps 2000 --eval-every 500 --prompts 64``
+Usage: ``python -m benchmarks.softrepa_curve --steps 2000 --eval-every 500 --prompts 64``; training
+options as ``editkit softrepa train``: ``--hard-negatives N --keep-best hard-negatives --token-init normal``
 (prints one JSON document; CPU: about 0.4 s per step and 2.5 min per evaluation of 3 x 64 prompts).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import tempfile
@@ -30,7 +32,6 @@ import torch
 from benchmarks.timing import environment, print_json
 
 SHAPES_MODEL = Path("assets/models/shapes-sd")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 logger = logging.getLogger(__name__)
 
 
@@ -50,16 +51,6 @@ def write_training_data(folder: Path, count: int, seed: int) -> Path:
     return folder
 
 
-def hard_negatives(scene) -> list[str]:
-    """Captions of the same scene with the colours of its two objects swapped, and the opposite relation."""
-    first, second = scene.objects
-    swapped = (dataclasses.replace(first, color=second.color), dataclasses.replace(second, color=first.color))
-    out = [dataclasses.replace(scene, objects=swapped).caption]
-    if scene.relation is not None:
-        out.append(dataclasses.replace(scene, relation=OPPOSITE[scene.relation]).caption)
-    return out
-
-
 @torch.no_grad()
 def hard_negative_accuracy(pipe, scenes, images, timesteps=(250, 500, 750), seed: int = 0) -> float:
     """Fraction of scenes whose true caption has a lower denoising error than each hard negative.
@@ -68,13 +59,14 @@ def hard_negative_accuracy(pipe, scenes, images, timesteps=(250, 500, 750), seed
     """
     from editkit.conditioning import encode_text
     from editkit.inversion import encode_image_latents
+    from editkit.softrepa.hard_negatives import hard_negatives
     from editkit.softrepa.loss import diffusion_target, noisy_latents
 
     hits = []
     alphas = pipe.scheduler.alphas_cumprod.float()
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     for index, scene in enumerate(scenes):
-        captions = [scene.caption, *hard_negatives(scene)]
+        captions = [scene.caption, *hard_negatives(scene.caption)]
         embeds = encode_text(pipe, captions).prompt_embeds
         pixels = torch.from_numpy(images[index]).permute(2, 0, 1)[None].float() / 127.5 - 1
         latents = encode_image_latents(pipe.vae, pixels).float()
@@ -99,6 +91,14 @@ def checkpoint_tokens(path: Path, template):
         if template.time_embedding is not None:
             template.time_embedding.copy_(tensors["soft.time_embedding"])
     return template
+
+
+@torch.no_grad()
+def text_token_norm(pipe, captions: list[str]) -> float:
+    """Mean L2 norm of the text encoder's output tokens (the scale the soft tokens sit beside)."""
+    from editkit.conditioning import encode_text
+
+    return float(encode_text(pipe, captions).prompt_embeds.norm(dim=-1).mean())
 
 
 def score(pipe, prompts: int, hard_set, soft=None) -> dict:
@@ -126,6 +126,7 @@ def run(args) -> dict:
     pairs = [i for i, scene in enumerate(scenes) if len(scene.objects) == 2][: args.hard_scenes]
     hard_set = ([scenes[i] for i in pairs], images[pairs])
     result = {"environment": environment(), "settings": vars(args) | {"hard_scenes_used": len(pairs)}}
+    result["text_token_norm"] = text_token_norm(pipe, [scene.caption for scene in hard_set[0]])
     if not args.no_baseline:
         result["without_tokens"] = score(pipe, args.prompts, hard_set)
         logger.info("without tokens: %s", result["without_tokens"])
@@ -137,6 +138,8 @@ def run(args) -> dict:
             validate_every=args.eval_every, checkpoint_every=args.eval_every, keep_checkpoints=10**6,
             val_fraction=0.1, progress=False, time_layout=args.time_layout, time_buckets=args.time_buckets,
             seed=args.seed, loss=ContrastiveLossConfig(args.logit_form, args.tau, denoise_weight=args.denoise_weight),
+            hard_negatives=args.hard_negatives, keep_best=args.keep_best, token_init=args.token_init,
+            learning_rate=args.learning_rate,
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
@@ -144,11 +147,12 @@ def run(args) -> dict:
         for entry in trained.log:
             path = config.checkpoint_dir / f"step-{entry['step']:07d}.safetensors"
             scores = score(pipe, args.prompts, hard_set, checkpoint_tokens(path, template))
+            scores["token_norm"] = float(template.tokens.detach().norm(dim=-1).mean())  # vs text_token_norm
             curve.append(entry | scores)
             logger.info("step %d: %s", entry["step"], scores)
             Path(args.partial).write_text(json.dumps(result | {"curve": curve}, indent=1))
-    best_step = next(e["step"] for e in trained.log if e["val_accuracy"] == trained.best_metric[0])
-    result |= {"curve": curve, "best_metric": trained.best_metric, "best_step_first_reaching_it": best_step}
+    best_step = next(e["step"] for e in trained.log if [e["val_accuracy"], e["val_margin"]] == trained.best_metric)
+    result |= {"curve": curve, "best_metric": trained.best_metric, "best_step": best_step}
     return result
 
 
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logit-form", choices=("exp", "linear"), default="exp", help="as softrepa train")
     parser.add_argument("--tau", type=float, default=0.07)
     parser.add_argument("--denoise-weight", type=float, default=10.0, help="reference: 10")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="as softrepa train (default: 1e-3)")
+    parser.add_argument("--hard-negatives", type=int, default=0, help="as softrepa train (default: 0)")
+    parser.add_argument("--keep-best", choices=("group", "hard-negatives"), default="group", help="as softrepa train")
+    parser.add_argument("--token-init", choices=("text", "normal"), default="text", help="as softrepa train")
     parser.add_argument("--no-baseline", action="store_true", help="skip the scores without tokens (measured before)")
     parser.add_argument("--partial", default="softrepa_curve.partial.json", help="results so far, rewritten as it goes")
     args = parser.parse_args(argv)

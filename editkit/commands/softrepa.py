@@ -110,6 +110,13 @@ def _register_train(actions) -> None:
     )
     add("--num-tokens", type=positive_int, default=_default("num_tokens"), help="m soft tokens")
     add(
+        "--token-init",
+        choices=("text", "normal"),
+        default=_default("token_init"),
+        help="initial tokens: text (the empty prompt's start-of-text embedding on SD 1.x, the reference's) or "
+        "normal (N(0, 0.02) on every model)",
+    )
+    add(
         "--time-buckets",
         type=non_negative_int,
         default=_default("time_buckets"),
@@ -155,6 +162,14 @@ def _register_train(actions) -> None:
         help="extra negative captions per step",
     )
     add("--gather-negatives", action="store_true", help="other processes' captions as negatives")
+    add(
+        "--hard-negatives",
+        type=non_negative_int,
+        default=_default("hard_negatives"),
+        metavar="N",
+        help="up to N perturbed captions per batch caption as extra negatives: colours swapped between its two "
+        "objects, relation flipped (0: none)",
+    )
     add("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call (default: all at once)")
     add("--gradient-checkpointing", action="store_true", help="recompute UNet activations (less memory, slower)")
     add(
@@ -180,6 +195,13 @@ def _register_train(actions) -> None:
         type=ranged_float(0, 0.5),
         default=_default("val_fraction"),
         help="share of the data held out for validation",
+    )
+    add(
+        "--keep-best",
+        choices=("group", "hard-negatives"),
+        default=_default("keep_best"),
+        help="held-out metric that picks the saved tokens: own caption lowest among a group of validation "
+        "captions, or among it and its hard negatives",
     )
     add(
         "--patience",
@@ -225,6 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data, model=args.model, output=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, min_learning_rate=args.min_learning_rate,
         restart_every=args.restart_every, lr_step_every=args.lr_step_every, num_tokens=args.num_tokens,
+        token_init=args.token_init, hard_negatives=args.hard_negatives, keep_best=args.keep_best,
         time_buckets=args.time_buckets, time_layout=args.time_layout, sites=args.sites,
         resolution=args.resolution, seed=args.seed, loss=loss, negative_bank=args.negative_bank,
         gather_negatives=args.gather_negatives, row_chunk=args.row_chunk,

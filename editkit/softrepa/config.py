@@ -8,9 +8,11 @@ from pathlib import Path
 
 from editkit.errors import InputError
 from editkit.softrepa.loss import ContrastiveLossConfig
-from editkit.softrepa.tokens import TIME_LAYOUTS
+from editkit.softrepa.tokens import TIME_LAYOUTS, TOKEN_INITS
 
-__all__ = ["TrainConfig", "check_config"]
+__all__ = ["KEEP_BEST_METRICS", "TrainConfig", "check_config"]
+
+KEEP_BEST_METRICS = ("group", "hard-negatives")
 
 
 # Settings that do not change the trajectory: a resumed run may differ in these.
@@ -18,6 +20,9 @@ _RESUMABLE_CHANGES = (
     "max_steps", "output", "resume", "overwrite", "progress", "device", "checkpoint_every", "keep_checkpoints",
     "validate_every", "patience",
 )  # fmt: skip
+# Settings added after checkpoints were first written: in the fingerprint only when not at their
+# default, so a checkpoint of an earlier version still resumes with the defaults.
+_LATER_SETTINGS = {"hard_negatives": 0, "keep_best": "group", "token_init": "text"}
 
 
 @dataclass
@@ -29,6 +34,17 @@ class TrainConfig:
     ``gather_negatives``: use the other processes' captions as negatives too; ``val_timesteps``:
     the fixed timesteps of the held-out alignment metric; ``patience``: validations without
     improvement before stopping early (0: never).
+
+    Additions of editkit (not in the reference), off by default: ``hard_negatives``: up to N
+    hard negatives per batch caption (:func:`editkit.softrepa.hard_negatives.hard_negatives`:
+    colours swapped between its two objects, relation flipped) as extra negative columns of the
+    error matrix; ``keep_best``: the held-out metric that picks the saved tokens, ``"group"`` (the
+    own caption's error lowest among ``val_group`` validation captions) or ``"hard-negatives"`` (the
+    own caption's error lowest among it and its hard negatives; images without any are skipped,
+    and with none at all the group metric is used, with a warning); both are logged at every
+    evaluation. ``token_init``: ``"text"`` (the reference's SD 1.5 initialisation, the empty
+    prompt's start-of-text embedding) or ``"normal"`` (N(0, 0.02) on every model); see
+    :func:`editkit.softrepa.tokens.initial_tokens`.
 
     Reference settings (SoftREPA release): ``time_buckets=100`` in the ``"shared"`` layout (one
     ``Embedding(100, width)`` row per 10 timesteps added to all m tokens, N(0, 0.02) init;
@@ -50,6 +66,7 @@ class TrainConfig:
     restart_every: int = 5000
     lr_step_every: int = 500
     num_tokens: int = 4
+    token_init: str = "text"
     time_buckets: int = 100
     time_layout: str = "shared"
     sites: list[str] | None = None
@@ -58,6 +75,7 @@ class TrainConfig:
     loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
     negative_bank: int = 0
     gather_negatives: bool = False
+    hard_negatives: int = 0
     row_chunk: int | None = None
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
@@ -67,6 +85,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_group: int = 4
     val_timesteps: tuple[int, ...] = (250, 500, 750)
+    keep_best: str = "group"
     patience: int = 0
     device: str | None = None
     resume: str | Path | None = None
@@ -78,6 +97,9 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k not in _RESUMABLE_CHANGES}
         values["val_timesteps"] = list(self.val_timesteps)
+        for key, default in _LATER_SETTINGS.items():
+            if values[key] == default:
+                del values[key]
         values["num_processes"] = num_processes
         return values
 
@@ -108,6 +130,12 @@ def check_config(config: TrainConfig, num_processes: int) -> None:
         raise InputError(f"mixed precision must be no, fp16 or bf16, not {config.mixed_precision!r}")
     if config.time_layout not in TIME_LAYOUTS:
         raise InputError(f"time layout must be {' or '.join(TIME_LAYOUTS)}, not {config.time_layout!r}")
+    if config.token_init not in TOKEN_INITS:
+        raise InputError(f"token init must be {' or '.join(TOKEN_INITS)}, not {config.token_init!r}")
+    if config.keep_best not in KEEP_BEST_METRICS:
+        raise InputError(f"keep-best metric must be {' or '.join(KEEP_BEST_METRICS)}, not {config.keep_best!r}")
+    if config.hard_negatives < 0:
+        raise InputError(f"hard negatives per caption must be 0 or more, not {config.hard_negatives}")
     if config.lr_step_every < 1 or config.restart_every % config.lr_step_every:
         raise InputError(
             f"--restart-every {config.restart_every} must be a multiple of --lr-step-every {config.lr_step_every}"

@@ -57,14 +57,22 @@ def write_log(path: Path, entries: list[dict]) -> Path:
 
 
 def evaluation_line(entry: dict) -> str:
-    """One short progress line of an evaluation: step, loss, train accuracy, held-out metric, best so far."""
+    """One short progress line of an evaluation: step, loss, train accuracy, held-out metrics, best so far.
+
+    The first held-out accuracy is the keep-best metric (named after the margin); then both metrics.
+    """
 
     def number(value, form: str = ".3f") -> str:
         return "-" if value is None else format(value, form)
 
+    def metric(name: str) -> str:
+        value = entry.get(name)
+        return number(None if value is None else value[0])
+
     return (
         f"step {entry['step']}: loss {entry['loss']:.4f}, "
         f"train contrastive accuracy {number(entry['train_accuracy'])}, "
-        f"held-out accuracy {number(entry['val_accuracy'])} (margin {number(entry['val_margin'], '.3g')}), "
-        f"best {number(entry['best_accuracy'])}"
+        f"held-out accuracy {number(entry['val_accuracy'])} (margin {number(entry['val_margin'], '.3g')}; "
+        f"{entry.get('keep_best', 'group')}), group {metric('val_group')}, "
+        f"hard negatives {metric('val_hard_negatives')}, best {number(entry['best_accuracy'])}"
     )

@@ -41,6 +41,7 @@ from editkit.softrepa.files import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "TOKEN_INITS",
     "SoftTokenController",
     "SoftTokens",
     "default_sites",
@@ -59,6 +60,8 @@ TIME_SHARED = "shared"
 TIME_PER_TOKEN = "per-token"
 TIME_LAYOUTS = (TIME_SHARED, TIME_PER_TOKEN)
 INIT_STD = 0.02
+TOKEN_INIT_TEXT = "text"
+TOKEN_INITS = (TOKEN_INIT_TEXT, "normal")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -273,13 +276,23 @@ def default_sites(unet) -> list[str]:
 
 
 @torch.no_grad()
-def initial_tokens(pipe, num_tokens: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """SD 1.x: the start-of-text output embedding of the empty prompt, repeated; else N(0, 0.02)."""
+def initial_tokens(
+    pipe, num_tokens: int, *, generator: torch.Generator | None = None, init: str = TOKEN_INIT_TEXT
+) -> torch.Tensor:
+    """The ``(m, width)`` starting tokens.
+
+    ``init="text"`` (the default, the method note's SD 1.5 initialisation): on SD 1.x the
+    start-of-text output embedding of the empty prompt, repeated (other families: N(0, 0.02)).
+    ``init="normal"`` (an option, for every family): N(0, 0.02) drawn with ``generator``, as the
+    reference initialises its time tokens and its tokens for other models.
+    """
     from editkit.conditioning import encode_text
     from editkit.models import model_family
 
+    if init not in TOKEN_INITS:
+        raise ValueError(f"token init must be one of {', '.join(TOKEN_INITS)}, not {init!r}")
     width = pipe.unet.config.cross_attention_dim
-    if model_family(pipe.unet) == "sd" and getattr(pipe, "text_encoder", None) is not None:
+    if init == TOKEN_INIT_TEXT and model_family(pipe.unet) == "sd" and getattr(pipe, "text_encoder", None) is not None:
         start = encode_text(pipe, [""]).prompt_embeds[0, 0].float().cpu()
         return start.expand(num_tokens, width).clone()
     return torch.randn(num_tokens, width, generator=generator) * INIT_STD

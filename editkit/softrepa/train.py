@@ -22,6 +22,7 @@ from editkit.errors import InputError, ModelLoadError
 from editkit.softrepa import checkpoint as ckpt
 from editkit.softrepa.config import TrainConfig, check_config
 from editkit.softrepa.data import CaptionDataset, read_records, split_records
+from editkit.softrepa.hard_negatives import hard_negatives
 from editkit.softrepa.loss import contrastive_loss, pair_errors, row_chunks
 from editkit.softrepa.runfiles import evaluation_line, training_lock, write_log
 from editkit.softrepa.tokens import (
@@ -32,6 +33,7 @@ from editkit.softrepa.tokens import (
     read_soft_tokens,
     save_soft_tokens,
 )
+from editkit.softrepa.validation import held_out_metrics
 
 __all__ = ["TrainConfig", "TrainResult", "learning_rate_schedule", "train_soft_tokens"]
 
@@ -119,7 +121,7 @@ class _Trainer:
         self.scheduler_config = pipe.scheduler.config
         self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(config.seed)
-        tokens = initial_tokens(pipe, config.num_tokens, generator=generator)
+        tokens = initial_tokens(pipe, config.num_tokens, generator=generator, init=config.token_init)
         self.soft = SoftTokens(
             tokens,
             _sites(pipe, config.sites),
@@ -139,6 +141,8 @@ class _Trainer:
         self.best_tensors: dict[str, torch.Tensor] | None = None
         self.evaluated = -1  # the step of the last evaluation (on every process)
         self.report = lambda entry: None
+        self.metrics: dict[str, list[float] | None] = {}
+        self.warned_fallback = False
 
     # -- data -------------------------------------------------------------------------------
     def encode(self, captions: list[str]):
@@ -177,14 +181,21 @@ class _Trainer:
         picks = torch.randint(len(pool), (self.config.negative_bank,), generator=generator).tolist()
         return [pool[i] for i in picks]
 
+    def hard_columns(self, captions: list[str]) -> list[str]:
+        """Up to ``hard_negatives`` hard negatives per batch caption (none that is a batch caption itself)."""
+        if not self.config.hard_negatives:
+            return []
+        found = [n for c in captions for n in hard_negatives(c, self.config.hard_negatives)]
+        return [n for n in dict.fromkeys(found) if n not in set(captions)]
+
     def columns(self, captions: list[str], generator: torch.Generator):
-        """Caption conditioning of the error matrix's columns: the batch, then negatives."""
+        """Caption conditioning of the error matrix's columns: the batch, then negatives (no row matches them)."""
         from editkit.conditioning import TextConditioning
 
         parts = [self.encode(captions)]
         if self.config.gather_negatives and self.accelerator.num_processes > 1:
             parts.append(self._gathered(parts[0]))
-        negatives = self.negatives(captions, generator)
+        negatives = self.negatives(captions, generator) + self.hard_columns(captions)
         if negatives:
             parts.append(self.encode(negatives))
         return TextConditioning.cat(parts)
@@ -290,37 +301,18 @@ class _Trainer:
         self.accuracies.append(accuracy)
 
     # -- validation -------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self) -> list[float]:
-        """Held-out alignment: ``[accuracy, margin]``, the matching caption's error being lowest among a group's.
+    def validate(self) -> list[float] | None:
+        """The keep-best metric (``config.keep_best``) after computing both held-out metrics into ``self.metrics``.
 
-        Errors are averaged over ``val_timesteps`` with fixed noise; accuracy is the fraction of
-        images whose own caption has the lowest error (chance: 1 / group), margin the mean
-        ``min_{j != i} err[i, j] - err[i, i]`` (tie-breaker).
+        ``"hard-negatives"`` without any validation image that has hard negatives falls back to
+        ``"group"`` (a warning, once).
         """
-        config, hits, margins = self.config, [], []
-        group = max(2, min(config.val_group, len(self.val_set)))
-        for start in range(0, len(self.val_set) - group + 1, group):
-            images, captions = self.val_set.batch(start, group, list(range(len(self.val_set))))
-            latents, columns = self.latents(images), self.encode(captions)
-            errors = torch.zeros(group, group, device=self.device)
-            for index, timestep in enumerate(config.val_timesteps):
-                generator = torch.Generator().manual_seed(config.seed + 104729 + index)
-                _, noisy, target = self.noised(latents, generator, timestep)
-                self.controller.begin_step(-1, timestep)
-                errors += pair_errors(
-                    self.predictor(timestep),
-                    noisy,
-                    target,
-                    columns.prompt_embeds,
-                    slice(0, group),
-                    columns.added_cond_kwargs,
-                )
-            matched = errors.diagonal()
-            others = errors + torch.diag(torch.full((group,), float("inf"), device=self.device))
-            hits += (others.min(dim=1).values > matched).tolist()
-            margins += ((others.min(dim=1).values - matched) / len(config.val_timesteps)).tolist()
-        return [sum(hits) / len(hits), sum(margins) / len(margins)]
+        self.metrics = held_out_metrics(self)
+        chosen = self.metrics[self.config.keep_best]
+        if chosen is None and not self.warned_fallback:
+            logger.warning("no validation caption has hard negatives: keeping the best tokens by the group metric")
+            self.warned_fallback = True
+        return chosen if chosen is not None else self.metrics["group"]
 
     # -- files ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -398,6 +390,9 @@ class _Trainer:
             "train_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
             "val_accuracy": None if metric is None else metric[0],
             "val_margin": None if metric is None else metric[1],
+            "val_group": self.metrics.get("group"),
+            "val_hard_negatives": self.metrics.get("hard-negatives"),
+            "keep_best": self.config.keep_best,
             "best_accuracy": None if self.best is None else self.best[0],
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
