@@ -157,7 +157,7 @@ def test_cli_flags_show_their_defaults_and_reach_the_config(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["softrepa", "train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0, none)" in text and "(default: group)" in text and "(default: text)" in text
+    assert "(0: none) (default: 0)" in text and "(default: group)" in text and "(default: text)" in text
 
 
 @pytest.mark.parametrize(
