@@ -46,7 +46,7 @@ def _assert_quiet(stderr: str) -> None:
 def test_stylize_bars_name_each_inversion_and_fp16_warns_once(tmp_path):
     result = _cli(
         "stylize", str(EXAMPLES / "content.png"), str(EXAMPLES / "style.png"), str(EXAMPLES / "edit.png"),
-        "-o", str(tmp_path / "out"), "--steps", "2", "--dtype", "fp16", cwd=tmp_path,
+        "--output-dir", str(tmp_path / "out"), "--steps", "2", "--dtype", "fp16", cwd=tmp_path,
     )  # fmt: skip
     names = _bar_names(result.stderr)
     assert {"inverting content", "inverting style 1/2", "inverting style 2/2", "generating"} <= names, names

@@ -20,23 +20,34 @@ Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from editkit.attention import attach
-from editkit.softrepa.loss import ContrastiveLossConfig, contrastive_loss, error_logits, pair_errors
-from editkit.softrepa.tokens import (
-    SoftTokenController,
-    SoftTokens,
-    default_sites,
-    initial_tokens,
-    load_soft_tokens,
-    read_soft_tokens,
-    save_soft_tokens,
-    validate_for_unet,
-)
-from editkit.softrepa.train import TrainConfig, TrainResult, train_soft_tokens
+    from editkit.softrepa.tokens import SoftTokenController
+
+#: Where each public name lives; imported on first use (PEP 562), so that reading the training
+#: defaults (``editkit.softrepa.config``) does not import the attention layer and diffusers.
+_EXPORTS = {
+    "ContrastiveLossConfig": "loss",
+    "contrastive_loss": "loss",
+    "error_logits": "loss",
+    "pair_errors": "loss",
+    "SoftTokenController": "tokens",
+    "SoftTokens": "tokens",
+    "default_sites": "tokens",
+    "initial_tokens": "tokens",
+    "load_soft_tokens": "tokens",
+    "read_soft_tokens": "tokens",
+    "save_soft_tokens": "tokens",
+    "validate_for_unet": "tokens",
+    "TrainConfig": "config",
+    "TrainResult": "train",
+    "train_soft_tokens": "train",
+}
 
 __all__ = [
     "ContrastiveLossConfig",
@@ -58,6 +69,14 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
 @contextlib.contextmanager
 def use_soft_tokens(unet: torch.nn.Module, controller: SoftTokenController) -> Iterator[SoftTokenController]:
     """Attach ``controller`` to ``unet`` for pipelines that do not call ``begin_step`` (plain diffusers).
@@ -71,6 +90,8 @@ def use_soft_tokens(unet: torch.nn.Module, controller: SoftTokenController) -> I
         if timestep is not None:  # tensor arithmetic only: under torch.compile this hook is traced
             controller.set_timestep(timestep)
         return None
+
+    from editkit.attention import attach
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:

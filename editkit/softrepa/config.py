@@ -8,7 +8,6 @@ from pathlib import Path
 
 from editkit.errors import InputError
 from editkit.softrepa.loss import ContrastiveLossConfig
-from editkit.softrepa.tokens import TIME_LAYOUTS, TOKEN_INITS
 
 __all__ = ["KEEP_BEST_METRICS", "TrainConfig", "check_config"]
 
@@ -128,6 +127,8 @@ def check_config(config: TrainConfig, num_processes: int) -> None:
         raise InputError("the column direction contrasts images of a batch: it needs --batch-size 2 or more")
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         raise InputError(f"mixed precision must be no, fp16 or bf16, not {config.mixed_precision!r}")
+    from editkit.softrepa.tokens import TIME_LAYOUTS, TOKEN_INITS  # tokens imports the attention layer
+
     if config.time_layout not in TIME_LAYOUTS:
         raise InputError(f"time layout must be {' or '.join(TIME_LAYOUTS)}, not {config.time_layout!r}")
     if config.token_init not in TOKEN_INITS:
