@@ -1,0 +1,454 @@
+"""Train the shapes-world MM-DiT (SD3 architecture, flow matching) and save a ``StableDiffusion3Pipeline``.
+
+What is trained and what is reused:
+
+- the VAE is the shipped ``assets/models/shapes-sd/vae`` (frozen; 16x16x4 latents, its
+  ``scaling_factor``); the copy in the saved pipeline sets ``shift_factor`` to 0 (the SD 1.x VAE
+  has ``None``, which the SD3 pipeline's ``latents / scaling_factor + shift_factor`` cannot add);
+- ``tokenizer`` and ``tokenizer_2`` are the shapes-sd tokenizer (every world word one token);
+- ``text_encoder`` and ``text_encoder_2`` are ``CLIPTextModelWithProjection`` models whose text
+  towers start from the shapes-sd ``CLIPTextModel`` (fresh projections) and train jointly with
+  the transformer; ``text_encoder_3`` / ``tokenizer_3`` (T5) are ``None``: the pipeline then
+  feeds zeros for the T5 part of the sequence;
+- ``transformer`` is a fresh ``SD3Transformer2DModel``.
+
+Objective (SD3, Esser et al. 2024, "rf/lognorm(0.00, 1.00)"): ``x_s = (1 - s) x0 + s noise``,
+target ``noise - x0``, unweighted MSE, ``s = sigmoid(u)`` with ``u ~ N(logit_mean, logit_std)``;
+the transformer sees ``timestep = 1000 s`` as in the pipeline. 10% of captions are dropped (the
+empty prompt, as the pipeline's negative prompt) for classifier-free guidance; EMA weights ship.
+
+The prompt embedding is built exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds it:
+penultimate hidden states of both CLIPs concatenated on the feature axis (64 + 64 =
+``joint_attention_dim``, so no padding), then ``t5_tokens`` zero tokens (the pipeline's
+``max_sequence_length``); pooled = both projections concatenated.
+
+Checkpoints (``--checkpoint``, every ``--checkpoint-every`` seconds and at the end) are one
+safetensors file written atomically: weights, EMA weights, AdamW moments, the batch generator's
+state, with the step, the configuration, the optimizer's parameter groups and the learning-rate
+schedule as JSON metadata. No pickles. ``--continue-from CHECKPOINT`` resumes bit for bit.
+Usage::
+
+    python -m benchmarks.shapes.train_mmdit --threads 2 --output assets/models/shapes-sd3 \
+        --checkpoint /tmp/shapes-sd3.ckpt.safetensors
+    python -m benchmarks.shapes.train_mmdit --continue-from /tmp/shapes-sd3.ckpt.safetensors \
+        --output assets/models/shapes-sd3            # resume (``--steps`` raises the total)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.shapes.train import encode_dataset, lr_lambda, to_tensor, tokenize
+from benchmarks.shapes.world import sample_batch
+
+logger = logging.getLogger(__name__)
+
+SHAPES_SD = Path(__file__).resolve().parents[2] / "assets" / "models" / "shapes-sd"
+CHECKPOINT_FORMAT = "editkit-shapes-mmdit-checkpoint-1"
+
+
+@dataclass
+class MMDiTConfig:
+    """Everything a training run depends on (sizes, steps, optimisation)."""
+
+    seed: int = 0
+    num_images: int = 30_000
+    pattern_prob: float = 0.3
+    background_prob: float = 0.3
+    # transformer (SD3Transformer2DModel)
+    patch_size: int = 2
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 32
+    qk_norm: str | None = "rms_norm"
+    t5_tokens: int = 0
+    # optimisation
+    steps: int = 2_600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    log_every: int = 100
+
+
+CONFIGS: dict[str, MMDiTConfig] = {
+    "default": MMDiTConfig(),
+    "tiny": MMDiTConfig(num_images=16, num_layers=1, num_heads=2, head_dim=8, steps=4, batch_size=4, warmup_steps=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+
+
+def build_text_encoder(source: Path, seed: int):
+    """A ``CLIPTextModelWithProjection`` whose text tower is the shapes-sd one (projection fresh, seeded)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tower = CLIPTextModel.from_pretrained(source / "text_encoder")
+    config = CLIPTextConfig.from_pretrained(source / "text_encoder")
+    config.architectures = ["CLIPTextModelWithProjection"]
+    torch.manual_seed(seed)
+    encoder = CLIPTextModelWithProjection(config)
+    encoder.text_model.load_state_dict(tower.state_dict())  # transformers 5: CLIPTextModel is the tower
+    return encoder
+
+
+def build_transformer(config: MMDiTConfig, joint_attention_dim: int, pooled_dim: int, sample_size: int):
+    """A fresh ``SD3Transformer2DModel`` on ``sample_size`` latents (seeded by the caller)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=config.patch_size,
+        in_channels=4,
+        out_channels=4,
+        num_layers=config.num_layers,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=config.num_heads * config.head_dim,
+        pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=sample_size // config.patch_size,
+        qk_norm=config.qk_norm,
+    )
+
+
+def build_scheduler(config: MMDiTConfig):
+    """``FlowMatchEulerDiscreteScheduler`` with the training ``shift`` (1.0: 32 px images need none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.shift)
+
+
+def load_vae(source: Path):
+    """The frozen shapes-sd VAE, ``shift_factor`` set to 0 for the SD3 pipeline."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(source / "vae").eval().requires_grad_(False)
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def build_models(config: MMDiTConfig, source: Path) -> dict[str, torch.nn.Module]:
+    """The trained modules: ``text_encoder``, ``text_encoder_2`` and ``transformer``."""
+    text_encoder = build_text_encoder(source, config.seed)
+    text_encoder_2 = build_text_encoder(source, config.seed + 1)
+    joint = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    pooled = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
+    torch.manual_seed(config.seed + 2)
+    transformer = build_transformer(config, joint, pooled, sample_size=16)
+    return {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "transformer": transformer}
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+
+
+def encode_prompts(models: dict, ids: torch.Tensor, t5_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds, pooled)`` exactly as ``StableDiffusion3Pipeline.encode_prompt`` with T5 absent."""
+    outputs = [models[name](ids, output_hidden_states=True) for name in ("text_encoder", "text_encoder_2")]
+    clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)  # (batch, tokens, joint_dim)
+    zeros = clip.new_zeros(clip.shape[0], t5_tokens, clip.shape[-1])
+    pooled = torch.cat([out.text_embeds for out in outputs], dim=-1)
+    return torch.cat([clip, zeros], dim=1), pooled
+
+
+def sample_sigmas(config: MMDiTConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal ``s = sigmoid(u)``, ``u ~ N(logit_mean, logit_std)`` (SD3 eq. 19), then the scheduler's shift."""
+    sigmas = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(batch, generator=generator))
+    return config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
+
+
+def flow_loss(models: dict, batch: dict, config: MMDiTConfig, generator: torch.Generator) -> torch.Tensor:
+    """Rectified-flow loss ``|v(x_s, s) - (noise - x0)|^2`` on one batch (``x0``, ``ids``)."""
+    x0, ids = batch["x0"], batch["ids"]
+    noise = torch.randn(x0.shape, generator=generator)
+    sigmas = sample_sigmas(config, x0.shape[0], generator)
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    prompt_embeds, pooled = encode_prompts(models, ids, config.t5_tokens)
+    velocity = models["transformer"](
+        hidden_states=noisy,
+        encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled,
+        timestep=sigmas * 1000,
+        return_dict=False,
+    )[0]
+    return F.mse_loss(velocity, noise - x0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(config: MMDiTConfig, source: Path) -> dict:
+    """Latent posteriors (scaled) and caption token ids of the rendered training scenes."""
+    from transformers import CLIPTokenizer
+
+    start = time.time()
+    images, captions, _ = sample_batch(
+        config.seed,
+        config.num_images,
+        training=True,
+        pattern_prob=config.pattern_prob,
+        background_prob=config.background_prob,
+    )
+    vae = load_vae(source)
+    means, stds = encode_dataset(vae, to_tensor(images), "cpu")
+    scaling = float(vae.config.scaling_factor)
+    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    logger.info("rendered and encoded %d scenes in %.1f s", len(captions), time.time() - start)
+    return {
+        "means": means * scaling,
+        "stds": stds * scaling,
+        "ids": tokenize(tokenizer, captions),
+        "empty": tokenize(tokenizer, [""])[0],
+    }
+
+
+def next_batch(data: dict, config: MMDiTConfig, generator: torch.Generator) -> dict:
+    """A random batch: posterior samples and token ids, captions dropped with ``caption_dropout``."""
+    idx = torch.randint(0, data["means"].shape[0], (config.batch_size,), generator=generator)
+    eps = torch.randn(data["means"][idx].shape, generator=generator)
+    ids = data["ids"][idx].clone()
+    ids[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = data["empty"]
+    return {"x0": data["means"][idx] + data["stds"][idx] * eps, "ids": ids}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state and checkpoints
+
+
+@dataclass
+class TrainState:
+    """What a step changes: weights, EMA weights, AdamW, the schedule, the batch generator, the step."""
+
+    config: MMDiTConfig
+    models: dict[str, torch.nn.Module]
+    ema: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    step: int = 0
+    seconds: float = 0.0
+
+
+def new_state(config: MMDiTConfig, source: Path) -> TrainState:
+    """Fresh models (EMA copies of them), AdamW with warm-up + cosine, the seeded batch generator."""
+    models = build_models(config, source)
+    ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()}
+    params = [p for model in models.values() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    return TrainState(config, models, ema, optimizer, schedule, generator)
+
+
+def save_checkpoint(state: TrainState, path: str | Path) -> Path:
+    """Everything needed to resume, as one safetensors file (tensors + JSON metadata), written atomically."""
+    from editkit.atomic import save_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, group in (("model", state.models), ("ema", state.ema)):
+        for name, module in group.items():
+            for key, value in module.state_dict().items():
+                tensors[f"{prefix}.{name}.{key}"] = value.detach().cpu().contiguous()
+    optimizer = state.optimizer.state_dict()
+    for index, entry in optimizer["state"].items():
+        for key, value in entry.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["generator"] = state.generator.get_state()
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "step": str(state.step),
+        "seconds": repr(state.seconds),
+        "config": json.dumps(dataclasses.asdict(state.config)),
+        "optimizer_param_groups": json.dumps(optimizer["param_groups"]),
+        "lr_scheduler": json.dumps(state.lr_scheduler.state_dict()),
+    }
+    return save_safetensors(path, tensors, metadata=metadata, overwrite=True)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checkpoint; ``ValueError`` when the file is not one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a shapes MM-DiT checkpoint (format {metadata.get('format')!r})")
+        return {key: file.get_tensor(key) for key in file.keys()}, metadata
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def load_state(path: str | Path, source: Path, steps: int | None = None) -> TrainState:
+    """The training state of a checkpoint; ``steps`` (when given) replaces the configured total."""
+    tensors, metadata = read_checkpoint(path)
+    config = MMDiTConfig(**json.loads(metadata["config"]))
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps)
+    state = new_state(config, source)
+    for prefix, group in (("model", state.models), ("ema", state.ema)):
+        for name, module in group.items():
+            module.load_state_dict(_prefixed(tensors, f"{prefix}.{name}."), strict=True)
+    groups = json.loads(metadata["optimizer_param_groups"])
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in _prefixed(tensors, "optimizer.").items():
+        index, name = key.split(".", 1)
+        entries.setdefault(int(index), {})[name] = value
+    for group in groups:  # the live schedule's learning rate, not the saved one's, when steps changed
+        group.pop("initial_lr", None)
+    state.optimizer.load_state_dict({"state": entries, "param_groups": groups})
+    state.lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
+    state.lr_scheduler.base_lrs = [config.lr] * len(state.optimizer.param_groups)
+    for group, factor in zip(state.optimizer.param_groups, state.lr_scheduler.lr_lambdas):
+        group["lr"] = config.lr * factor(state.lr_scheduler.last_epoch)
+    state.generator.set_state(tensors["generator"])
+    state.step, state.seconds = int(metadata["step"]), float(metadata["seconds"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop and the pipeline
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` on parameters; buffers copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def train_step(state: TrainState, data: dict) -> float:
+    """One AdamW step (grad-norm clip 1) on a fresh batch, then the EMA update (warm-up ``(1+k)/(10+k)``)."""
+    config = state.config
+    loss = flow_loss(state.models, next_batch(data, config, state.generator), config, state.generator)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
+    for name, model in state.models.items():
+        ema_update(state.ema[name], model, decay)
+    state.step += 1
+    return loss.item()
+
+
+def run(state: TrainState, data: dict, checkpoint: Path | None, checkpoint_every: float) -> TrainState:
+    """Train until ``config.steps``, checkpointing every ``checkpoint_every`` seconds and at the end."""
+    for model in state.models.values():
+        model.train()
+    start, last_save = time.time(), time.time()
+    seconds_before = state.seconds
+    while state.step < state.config.steps:
+        loss = train_step(state, data)
+        state.seconds = seconds_before + time.time() - start
+        if state.step % state.config.log_every == 0 or state.step == state.config.steps:
+            logger.info("step %d loss %.5f (%.0f s)", state.step, loss, state.seconds)
+        if checkpoint is not None and time.time() - last_save >= checkpoint_every:
+            save_checkpoint(state, checkpoint)
+            last_save = time.time()
+    if checkpoint is not None:
+        save_checkpoint(state, checkpoint)
+    return state
+
+
+def export_pipeline(state: TrainState, source: Path, output: str | Path) -> dict:
+    """Save the EMA weights as a ``StableDiffusion3Pipeline`` folder (written beside, then renamed)."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    pipe = StableDiffusion3Pipeline(
+        transformer=state.ema["transformer"],
+        scheduler=build_scheduler(state.config),
+        vae=load_vae(source),
+        text_encoder=state.ema["text_encoder"],
+        tokenizer=tokenizer,
+        text_encoder_2=state.ema["text_encoder_2"],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    output = Path(output)
+    tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    summary = {
+        "config": dataclasses.asdict(state.config),
+        "steps_done": state.step,
+        "train_seconds": round(state.seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name in ("README.md",):  # keep a model card written by hand
+        if (output / name).is_file():
+            shutil.copy2(output / name, tmp / name)
+    if output.exists():
+        output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+    return summary
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    parser.add_argument("--output", default="assets/models/shapes-sd3", help="the pipeline folder (EMA weights)")
+    parser.add_argument("--source", default=str(SHAPES_SD), help="shapes-sd folder (VAE, tokenizer, text towers)")
+    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint to write (default: none)")
+    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
+    parser.add_argument("--continue-from", default=None, help="resume from this checkpoint (its configuration)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("num-images", int), ("num-layers", int)):
+        parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--log-every", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = Path(args.source)
+    if args.continue_from:
+        state = load_state(args.continue_from, source, steps=args.steps)
+        logger.info("resumed %s at step %d of %d", args.continue_from, state.step, state.config.steps)
+    else:
+        names = ("steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
+        overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        state = new_state(dataclasses.replace(CONFIGS[args.config], **overrides), source)
+    data = load_data(state.config, source)
+    checkpoint = Path(args.checkpoint or args.continue_from) if (args.checkpoint or args.continue_from) else None
+    run(state, data, checkpoint, args.checkpoint_every)
+    print(json.dumps({k: v for k, v in export_pipeline(state, source, args.output).items() if k != "config"}))
+
+
+if __name__ == "__main__":
+    main()
