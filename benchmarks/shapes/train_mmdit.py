@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.shapes.train import encode_dataset, lr_lambda, to_tensor, tokenize
+from benchmarks.shapes.train import encode_dataset, to_tensor, tokenize
 from benchmarks.shapes.world import sample_batch
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,14 @@ class MMDiTConfig:
     background_prob: float = 0.3
     # transformer (SD3Transformer2DModel)
     patch_size: int = 2
-    num_layers: int = 6
-    num_heads: int = 4
+    num_layers: int = 4
+    num_heads: int = 3
     head_dim: int = 32
     qk_norm: str | None = "rms_norm"
     t5_tokens: int = 0
+    tokenizer_max_length: int = 16  # the longest world caption is 16 tokens with bos / eos
     # optimisation
-    steps: int = 2_600
+    steps: int = 20_000  # an upper bound: runs stop on --max-seconds (constant LR after warm-up)
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -197,10 +199,41 @@ def flow_loss(models: dict, batch: dict, config: MMDiTConfig, generator: torch.G
 # Data
 
 
-def load_data(config: MMDiTConfig, source: Path) -> dict:
-    """Latent posteriors (scaled) and caption token ids of the rendered training scenes."""
+def load_tokenizer(source: Path, config: MMDiTConfig):
+    """The shapes-sd tokenizer with ``model_max_length = config.tokenizer_max_length``."""
     from transformers import CLIPTokenizer
 
+    return CLIPTokenizer.from_pretrained(source / "tokenizer", model_max_length=config.tokenizer_max_length)
+
+
+def _data_key(config: MMDiTConfig, source: Path) -> str:
+    names = ("seed", "num_images", "pattern_prob", "background_prob", "tokenizer_max_length")
+    return json.dumps({"source": str(source.resolve()), **{n: getattr(config, n) for n in names}}, sort_keys=True)
+
+
+def load_data(config: MMDiTConfig, source: Path, cache: Path | None = None) -> dict:
+    """Latent posteriors (scaled) and caption token ids of the rendered training scenes.
+
+    With ``cache`` (a safetensors file), data made from the same scenes, VAE and tokenizer length is
+    read from it, or written to it after rendering and encoding.
+    """
+    from safetensors import safe_open
+
+    from editkit.atomic import save_safetensors
+
+    key = _data_key(config, source)
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), framework="pt") as file:
+            if (file.metadata() or {}).get("key") == key:
+                logger.info("training data from %s", cache)
+                return {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    data = _render_data(config, source)
+    if cache is not None:
+        save_safetensors(cache, data, metadata={"key": key}, overwrite=True)
+    return data
+
+
+def _render_data(config: MMDiTConfig, source: Path) -> dict:
     start = time.time()
     images, captions, _ = sample_batch(
         config.seed,
@@ -212,11 +245,11 @@ def load_data(config: MMDiTConfig, source: Path) -> dict:
     vae = load_vae(source)
     means, stds = encode_dataset(vae, to_tensor(images), "cpu")
     scaling = float(vae.config.scaling_factor)
-    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    tokenizer = load_tokenizer(source, config)
     logger.info("rendered and encoded %d scenes in %.1f s", len(captions), time.time() - start)
     return {
-        "means": means * scaling,
-        "stds": stds * scaling,
+        "means": (means * scaling).contiguous(),
+        "stds": (stds * scaling).contiguous(),
         "ids": tokenize(tokenizer, captions),
         "empty": tokenize(tokenizer, [""])[0],
     }
@@ -249,13 +282,22 @@ class TrainState:
     seconds: float = 0.0
 
 
+def warmup_constant(warmup: int):
+    """Linear warm-up to the peak learning rate, then constant (runs stop on a time budget; EMA averages)."""
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, warmup))
+
+    return schedule
+
+
 def new_state(config: MMDiTConfig, source: Path) -> TrainState:
     """Fresh models (EMA copies of them), AdamW with warm-up + cosine, the seeded batch generator."""
     models = build_models(config, source)
     ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()}
     params = [p for model in models.values() for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)
     return TrainState(config, models, ema, optimizer, schedule, generator)
 
@@ -293,7 +335,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         metadata = file.metadata() or {}
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a shapes MM-DiT checkpoint (format {metadata.get('format')!r})")
-        return {key: file.get_tensor(key) for key in file.keys()}, metadata
+        return {key: file.get_tensor(key) for key in file.keys()}, metadata  # noqa: SIM118
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -355,16 +397,19 @@ def train_step(state: TrainState, data: dict) -> float:
     return loss.item()
 
 
-def run(state: TrainState, data: dict, checkpoint: Path | None, checkpoint_every: float) -> TrainState:
-    """Train until ``config.steps``, checkpointing every ``checkpoint_every`` seconds and at the end."""
+def run(
+    state: TrainState, data: dict, checkpoint: Path | None, checkpoint_every: float, max_seconds: float = math.inf
+) -> TrainState:
+    """Train until ``config.steps`` or ``max_seconds`` of training in all (resumed runs included),
+    checkpointing every ``checkpoint_every`` seconds and at the end."""
     for model in state.models.values():
         model.train()
     start, last_save = time.time(), time.time()
     seconds_before = state.seconds
-    while state.step < state.config.steps:
+    while state.step < state.config.steps and state.seconds < max_seconds:
         loss = train_step(state, data)
         state.seconds = seconds_before + time.time() - start
-        if state.step % state.config.log_every == 0 or state.step == state.config.steps:
+        if state.step % state.config.log_every == 0:
             logger.info("step %d loss %.5f (%.0f s)", state.step, loss, state.seconds)
         if checkpoint is not None and time.time() - last_save >= checkpoint_every:
             save_checkpoint(state, checkpoint)
@@ -379,9 +424,8 @@ def export_pipeline(state: TrainState, source: Path, output: str | Path) -> dict
     import shutil
 
     from diffusers import StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    tokenizer = load_tokenizer(source, state.config)
     pipe = StableDiffusion3Pipeline(
         transformer=state.ema["transformer"],
         scheduler=build_scheduler(state.config),
@@ -424,6 +468,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
     parser.add_argument("--continue-from", default=None, help="resume from this checkpoint (its configuration)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-seconds", type=float, default=math.inf, help="training time budget (all runs)")
+    parser.add_argument("--data-cache", default=None, help="safetensors file caching the encoded training data")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("num-images", int), ("num-layers", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--log-every", type=int, default=None)
@@ -444,9 +490,9 @@ def main(argv: list[str] | None = None) -> None:
         names = ("steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         state = new_state(dataclasses.replace(CONFIGS[args.config], **overrides), source)
-    data = load_data(state.config, source)
+    data = load_data(state.config, source, Path(args.data_cache) if args.data_cache else None)
     checkpoint = Path(args.checkpoint or args.continue_from) if (args.checkpoint or args.continue_from) else None
-    run(state, data, checkpoint, args.checkpoint_every)
+    run(state, data, checkpoint, args.checkpoint_every, args.max_seconds)
     print(json.dumps({k: v for k, v in export_pipeline(state, source, args.output).items() if k != "config"}))
 
 
