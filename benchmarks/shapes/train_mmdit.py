@@ -342,12 +342,12 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
-def load_state(path: str | Path, source: Path, steps: int | None = None) -> TrainState:
-    """The training state of a checkpoint; ``steps`` (when given) replaces the configured total."""
+def load_state(path: str | Path, source: Path, steps: int | None = None, batch_size: int | None = None) -> TrainState:
+    """The training state of a checkpoint; ``steps`` / ``batch_size`` (when given) replace the saved ones."""
     tensors, metadata = read_checkpoint(path)
     config = MMDiTConfig(**json.loads(metadata["config"]))
-    if steps is not None:
-        config = dataclasses.replace(config, steps=steps)
+    overrides = {"steps": steps, "batch_size": batch_size}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     state = new_state(config, source)
     for prefix, group in (("model", state.models), ("ema", state.ema)):
         for name, module in group.items():
@@ -466,7 +466,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", default=str(SHAPES_SD), help="shapes-sd folder (VAE, tokenizer, text towers)")
     parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint to write (default: none)")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
-    parser.add_argument("--continue-from", default=None, help="resume from this checkpoint (its configuration)")
+    parser.add_argument(
+        "--continue-from",
+        default=None,
+        help="resume from this checkpoint (its configuration; --steps, --batch-size apply)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--max-seconds", type=float, default=math.inf, help="training time budget (all runs)")
     parser.add_argument("--data-cache", default=None, help="safetensors file caching the encoded training data")
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     source = Path(args.source)
     if args.continue_from:
-        state = load_state(args.continue_from, source, steps=args.steps)
+        state = load_state(args.continue_from, source, steps=args.steps, batch_size=args.batch_size)
         logger.info("resumed %s at step %d of %d", args.continue_from, state.step, state.config.steps)
     else:
         names = ("steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
