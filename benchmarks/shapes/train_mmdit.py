@@ -1,37 +1,27 @@
 """Train the shapes-world MM-DiT (SD3 architecture, flow matching) and save a ``StableDiffusion3Pipeline``.
 
-What is trained and what is reused:
-
-- the VAE is the shipped ``assets/models/shapes-sd/vae`` (frozen; 16x16x4 latents, its
-  ``scaling_factor``); the copy in the saved pipeline sets ``shift_factor`` to 0 (the SD 1.x VAE
-  has ``None``, which the SD3 pipeline's ``latents / scaling_factor + shift_factor`` cannot add);
-- ``tokenizer`` and ``tokenizer_2`` are the shapes-sd tokenizer (every world word one token);
-- ``text_encoder`` and ``text_encoder_2`` are ``CLIPTextModelWithProjection`` models whose text
-  towers start from the shapes-sd ``CLIPTextModel`` (fresh projections) and train jointly with
-  the transformer; ``text_encoder_3`` / ``tokenizer_3`` (T5) are ``None``: the pipeline then
-  feeds zeros for the T5 part of the sequence;
-- ``transformer`` is a fresh ``SD3Transformer2DModel``.
+Reused: the shipped ``assets/models/shapes-sd/vae`` (frozen; its copy sets ``shift_factor`` 0, which
+the SD3 pipeline adds after unscaling) and tokenizer (as ``tokenizer`` and ``tokenizer_2``, 16
+tokens). Trained: two ``CLIPTextModelWithProjection`` (text towers start from the shapes-sd one,
+projections fresh) jointly with a fresh ``SD3Transformer2DModel``. T5 is ``None``: the pipeline
+feeds ``max_sequence_length`` zero tokens for it, ``t5_tokens`` (0) in training.
 
 Objective (SD3, Esser et al. 2024, "rf/lognorm(0.00, 1.00)"): ``x_s = (1 - s) x0 + s noise``,
-target ``noise - x0``, unweighted MSE, ``s = sigmoid(u)`` with ``u ~ N(logit_mean, logit_std)``;
-the transformer sees ``timestep = 1000 s`` as in the pipeline. 10% of captions are dropped (the
-empty prompt, as the pipeline's negative prompt) for classifier-free guidance; EMA weights ship.
+target ``noise - x0``, unweighted MSE, ``s = sigmoid(u)``, ``u ~ N(logit_mean, logit_std)``,
+timestep ``1000 s``; 10% of captions dropped to the empty prompt (CFG); EMA weights ship. Prompts
+are embedded as ``StableDiffusion3Pipeline.encode_prompt`` does: penultimate hidden states of both
+CLIPs concatenated (64 + 64 = ``joint_attention_dim``, no padding), then the zero T5 tokens;
+pooled = both projections concatenated.
 
-The prompt embedding is built exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds it:
-penultimate hidden states of both CLIPs concatenated on the feature axis (64 + 64 =
-``joint_attention_dim``, so no padding), then ``t5_tokens`` zero tokens (the pipeline's
-``max_sequence_length``); pooled = both projections concatenated.
+Checkpoints (``--checkpoint``, every ``--checkpoint-every`` seconds and at the end): one safetensors
+file written atomically (weights, EMA weights, AdamW moments, the batch generator's state; step,
+configuration, optimizer groups and LR schedule as JSON metadata; no pickles).
+``--continue-from CHECKPOINT`` resumes bit for bit. Usage::
 
-Checkpoints (``--checkpoint``, every ``--checkpoint-every`` seconds and at the end) are one
-safetensors file written atomically: weights, EMA weights, AdamW moments, the batch generator's
-state, with the step, the configuration, the optimizer's parameter groups and the learning-rate
-schedule as JSON metadata. No pickles. ``--continue-from CHECKPOINT`` resumes bit for bit.
-Usage::
-
-    python -m benchmarks.shapes.train_mmdit --threads 2 --output assets/models/shapes-sd3 \
-        --checkpoint /tmp/shapes-sd3.ckpt.safetensors
-    python -m benchmarks.shapes.train_mmdit --continue-from /tmp/shapes-sd3.ckpt.safetensors \
-        --output assets/models/shapes-sd3            # resume (``--steps`` raises the total)
+    python -m benchmarks.shapes.train_mmdit --threads 1 --output assets/models/shapes-sd3 \
+        --checkpoint /tmp/sd3.ckpt.safetensors --data-cache /tmp/sd3-data.safetensors --max-seconds 3300
+    python -m benchmarks.shapes.train_mmdit --continue-from /tmp/sd3.ckpt.safetensors \
+        --output assets/models/shapes-sd3 --max-seconds 5400   # resume, train longer
 """
 
 from __future__ import annotations
