@@ -76,3 +76,7 @@ def test_exported_pipeline_encodes_prompts_as_training_did(tmp_path, data):
     torch.testing.assert_close(embeds, expected_embeds)
     torch.testing.assert_close(pooled, expected_pooled)
     assert (tmp_path / "sd3" / "training_summary.json").is_file() and not (tmp_path / ".sd3.tmp").exists()
+    from benchmarks.shapes.evaluate import call_kwargs, load_pipeline
+
+    assert call_kwargs(tmp_path / "sd3") == {"max_sequence_length": CONFIG.t5_tokens}
+    assert load_pipeline(str(tmp_path / "sd3")).text_encoder_3 is None
