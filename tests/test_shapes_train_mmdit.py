@@ -80,3 +80,21 @@ def test_exported_pipeline_encodes_prompts_as_training_did(tmp_path, data):
 
     assert call_kwargs(tmp_path / "sd3") == {"max_sequence_length": CONFIG.t5_tokens}
     assert load_pipeline(str(tmp_path / "sd3")).text_encoder_3 is None
+
+
+SHIPPED = T.SHAPES_SD.parent / "shapes-sd3"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="assets/models/shapes-sd3 not there")
+def test_shipped_sd3_model_is_small_safetensors_and_generates():
+    from benchmarks.shapes.evaluate import call_kwargs, generate, load_pipeline
+    from editkit.model_card import is_shapes_model
+
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
+    assert is_shapes_model(SHIPPED)
+    pipe = load_pipeline(str(SHIPPED))
+    images = generate(pipe, ["a red circle"], [0], steps=2, guidance_scale=3.0, **call_kwargs(SHIPPED))
+    assert images.shape == (1, 32, 32, 3) and images.std() > 0
