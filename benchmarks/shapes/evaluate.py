@@ -14,6 +14,12 @@ meant to be imported by other benchmarks (e.g. to score an editing or refinement
 same prompts). Usage::
 
     python -m benchmarks.shapes.evaluate --model assets/models/shapes-sd --num-prompts 200
+    python -m benchmarks.shapes.evaluate --model assets/models/shapes-sd3 --num-prompts 200 --steps 28
+
+Both a ``StableDiffusionPipeline`` folder (shapes-sd) and a ``StableDiffusion3Pipeline`` folder
+(shapes-sd3, flow matching) work; for the latter, components saved as ``null`` (T5) load as None and
+the T5 sequence length the model was trained with (``training_summary.json``) is passed as
+``max_sequence_length``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,13 +42,39 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "assets/models/shapes-sd"
 
 
-def load_pipeline(model: str = DEFAULT_MODEL, device: str = "cpu"):
-    """Load a ``StableDiffusionPipeline`` from a local folder, progress bar off."""
-    from diffusers import StableDiffusionPipeline
+def _model_index(model: str | Path) -> dict:
+    path = Path(model, "model_index.json")
+    if not path.is_file():
+        raise ValueError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    return json.loads(path.read_text())
 
-    pipe = StableDiffusionPipeline.from_pretrained(model).to(device)
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str = "cpu"):
+    """Load a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` from a local folder, progress bar off.
+
+    Components the folder saved as ``null`` (shapes-sd3's ``text_encoder_3`` / ``tokenizer_3``) are
+    passed as None, which diffusers requires for the SD3 pipeline's non-optional T5.
+    """
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    index = _model_index(model)
+    if index.get("_class_name") == "StableDiffusion3Pipeline":
+        absent = {name: None for name, value in index.items() if value == [None, None]}
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, **absent)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def call_kwargs(model: str | Path) -> dict:
+    """Extra pipeline arguments a model folder needs: SD3 without T5 -> its trained ``max_sequence_length``."""
+    summary = Path(model, "training_summary.json")
+    if _model_index(model).get("_class_name") != "StableDiffusion3Pipeline" or not summary.is_file():
+        return {}
+    t5_tokens = json.loads(summary.read_text()).get("config", {}).get("t5_tokens")
+    return {} if t5_tokens is None else {"max_sequence_length": int(t5_tokens)}
 
 
 @torch.no_grad()
@@ -159,8 +192,12 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     categories: Sequence[str] = ("single", "pair", "relation"),
+    **kwargs,
 ) -> dict:
-    """Generate ``num_prompts`` held-out prompts per category (seeds ``seed + i``) and score them."""
+    """Generate ``num_prompts`` held-out prompts per category (seeds ``seed + i``) and score them.
+
+    ``kwargs`` reach every pipeline call (e.g. :func:`call_kwargs`).
+    """
     results: dict = {"num_prompts": num_prompts, "steps": steps, "guidance_scale": guidance_scale}
     for category in categories:
         prompts = held_out_prompts(category, num_prompts, seed=seed)
@@ -172,6 +209,7 @@ def evaluate(
             steps=steps,
             guidance_scale=guidance_scale,
             batch_size=batch_size,
+            **kwargs,
         )
         results.update(SCORERS[category](prompts, detect_batch(images)))
         results[f"{category}_distinct_prompts"] = len({p.caption for p in prompts})
@@ -203,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         seed=args.seed,
+        **call_kwargs(args.model),
     )
     if args.vae_roundtrip:
         results.update(score_vae_roundtrip(pipe, args.vae_roundtrip))

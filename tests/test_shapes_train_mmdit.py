@@ -1,0 +1,100 @@
+"""The shapes MM-DiT training script: checkpoints resume bit for bit, safetensors only, the exported pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from benchmarks.shapes import train_mmdit as T
+
+pytestmark = pytest.mark.skipif(not (T.SHAPES_SD / "vae").is_dir(), reason="needs assets/models/shapes-sd")
+
+CONFIG = dataclasses.replace(T.CONFIGS["tiny"], steps=4)
+
+
+def _weights(state: T.TrainState) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, group in (("model", state.models), ("ema", state.ema)):
+        for name, module in group.items():
+            out |= {f"{prefix}.{name}.{k}": v for k, v in module.state_dict().items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    return T.load_data(CONFIG, T.SHAPES_SD)
+
+
+def test_resume_continues_exactly(tmp_path, data):
+    straight = T.run(T.new_state(CONFIG, T.SHAPES_SD), data, None, 0.0)
+    checkpoint = tmp_path / "ckpt.safetensors"
+    half = T.new_state(dataclasses.replace(CONFIG, steps=2), T.SHAPES_SD)
+    T.run(half, data, checkpoint, checkpoint_every=1e9)
+    resumed = T.load_state(checkpoint, T.SHAPES_SD, steps=4)
+    assert resumed.step == 2 and resumed.config.steps == 4
+    torch.testing.assert_close(resumed.generator.get_state(), half.generator.get_state(), rtol=0, atol=0)
+    T.run(resumed, data, checkpoint, checkpoint_every=1e9)
+    assert resumed.step == straight.step == 4
+    expected, got = _weights(straight), _weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(expected["ema.transformer.proj_out.weight"], expected["model.transformer.proj_out.weight"])
+    with safe_open(str(checkpoint), framework="pt") as file:  # a safetensors file: tensors + JSON metadata
+        metadata = file.metadata()
+        assert json.loads(metadata["config"])["steps"] == 4 and metadata["step"] == "4"
+        assert any(key.startswith("optimizer.") and key.endswith(".exp_avg_sq") for key in file.keys())  # noqa: SIM118
+    assert list(tmp_path.iterdir()) == [checkpoint]  # nothing half-written beside it
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="not a shapes MM-DiT checkpoint"):
+        T.load_state(path, T.SHAPES_SD)
+
+
+def test_exported_pipeline_encodes_prompts_as_training_did(tmp_path, data):
+    from diffusers import StableDiffusion3Pipeline
+
+    state = T.run(T.new_state(dataclasses.replace(CONFIG, steps=1), T.SHAPES_SD), data, None, 0.0)
+    T.export_pipeline(state, T.SHAPES_SD, tmp_path / "sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", text_encoder_3=None, tokenizer_3=None)
+    assert pipe.vae.config.shift_factor == 0.0 and pipe.tokenizer.model_max_length == CONFIG.tokenizer_max_length
+    prompt = "a red circle above a blue square"
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt, prompt, prompt, do_classifier_free_guidance=False, max_sequence_length=CONFIG.t5_tokens
+    )
+    ids = T.tokenize(pipe.tokenizer, [prompt])
+    expected_embeds, expected_pooled = T.encode_prompts(state.ema, ids, CONFIG.t5_tokens)
+    torch.testing.assert_close(embeds, expected_embeds)
+    torch.testing.assert_close(pooled, expected_pooled)
+    assert (tmp_path / "sd3" / "training_summary.json").is_file() and not (tmp_path / ".sd3.tmp").exists()
+    from benchmarks.shapes.evaluate import call_kwargs, load_pipeline
+
+    assert call_kwargs(tmp_path / "sd3") == {"max_sequence_length": CONFIG.t5_tokens}
+    assert load_pipeline(str(tmp_path / "sd3")).text_encoder_3 is None
+
+
+SHIPPED = T.SHAPES_SD.parent / "shapes-sd3"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="assets/models/shapes-sd3 not there")
+def test_shipped_sd3_model_is_small_safetensors_and_generates():
+    from benchmarks.shapes.evaluate import call_kwargs, generate, load_pipeline
+    from editkit.model_card import is_shapes_model
+
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
+    assert is_shapes_model(SHIPPED)
+    pipe = load_pipeline(str(SHIPPED))
+    images = generate(pipe, ["a red circle"], [0], steps=2, guidance_scale=3.0, **call_kwargs(SHIPPED))
+    assert images.shape == (1, 32, 32, 3) and images.std() > 0
