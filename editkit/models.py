@@ -196,6 +196,8 @@ def load_pipeline(
                 raise InputError("variant applies to diffusers folders and Hub ids, not single files")
             pipe = pipeline_class.from_single_file(str(source), dtype=dtype, local_files_only=offline, **kwargs)
         else:
+            if kind == "folder":
+                kwargs = {**_null_components(Path(source), pipeline_class), **kwargs}
             pipe = pipeline_class.from_pretrained(
                 str(source), dtype=dtype, variant=variant, use_safetensors=True, local_files_only=offline, **kwargs
             )
@@ -208,6 +210,20 @@ def load_pipeline(
     _note_vae_upcast(pipe, family, dtype)
     logger.info("loaded %s (%s, %s) on %s", model, family, dtype, device)
     return pipe.to(device, silence_dtype_warnings=True)  # fp16 on the CPU: choose_dtype warned once already
+
+
+def _null_components(folder: Path, pipeline_class: type) -> dict[str, None]:
+    """Components the folder's index lists as null (e.g. a model trained without T5) that ``pipeline_class``
+    takes: passed as None, which diffusers requires for a null component it does not count as optional."""
+    import inspect
+
+    parameters = inspect.signature(pipeline_class.__init__).parameters
+    index = read_index(folder)
+    return {
+        name: None
+        for name, entry in index.items()
+        if not name.startswith("_") and name in parameters and isinstance(entry, list) and None in entry
+    }
 
 
 def source_family(kind: str, source: str | Path, kwargs: dict[str, Any] | None = None) -> str | None:

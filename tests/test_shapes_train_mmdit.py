@@ -98,3 +98,15 @@ def test_shipped_sd3_model_is_small_safetensors_and_generates():
     pipe = load_pipeline(str(SHIPPED))
     images = generate(pipe, ["a red circle"], [0], steps=2, guidance_scale=3.0, **call_kwargs(SHIPPED))
     assert images.shape == (1, 32, 32, 3) and images.std() > 0
+
+
+def test_editkit_loader_reads_the_folder_without_t5():
+    """The model was trained without T5 (null in model_index.json): editkit's loader passes it as None,
+    which diffusers requires for a null component it does not count as optional."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from editkit.models import load_pipeline
+
+    pipe = load_pipeline(None, SHIPPED, device="cpu")
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None and pipe.transformer is not None
