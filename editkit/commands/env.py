@@ -16,6 +16,7 @@ from importlib import metadata
 from editkit import __version__
 from editkit.cli import echo
 from editkit.commands.common import DEFAULT_SD_MODEL
+from editkit.models import supported_families
 
 #: Distributions whose versions the report lists (name in the report -> distribution name).
 PACKAGES = {
@@ -34,8 +35,6 @@ MISSING = {
     "gradio": "not installed (pip install 'editkit[app]')",
     "accelerate": "not installed (optional: low-memory loading and offload)",
 }
-#: The model families editkit runs, until editkit.models provides ``supported_families()``.
-FAMILIES = ("Stable Diffusion 1.x/2.x", "SDXL")
 
 
 def register(subparsers) -> None:
@@ -54,14 +53,6 @@ def package_version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
-
-
-def supported_families() -> tuple[str, ...]:
-    """Model families editkit runs: ``editkit.models.supported_families()`` when it exists, else :data:`FAMILIES`."""
-    from editkit import models
-
-    provider = getattr(models, "supported_families", None)
-    return tuple(provider()) if callable(provider) else FAMILIES
 
 
 def device_report() -> dict[str, str]:
