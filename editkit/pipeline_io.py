@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -391,7 +390,3 @@ def step_callback(
     if not isinstance(returned, dict):
         raise InputError(f"callback_on_step_end must return a dict, got {type(returned).__name__}")
     return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -4,7 +4,6 @@ model family's plain text-to-image pipeline with SoftREPA tokens in both CFG bra
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from PIL import Image
 
 from editkit.errors import InputError
 from editkit.tasks.common import Size, make_generator, processing_size, run_record
-from editkit.tasks.options import check_options, knob
+from editkit.tasks.options import check_options, is_finite_number, knob
 from editkit.tasks.stylize import check_size
 
 __all__ = ["GenerateInputs", "GenerateOptions", "GenerateResult", "run"]
@@ -38,7 +37,7 @@ class GenerateOptions:
         check_options(self)
         check_size(self.size)
         strength = self.soft_token_strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        if not is_finite_number(strength):
             raise InputError(f"soft_token_strength must be a finite number, got {strength!r}")
 
 

@@ -19,7 +19,17 @@ from typing import Any
 
 from editkit.errors import InputError
 
-__all__ = ["Knob", "OptionError", "check_options", "cli_default", "cli_help", "defaults_table", "knob", "knob_of"]
+__all__ = [
+    "Knob",
+    "OptionError",
+    "check_options",
+    "cli_default",
+    "cli_help",
+    "defaults_table",
+    "is_finite_number",
+    "knob",
+    "knob_of",
+]
 
 
 class OptionError(InputError):
@@ -54,7 +64,7 @@ class Knob:
             return
         if self.low is None and self.high is None and not self.integer:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise OptionError(name, f"must be a finite number, got {value!r}")
         if self.integer and value != int(value):
             raise OptionError(name, f"must be a whole number, got {value!r}")
@@ -70,6 +80,11 @@ class Knob:
         if self.high is not None and value > self.high:
             bound = f"at most {self.high:g}" if self.low is None else f"between {self.low:g} and {self.high:g}"
             raise OptionError(name, f"must be {bound}, got {value:g}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither infinite nor NaN."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def knob(default: Any, help: str, **spec: Any) -> Any:
