@@ -46,6 +46,7 @@ __all__ = [
     "is_v_prediction",
     "load_pipeline",
     "model_family",
+    "model_source_family",
     "source_family",
     "supported_families",
 ]
@@ -246,6 +247,14 @@ def source_family(kind: str, source: str | Path, kwargs: dict[str, Any] | None =
     index = read_json(Path(cached["model_index.json"]))
     unet_config = read_json(Path(cached["unet/config.json"])) if isinstance(cached["unet/config.json"], str) else None
     return family_of_index(index, f"{source} (model_index.json)", unet_config)
+
+
+def model_source_family(model: str | os.PathLike) -> str | None:
+    """The family of a model path / Hub id before loading it (None: a Hub repo not in the cache yet).
+
+    ModelLoadError for a missing path, a pickle, or an unsupported family."""
+    kind, source = _resolve_source(model)
+    return source_family(kind, source)
 
 
 def _pipeline_class_for(pipeline_class: type | None, family: str | None, model: str | os.PathLike) -> type:

@@ -66,6 +66,7 @@ class MMDiTConfig:
     tokenizer_max_length: int = 16  # the longest world caption is 16 tokens with bos / eos
     # optimisation
     steps: int = 20_000  # an upper bound: runs stop on --max-seconds (constant LR after warm-up)
+    decay_steps: int = 0  # linear decay to 0 over the last decay_steps of `steps` (warm-up-stable-decay)
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -272,22 +273,29 @@ class TrainState:
     seconds: float = 0.0
 
 
-def warmup_constant(warmup: int):
-    """Linear warm-up to the peak learning rate, then constant (runs stop on a time budget; EMA averages)."""
+def warmup_stable_decay(warmup: int, steps: int, decay_steps: int):
+    """Linear warm-up to the peak learning rate, constant, then (when ``decay_steps``) a linear decay to 0
+    over the last ``decay_steps`` of ``steps`` (the "WSD" schedule: a run on a time budget can be
+    extended from any checkpoint of its constant phase and cooled down at the end)."""
 
     def schedule(step: int) -> float:
-        return min(1.0, (step + 1) / max(1, warmup))
+        factor = min(1.0, (step + 1) / max(1, warmup))
+        if decay_steps > 0:
+            factor = min(factor, max(0.0, (steps - step) / decay_steps))
+        return factor
 
     return schedule
 
 
 def new_state(config: MMDiTConfig, source: Path) -> TrainState:
-    """Fresh models (EMA copies of them), AdamW with warm-up + cosine, the seeded batch generator."""
+    """Fresh models (EMA copies of them), AdamW with warm-up-stable-decay, the seeded batch generator."""
     models = build_models(config, source)
     ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()}
     params = [p for model in models.values() for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(config.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_stable_decay(config.warmup_steps, config.steps, config.decay_steps)
+    )
     generator = torch.Generator().manual_seed(config.seed)
     return TrainState(config, models, ema, optimizer, schedule, generator)
 
@@ -332,11 +340,18 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
-def load_state(path: str | Path, source: Path, steps: int | None = None, batch_size: int | None = None) -> TrainState:
-    """The training state of a checkpoint; ``steps`` / ``batch_size`` (when given) replace the saved ones."""
+def load_state(
+    path: str | Path,
+    source: Path,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    decay_steps: int | None = None,
+) -> TrainState:
+    """The training state of a checkpoint; ``steps`` / ``batch_size`` / ``decay_steps`` (when given) replace
+    the saved ones (a checkpoint written before ``decay_steps`` existed has none)."""
     tensors, metadata = read_checkpoint(path)
     config = MMDiTConfig(**json.loads(metadata["config"]))
-    overrides = {"steps": steps, "batch_size": batch_size}
+    overrides = {"steps": steps, "batch_size": batch_size, "decay_steps": decay_steps}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     state = new_state(config, source)
     for prefix, group in (("model", state.models), ("ema", state.ema)):
@@ -459,13 +474,16 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--continue-from",
         default=None,
-        help="resume from this checkpoint (its configuration; --steps, --batch-size apply)",
+        help="resume from this checkpoint (its configuration; --steps, --batch-size, --decay-steps apply)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--max-seconds", type=float, default=math.inf, help="training time budget (all runs)")
     parser.add_argument("--data-cache", default=None, help="safetensors file caching the encoded training data")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("num-images", int), ("num-layers", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument(
+        "--decay-steps", type=int, default=None, help="decay the learning rate linearly to 0 over the last N steps"
+    )
     parser.add_argument("--log-every", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -478,10 +496,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     source = Path(args.source)
     if args.continue_from:
-        state = load_state(args.continue_from, source, steps=args.steps, batch_size=args.batch_size)
+        state = load_state(
+            args.continue_from, source, steps=args.steps, batch_size=args.batch_size, decay_steps=args.decay_steps
+        )
         logger.info("resumed %s at step %d of %d", args.continue_from, state.step, state.config.steps)
     else:
-        names = ("steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
+        names = ("steps", "decay_steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         state = new_state(dataclasses.replace(CONFIGS[args.config], **overrides), source)
     data = load_data(state.config, source, Path(args.data_cache) if args.data_cache else None)

@@ -35,10 +35,11 @@ class MethodSpec:
     task: str | None
     title: str
 
-    def load_class(self) -> type:
+    def load_class(self, family: str | None = None) -> type:
+        """The task's pipeline class for a model ``family`` (None: the UNet class)."""
         from editkit.tasks import pipeline_class
 
-        return pipeline_class(self.task)
+        return pipeline_class(self.task, family)
 
 
 #: The app's methods by endpoint name.
@@ -78,17 +79,23 @@ class ModelManager:
             return os.fspath(self.model)
         return str(getattr(self.model, "name_or_path", None) or type(self.model).__name__)
 
+    def family(self) -> str | None:
+        """The model's family (``sd``, ``sdxl``, ``sd3``, ``flux``), known before loading where possible."""
+        from editkit.models import model_family, model_source_family
+
+        return model_family(self._base) if self._base is not None else model_source_family(self.model)
+
     def pipeline(self, method: str) -> Any:
         """The pipeline of ``method`` (an endpoint name of :data:`METHODS`), loading the base on first use."""
         spec = METHODS[method]
         with self._load_lock:
             if spec.task is None:
                 if self._base is None:  # the base loads with a method class: no safety checker, no extras
-                    base = self._build(METHODS["compose"].load_class())
+                    base = self._build(METHODS["compose"].load_class(self.family()))
                     self._pipelines[type(base).__name__] = base
                 pipe_class = text_to_image_class(self._base)
             else:
-                pipe_class = spec.load_class()
+                pipe_class = spec.load_class(self.family())
             if pipe_class.__name__ not in self._pipelines:
                 self._pipelines[pipe_class.__name__] = self._build(pipe_class)
             return self._pipelines[pipe_class.__name__]

@@ -8,7 +8,14 @@ from typing import Any
 
 from editkit.errors import EditkitError
 
-__all__ = ["TASKS", "load_task_pipeline", "pipeline_class", "soft_token_controllers", "text_to_image_class"]
+__all__ = [
+    "PIPELINES",
+    "TASKS",
+    "load_task_pipeline",
+    "pipeline_class",
+    "soft_token_controllers",
+    "text_to_image_class",
+]
 
 #: Task name -> title. ``generate`` is the model family's plain text-to-image pipeline.
 TASKS = {
@@ -19,24 +26,42 @@ TASKS = {
 }
 
 
-def pipeline_class(task: str) -> type:
-    """The pipeline class of ``task`` (``stylize``, ``edit``, ``compose``); imported on first use."""
+#: (task, family) -> "module:Class" of its pipeline. UNet families share one class per task; the
+#: MM-DiT families get thin per-family classes (``shared/design/mmdit.md``).
+PIPELINES: dict[tuple[str, str], str] = {
+    **{("stylize", f): "pipelines.style_transfer:StyleTransferPipeline" for f in ("sd", "sdxl")},
+    **{("edit", f): "pipelines.contrastive_edit:ContrastiveEditPipeline" for f in ("sd", "sdxl")},
+    **{("compose", f): "pipelines.compose:ComposePipeline" for f in ("sd", "sdxl")},
+    ("stylize", "sd3"): "pipelines.flow_style_transfer:SD3StyleTransferPipeline",
+    ("stylize", "flux"): "pipelines.flow_style_transfer:FluxStyleTransferPipeline",
+    ("edit", "sd3"): "pipelines.flow_edit:SD3ContrastiveEditPipeline",
+    ("edit", "flux"): "pipelines.flow_edit:FluxContrastiveEditPipeline",
+    ("compose", "sd3"): "pipelines.flow_compose:SD3ComposePipeline",
+    ("compose", "flux"): "pipelines.flow_compose:FluxComposePipeline",
+}
+
+
+def pipeline_class(task: str, family: str | None = None) -> type:
+    """The pipeline class of ``task`` (``stylize``, ``edit``, ``compose``) for a model ``family``
+    (``sd``, ``sdxl``, ``sd3``, ``flux``; None: the UNet class); imported on first use."""
+    import importlib
+
+    from editkit.backbones.families import FAMILIES
+
+    if task not in TASKS or task == "generate":
+        raise KeyError(task)
+    family = family or "sd"
+    if family not in FAMILIES:
+        raise EditkitError(f"unknown model family {family!r}; editkit knows {', '.join(FAMILIES)}")
+    target = PIPELINES.get((task, family))
+    label = FAMILIES[family].label
+    if target is None:
+        raise EditkitError(f"{TASKS[task]} does not run on {label} models yet")
+    module_name, class_name = target.split(":")
     try:
-        if task == "stylize":
-            from pipelines.style_transfer import StyleTransferPipeline
-
-            return StyleTransferPipeline
-        if task == "edit":
-            from pipelines.contrastive_edit import ContrastiveEditPipeline
-
-            return ContrastiveEditPipeline
-        if task == "compose":
-            from pipelines.compose import ComposePipeline
-
-            return ComposePipeline
-    except ImportError as error:
-        raise EditkitError(f"{TASKS[task]} is not available in this install ({error})") from None
-    raise KeyError(task)
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise EditkitError(f"{TASKS[task]} on {label} models is not available in this install ({error})") from None
 
 
 def text_to_image_class(pipe_or_model: Any) -> type:
@@ -63,17 +88,19 @@ def load_task_pipeline(
     compile_mode: str | None = None,
 ) -> Any:
     """Load ``task``'s pipeline; ``attention="xformers"`` picks editkit's xformers kernel,
-    ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``) torch.compiles the UNet."""
-    from editkit.models import load_pipeline
+    ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``) torch.compiles the UNet
+    (the transformer of an MM-DiT); the pipeline class follows the model's family (:data:`PIPELINES`)."""
+    from editkit.models import load_pipeline, model_source_family
 
-    cls = text_to_image_class(model) if task == "generate" else pipeline_class(task)
+    cls = text_to_image_class(model) if task == "generate" else pipeline_class(task, model_source_family(model))
     pipe = load_pipeline(cls, model, device=device, dtype=dtype)
     if attention == "xformers":  # on editkit pipelines this selects editkit's kernel
         pipe.enable_xformers_memory_efficient_attention()
     if compile_mode:
         from editkit.acceleration import compile_unet
 
-        compile_unet(pipe.unet, mode=None if compile_mode == "default" else compile_mode)
+        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        compile_unet(denoiser, mode=None if compile_mode == "default" else compile_mode)
     return pipe
 
 
