@@ -1,9 +1,10 @@
 """SoftREPA on MM-DiT models (SD3 / SD3.5; FLUX.1 double-stream blocks as editkit's extension).
 
 The faithfulness reference is the released code's design (``SD3Transformer2DModel_DC``), written
-here with block hooks on the stock diffusers transformer and processors: each token layer's
-tokens go through ``context_embedder``, get ``time[t // 10, layer]`` added, are prepended to the
-text stream entering the block and stripped from the block's text output.
+as block hooks on the stock diffusers transformer and processors (``benchmarks.flow_softrepa.
+released_block_hooks``, no editkit code): each token layer's tokens go through ``context_embedder``,
+get ``time[t // 10, layer]`` added, are prepended to the text stream entering the block and stripped
+from the block's text output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.flow_softrepa import released_block_hooks
 from editkit.attention import attach
 from editkit.cli import main
 from editkit.errors import ModelLoadError
@@ -43,29 +45,6 @@ def _make_data(folder: Path, count: int = 6) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return _make_data(tmp_path_factory.mktemp("flow-softrepa") / "data")
-
-
-def _reference_hooks(transformer, soft: MMDiTSoftTokens, timestep: int) -> list:
-    """The released code's insertion as block hooks (prepend before the block, strip after)."""
-    count, handles = soft.num_tokens, []
-    for layer, name in enumerate(soft.sites):
-        block = transformer.transformer_blocks[int(name.split(".")[1])]
-
-        def prepend(module, args, kwargs, layer=layer):
-            text = kwargs["encoder_hidden_states"]
-            tokens = transformer.context_embedder(soft.tokens[layer]) + soft.time_embedding[timestep // 10, layer]
-            kwargs["encoder_hidden_states"] = torch.cat([tokens.expand(text.shape[0], -1, -1), text], dim=1)
-            rotary = kwargs.get("image_rotary_emb")
-            if rotary is not None:  # FLUX: the tokens take the first text position's angles (text ids are 0)
-                kwargs["image_rotary_emb"] = tuple(torch.cat([t[:1].expand(count, -1), t]) for t in rotary)
-            return args, kwargs
-
-        def strip(module, args, output):
-            text, image = output
-            return (None if text is None else text[:, count:]), image
-
-        handles += [block.register_forward_pre_hook(prepend, with_kwargs=True), block.register_forward_hook(strip)]
-    return handles
 
 
 def _sd3(num_layers: int, sd35: bool):
@@ -119,7 +98,7 @@ def test_attention_level_tokens_equal_the_released_block_level_insertion(family)
         plain = transformer(**inputs).sample
         with attach(transformer, MMDiTSoftTokenController(soft)):
             ours = transformer(**inputs).sample
-        handles = _reference_hooks(transformer, soft, timestep)
+        handles = released_block_hooks(transformer, soft, timestep)
         try:
             reference = transformer(**inputs).sample
         finally:
