@@ -14,7 +14,9 @@ or with a plain diffusers text-to-image pipeline::
     with use_soft_tokens(pipe.unet, tokens):
         image = pipe("a red cube left of a blue ball").images[0]
 
-Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`.
+Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`. SD3 / SD3.5 and FLUX.1
+folders train and load MM-DiT tokens (:mod:`editkit.softrepa.mmdit_tokens`; pass
+``model=pipe.transformer``).
 """
 
 from __future__ import annotations

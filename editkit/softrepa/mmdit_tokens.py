@@ -217,7 +217,9 @@ class MMDiTSoftTokenController(AttentionController):
             normed = norm(tokens, self._temb)
         else:  # AdaLayerNormZero: (normed, gates and MLP modulation)
             normed = norm(tokens, emb=self._temb)[0]
-        return torch.cat([(self.strength * normed).to(context.dtype), context], dim=1)
+        if self.strength != 1:
+            normed = self.strength * normed
+        return torch.cat([normed.to(context.dtype), context], dim=1)
 
 
 def default_mmdit_sites(transformer: nn.Module, layers: int = DEFAULT_LAYERS) -> list[str]:

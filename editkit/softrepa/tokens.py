@@ -7,9 +7,10 @@ the context there is ``77 + m`` tokens long, in both classifier-free-guidance br
 optional time embedding (``time_buckets`` buckets over the training timesteps, ``t // 10`` for
 100 buckets on the 0-999 scale) is added to the tokens.
 
-The injector is the :class:`SoftTokens` method ``tokens_for(site, timestep)``: a variant with
-per-layer tokens (MM-DiT: tokens prepended to the text stream of the first blocks) would
-override it and its ``kind``; the controller and the file format carry the kind along.
+The injector is the :class:`SoftTokens` method ``tokens_for(site, timestep)``. MM-DiT models
+(SD3 / SD3.5, FLUX.1) have per-layer tokens prepended to the text stream of the first joint blocks:
+:mod:`editkit.softrepa.mmdit_tokens`, a file ``kind`` of its own; :func:`read_soft_tokens` and
+:func:`load_soft_tokens` dispatch on the kind and refuse tokens of another family.
 
 Files are safetensors with the configuration in their metadata (format version, kind, ``m``,
 sites, time buckets, token width, base model) and are validated against the UNet on load.
