@@ -108,6 +108,31 @@ def test_attention_level_tokens_equal_the_released_block_level_insertion(family)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_maps_keep_the_prompt_token_indices():
+    from editkit.attention import AttentionController
+
+    class MapStore(AttentionController):
+        def __init__(self):
+            super().__init__()
+            self.shapes, self.keys = {}, {}
+
+        def wants_probs(self, site):
+            return site.kind == "joint"
+
+        def on_probs(self, site, probs, queries):
+            self.shapes[site.name] = tuple(probs.shape)
+            self.keys[site.name] = site.layout.text_tokens  # text keys the kernel saw
+
+    transformer = _sd3(2, sd35=False)
+    soft = MMDiTSoftTokens(torch.randn(1, 3, 32), default_mmdit_sites(transformer, layers=1), width=32)
+    store = MapStore()
+    with torch.no_grad(), attach(transformer, [MMDiTSoftTokenController(soft), store]):
+        transformer(**_inputs("sd3", 500))
+    assert store.shapes["transformer_blocks.0.attn"][-1] == 7  # the 7 prompt tokens, soft tokens dropped
+    assert store.shapes["transformer_blocks.1.attn"][-1] == 7
+    assert store.keys == {"transformer_blocks.0.attn": 10, "transformer_blocks.1.attn": 7}  # inserted at block 0 only
+
+
 def _soft_for(pipe, family: str) -> MMDiTSoftTokens:
     transformer = pipe.transformer
     sites = default_mmdit_sites(transformer)
