@@ -223,6 +223,16 @@ def test_tokens_of_another_family_are_refused(tmp_path, sd3_pipe, flux_pipe, sd1
     assert not out.exists()
 
 
+def test_options_of_the_other_architecture_are_refused_before_loading(tmp_path, data, sd15_dir, sd3_dir, capsys):
+    argv = ["softrepa", "train", "--data", str(data), "-o", str(tmp_path / "t.safetensors"), "--device", "cpu"]
+    assert main([*argv, "--model", str(sd15_dir), "--max-sequence-length", "0"]) == 2
+    assert "--max-sequence-length is an MM-DiT option" in capsys.readouterr().err
+    assert main([*argv, "--model", str(sd15_dir), "--layers", "2"]) == 2
+    assert main([*argv, "--model", str(sd3_dir), "--time-layout", "per-token"]) == 2
+    assert "--time-layout per-token is a UNet option" in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_cli_trains_and_generates_on_an_sd3_folder(tmp_path, data, sd3_dir, capsys):
     tokens = tmp_path / "cli.safetensors"
     argv = ["softrepa", "train", "--data", str(data), "--model", str(sd3_dir), "-o", str(tokens), "--max-steps", "1"]

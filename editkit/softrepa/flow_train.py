@@ -41,6 +41,24 @@ def flow_sites(transformer: torch.nn.Module, patterns: list[str] | None, layers:
         raise InputError(str(error)) from None
 
 
+def check_family_options(config, family: str | None) -> None:
+    """Refuse, before the model loads, options of the other architecture (InputError naming option and family).
+
+    ``family`` None (a Hub repo not cached yet): nothing to check yet.
+    """
+    from editkit.softrepa.config import _LATER_SETTINGS
+
+    if family is None:
+        return
+    if family in ("sd3", "flux"):
+        if config.time_layout != "shared":
+            raise InputError(f"--time-layout {config.time_layout} is a UNet option; {family} tokens use the shared one")
+        return
+    if config.layers != _LATER_SETTINGS["layers"] or config.max_sequence_length is not None:
+        option = "--max-sequence-length" if config.max_sequence_length is not None else "--layers"
+        raise InputError(f"{option} is an MM-DiT option (SD3 / SD3.5, FLUX); this is a {family} model")
+
+
 class FlowTrainer(_Trainer):
     """:class:`editkit.softrepa.train._Trainer` with the MM-DiT tokens, text encoding and flow targets."""
 

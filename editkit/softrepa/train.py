@@ -458,6 +458,10 @@ def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None, repor
 def _train(config: TrainConfig, accelerator, pipe, report) -> TrainResult:
     if config.resume is None and accelerator.is_main_process and any(config.checkpoint_dir.glob("step-*")):
         logger.warning("%s holds checkpoints of an earlier run; they may be replaced", config.checkpoint_dir)
+    from editkit.models import model_source_family
+    from editkit.softrepa.flow_train import check_family_options
+
+    check_family_options(config, family_of_model(pipe) if pipe is not None else model_source_family(config.model))
     pipe = pipe if pipe is not None else _load_pipe(config, accelerator)
     _freeze(pipe, config)
     train_set, val_set = _datasets(config, config.resolution)
