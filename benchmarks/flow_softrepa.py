@@ -218,11 +218,14 @@ def equivalence(model, soft, controller, inputs: dict, timestep: int) -> dict:
             "max_abs_token_effect": float((reference - plain).abs().max())}  # fmt: skip
 
 
-def shapes_gain(model: Path, steps: int, prompts: int, batch_size: int, seed: int, evaluations: int = 4) -> dict:
+def shapes_gain(
+    model: Path, steps: int, prompts: int, batch_size: int, seed: int, evaluations: int = 4, hard_negatives: int = 0
+) -> dict:
     """Held-out accuracy of shapes-sd3 without tokens and with the tokens of ``evaluations`` checkpoints.
 
     The same prompts and seeds everywhere; the token file (best by the held-out group metric, the
     reference's keep-best) is scored too when it is not one of the checkpoints' tokens.
+    ``hard_negatives`` > 0: editkit's hard negatives as extra columns, tokens kept by the hard-negative metric.
     """
     from benchmarks.shapes.evaluate import call_kwargs, evaluate, load_pipeline
     from benchmarks.softrepa_curve import checkpoint_tokens, write_training_data
@@ -242,7 +245,8 @@ def shapes_gain(model: Path, steps: int, prompts: int, batch_size: int, seed: in
             data=write_training_data(Path(folder) / "data", 2048, seed=1), model=model, output=output,
             max_steps=steps, batch_size=batch_size, device="cpu", resolution=32, validate_every=every,
             checkpoint_every=every, keep_checkpoints=10**6, val_fraction=0.1, progress=False, seed=seed,
-            max_sequence_length=kwargs.get("max_sequence_length"),
+            max_sequence_length=kwargs.get("max_sequence_length"), hard_negatives=hard_negatives,
+            keep_best="hard-negatives" if hard_negatives else "group",
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
@@ -255,6 +259,7 @@ def shapes_gain(model: Path, steps: int, prompts: int, batch_size: int, seed: in
             logger.info("step %d: %s", entry["step"], curve[-1]["minus_without"])
     return {
         "model": str(model), "steps": steps, "batch_size": batch_size, "prompts_per_category": prompts,
+        "hard_negatives": hard_negatives,
         "best_val_metric": trained.best_metric, "without_tokens": before, "curve": curve,
     }  # fmt: skip
 
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes-prompts", type=int, default=64)
     parser.add_argument("--shapes-batch-size", type=int, default=4)
     parser.add_argument("--shapes-evaluations", type=int, default=4, help="checkpoints scored along training")
+    parser.add_argument("--shapes-hard-negatives", type=int, default=0, help="as softrepa train --hard-negatives")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -298,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             args.shapes_batch_size,
             args.seed,
             args.shapes_evaluations,
+            args.shapes_hard_negatives,
         )
     print_json(result)
 
