@@ -116,11 +116,14 @@ def attach(
     else:
         recorder = _record_latent_size(states.unet)
     hook = model.register_forward_pre_hook(recorder, with_kwargs=True)
+    handles = controller.register_hooks(model)
     _set_processors(layers, installed)
     try:
         yield controller
     finally:
         hook.remove()
+        for handle in handles:
+            handle.remove()
         if any(layers[name].get_processor() is not installed[name] for name in installed):
             logger.warning(
                 "attention processors were replaced while an editkit controller was attached "

@@ -55,6 +55,11 @@ class AttentionController:
         """Whether this call needs explicit attention probabilities (decided per call)."""
         return False
 
+    def register_hooks(self, model: torch.nn.Module) -> list:
+        """Module hooks the controller needs while attached to ``model`` (their handles; ``attach``
+        removes them on exit). None by default; e.g. MM-DiT soft tokens read the call's ``temb``."""
+        return []
+
     # -- schedule ----------------------------------------------------------------------------
     def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
         """Called by the pipeline before the UNet evaluations of denoising/inversion step ``index``."""
@@ -146,6 +151,9 @@ class ControllerList(AttentionController):
         if len(insertions) > 1:
             raise ValueError(f"several controllers insert context tokens at {site.name}; combine them into one")
         return insertions[0] if insertions else None
+
+    def register_hooks(self, model: torch.nn.Module) -> list:
+        return [handle for controller in self.controllers for handle in controller.register_hooks(model)]
 
     def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
         super().begin_step(index, timestep)

@@ -39,6 +39,7 @@ GENERATE_EXAMPLE = """example:
 GENERATE_FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
     "soft_token_strength": "--soft-token-strength", "size": "--size", "seed": "--seed",
+    "max_sequence_length": "--max-sequence-length",
 }  # fmt: skip
 
 
@@ -128,7 +129,25 @@ def _register_train(actions) -> None:
         default=_default("time_layout"),
         help="shared: one vector per bucket added to all m tokens (reference); per-token: (buckets, m, width)",
     )
-    add("--sites", nargs="+", default=None, help="cross-attention site patterns (default: down blocks; SDXL + mid)")
+    add(
+        "--sites",
+        nargs="+",
+        default=None,
+        help="cross-attention site patterns (default: down blocks; SDXL + mid; "
+        "MM-DiT: joint sites, default the first --layers joint blocks)",
+    )
+    add(
+        "--layers",
+        type=positive_int,
+        default=_default("layers"),
+        help="MM-DiT models (SD3/SD3.5, FLUX): per-layer tokens on the first N joint blocks (reference: 5)",
+    )
+    add(
+        "--max-sequence-length",
+        type=non_negative_int,
+        default=None,
+        help="MM-DiT models: T5 tokens of the captions (default: the pipeline's; 0 for a model without T5)",
+    )
     add(
         "--resolution",
         type=positive_int,
@@ -225,6 +244,7 @@ def _register_generate(actions) -> None:
     add_knob(parser, "--negative-prompt", GenerateOptions, "negative_prompt", type=str)
     add_knob(parser, "--steps", GenerateOptions, "num_inference_steps")
     add_knob(parser, "--guidance-scale", GenerateOptions, "guidance_scale")
+    add_knob(parser, "--max-sequence-length", GenerateOptions, "max_sequence_length")
     add_size_option(parser, GenerateOptions)
     add_seed_option(parser, GenerateOptions)
     add_model_options(parser)
@@ -248,7 +268,8 @@ def run_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, min_learning_rate=args.min_learning_rate,
         restart_every=args.restart_every, lr_step_every=args.lr_step_every, num_tokens=args.num_tokens,
         token_init=args.token_init, hard_negatives=args.hard_negatives, keep_best=args.keep_best,
-        time_buckets=args.time_buckets, time_layout=args.time_layout, sites=args.sites,
+        time_buckets=args.time_buckets, time_layout=args.time_layout, sites=args.sites, layers=args.layers,
+        max_sequence_length=args.max_sequence_length,
         resolution=args.resolution, seed=args.seed, loss=loss, negative_bank=args.negative_bank,
         gather_negatives=args.gather_negatives, row_chunk=args.row_chunk,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,

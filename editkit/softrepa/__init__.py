@@ -4,7 +4,7 @@ Use trained tokens with any editkit pipeline (they are one more attention contro
 
     from editkit.softrepa import load_soft_tokens
 
-    tokens = load_soft_tokens("tokens.safetensors", unet=pipe.unet, strength=1.0)
+    tokens = load_soft_tokens("tokens.safetensors", model=pipe.unet, strength=1.0)  # MM-DiT: pipe.transformer
     image = pipe(..., attention_controllers=[tokens]).images[0]
 
 or with a plain diffusers text-to-image pipeline::
@@ -14,7 +14,9 @@ or with a plain diffusers text-to-image pipeline::
     with use_soft_tokens(pipe.unet, tokens):
         image = pipe("a red cube left of a blue ball").images[0]
 
-Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`.
+Train them with ``editkit softrepa train`` or :func:`train_soft_tokens`. SD3 / SD3.5 and FLUX.1
+folders train and load MM-DiT tokens (:mod:`editkit.softrepa.mmdit_tokens`; pass
+``model=pipe.transformer``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _EXPORTS = {
     "SoftTokens": "tokens",
     "default_sites": "tokens",
     "initial_tokens": "tokens",
+    "MMDiTSoftTokenController": "mmdit_tokens",
+    "MMDiTSoftTokens": "mmdit_tokens",
+    "default_mmdit_sites": "mmdit_tokens",
     "load_soft_tokens": "tokens",
     "read_soft_tokens": "tokens",
     "save_soft_tokens": "tokens",
@@ -51,11 +56,14 @@ _EXPORTS = {
 
 __all__ = [
     "ContrastiveLossConfig",
+    "MMDiTSoftTokenController",
+    "MMDiTSoftTokens",
     "SoftTokenController",
     "SoftTokens",
     "TrainConfig",
     "TrainResult",
     "contrastive_loss",
+    "default_mmdit_sites",
     "default_sites",
     "error_logits",
     "initial_tokens",
@@ -83,15 +91,21 @@ def use_soft_tokens(unet: torch.nn.Module, controller: SoftTokenController) -> I
 
     A forward pre-hook passes each UNet call's timestep to the controller (for time-dependent
     tokens), so ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` run with the tokens as is.
+    ``unet`` may be an MM-DiT transformer with MM-DiT tokens (``StableDiffusion3Pipeline``,
+    ``FluxPipeline``): those read each call's timestep themselves, so this is plain ``attach``.
     """
+    from editkit.attention import attach
+
+    if not hasattr(controller, "set_timestep"):  # MM-DiT tokens: their own hook reads the timestep
+        with attach(unet, controller):
+            yield controller
+        return
 
     def hook(module, args, kwargs):
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if timestep is not None:  # tensor arithmetic only: under torch.compile this hook is traced
             controller.set_timestep(timestep)
         return None
-
-    from editkit.attention import attach
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:

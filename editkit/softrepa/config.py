@@ -21,7 +21,9 @@ _RESUMABLE_CHANGES = (
 )  # fmt: skip
 # Settings added after checkpoints were first written: in the fingerprint only when not at their
 # default, so a checkpoint of an earlier version still resumes with the defaults.
-_LATER_SETTINGS = {"hard_negatives": 0, "keep_best": "group", "token_init": "text"}
+_LATER_SETTINGS = {
+    "hard_negatives": 0, "keep_best": "group", "token_init": "text", "layers": 5, "max_sequence_length": None,
+}  # fmt: skip
 
 
 @dataclass
@@ -52,6 +54,13 @@ class TrainConfig:
     scheduler stepped once per ``lr_step_every`` = 500 iterations with ``T_0 = restart_every /
     lr_step_every`` = 10, so the rate is constant over each 500 iterations and restarts every
     5,000 (``lr_step_every=1`` gives a smooth cosine); ``resolution`` 512 px for every UNet model.
+
+    MM-DiT models (SD3 / SD3.5; FLUX.1 as editkit's extension; :mod:`editkit.softrepa.mmdit_tokens`):
+    ``layers`` per-layer token sets on the first joint blocks (the reference's ``n_dc_layers`` = 5;
+    ``sites`` patterns select joint sites instead), N(0, 0.02) tokens (``token_init`` and
+    ``time_layout`` are UNet settings), timesteps uniform over 0-999 with ``sigma = t / 1000`` and the
+    flow target ``noise - x0``; ``max_sequence_length``: T5 tokens of the prompt encoding (``None``:
+    the pipeline's default; 0 for a model trained without T5, such as shapes-sd3).
     """
 
     data: str | Path
@@ -69,6 +78,8 @@ class TrainConfig:
     time_buckets: int = 100
     time_layout: str = "shared"
     sites: list[str] | None = None
+    layers: int = 5
+    max_sequence_length: int | None = None
     resolution: int = 512
     seed: int = 0
     loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
@@ -135,6 +146,8 @@ def check_config(config: TrainConfig, num_processes: int) -> None:
         raise InputError(f"token init must be {' or '.join(TOKEN_INITS)}, not {config.token_init!r}")
     if config.keep_best not in KEEP_BEST_METRICS:
         raise InputError(f"keep-best metric must be {' or '.join(KEEP_BEST_METRICS)}, not {config.keep_best!r}")
+    if config.layers < 1 or (config.max_sequence_length is not None and config.max_sequence_length < 0):
+        raise InputError("--layers must be 1 or more and --max-sequence-length 0 or more")
     if config.hard_negatives < 0:
         raise InputError(f"hard negatives per caption must be 0 or more, not {config.hard_negatives}")
     if config.lr_step_every < 1 or config.restart_every % config.lr_step_every:

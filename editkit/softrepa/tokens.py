@@ -7,9 +7,10 @@ the context there is ``77 + m`` tokens long, in both classifier-free-guidance br
 optional time embedding (``time_buckets`` buckets over the training timesteps, ``t // 10`` for
 100 buckets on the 0-999 scale) is added to the tokens.
 
-The injector is the :class:`SoftTokens` method ``tokens_for(site, timestep)``: a variant with
-per-layer tokens (MM-DiT: tokens prepended to the text stream of the first blocks) would
-override it and its ``kind``; the controller and the file format carry the kind along.
+The injector is the :class:`SoftTokens` method ``tokens_for(site, timestep)``. MM-DiT models
+(SD3 / SD3.5, FLUX.1) have per-layer tokens prepended to the text stream of the first joint blocks:
+:mod:`editkit.softrepa.mmdit_tokens`, a file ``kind`` of its own; :func:`read_soft_tokens` and
+:func:`load_soft_tokens` dispatch on the kind and refuse tokens of another family.
 
 Files are safetensors with the configuration in their metadata (format version, kind, ``m``,
 sites, time buckets, token width, base model) and are validated against the UNet on load.
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "editkit-softrepa"
 FORMAT_VERSION = 2  # 2: time_layout (shared Embedding(buckets, width) by default); 1 files read as per-token
 KIND_UNET_CONTEXT = "unet-cross-context"
+KIND_MMDIT = "mmdit-text-stream"  # editkit.softrepa.mmdit_tokens
 TIME_SHARED = "shared"
 TIME_PER_TOKEN = "per-token"
 TIME_LAYOUTS = (TIME_SHARED, TIME_PER_TOKEN)
@@ -175,6 +177,16 @@ class SoftTokens(nn.Module):
         value = timestep.flatten()[0].to(device=self.time_embedding.device, dtype=torch.float32)
         bucket = torch.floor(value * self.time_buckets / self.num_train_timesteps)
         return bucket.clamp(0, self.time_buckets - 1).long()
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> SoftTokens:
+        """A copy of this module holding ``tensors`` (e.g. the best tokens of a run)."""
+        copy = SoftTokens(
+            tensors["tokens"], self.sites, time_buckets=self.time_buckets, time_layout=self.time_layout,
+            num_train_timesteps=self.num_train_timesteps, base_model=self.base_model, family=self.family,
+        )  # fmt: skip
+        if copy.time_embedding is not None:
+            copy.time_embedding.data.copy_(tensors["time_embedding"])
+        return copy
 
     def metadata(self) -> dict[str, str]:
         """The file metadata describing this module (all values strings, as safetensors requires)."""
@@ -310,10 +322,18 @@ def save_soft_tokens(soft_tokens: SoftTokens, path: str | os.PathLike, *, overwr
     return write_safetensors(path, soft_tokens.tensors(), soft_tokens.metadata(), overwrite=overwrite)
 
 
-def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
-    """Read a token file (safetensors only); every field and tensor is checked (see :func:`tokens_from_file`)."""
+def read_soft_tokens(path: str | os.PathLike):
+    """Read a token file (safetensors only); every field and tensor is checked (see :func:`tokens_from_file`).
+
+    Returns :class:`SoftTokens` (UNet files) or ``MMDiTSoftTokens`` (MM-DiT files, by their ``kind``).
+    """
     path = Path(path).expanduser()
     tensors, metadata = read_safetensors(path, "soft-token file")
+    if metadata.get("format") == FORMAT_NAME and metadata.get("kind") == KIND_MMDIT:
+        from editkit.softrepa.mmdit_tokens import mmdit_tokens_from_file
+
+        parse_int(metadata, "format_version", path, minimum=FORMAT_VERSION)
+        return mmdit_tokens_from_file(tensors, metadata, path)
     return tokens_from_file(tensors, metadata, path)
 
 
@@ -395,11 +415,33 @@ def validate_for_unet(soft_tokens: SoftTokens, unet, path: str | os.PathLike = "
         )
 
 
-def load_soft_tokens(path: str | os.PathLike, *, unet, strength: float = 1.0) -> SoftTokenController:
-    """Load a token file, check it against ``unet`` and return the controller that inserts the tokens."""
+def load_soft_tokens(path: str | os.PathLike, *, unet=None, model=None, strength: float = 1.0):
+    """Load a token file, check it against the denoiser and return the controller that inserts the tokens.
+
+    ``model`` (or ``unet``, its older name): the UNet or MM-DiT transformer (``pipe.unet`` /
+    ``pipe.transformer``). Tokens of another family or kind are refused (:class:`ModelLoadError`).
+    """
+    from editkit.models import model_family
+
+    model = model if model is not None else unet
     soft_tokens = read_soft_tokens(path)
-    validate_for_unet(soft_tokens, unet, path)
+    family = model_family(model)
+    mmdit_model = family in ("sd3", "flux")
+    if (soft_tokens.kind == KIND_MMDIT) != mmdit_model:
+        trained = soft_tokens.family or ("an MM-DiT" if soft_tokens.kind == KIND_MMDIT else "a UNet")
+        raise ModelLoadError(
+            f"{path}: soft tokens trained on {trained} model ({soft_tokens.base_model or '?'}) do not apply to "
+            f"this {family} model; train tokens for this model family"
+        )
+    if mmdit_model:
+        from editkit.softrepa.mmdit_tokens import MMDiTSoftTokenController, validate_for_transformer
+
+        validate_for_transformer(soft_tokens, model, path)
+        controller_class = MMDiTSoftTokenController
+    else:
+        validate_for_unet(soft_tokens, model, path)
+        controller_class = SoftTokenController
     soft_tokens.requires_grad_(False)
-    soft_tokens.to(device=unet.device)
+    soft_tokens.to(device=model.device)
     logger.info("soft tokens %s: m=%d at %d sites", path, soft_tokens.num_tokens, len(soft_tokens.sites))
-    return SoftTokenController(soft_tokens, strength=strength)
+    return controller_class(soft_tokens, strength=strength)

@@ -69,22 +69,23 @@ def _load_pipe(config: TrainConfig, accelerator):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(text_to_image_class(config.model), config.model, device=accelerator.device, dtype=dtype)
     family = model_family(pipe)
-    if family not in UNET_FAMILIES:
-        raise ModelLoadError(
-            f"{config.model} is a {FAMILIES[family].label} model; SoftREPA training runs on "
-            "SD 1.x/2.x and SDXL UNets (MM-DiT tokens are not implemented yet)"
-        )
+    if family not in (*UNET_FAMILIES, "sd3", "flux"):
+        raise ModelLoadError(f"{config.model} is a {FAMILIES[family].label} model; SoftREPA does not train on it")
     return pipe
 
 
 def _freeze(pipe, config: TrainConfig) -> None:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        _denoiser(pipe).enable_gradient_checkpointing()
     pipe.set_progress_bar_config(disable=True)
+
+
+def _denoiser(pipe):
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def _sites(pipe, patterns: list[str] | None) -> list[str]:
@@ -119,20 +120,8 @@ class _Trainer:
         self.device = accelerator.device
         self.resolution = train_set.resolution
         self.scheduler_config = pipe.scheduler.config
-        self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        generator = torch.Generator().manual_seed(config.seed)
-        tokens = initial_tokens(pipe, config.num_tokens, generator=generator, init=config.token_init)
-        self.soft = SoftTokens(
-            tokens,
-            _sites(pipe, config.sites),
-            time_buckets=config.time_buckets,
-            time_layout=config.time_layout,
-            num_train_timesteps=len(self.alphas),
-            base_model=str(config.model),
-            family=family_of_model(pipe),
-            generator=generator,
-        ).to(self.device)
-        self.controller = SoftTokenController(self.soft)
+        self.model = _denoiser(pipe)
+        self.soft, self.controller = self.make_tokens(torch.Generator().manual_seed(config.seed))
         optimizer = torch.optim.AdamW(self.soft.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = learning_rate_schedule(optimizer, config)
         self.optimizer = accelerator.prepare(optimizer)
@@ -143,6 +132,18 @@ class _Trainer:
         self.report = lambda entry: None
         self.metrics: dict[str, list[float] | None] = {}
         self.warned_fallback = False
+
+    def make_tokens(self, generator: torch.Generator):
+        """The learnable tokens (on the device) and the controller that inserts them."""
+        config, pipe = self.config, self.pipe
+        self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        tokens = initial_tokens(pipe, config.num_tokens, generator=generator, init=config.token_init)
+        soft = SoftTokens(
+            tokens, _sites(pipe, config.sites), time_buckets=config.time_buckets, time_layout=config.time_layout,
+            num_train_timesteps=len(self.alphas), base_model=str(config.model), family=family_of_model(pipe),
+            generator=generator,
+        ).to(self.device)  # fmt: skip
+        return soft, SoftTokenController(soft)
 
     # -- data -------------------------------------------------------------------------------
     def encode(self, captions: list[str]):
@@ -350,15 +351,7 @@ class _Trainer:
         """Write the best tokens so far (the current ones when nothing was validated) and the log."""
         if not self.accelerator.is_main_process:
             return
-        tokens = self.soft
-        if self.best_tensors is not None:
-            tokens = SoftTokens(
-                self.best_tensors["tokens"], self.soft.sites, time_buckets=self.soft.time_buckets,
-                time_layout=self.soft.time_layout, num_train_timesteps=self.soft.num_train_timesteps,
-                base_model=self.soft.base_model, family=self.soft.family,
-            )  # fmt: skip
-            if tokens.time_embedding is not None:
-                tokens.time_embedding.data.copy_(self.best_tensors["time_embedding"])
+        tokens = self.soft if self.best_tensors is None else self.soft.with_tensors(self.best_tensors)
         save_soft_tokens(tokens, self.config.output, overwrite=True)
         write_log(self.config.log_path, self.log)
 
@@ -411,7 +404,7 @@ class _Trainer:
         show = config.progress and self.accelerator.is_main_process
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not show, desc="softrepa")
         try:
-            with attach(self.pipe.unet, self.controller):
+            with attach(self.model, self.controller):
                 while self.step < config.max_steps:
                     try:
                         loss, accuracy = self.forward_backward(self.step)
@@ -465,10 +458,19 @@ def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None, repor
 def _train(config: TrainConfig, accelerator, pipe, report) -> TrainResult:
     if config.resume is None and accelerator.is_main_process and any(config.checkpoint_dir.glob("step-*")):
         logger.warning("%s holds checkpoints of an earlier run; they may be replaced", config.checkpoint_dir)
+    from editkit.models import model_source_family
+    from editkit.softrepa.flow_train import check_family_options
+
+    check_family_options(config, family_of_model(pipe) if pipe is not None else model_source_family(config.model))
     pipe = pipe if pipe is not None else _load_pipe(config, accelerator)
     _freeze(pipe, config)
     train_set, val_set = _datasets(config, config.resolution)
-    trainer = _Trainer(config, accelerator, pipe, train_set, val_set)
+    trainer_class = _Trainer
+    if family_of_model(pipe) in ("sd3", "flux"):
+        from editkit.softrepa import flow_train
+
+        trainer_class = flow_train.FlowTrainer
+    trainer = trainer_class(config, accelerator, pipe, train_set, val_set)
     trainer.report = report or trainer.report
     if config.resume is not None:
         trainer.resume(config.resume)
@@ -476,7 +478,7 @@ def _train(config: TrainConfig, accelerator, pipe, report) -> TrainResult:
         last = trainer.run()
     finally:
         if config.gradient_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+            _denoiser(pipe).disable_gradient_checkpointing()
     if trainer.evaluated != trainer.step:
         trainer.evaluate()  # the final step's evaluation (also what writes the token file)
     else:

@@ -122,11 +122,12 @@ def run_record(
         shown, path = entry if isinstance(entry, tuple) else (str(entry), entry)
         inputs[role] = {"file": str(shown), "sha256": sha256_file(path)}
     device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu")
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     return {
         "command": command,
         "model": str(getattr(pipe, "name_or_path", "") or ""),
         **{key: _plain(value) for key, value in options.items()},
-        "used": {"device": str(device), "dtype": _dtype_name(pipe.unet.dtype), **used},
+        "used": {"device": str(device), "dtype": _dtype_name(denoiser.dtype), **used},
         "inputs": inputs,
         "versions": {"editkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
     }

@@ -31,6 +31,8 @@ class GenerateOptions:
                                       label="Token strength (0: the model without tokens)",
                                       slider=(0, 2, 0.05))  # fmt: skip
     size: Size = knob(None, "image size: the side in pixels, or WIDTHxHEIGHT (unset: the model's size)")
+    max_sequence_length: int | None = knob(None, "MM-DiT models: T5 tokens of the prompt (unset: the pipeline's "
+                                           "default; 0: none)", low=0, integer=True)  # fmt: skip
     seed: int = knob(0, "random seed (a CPU generator)", low=0, integer=True, label="Seed")
 
     def __post_init__(self) -> None:
@@ -57,14 +59,29 @@ class GenerateResult:
 
 
 def run(pipe: Any, inputs: GenerateInputs, options: GenerateOptions) -> GenerateResult:
-    """Generate ``inputs.prompt`` with the tokens at the processing size, a CPU generator of the seed."""
+    """Generate ``inputs.prompt`` with the tokens at the processing size, a CPU generator of the seed.
+
+    UNet pipelines (SD 1.x/2.x, SDXL) and MM-DiT ones (``StableDiffusion3Pipeline``, ``FluxPipeline``:
+    the tokens of :mod:`editkit.softrepa.mmdit_tokens`; FLUX's ``guidance_scale`` is its distilled
+    guidance input). ``max_sequence_length`` is refused on UNet models, before any model work.
+    """
+    from editkit.models import model_family
     from editkit.softrepa import load_soft_tokens, use_soft_tokens
 
     if not str(inputs.prompt).strip():
         raise InputError("the prompt is empty; describe the image")
-    controller = load_soft_tokens(inputs.soft_tokens, unet=pipe.unet, strength=options.soft_token_strength)
-    width, height = processing_size(pipe, options.size)
-    with use_soft_tokens(pipe.unet, controller):
+    family = model_family(pipe)
+    mmdit = family in ("sd3", "flux")
+    extra = {}
+    if options.max_sequence_length is not None:
+        if not mmdit:
+            raise InputError(f"max_sequence_length (T5 tokens) is an MM-DiT option; this is a {family} model")
+        extra["max_sequence_length"] = options.max_sequence_length
+    denoiser = pipe.transformer if mmdit else pipe.unet
+    controller = load_soft_tokens(inputs.soft_tokens, model=denoiser, strength=options.soft_token_strength)
+    native = int(pipe.default_sample_size) * int(pipe.vae_scale_factor) if mmdit else None
+    width, height = processing_size(pipe, options.size or native)
+    with use_soft_tokens(denoiser, controller):
         images = pipe(
             inputs.prompt,
             negative_prompt=options.negative_prompt,
@@ -73,9 +90,10 @@ def run(pipe: Any, inputs: GenerateInputs, options: GenerateOptions) -> Generate
             width=width,
             height=height,
             generator=make_generator(options.seed),
+            **extra,
         ).images
     used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
-            "sampler": type(pipe.scheduler).__name__, "guidance_scale": options.guidance_scale}  # fmt: skip
+            "sampler": type(pipe.scheduler).__name__, "guidance_scale": options.guidance_scale, **extra}  # fmt: skip
     files = inputs.files or {"soft_tokens": inputs.soft_tokens}
     record = run_record(
         "softrepa generate", pipe, used, {"prompt": inputs.prompt, **dataclasses.asdict(options)}, files

@@ -74,8 +74,10 @@ def text_to_image_class(pipe_or_model: Any) -> type:
         return for_model(pipe_or_model)
     from editkit.models import model_family
 
-    sdxl = model_family(pipe_or_model) == "sdxl"
-    return diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    family = model_family(pipe_or_model)
+    classes = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+               "flux": diffusers.FluxPipeline}  # fmt: skip
+    return classes.get(family, diffusers.StableDiffusionPipeline)
 
 
 def load_task_pipeline(
@@ -110,4 +112,5 @@ def soft_token_controllers(pipe: Any, path: str | os.PathLike | None, strength: 
         return []
     from editkit.softrepa import load_soft_tokens
 
-    return [load_soft_tokens(path, unet=pipe.unet, strength=strength)]
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    return [load_soft_tokens(path, model=denoiser, strength=strength)]
