@@ -31,7 +31,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from editkit.attention import AttentionController, attach, compose
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
-from editkit.backbones import FluxBackbone, SD3Backbone
+from editkit.backbones import FluxBackbone, SD3Backbone, check_site_names
 from editkit.constraints import Constraints, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.flow_compose import FlowComposeRun, compose_one, with_tokens
@@ -230,7 +230,7 @@ class _FlowCompose(AttentionKernelMixin):
             raise InputError(f"got {len(per_prompt)} constraints for {len(prompts)} prompts")
         per_prompt = per_prompt * len(prompts) if len(per_prompt) == 1 else per_prompt
         check_num_images(num_images_per_prompt)
-        side = self.default_side
+        side = self.default_sample_size * self.vae_scale_factor
         height, width = height or side, width or side
         steps = self.default_steps() if num_inference_steps is None else int(num_inference_steps)
         guided = steps // 2 if max_iter_to_alter is None else max_iter_to_alter
@@ -248,6 +248,7 @@ class _FlowCompose(AttentionKernelMixin):
         check_generators(generator, total)
         scale = self.default_guidance() if guidance_scale is None else float(guidance_scale)
         sequence = self.default_sequence_length if max_sequence_length is None else int(max_sequence_length)
+        check_site_names(self.family, [map_sites] if isinstance(map_sites, str) else list(map_sites or []), "map_sites")
         sites = map_sites_for(self.transformer, map_sites)
         device = self._execution_device
         shape = (total, *self.latent_shape(height, width))
@@ -366,8 +367,9 @@ class SD3ComposePipeline(_FlowCompose, DiffusionPipeline):
         return 7.0  # StableDiffusion3Pipeline
 
     @property
-    def default_side(self) -> int:
-        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+    def default_sample_size(self) -> int:
+        """The default latent side (diffusers' ``StableDiffusion3Pipeline.default_sample_size``)."""
+        return int(self.transformer.config.sample_size)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return int(self.transformer.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -427,9 +429,8 @@ class FluxComposePipeline(_FlowCompose, DiffusionPipeline):
     def default_guidance(self) -> float:
         return 3.5 if self.guidance_distilled else 0.0
 
-    @property
-    def default_side(self) -> int:
-        return 128 * self.vae_scale_factor  # FluxPipeline.default_sample_size
+    #: The default latent side (``FluxPipeline.default_sample_size``): 1024 px.
+    default_sample_size = 128
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         step = self.vae_scale_factor * 2  # FluxPipeline.prepare_latents: 2 * (side // (vae_scale_factor * 2))
