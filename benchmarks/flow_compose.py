@@ -15,7 +15,8 @@ relation accuracy on held-out shapes-world prompts with fixed seeds, scored by t
 detector, for plain generation, stage 1, stage 2 alone (always refined) and the verifier's choice
 (so the gain from selection is reported apart), as ``benchmarks/compose.py`` does for the UNet.
 
-    python -m benchmarks.flow_compose --family sd3 --size 128 --steps 6 --repeats 2
+    python -m benchmarks.flow_compose --family sd3 --blocks 4 --size 128 --steps 6 --repeats 2 --first-block
+    python -m benchmarks.flow_compose --family flux --blocks 2 --size 128 --steps 6 --repeats 2
     python -m benchmarks.flow_compose --shapes --model /work/main/assets/models/shapes-sd3 --shapes-prompts 32
 """
 
@@ -33,27 +34,35 @@ from editkit.verifiers import AttentionVerifier
 SHAPES_MODEL = Path("assets/models/shapes-sd3")
 
 
-def speed_pipelines(family: str, blocks: int):
-    """The compose pipeline of ``family`` on a full-width, ``blocks``-deep random transformer."""
+def speed_pipelines(family: str, blocks: int, t5_tokens: int):
+    """The compose pipeline of ``family`` on a full-width, ``blocks``-deep random transformer, with tiny text
+    encoders of the widths it takes (SD3: CLIP projections 2 x 1024, no T5; FLUX: CLIP 768, T5 4096)."""
+    from editkit.testing import _text_encoder, tiny_tokenizer
     from editkit.testing_mmdit import (
         FLUX1_DEV_TRANSFORMER,
         SD35_MEDIUM_TRANSFORMER,
+        flow_match_scheduler,
         full_width_transformer,
-        tiny_flux_components,
-        tiny_sd3_components,
+        tiny_t5,
+        tiny_t5_tokenizer,
     )
     from pipelines.flow_compose import FluxComposePipeline, SD3ComposePipeline
 
     words = tuple(PROMPT.split())
+    torch.manual_seed(0)
     if family == "sd3":
-        parts = tiny_sd3_components(words=words, clip_width=1024, t5=False)
-        parts["transformer"] = full_width_transformer(SD35_MEDIUM_TRANSFORMER, blocks)
-        parts["vae"] = _vae(16)
-        return SD3ComposePipeline(**parts)
-    parts = tiny_flux_components(words=words, t5_width=4096, clip_width=768)
-    parts["transformer"] = full_width_transformer(FLUX1_DEV_TRANSFORMER, blocks)
-    parts["vae"] = _vae(16)
-    return FluxComposePipeline(**parts)
+        clip = {"with_projection": True, "projection_dim": 1024}
+        return SD3ComposePipeline(
+            transformer=full_width_transformer(SD35_MEDIUM_TRANSFORMER, blocks), scheduler=flow_match_scheduler(),
+            vae=_vae(16), text_encoder=_text_encoder(32, 1000, **clip), tokenizer=tiny_tokenizer(words),
+            text_encoder_2=_text_encoder(32, 1000, **clip), tokenizer_2=tiny_tokenizer(words),
+        )  # fmt: skip
+    return FluxComposePipeline(
+        scheduler=flow_match_scheduler(flux=True), vae=_vae(16), text_encoder=_text_encoder(768, 1000),
+        tokenizer=tiny_tokenizer(words), text_encoder_2=tiny_t5(4096).requires_grad_(False),
+        tokenizer_2=tiny_t5_tokenizer(words, model_max_length=max(t5_tokens, 1)),
+        transformer=full_width_transformer(FLUX1_DEV_TRANSFORMER, blocks),
+    )  # fmt: skip
 
 
 def _vae(channels: int):
@@ -67,18 +76,20 @@ def _vae(channels: int):
 
 
 class OpCounter:
-    """Transformer block executions (per sample row) and backward passes through the first block."""
+    """Transformer blocks entered (per sample row; the guided pass stops inside its last map block) and
+    backward passes (through the patch embedding)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.forwards = 0
         self.backwards = 0
         blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
-        self.handles = [block.register_forward_hook(self._forward) for block in blocks]
-        self.handles.append(blocks[0].register_full_backward_hook(self._backward))
+        self.handles = [block.register_forward_pre_hook(self._forward, with_kwargs=True) for block in blocks]
+        embedder = getattr(transformer, "pos_embed", None) or transformer.x_embedder  # SD3 / FLUX patch embedding
+        self.handles.append(embedder.register_full_backward_hook(self._backward))
 
-    def _forward(self, module, args, output) -> None:
-        first = output[0] if isinstance(output, tuple) else output
-        self.forwards += int(first.shape[0])
+    def _forward(self, module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.forwards += int(hidden.shape[0])
 
     def _backward(self, module, grad_input, grad_output) -> None:
         self.backwards += 1
@@ -89,11 +100,10 @@ class OpCounter:
 
 
 def speed(args) -> dict:
-    pipe = speed_pipelines(args.family, args.blocks)
+    pipe = speed_pipelines(args.family, args.blocks, args.t5_tokens)
     pipe.set_progress_bar_config(disable=True)
     common = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "output_type": "pt"}
-    if args.family == "sd3":
-        common["max_sequence_length"] = args.t5_tokens
+    common["max_sequence_length"] = args.t5_tokens
     half = args.steps // 2
     forced = {"verifier": AttentionVerifier(peak_threshold=2.0)}  # fails every constraint: stage 2 always runs
 
@@ -105,6 +115,10 @@ def speed(args) -> dict:
         "stage1": call(max_iter_to_alter=half, refine=False),
         "full": call(max_iter_to_alter=half, **forced),
     }
+    if args.first_block:  # the cheapest maps: the first joint / double-stream block alone
+        first = {"map_sites": ["transformer_blocks.0"]}
+        runs["stage1_first_block"] = call(max_iter_to_alter=half, refine=False, **first)
+        runs["full_first_block"] = call(max_iter_to_alter=half, **forced, **first)
     counts = {}
     for name, run in runs.items():
         counter = OpCounter(pipe.transformer)
@@ -114,7 +128,7 @@ def speed(args) -> dict:
     timings = interleaved_medians(runs, repeats=args.repeats, warmup=0, device="cpu")
     result = {"family": args.family, "blocks": args.blocks, "map_sites": _default_sites(pipe), "timings": timings}
     result["op_counts"] = counts
-    for name in ("stage1", "full"):
+    for name in [name for name in runs if name != "plain"]:
         result[f"{name}_wall_ratio"] = timings[name]["median_s"] / timings["plain"]["median_s"]
         result[f"{name}_cpu_ratio"] = timings[name]["cpu_median_s"] / timings["plain"]["cpu_median_s"]
         result[f"{name}_block_forward_ratio"] = (
@@ -180,8 +194,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2, help="speed part: transformer blocks (FLUX: of each kind)")
     parser.add_argument("--size", type=int, default=128, help="speed part: image side in pixels")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--t5-tokens", type=int, default=0, help="speed part, SD3: zero T5 tokens appended")
+    parser.add_argument(
+        "--t5-tokens", type=int, default=None, help="speed part: T5 tokens (SD3: zeros; default 0 SD3, 32 FLUX)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--first-block", action="store_true", help="speed part: also time maps of block 0 alone")
     parser.add_argument("--shapes", action="store_true", help="measure shapes-sd3 accuracy instead of speed")
     parser.add_argument("--model", type=Path, default=SHAPES_MODEL)
     parser.add_argument("--shapes-prompts", type=int, default=32)
@@ -192,6 +209,8 @@ def main() -> None:
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
     args = parser.parse_args()
     result: dict = {"benchmark": "flow_compose", "environment": environment()}
+    if args.t5_tokens is None:
+        args.t5_tokens = 0 if args.family == "sd3" else 32
     if args.shapes:
         result["shapes"] = shapes_accuracy(args)
     else:

@@ -54,10 +54,12 @@ __all__ = [
 ]
 
 TEXT_ENCODERS = ("clip", "t5")
-#: Default map blocks: the text-attending blocks whose position in execution order (as a fraction of
-#: their number) lies in ``[start, stop)``. Chosen by measurement on ``assets/models/shapes-sd3``
-#: (``benchmarks/flow_compose.py --map-sites``; ``benchmarks/RESULTS.md``, issue 24).
-DEFAULT_MAP_SPAN = (0.0, 0.5)
+#: Default map blocks: the joint (SD3) / double-stream (FLUX) blocks whose index, as a fraction of their
+#: number, lies in ``[start, stop)``: the middle half (SD3.5-medium: blocks 6-17 of 24; FLUX.1: 5-14 of
+#: the 19 double-stream blocks; FLUX single-stream blocks only when named). Chosen by measurement on
+#: ``assets/models/shapes-sd3`` (4 blocks: 1-2; ``benchmarks/flow_compose.py --shapes --map-sites``,
+#: ``benchmarks/RESULTS.md``, issue 24): blocks 1-2 beat 0-1 (early maps are weak) at a cost below all four.
+DEFAULT_MAP_SPAN = (0.25, 0.75)
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,11 @@ def _text_sites(transformer: torch.nn.Module) -> list[Site]:
 
 
 def default_map_sites(transformer: torch.nn.Module, span: tuple[float, float] = DEFAULT_MAP_SPAN) -> list[str]:
-    """The text-attending sites whose position in execution order, over their count, lies in ``span``.
+    """The joint / double-stream sites whose block index, over their count, lies in ``span``.
 
-    At least one site (the first of the span) is always chosen.
+    At least one site (the one at the span's start) is always chosen.
     """
-    sites = _text_sites(transformer)
+    sites = [site for site in _text_sites(transformer) if site.block == "transformer"]
     count = len(sites)
     chosen = [site.name for i, site in enumerate(sites) if span[0] <= i / count < span[1]]
     return chosen or [sites[min(int(span[0] * count), count - 1)].name]

@@ -215,9 +215,9 @@ class _FlowCompose(AttentionKernelMixin):
                 the two loss presets, the verifiers and noise refiners, unchanged).
             map_sites: the text-attending attention sites whose image-query x text-key attention is
                 averaged into the maps (names or block prefixes such as ``transformer_blocks.1``;
-                FLUX single blocks ``single_transformer_blocks.N``). None: the first half of the
-                text-attending blocks in execution order (``editkit.flow_compose_maps.DEFAULT_MAP_SPAN``,
-                measured on shapes-sd3); the guided pass stops after the last of them.
+                FLUX single blocks ``single_transformer_blocks.N``). None: the middle half of the
+                joint / double-stream blocks (``editkit.flow_compose_maps.DEFAULT_MAP_SPAN``, chosen by
+                measurement on shapes-sd3); the guided pass stops after the last of them (early exit).
             map_text_encoders: which tokens of the text sequence the maps use: ``"clip"``, ``"t5"`` or
                 both (None: every stream present; FLUX has T5 only).
             num_images_per_prompt, generator (one or one per image), latents, output_type,

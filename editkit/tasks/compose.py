@@ -70,7 +70,7 @@ class ComposeOptions:
     )
     map_sites: tuple[str, ...] | None = knob(
         None, "MM-DiT only: attention sites (or blocks, e.g. transformer_blocks.1) whose image-query x text-key "
-        "attention makes the maps (unset: the first half of the text-attending blocks)",
+        "attention makes the maps (unset: the middle half of the joint blocks)",
     )  # fmt: skip
     map_text_encoders: tuple[str, ...] | None = knob(
         None, "MM-DiT only: the text tokens the maps use, clip and/or t5 (unset: every encoder present)"
