@@ -40,6 +40,7 @@ __all__ = [
     "Phrase",
     "Relation",
     "align",
+    "align_offsets",
     "constraints_from_dict",
     "load_constraints",
     "parse_prompt",
@@ -425,10 +426,18 @@ def token_indices(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
 
 def align(constraints: Constraints, tokenizer) -> AlignedConstraints:
     """Map every phrase to ALL its token indices; phrases past the text window are dropped, reported."""
-    prompt = constraints.prompt
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(constraints.prompt, add_special_tokens=False, return_offsets_mapping=True)
     window = tokenizer.model_max_length - 2
-    offsets = [tuple(o) for o in encoded["offset_mapping"][:window]]
+    return align_offsets(constraints, [tuple(o) for o in encoded["offset_mapping"][:window]])
+
+
+def align_offsets(constraints: Constraints, offsets: list[tuple[int, int]]) -> AlignedConstraints:
+    """:func:`align` on given token character ``offsets`` (token ``i`` gets index ``i + 1``).
+
+    The offsets of several tokenizations may be concatenated (an MM-DiT's CLIP and T5 tokens): a
+    phrase then gets the indices of its tokens in each of them.
+    """
+    prompt = constraints.prompt
     aligned = AlignedConstraints([], [], [], [], last_token=len(offsets))
     index_of: dict[Phrase, int] = {}
     for entity in constraints.entities:

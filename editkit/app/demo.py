@@ -162,7 +162,9 @@ def _slider(options: type, name: str, **kwargs: Any) -> gr.Slider:
     (``editkit.tasks``); the handler checks the option's full range, the API may go beyond the slider."""
     spec = knob_of(options, name)
     low, high, step = spec.slider
-    return gr.Slider(low, high, value=getattr(options, name), step=step, label=spec.label, **kwargs)
+    value = kwargs.pop("value", None)  # a default that depends on the model (the option's is None)
+    value = getattr(options, name) if value is None else value
+    return gr.Slider(low, high, value=value, step=step, label=spec.label, **kwargs)
 
 
 def _image(label: str, elem_id: str) -> gr.Image:
@@ -221,6 +223,19 @@ def _edit_tab(handlers: Handlers) -> None:
         _examples("edit", [["edit.png", "mask.png", *prompts]], [image, mask, source, target], files=2)
 
 
+def _compose_defaults(handlers: Handlers) -> tuple[int, float]:
+    """The compose sliders' start: the model family's steps and guidance (``tasks.compose.FAMILY_DEFAULTS``;
+    FLUX: dev's, as schnell is told apart only once the transformer is loaded)."""
+    from editkit.errors import EditkitError
+    from editkit.tasks.compose import FAMILY_DEFAULTS
+
+    try:
+        family = handlers.manager.family()
+    except EditkitError:  # the page still builds; loading reports the problem
+        family = None
+    return FAMILY_DEFAULTS.get(family or "sd", FAMILY_DEFAULTS["sd"])
+
+
 def _compose_tab(handlers: Handlers) -> None:
     with gr.Tab("Compose"):
         with gr.Row():
@@ -235,8 +250,9 @@ def _compose_tab(handlers: Handlers) -> None:
                     elem_id="compose-constraints",
                 )
                 refine = gr.Checkbox(value=ComposeOptions.refine, label=knob_of(ComposeOptions, "refine").label)
-                steps = _slider(ComposeOptions, "num_inference_steps", elem_id="compose-steps")
-                guidance = _slider(ComposeOptions, "guidance_scale")
+                default_steps, default_guidance = _compose_defaults(handlers)
+                steps = _slider(ComposeOptions, "num_inference_steps", elem_id="compose-steps", value=default_steps)
+                guidance = _slider(ComposeOptions, "guidance_scale", value=default_guidance)
                 seed = _seed(ComposeOptions)
             with gr.Column():
                 outputs = _result_column("compose", report=True)

@@ -32,7 +32,8 @@ FLAGS = {
     "num_inference_steps": "--steps", "max_iter_to_alter": "--max-iter-to-alter", "guidance_scale": "--guidance-scale",
     "negative_prompt": "--negative-prompt", "refine": "--no-refine", "verifier": "--verifier",
     "verifier_model": "--verifier-model", "losses": "--losses", "noise_refiner": "--noise-refiner",
-    "attention_blocks": "--attention-blocks", "size": "--size", "seed": "--seed",
+    "attention_blocks": "--attention-blocks", "map_sites": "--map-sites", "map_text_encoders": "--map-text-encoders",
+    "max_sequence_length": "--max-sequence-length", "size": "--size", "seed": "--seed",
 }  # fmt: skip
 EXAMPLE = """examples:
   editkit compose "a red car on the left of a blue bird" -o car.png --seed 0
@@ -71,6 +72,9 @@ def register(subparsers) -> None:
     add_knob(method, "--steps", ComposeOptions, "num_inference_steps")
     add_knob(method, "--max-iter-to-alter", ComposeOptions, "max_iter_to_alter")
     add_knob(method, "--attention-blocks", ComposeOptions, "attention_blocks", nargs="+", choices=("down", "mid", "up"))
+    add_knob(method, "--map-sites", ComposeOptions, "map_sites", nargs="+", type=str)
+    add_knob(method, "--map-text-encoders", ComposeOptions, "map_text_encoders", nargs="+", choices=("clip", "t5"))
+    add_knob(method, "--max-sequence-length", ComposeOptions, "max_sequence_length")
     add_knob(method, "--guidance-scale", ComposeOptions, "guidance_scale")
     add_knob(method, "--negative-prompt", ComposeOptions, "negative_prompt", type=str)
     add_size_option(method, ComposeOptions)
@@ -83,7 +87,9 @@ def register(subparsers) -> None:
 
 def options_from_args(args: argparse.Namespace) -> ComposeOptions:
     """The task options of the parsed arguments (checked: an invalid value names its flag)."""
-    return make_options(ComposeOptions, FLAGS, args, attention_blocks=tuple(args.attention_blocks))
+    lists = {name: None if getattr(args, name) is None else tuple(getattr(args, name))
+             for name in ("attention_blocks", "map_sites", "map_text_encoders")}  # fmt: skip
+    return make_options(ComposeOptions, FLAGS, args, **lists)
 
 
 def _check_mode(args: argparse.Namespace) -> None:
@@ -129,6 +135,22 @@ def _check_arguments(args: argparse.Namespace, options: ComposeOptions) -> None:
         raise InputError(f"constraints file {args.constraints} does not exist")
 
 
+def _check_family(args: argparse.Namespace, options: ComposeOptions) -> None:
+    """Options of the other architecture (``--attention-blocks`` on SD3, ``--map-sites`` on SD 1.5) are
+    refused before the model loads, with the flag and the family named."""
+    from editkit.models import model_source_family
+    from editkit.tasks.compose import check_family_options
+    from editkit.tasks.options import OptionError
+
+    family = model_source_family(args.model)
+    if family is None:  # a Hub repo not cached yet: the task checks once it is loaded
+        return
+    try:
+        check_family_options(options, family)
+    except OptionError as error:
+        raise InputError(f"{FLAGS.get(error.field, error.field)} {error.problem}") from None
+
+
 def _verdict(status) -> str:
     threshold = "" if status.threshold is None else f" (threshold {status.threshold:.2f})"
     return f"{'ok  ' if status.satisfied else 'FAIL'} {status.score:6.2f}{threshold}"
@@ -172,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         jobs = _jobs(read_prompts(args.prompts), args.constraints)
         params = command_params(args, skip=("prompts", "output_dir"))
         check_batch_outputs(jobs, args.output_dir, "compose", params, args.overwrite)
+    _check_family(args, options)
     constraints = load_constraints(args.constraints, args.prompt) if args.constraints and args.prompt else None
     pipe, extra = load_method_pipeline("compose", args)
     generate = _generator(pipe, args, options, extra)

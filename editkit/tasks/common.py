@@ -53,8 +53,11 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def native_side(pipe: Any) -> int:
-    """The model's native side in pixels: the UNet's sample size x the VAE scale factor."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The model's native side in pixels: the UNet's sample size x the VAE scale factor (MM-DiT
+    pipelines: their ``default_sample_size``, as diffusers' SD3 / FLUX pipelines, x the VAE scale factor)."""
+    unet = getattr(pipe, "unet", None)
+    side = pipe.default_sample_size if unet is None else unet.config.sample_size
+    return int(side) * int(pipe.vae_scale_factor)
 
 
 def size_multiple(pipe: Any) -> int:
@@ -122,15 +125,20 @@ def run_record(
         shown, path = entry if isinstance(entry, tuple) else (str(entry), entry)
         inputs[role] = {"file": str(shown), "sha256": sha256_file(path)}
     device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu")
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     return {
         "command": command,
         "model": str(getattr(pipe, "name_or_path", "") or ""),
         **{key: _plain(value) for key, value in options.items()},
-        "used": {"device": str(device), "dtype": _dtype_name(denoiser.dtype), **used},
+        "used": {"device": str(device), "dtype": _dtype_name(_denoiser(pipe).dtype), **used},
         "inputs": inputs,
         "versions": {"editkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
     }
+
+
+def _denoiser(pipe: Any) -> Any:
+    """The UNet, or the transformer of an MM-DiT pipeline."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def _plain(value: Any) -> Any:
