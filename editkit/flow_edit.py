@@ -52,12 +52,19 @@ __all__ = [
     "FLOW_EDIT_DEFAULTS",
     "FLOW_EDIT_METHODS",
     "FlowEditDefaults",
+    "FlowEditSettings",
     "FlowEditText",
     "FlowFeatureRecorder",
     "FlowVelocities",
+    "contrast_sites_of",
     "coupled_target",
     "default_contrast_sites",
+    "flow_dds_loop",
+    "flowedit_loop",
     "flowedit_step",
+    "patch_generator",
+    "recorded_contrastive_loss",
+    "scaled_n_max",
     "velocity_dds_step",
 ]
 
@@ -96,11 +103,9 @@ def coupled_target(z_edit: torch.Tensor, z_source_t: torch.Tensor, x_source: tor
     return z_edit + z_source_t - x_source
 
 
-def flowedit_step(
-    z_edit: torch.Tensor, v_target: torch.Tensor, v_source: torch.Tensor, sigma: float, sigma_next: float
-) -> torch.Tensor:
-    """z_edit + (sigma_next - sigma) (v_tar - v_src)  (FlowEdit Alg. 1, one Euler step of the delta ODE)."""
-    return z_edit + (sigma_next - sigma) * (v_target.float() - v_source.float())
+def flowedit_step(z_edit: torch.Tensor, delta_velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """z_edit + (sigma_next - sigma) (v_tar - v_src)  (FlowEdit Alg. 1: one Euler step of the delta ODE)."""
+    return z_edit + (sigma_next - sigma) * delta_velocity
 
 
 def velocity_dds_step(v_target: torch.Tensor, v_source: torch.Tensor, scale: float) -> torch.Tensor:
@@ -225,22 +230,6 @@ def recorded_contrastive_loss(recorder: ContrastiveFeatureRecorder, options: dic
     return contrastive_loss(features["source"], features["target"], recorder.grids, **options)
 
 
-def noisy_pair(x_source, z_edit, noise, sigma) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_src_t, z_edit_t): both latents noised with the same sigma and noise (the DDS coupling)."""
-    return flow_noisy(x_source, noise, sigma), flow_noisy(z_edit, noise, sigma)
-
-
-def check_flow_edit_steps(num_inference_steps: int, n_max: int, n_min: int, n_avg: int) -> None:
-    """ValueError unless 0 <= n_min <= n_max <= num_inference_steps and n_avg >= 1."""
-    if not 0 <= n_min <= n_max <= num_inference_steps:
-        raise ValueError(
-            f"need 0 <= n_min <= n_max <= num_inference_steps, got n_min={n_min}, n_max={n_max}, "
-            f"num_inference_steps={num_inference_steps}"
-        )
-    if n_avg < 1:
-        raise ValueError(f"n_avg must be at least 1, got {n_avg}")
-
-
 def scaled_n_max(family: str, num_inference_steps: int) -> int:
     """FlowEdit's n_max for a step count: the paper's value at the paper's T, the same share of T otherwise."""
     defaults = FLOW_EDIT_DEFAULTS[family]
@@ -302,9 +291,24 @@ def _delta(velocities, x_source, z_edit, sigma, timestep, settings, generator, r
     return delta, contrast, loss
 
 
+#: Mixed into the seed of the patch-location generator (see :func:`patch_generator`).
+PATCH_SEED_OFFSET = 0x5EED
+
+
+def patch_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The generator of PatchNCE's patch locations: seeded from ``generator``'s seed, without drawing from it.
+
+    So the noise (and DDS timestep) draws of a seed are the same with and without the contrastive term,
+    and ``contrast_weight=0`` is exactly the plain method. Without a generator: seeded from torch's global RNG.
+    """
+    if generator is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return torch.Generator(generator.device).manual_seed(generator.initial_seed() ^ PATCH_SEED_OFFSET)
+
+
 def _loss_fn(settings: FlowEditSettings, generator):
-    """The recorded-feature loss (a mean over batch items)."""
-    options = dict(settings.contrast_options or {}, generator=generator, region=settings.region)
+    """The recorded-feature loss (a mean over batch items), patch locations from :func:`patch_generator`."""
+    options = dict(settings.contrast_options or {}, generator=patch_generator(generator), region=settings.region)
     return lambda recorder: recorded_contrastive_loss(recorder, options)
 
 
@@ -328,7 +332,7 @@ def flowedit_loop(velocities: FlowVelocities, x_source, schedule, settings, gene
         if n - i > settings.n_min:
             delta, contrast, loss = _delta(velocities, x_source, z_edit, sigma, timestep, settings, generator, recorder)
             # the contrastive gradient already carries contrast_weight (CDS: (cutloss * w).backward())
-            step = (sigma_next - sigma) * delta - settings.learning_rate * contrast
+            step = flowedit_step(z_edit, delta, sigma, sigma_next) - settings.learning_rate * contrast - z_edit
             z_edit = z_edit + (step if settings.region is None else step * settings.region)
             if loss is not None:
                 losses.append(float(loss))
