@@ -126,10 +126,16 @@ def run_record(
         "command": command,
         "model": str(getattr(pipe, "name_or_path", "") or ""),
         **{key: _plain(value) for key, value in options.items()},
-        "used": {"device": str(device), "dtype": _dtype_name(pipe.unet.dtype), **used},
+        "used": {"device": str(device), "dtype": _dtype_name(_denoiser(pipe).dtype), **used},
         "inputs": inputs,
         "versions": {"editkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
     }
+
+
+def _denoiser(pipe: Any) -> Any:
+    """The UNet, or the transformer of an MM-DiT pipeline."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def _plain(value: Any) -> Any:
