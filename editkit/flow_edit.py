@@ -160,6 +160,12 @@ class FlowVelocities:
     ) -> None:
         self.backbone, self.text, self.controller = backbone, text, controller
         self.scales = (source_guidance_scale, target_guidance_scale)
+        self._batched: dict[str, FlowConditioning] = {}  # concatenated once, not at every step
+
+    def _cat(self, key: str, parts: list[FlowConditioning]) -> FlowConditioning:
+        if key not in self._batched:
+            self._batched[key] = FlowConditioning.cat(parts)
+        return self._batched[key]
 
     def _call(self, latents, timestep, conditioning, roles, guidance=None) -> torch.Tensor:
         self.controller.batch_roles = roles
@@ -177,7 +183,7 @@ class FlowVelocities:
             v_src = self._call(z_source_t, timestep, text.source, ("cond",), s_src)
             return v_src, self._call(z_target_t, timestep, text.target, ("cond",), s_tar)
         latents = torch.cat([z_source_t, z_source_t, z_target_t, z_target_t])
-        conditioning = FlowConditioning.cat([text.negative, text.source, text.negative, text.target])
+        conditioning = self._cat("both", [text.negative, text.source, text.negative, text.target])
         u_src, c_src, u_tar, c_tar = self._call(latents, timestep, conditioning, ("uncond", "cond") * 2).chunk(4)
         return self._guided(u_src, c_src, s_src), self._guided(u_tar, c_tar, s_tar)
 
@@ -186,7 +192,7 @@ class FlowVelocities:
         text, scale = self.text, self.scales[1]
         if text.negative is None:
             return self._call(z_target_t, timestep, text.target, ("cond",), scale)
-        conditioning = FlowConditioning.cat([text.negative, text.target])
+        conditioning = self._cat("target", [text.negative, text.target])
         uncond, cond = self._call(torch.cat([z_target_t] * 2), timestep, conditioning, ("uncond", "cond")).chunk(2)
         return self._guided(uncond, cond, scale)
 
@@ -204,7 +210,7 @@ class FlowVelocities:
             v_src = self._call(z_source_t, timestep, text.source, ("cond",), s_src)
         else:
             latents = torch.cat([z_source_t, z_source_t, z_target_t])
-            conditioning = FlowConditioning.cat([text.negative, text.source, text.negative])
+            conditioning = self._cat("no_grad", [text.negative, text.source, text.negative])
             roles = ("uncond", "cond", "target_uncond")
             u_src, c_src, u_tar = self._call(latents, timestep, conditioning, roles).chunk(3)
             v_src = self._guided(u_src, c_src, s_src)
