@@ -60,6 +60,10 @@ def shapes(args) -> dict:
             options["num_inference_steps"] = args.shapes_iterations
         if contrast != "none" and args.shapes_contrast_weight is not None:
             options["contrast_weight"] = args.shapes_contrast_weight
+        if args.shapes_guidance_scale is not None:
+            options["guidance_scale"] = args.shapes_guidance_scale
+        if args.shapes_source_guidance_scale is not None:
+            options["source_guidance_scale"] = args.shapes_source_guidance_scale
         scores, start = [], time.perf_counter()
         for index, original in enumerate(originals):
             out = pipe(Image.fromarray(original), "a red circle", "a blue circle", max_sequence_length=0,
@@ -81,6 +85,8 @@ def main() -> None:
     parser.add_argument("--shapes-scenes", type=int, default=16)
     parser.add_argument("--shapes-iterations", type=int, default=50, help="DDS iterations on the shapes model")
     parser.add_argument("--shapes-contrast-weight", type=float, default=None)
+    parser.add_argument("--shapes-guidance-scale", type=float, default=None, help="target guidance (default: SD3's)")
+    parser.add_argument("--shapes-source-guidance-scale", type=float, default=None)
     parser.add_argument(
         "--shapes-runs", nargs="+", default=["flowedit:none", "flowedit:dual", "dds:none", "dds:dual"],
         help="METHOD:CONTRAST pairs (flowedit or dds; none, source, target or dual)",
