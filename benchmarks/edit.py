@@ -136,18 +136,12 @@ def shapes(args) -> dict:
     if not (SHAPES_MODEL / "model_index.json").is_file():
         return {"skipped": f"{SHAPES_MODEL} not present (train it with benchmarks.shapes.train)"}
     from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.world import Scene, ShapeObject, render
     from pipelines.contrastive_edit import ContrastiveEditPipeline
 
     pipe = ContrastiveEditPipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(0)
     # The same scenes (and seeds) for both methods: draw them once, not inside the method loop.
-    originals = []
-    for _ in range(args.shapes_scenes):
-        radius = float(rng.uniform(5, 9))
-        cx, cy = (float(v) for v in rng.uniform(radius + 1, 32 - radius - 1, size=2))
-        originals.append(render(Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single")))
+    originals = red_circle_scenes(args.shapes_scenes)
     results = {"scenes": args.shapes_scenes, "iterations": args.shapes_iterations}
     extra = {} if args.shapes_contrast_weight is None else {"contrast_weight": args.shapes_contrast_weight}
     results["contrast_weight"] = args.shapes_contrast_weight if extra else "pipeline default"
@@ -161,6 +155,24 @@ def shapes(args) -> dict:
             scores.append(_score(detect(original), detect(np.asarray(out.images[0]))))
         results[name] = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
     return results
+
+
+def red_circle_scenes(count: int) -> list[np.ndarray]:
+    """The benchmark's ``count`` rendered scenes: one solid red circle on white (seeded; the same in every run)."""
+    from benchmarks.shapes.world import Scene, ShapeObject, render
+
+    rng = np.random.default_rng(0)
+    originals = []
+    for _ in range(count):
+        radius = float(rng.uniform(5, 9))
+        cx, cy = (float(v) for v in rng.uniform(radius + 1, 32 - radius - 1, size=2))
+        originals.append(render(Scene("white", (ShapeObject("circle", "red", "solid", cx, cy, radius),), "single")))
+    return originals
+
+
+def score_edit(before, after) -> dict:
+    """Success (a blue circle is found) and layout (IoU, centroid shift) against the original circle."""
+    return _score(before, after)
 
 
 def _score(before, after) -> dict:

@@ -26,6 +26,7 @@ from editkit.app.models import ModelManager
 from editkit.app.render import REPORT_HEADERS, page_event, upload_message
 from editkit.quiet import quiet_library_noise
 from editkit.tasks import ComposeOptions, EditOptions, GenerateOptions, StylizeOptions
+from editkit.tasks.edit import FAMILY_DEFAULTS as EDIT_FAMILY_DEFAULTS
 from editkit.tasks.options import knob_of
 
 __all__ = ["CONCURRENCY_ID", "EXAMPLES_DIR", "MAX_FILE_SIZE", "build_demo", "launch_demo"]
@@ -210,8 +211,11 @@ def _edit_tab(handlers: Handlers) -> None:
                 buttons = _buttons("Edit", "edit")
                 spec = knob_of(EditOptions, "contrast")
                 contrast = gr.Radio(list(spec.choices), value=EditOptions.contrast, label=spec.label)
-                steps = _slider(EditOptions, "num_inference_steps", elem_id="edit-steps")
-                guidance = _slider(EditOptions, "guidance_scale")
+                unet = EDIT_FAMILY_DEFAULTS["sd"]  # the options' None is the model's; the sliders show the UNet's
+                steps = _slider(
+                    EditOptions, "num_inference_steps", elem_id="edit-steps", value=unet.num_inference_steps
+                )
+                guidance = _slider(EditOptions, "guidance_scale", value=unet.guidance_scale)
                 mask = _image("Mask (optional: edit only the white part)", "edit-mask")
                 seed = _seed(EditOptions)
             with gr.Column():

@@ -34,7 +34,7 @@ FLAGS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "learning_rate": "--learning-rate",
     "contrast": "--contrast", "contrast_weight": "--contrast-weight", "feature": "--feature",
     "identity_branch": "--identity-branch", "gradient_checkpointing": "--gradient-checkpointing", "size": "--size",
-    "seed": "--seed",
+    "seed": "--seed", "method": "--method", "source_guidance_scale": "--source-guidance-scale", "n_max": "--n-max",
 }  # fmt: skip
 EXAMPLE = """examples:
   editkit edit cat.png --source-prompt "a photo of a cat" --target-prompt "a photo of a dog" -o dog.png
@@ -68,6 +68,9 @@ def register(subparsers) -> None:
     add_knob(method, "--feature", EditOptions, "feature")
     add_knob(method, "--identity-branch", EditOptions, "identity_branch", action="store_true")
     add_knob(method, "--learning-rate", EditOptions, "learning_rate")
+    add_knob(method, "--method", EditOptions, "method")
+    add_knob(method, "--source-guidance-scale", EditOptions, "source_guidance_scale")
+    add_knob(method, "--n-max", EditOptions, "n_max")
     method.add_argument("--mask", type=Path, default=None, help="edit inside this mask only (white = edit)")
     add_size_option(method, EditOptions)
     add_knob(method, "--gradient-checkpointing", EditOptions, "gradient_checkpointing", action="store_true")
@@ -152,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         jobs, params = _jobs(args), command_params(args, skip=("prompts", "output_dir", "image"))
         check_batch_outputs(jobs, args.output_dir, "edit", params, args.overwrite)
 
+    _check_family(options, args.model)
     pipe, extra = load_method_pipeline("edit", args)
     if args.output_dir is None:
         inputs = _inputs(image, args.image, args.source_prompt, args.target_prompt, mask, args.mask)
@@ -166,6 +170,17 @@ def run(args: argparse.Namespace) -> int:
 
     echo(run_batch(jobs, args.output_dir, "edit", params, produce, overwrite=args.overwrite))
     return 0
+
+
+def _check_family(options: EditOptions, model) -> None:
+    """Options of the other model kind (UNet / MM-DiT) are refused from the model's index, before it loads."""
+    from editkit.models import model_source_family
+    from editkit.tasks.edit import MMDIT_ONLY, UNET_ONLY, check_family_options
+
+    if any(getattr(options, name) not in (None, False) for name in (*UNET_ONLY, *MMDIT_ONLY)):
+        family = model_source_family(model)
+        if family is not None:  # a Hub repo not cached yet: the task layer checks once it is loaded
+            check_family_options(options, family, names=FLAGS)
 
 
 def _load_mask(path: Path, image_size: tuple[int, int]):
