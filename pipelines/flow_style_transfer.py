@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from editkit.attention import AttentionController, AttentionKernelMixin, attach, compose
-from editkit.backbones import backbone_for
+from editkit.backbones import FlowConditioning, backbone_for
 from editkit.errors import InputError
 from editkit.flow_style import (
     FlowStyleInjectionController,
@@ -133,6 +133,9 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             raise InputError(f"injection_sigmas must be (low, high) with 0 <= low <= high <= 1, got {window}")
 
     def _latents(self, image, size: tuple[int, int] | None, name: str) -> torch.Tensor:
+        """An image input -> the transformer's latents (a (B, latent channels, h, w) tensor is taken as latents)."""
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.vae.config.latent_channels:
+            return image.to(self._execution_device, self.transformer.dtype)  # editkit's image reader knows 4 only
         width, height = size or (None, None)
         batch = pipeline_images(self, image, height=height, width=width, name=name)
         return image_latents(self, batch).to(self.transformer.dtype)
@@ -146,6 +149,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         style_cache: StyleCache | Sequence[StyleCache] | None = None,
         content_cache: StyleCache | None = None,
         prompt: str = "",
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         gamma: float = 0.75,
@@ -178,6 +183,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
                 ``output.content_cache``, ``StyleCache.load``), validated against this model's family,
                 fingerprint, sites and schedule.
             prompt: optional text for inversion and generation (empty: the StyleID setting).
+            prompt_embeds, pooled_prompt_embeds: given text embeddings instead of ``prompt`` (diffusers'
+                names and ``encode_prompt``'s outputs: ``(1, tokens, joint_attention_dim)``, ``(1, pooled)``).
             guidance_scale: FLUX.1-dev's distilled guidance input, used in inversion and generation alike
                 (None: 1.0, the StyleID no-guidance setting). SD3 runs without CFG: only 1.0 (or None).
             num_inference_steps: Euler steps N shared by inversion and generation (None: the family
@@ -221,7 +228,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             raise InputError(f"one content image per call on {self.family}, got {content.shape[0]}")
         schedule = flow_generation_schedule(backbone, steps, tuple(content.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
-        conditioning = backbone.encode_text(prompt)
+        conditioning = self._conditioning(backbone, prompt, prompt_embeds, pooled_prompt_embeds)
         size = _pixel_size(self, content)
         if mask is not None:
             style_size = size
@@ -267,6 +274,17 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             raise InputError(f"guidance_scale={guidance_scale}: style transfer on sd3 runs without classifier-free "
                              "guidance (1.0)")  # fmt: skip
         return backbone_for(self, **options)
+
+    def _conditioning(self, backbone, prompt, prompt_embeds, pooled_prompt_embeds) -> FlowConditioning:
+        if prompt_embeds is None and pooled_prompt_embeds is None:
+            return backbone.encode_text(prompt)
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            raise InputError("give both prompt_embeds and pooled_prompt_embeds (or neither)")
+        dtype, device = self.transformer.dtype, self._execution_device
+        text_ids = None
+        if self.family == "flux":  # FluxPipeline.encode_prompt's text ids: all zero
+            text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        return FlowConditioning(prompt_embeds.to(device, dtype), pooled_prompt_embeds.to(device, dtype), text_ids)
 
     def _validate(self, cache, kind, sites, expected, schedule, size) -> None:
         label = f"{kind} cache"

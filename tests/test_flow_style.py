@@ -289,3 +289,20 @@ def test_cli_end_to_end_on_a_tiny_sd3_folder(tmp_path, sd3_dir):
             "32", "--device", "cpu"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     assert np.abs(np.asarray(Image.open(again), float) - np.asarray(Image.open(out), float)).max() <= 1
+
+
+def test_app_stylize_handler_on_a_tiny_sd3_folder(tmp_path, sd3_dir):
+    import json
+
+    from editkit.app.handlers import Handlers
+    from editkit.app.models import ModelManager
+
+    content, style = tmp_path / "c.png", tmp_path / "s.png"
+    _image(0).save(content)
+    _image(1).save(style)
+    handlers = Handlers(ModelManager(sd3_dir, device="cpu"), tmp_path / "out", upload_folders=[tmp_path])
+    image, path, message = handlers.stylize({"path": str(content)}, {"path": str(style)}, 0.5, 1.5, True, 0.6, 2,
+                                            None, 0)  # fmt: skip
+    assert image.size == (32, 32), message
+    record = json.loads(Image.open(path).text["editkit"])
+    assert record["used"]["family"] == "sd3" and record["gamma"] == 0.5 and record["used"]["num_inference_steps"] == 2
