@@ -60,10 +60,10 @@ FLOW_STYLE_KINDS = ("joint", "single", "image_self")
 #: Default joint blocks, as fractions of the depth (measured on shapes-sd3, benchmarks/RESULTS.md
 #: "issue 23, style transfer"): the second half of the joint blocks.
 SD3_BLOCK_FRACTION = 0.5
-#: FLUX.1: the single-stream blocks of the second half of the network (RF-Solver-Edit and FireFlow share
-#: image-token features in the single-stream blocks; Stable Flow's "vital layers" of FLUX.1-dev are mostly
-#: there too); the double-stream blocks, which carry most of the text-image alignment, keep the content's.
-FLUX_SINGLE_FRACTION = 0.5
+#: FLUX.1: the single-stream blocks from index 20 of 38 on (scaled to the model's depth): RF-Solver-Edit's
+#: released code shares image features in the single-stream blocks with ``info['id'] > 19`` (Wang et al.
+#: 2024, arXiv:2411.04746; it swaps values, for editing); the double-stream blocks keep the content's.
+FLUX_FIRST_SINGLE_OF_38 = 20
 #: Pipeline defaults of the released models (StableDiffusion3Pipeline / FluxPipeline; schnell's card: 4).
 DEFAULT_STEPS = {"sd3": 28, "flux": 28, "flux-schnell": 4}
 #: Logit penalty that removes a key for a query in masked injection (exp(-1e4) is 0 in every dtype).
@@ -84,16 +84,16 @@ def default_num_inference_steps(family: str, transformer: torch.nn.Module) -> in
 
 
 def default_flow_style_sites(transformer: torch.nn.Module) -> list[str]:
-    """The family's default injection sites (see :data:`SD3_BLOCK_FRACTION`, :data:`FLUX_SINGLE_FRACTION`).
+    """The family's default injection sites (see :data:`SD3_BLOCK_FRACTION`, :data:`FLUX_FIRST_SINGLE_OF_38`).
 
     SD3 / SD3.5: the joint attention of the second half of the joint blocks (SD3.5's image-only
-    ``attn2`` is not injected by default). FLUX.1: the single-stream blocks of the second half.
+    ``attn2`` is not injected by default). FLUX.1: single-stream blocks 20-37 of 38 (RF-Solver-Edit's).
     """
     sites = attention_sites(transformer)
     joint = [site for site in sites if site.kind == "joint" and site.block == "transformer"]
     single = [site for site in sites if site.kind == "single"]
     if single:
-        chosen = single[int(len(single) * FLUX_SINGLE_FRACTION) :]
+        chosen = single[len(single) * FLUX_FIRST_SINGLE_OF_38 // 38 :]
     else:
         chosen = joint[int(len(joint) * SD3_BLOCK_FRACTION) :]
     return [site.name for site in chosen]

@@ -306,3 +306,14 @@ def test_app_stylize_handler_on_a_tiny_sd3_folder(tmp_path, sd3_dir):
     assert image.size == (32, 32), message
     record = json.loads(Image.open(path).text["editkit"])
     assert record["used"]["family"] == "sd3" and record["gamma"] == 0.5 and record["used"]["num_inference_steps"] == 2
+
+
+def test_default_sites_on_the_released_topologies():
+    """SD3.5-medium: the joint attention of blocks 12-23 of 24; FLUX.1-dev: single-stream blocks 20-37 of 38."""
+    from editkit.flow_style import default_flow_style_sites
+    from editkit.testing_mmdit import FLUX1_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, full_width_transformer
+
+    sd35 = default_flow_style_sites(full_width_transformer(SD35_MEDIUM_TRANSFORMER, None, device="meta"))
+    assert sd35 == [f"transformer_blocks.{i}.attn" for i in range(12, 24)]
+    flux = default_flow_style_sites(full_width_transformer(FLUX1_DEV_TRANSFORMER, None, device="meta"))
+    assert flux == [f"single_transformer_blocks.{i}.attn" for i in range(20, 38)]
