@@ -29,8 +29,10 @@ __all__ = [
     "full_width_transformer",
     "tiny_flux_components",
     "tiny_flux_pipeline",
+    "tiny_flux_transformer",
     "tiny_sd3_components",
     "tiny_sd3_pipeline",
+    "tiny_sd3_transformer",
     "tiny_t5",
     "tiny_t5_tokenizer",
 ]
@@ -111,6 +113,32 @@ def _flow_vae(latent_channels: int, flux: bool):
     ).eval()  # fmt: skip
 
 
+def tiny_sd3_transformer(num_layers: int = 1, sd35: bool = False, sample_size: int = 4):
+    """A tiny ``SD3Transformer2DModel`` (patch 1, 4 heads x 8, joint width 32, pooled 64; random weights
+    from the global seed). ``sd35=True``: SD3.5-medium's image-only ``attn2`` in block 0 and RMS q/k norms.
+    Positions up to ``max(16, sample_size)`` latent pixels a side."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=max(16, sample_size),
+        dual_attention_layers=(0,) if sd35 else (), qk_norm="rms_norm" if sd35 else None,
+    ).eval()  # fmt: skip
+
+
+def tiny_flux_transformer(num_layers: int = 1, guidance_embeds: bool = True):
+    """A tiny ``FluxTransformer2DModel``: ``num_layers`` double- and as many single-stream blocks, 2 heads x 16,
+    rotary axes (4, 4, 8), joint width 32, pooled 32 (random weights from the global seed)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=num_layers, num_single_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    ).eval()  # fmt: skip
+
+
 def tiny_sd3_components(seed: int = 0, sd35: bool = False, words: tuple[str, ...] = ()) -> dict:
     """Components of a tiny ``StableDiffusion3Pipeline``: CLIP-L + CLIP-G (with projection) + T5.
 
@@ -118,17 +146,10 @@ def tiny_sd3_components(seed: int = 0, sd35: bool = False, words: tuple[str, ...
     (``dual_attention_layers``) and RMS q/k norms. The CLIP hidden states (16 + 16) are padded to
     the T5 width 32 = ``joint_attention_dim``; the pooled embedding is the two projections (32 + 32).
     """
-    from diffusers import SD3Transformer2DModel
-
     from editkit.testing import _text_encoder, tiny_tokenizer
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=4, patch_size=1, in_channels=4, out_channels=4, num_layers=2 if sd35 else 1,
-        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-        pooled_projection_dim=64, pos_embed_max_size=16,
-        dual_attention_layers=(0,) if sd35 else (), qk_norm="rms_norm" if sd35 else None,
-    ).eval()  # fmt: skip
+    transformer = tiny_sd3_transformer(num_layers=2 if sd35 else 1, sd35=sd35)
     tokenizer = tiny_tokenizer(words)
     vocab_size = max(1000, len(tokenizer))
     return {
@@ -152,16 +173,10 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True, words: tup
     The VAE has 1 latent channel, so 2x2 packing gives the transformer's 4 input channels.
     ``guidance_embeds=True`` (the default) is FLUX.1-dev's distilled-guidance topology.
     """
-    from diffusers import FluxTransformer2DModel
-
     from editkit.testing import _text_encoder, tiny_tokenizer
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
-    ).eval()  # fmt: skip
+    transformer = tiny_flux_transformer(num_layers=1, guidance_embeds=guidance_embeds)
     tokenizer = tiny_tokenizer(words)
     return {
         "scheduler": flow_match_scheduler(flux=True),

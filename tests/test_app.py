@@ -66,7 +66,8 @@ def token_file(server, tmp_path_factory) -> Path:
 
 
 def _stylize(client, content: Path, style: Path, **overrides):
-    args = {"gamma": 0.75, "tau": 1.5, "use_adain": True, "adain_strength": 0.6, "steps": 2, "mask": None, "seed": 0}
+    args = {"gamma": 0.75, "tau": 1.5, "use_adain": True, "adain_strength": 0.6, "steps": 2, "mask": None, "seed": 0,
+            "feature_timing": "inversion_step"}  # fmt: skip
     args.update(overrides)
     file = gradio_client.handle_file
     mask = file(str(args["mask"])) if args["mask"] else None
@@ -80,6 +81,7 @@ def _stylize(client, content: Path, style: Path, **overrides):
         args["steps"],
         mask,
         args["seed"],
+        args["feature_timing"],
     )
 
 
@@ -111,13 +113,17 @@ def test_named_endpoints_are_exposed(server, client):
 
 def test_stylize_endpoint_returns_image_and_parameters(server, client):
     image, download, messages = client.predict(
-        *_stylize(client, EXAMPLES / "content.png", EXAMPLES / "style.png", gamma=0.5), api_name="/stylize"
+        *_stylize(
+            client, EXAMPLES / "content.png", EXAMPLES / "style.png", gamma=0.5, feature_timing="inverted_latent"
+        ),
+        api_name="/stylize",
     )
     side = _expected_side(server)
     assert Image.open(image).size == (side, side)
     assert _pixels(image).std() > 0  # a real picture, not a blank placeholder
     meta = _metadata(download)
     assert meta["command"] == "stylize" and meta["gamma"] == 0.5 and meta["num_inference_steps"] == 2
+    assert meta["feature_timing"] == "inverted_latent"  # the app's timing control reaches the task
     assert np.array_equal(_pixels(download), _pixels(image))
     assert isinstance(messages, str)
 
@@ -222,7 +228,7 @@ def _raw_call(url: str, api_name: str, data: list) -> str:
 
 
 def _stylize_payload(content, style, mask=None) -> list:
-    return [content, style, 0.75, 1.5, True, 0.6, 1, mask, 0]
+    return [content, style, 0.75, 1.5, True, 0.6, 1, mask, 0, "inversion_step"]
 
 
 def test_server_files_outside_the_upload_folder_are_refused(server, tmp_path, token_file):

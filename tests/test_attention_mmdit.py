@@ -31,6 +31,7 @@ from editkit.attention import (
     compose,
     select_sites,
 )
+from editkit.testing_mmdit import tiny_flux_transformer, tiny_sd3_transformer
 
 SD3_GRID = (8, 6)  # latent height, width (patch 1): a non-square grid
 FLUX_GRID = (4, 6)
@@ -39,19 +40,12 @@ TEXT_TOKENS = 5
 
 def _sd3(dual: bool) -> SD3Transformer2DModel:
     torch.manual_seed(0)
-    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual else {}
-    return SD3Transformer2DModel(
-        sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4, **extra,
-    ).eval()  # fmt: skip
+    return tiny_sd3_transformer(num_layers=2, sd35=dual, sample_size=32)
 
 
 def _flux() -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    ).eval()  # fmt: skip
+    return tiny_flux_transformer(num_layers=2, guidance_embeds=False)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,20 @@ def test_resume_continues_exactly(tmp_path, data):
     assert list(tmp_path.iterdir()) == [checkpoint]  # nothing half-written beside it
 
 
+def test_decay_added_on_resume_cools_the_learning_rate_to_zero(tmp_path, data):
+    """Warm-up-stable-decay: a constant-phase checkpoint resumed with ``decay_steps`` decays linearly to 0."""
+    checkpoint = tmp_path / "ckpt.safetensors"
+    T.run(T.new_state(dataclasses.replace(CONFIG, steps=2, warmup_steps=1), T.SHAPES_SD), data, checkpoint, 1e9)
+    resumed = T.load_state(checkpoint, T.SHAPES_SD, steps=6, decay_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(resumed.optimizer.param_groups[0]["lr"])
+        T.train_step(resumed, data)
+    peak = resumed.config.lr
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor([1.0, 0.75, 0.5, 0.25]) * peak)
+    assert resumed.optimizer.param_groups[0]["lr"] == 0.0  # after the last step
+
+
 def test_not_a_checkpoint_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -184,9 +184,14 @@ def _stylize_tab(handlers: Handlers) -> None:
                 steps = _slider(StylizeOptions, "num_inference_steps", elem_id="stylize-steps")
                 mask = _image("Mask (optional: stylize only the white part)", "stylize-mask")
                 seed = _seed(StylizeOptions)
+                timing = gr.Radio(
+                    list(knob_of(StylizeOptions, "feature_timing").choices), value=StylizeOptions.feature_timing,
+                    label="Style features of step t from UNet(z_t-1, t) (inversion_step) or UNet(z_t, t) (StyleID's)",
+                    elem_id="stylize-feature-timing",
+                )  # fmt: skip
             with gr.Column():
                 outputs = _result_column("stylize")
-        inputs = [content, style, gamma, tau, use_adain, adain, steps, mask, seed]
+        inputs = [content, style, gamma, tau, use_adain, adain, steps, mask, seed, timing]
         _wire(handlers, buttons, handlers.stylize, inputs, outputs, "stylize")
         uploads = [(content, "content image"), (style, "style image"), (mask, "mask image")]
         _report_uploads(handlers, uploads, outputs[2])

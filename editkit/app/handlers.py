@@ -344,12 +344,14 @@ class Handlers:
         steps: Any,
         mask: Any,
         seed: Any,
+        feature_timing: Any = StylizeOptions.feature_timing,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio's idiom)
     ) -> Outputs:
-        """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID)."""
+        """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID); ``feature_timing``
+        as :class:`~editkit.tasks.StylizeOptions` (last, so API callers of the earlier form keep working)."""
         adain = adain_strength if flag(use_adain, "use AdaIN") else None
         options = form_options(StylizeOptions, gamma=gamma, tau=tau, adain_strength=adain,
-                               num_inference_steps=steps, seed=seed)  # fmt: skip
+                               num_inference_steps=steps, seed=seed, feature_timing=feature_timing)  # fmt: skip
         content_path = self._upload(content, "content image")
         style_path = self._upload(style, "style image")
         content_image = read_image(content_path, "content")
