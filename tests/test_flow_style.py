@@ -317,3 +317,21 @@ def test_default_sites_on_the_released_topologies():
     assert sd35 == [f"transformer_blocks.{i}.attn" for i in range(12, 24)]
     flux = default_flow_style_sites(full_width_transformer(FLUX1_DEV_TRANSFORMER, None, device="meta"))
     assert flux == [f"single_transformer_blocks.{i}.attn" for i in range(20, 38)]
+
+
+def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, capsys):
+    from editkit.cli import main
+
+    content = tmp_path / "c.png"
+    _image(0).save(content)
+    out = tmp_path / "out.png"
+    argv = ["stylize", content, content, "-o", out, "--model", sd3_dir, "--steps", "2", "--size", "32", "--device",
+            "cpu", "--resample-steps", "3"]  # fmt: skip
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and not out.exists()
+    assert "resample_steps=3 is a UNet (SD/SDXL) style transfer option; this is a sd3 (MM-DiT) model" in (
+        capsys.readouterr().err
+    )
