@@ -57,9 +57,10 @@ logger = logging.getLogger(__name__)
 
 #: Site kinds injection can run at: joint blocks, FLUX single-stream blocks, SD3.5's image-only attn2.
 FLOW_STYLE_KINDS = ("joint", "single", "image_self")
-#: Default joint blocks, as fractions of the depth (measured on shapes-sd3, benchmarks/RESULTS.md
-#: "issue 23, style transfer"): the second half of the joint blocks.
-SD3_BLOCK_FRACTION = 0.5
+#: SD3 / SD3.5 default: the joint blocks of the third quarter of the depth, ``[n/2, 3n/4)`` (at least one),
+#: chosen on shapes-sd3 (benchmarks/RESULTS.md, "Issue 23: style transfer on MM-DiT"): earlier blocks copy
+#: the style image wholesale (layout lost), the last quarter keeps the layout but barely moves the colour.
+SD3_BLOCKS = (1, 2), (3, 4)
 #: FLUX.1: the single-stream blocks from index 20 of 38 on (scaled to the model's depth): RF-Solver-Edit's
 #: released code shares image features in the single-stream blocks with ``info['id'] > 19`` (Wang et al.
 #: 2024, arXiv:2411.04746; it swaps values, for editing); the double-stream blocks keep the content's.
@@ -84,10 +85,10 @@ def default_num_inference_steps(family: str, transformer: torch.nn.Module) -> in
 
 
 def default_flow_style_sites(transformer: torch.nn.Module) -> list[str]:
-    """The family's default injection sites (see :data:`SD3_BLOCK_FRACTION`, :data:`FLUX_FIRST_SINGLE_OF_38`).
+    """The family's default injection sites (see :data:`SD3_BLOCKS`, :data:`FLUX_FIRST_SINGLE_OF_38`).
 
-    SD3 / SD3.5: the joint attention of the second half of the joint blocks (SD3.5's image-only
-    ``attn2`` is not injected by default). FLUX.1: single-stream blocks 20-37 of 38 (RF-Solver-Edit's).
+    SD3 / SD3.5: the joint attention of blocks ``[n/2, 3n/4)`` of ``n`` (SD3.5-medium: 12-17 of 24; SD3.5's
+    image-only ``attn2`` is not injected by default). FLUX.1: single-stream blocks 20-37 of 38 (RF-Solver-Edit's).
     """
     sites = attention_sites(transformer)
     joint = [site for site in sites if site.kind == "joint" and site.block == "transformer"]
@@ -95,7 +96,9 @@ def default_flow_style_sites(transformer: torch.nn.Module) -> list[str]:
     if single:
         chosen = single[len(single) * FLUX_FIRST_SINGLE_OF_38 // 38 :]
     else:
-        chosen = joint[int(len(joint) * SD3_BLOCK_FRACTION) :]
+        (start_num, start_den), (stop_num, stop_den) = SD3_BLOCKS
+        start = len(joint) * start_num // start_den
+        chosen = joint[start : max(start + 1, len(joint) * stop_num // stop_den)]
     return [site.name for site in chosen]
 
 

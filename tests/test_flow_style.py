@@ -309,12 +309,12 @@ def test_app_stylize_handler_on_a_tiny_sd3_folder(tmp_path, sd3_dir):
 
 
 def test_default_sites_on_the_released_topologies():
-    """SD3.5-medium: the joint attention of blocks 12-23 of 24; FLUX.1-dev: single-stream blocks 20-37 of 38."""
+    """SD3.5-medium: the joint attention of blocks 12-17 of 24; FLUX.1-dev: single-stream blocks 20-37 of 38."""
     from editkit.flow_style import default_flow_style_sites
     from editkit.testing_mmdit import FLUX1_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, full_width_transformer
 
     sd35 = default_flow_style_sites(full_width_transformer(SD35_MEDIUM_TRANSFORMER, None, device="meta"))
-    assert sd35 == [f"transformer_blocks.{i}.attn" for i in range(12, 24)]
+    assert sd35 == [f"transformer_blocks.{i}.attn" for i in range(12, 18)]
     flux = default_flow_style_sites(full_width_transformer(FLUX1_DEV_TRANSFORMER, None, device="meta"))
     assert flux == [f"single_transformer_blocks.{i}.attn" for i in range(20, 38)]
 
