@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--no-adain", action="store_true", help="adain_strength None (no AdaIN)")
     parser.add_argument("--sweep", action="store_true", help="score the block choices of SWEEP")
     parser.add_argument("--sweep-pairs", type=int, default=16)
+    parser.add_argument("--seed-offset", type=int, default=0, help="other scenes (the sweep uses 1000)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,7 +195,7 @@ def main() -> None:
         if args.no_adain:
             settings["adain_strength"] = None
         if args.pairs:
-            result["shapes"] = shapes(args.model, args.pairs, args.shapes_steps, settings)
+            result["shapes"] = shapes(args.model, args.pairs, args.shapes_steps, settings, args.seed_offset)
         if args.sweep:
             result["sweep"] = {}
             for label, sites in SWEEP.items():  # other seeds than the evaluation's: the choice is not fitted to it

@@ -195,11 +195,15 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             injection_sites: site names or patterns (joint ``transformer_blocks.{i}.attn``, FLUX
                 ``single_transformer_blocks.{i}.attn``, SD3.5 ``transformer_blocks.{i}.attn2``); None: the
                 family's defaults (``editkit.flow_style.default_flow_style_sites``).
-            injection_sigmas: inject only at steps with ``low <= sigma <= high`` (None: every step but the first).
+            injection_sigmas: inject only at steps with ``low <= sigma <= high`` (None: every step but the first,
+                AttenST's every-step setting). Lower ``high`` keeps more of the content's layout and moves
+                less colour (measured on shapes-sd3: ``benchmarks/RESULTS.md``, issue 23).
             mask: (1, 1, H, W) or (H, W) {0, 1} mask of the content's aspect ratio: stylize only inside it.
             height, width / style_size: processing sizes (default: the images' own).
             max_sequence_length: T5 tokens (None: the family's default; 0 for models trained without T5).
-            offload_features: keep recorded features on the CPU, streamed to the device per step.
+            offload_features: keep recorded features on the CPU, streamed to the device per step (the
+                default sites at 1024 px and 28 steps record about 4 GB of style keys/values on SD3.5-medium
+                and 24 GB on FLUX.1: pass it, or fewer sites / a narrower window, on FLUX).
             resample_steps, feature_timing: UNet-only options, accepted so shared calling code works;
                 anything but their defaults is refused.
             generator: accepted for API symmetry; the method is deterministic.
