@@ -21,7 +21,7 @@ from editkit.errors import InputError
 from editkit.jsonio import parse_json
 from editkit.safefiles import is_pickle
 
-__all__ = ["CACHE_FORMAT", "CACHE_METADATA_KEY", "FEATURES_BY_KIND", "read_cache_file"]
+__all__ = ["CACHE_FORMAT", "CACHE_METADATA_KEY", "FEATURES_BY_KIND", "check_flow_schedule", "read_cache_file"]
 
 CACHE_FORMAT = "editkit-style-cache/1"
 CACHE_METADATA_KEY = "editkit_style_cache"
@@ -115,3 +115,33 @@ def _whole(value: Any, low: int) -> bool:
 
 def _shape(tensor: torch.Tensor | None) -> str:
     return "nothing" if tensor is None else str(tuple(tensor.shape))
+
+
+def check_flow_schedule(extra: dict[str, str], expected: dict[str, str], label: str = "style cache") -> None:
+    """Refuse (InputError) an MM-DiT cache recorded along another schedule or by another method.
+
+    ``extra`` is the cache header's, ``expected`` this run's (``editkit.flow_style_loop.schedule_extra``):
+    the feature timing and the exact sigmas (steps, shift, and FLUX's size-dependent ``mu``).
+    """
+    if extra.get("feature_timing") != expected["feature_timing"]:
+        raise InputError(
+            f"{label} was not recorded by the MM-DiT style transfer (feature timing "
+            f"{extra.get('feature_timing', 'none')!r}); recompute it with this model"
+        )
+    if extra.get("schedule") != expected["schedule"]:
+        made, needed = (_sigma_summary(text) for text in (extra.get("schedule"), expected["schedule"]))
+        raise InputError(
+            f"{label} was made along another schedule ({made}); this run's is {needed}: recompute it with "
+            "the same steps and content size (FLUX's shift depends on the image size)"
+        )
+
+
+def _sigma_summary(text: str | None) -> str:
+    """``"N steps, sigma a..b"`` of a cache's schedule field (or ``"unknown"``)."""
+    try:
+        sigmas = [float(s) for s in parse_json(text, "the schedule")] if text else []
+    except (InputError, TypeError, ValueError):
+        sigmas = []
+    if len(sigmas) < 2:
+        return "unknown"
+    return f"{len(sigmas) - 1} steps, sigmas {sigmas[0]:.4g}..{sigmas[-2]:.4g}"

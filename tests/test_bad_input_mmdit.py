@@ -65,7 +65,9 @@ def test_unet_site_option_on_an_mmdit_model_exits_2(capsys, images, sd3_dir):
     content, style, tmp = images
     out = tmp / "out.png"
     argv = ["stylize", content, style, "-o", out, "--model", sd3_dir, "--sites", UNET_SITE, *STYLIZE]
-    _assert_exit_2(capsys, argv, "is a Stable Diffusion 3 / 3.5 model; StyleTransferPipeline runs on", out)
+    _assert_exit_2(
+        capsys, argv, f"injection_sites: {UNET_SITE!r} is a UNet attention site name, but this is a sd3 ", out
+    )
 
 
 def _cache_made_on(family: str, folder: Path) -> Path:

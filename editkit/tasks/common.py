@@ -53,18 +53,32 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def native_side(pipe: Any) -> int:
-    """The model's native side in pixels: the UNet's sample size x the VAE scale factor (MM-DiT
-    pipelines: their ``default_sample_size``, as diffusers' SD3 / FLUX pipelines, x the VAE scale factor)."""
+    """The model's native side in pixels: the denoiser's sample size x the VAE scale factor.
+
+    UNets: ``unet.config.sample_size``. MM-DiT pipelines: their ``default_sample_size``, what
+    ``StableDiffusion3Pipeline`` (the transformer's ``sample_size``: 128 -> 1024 px) and
+    ``FluxPipeline`` (128 -> 1024 px) multiply by the VAE factor for their default height and width.
+    """
     unet = getattr(pipe, "unet", None)
-    side = pipe.default_sample_size if unet is None else unet.config.sample_size
+    if unet is not None:
+        return int(unet.config.sample_size) * int(pipe.vae_scale_factor)
+    side = getattr(pipe, "default_sample_size", None)
+    if side is None:  # a pipeline object without diffusers' attribute: the transformer's config
+        side = getattr(pipe.transformer.config, "sample_size", None) or 128
     return int(side) * int(pipe.vae_scale_factor)
 
 
 def size_multiple(pipe: Any) -> int:
-    """Pixels each side is a multiple of: the VAE scale factor x the denoiser's patch size (1 for a UNet)."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    """Pixels each side is a multiple of: the VAE scale factor x the denoiser's patch size (1 for a UNet),
+    x 2 more on FLUX (its latents are packed in 2x2 patches, as ``FluxPipeline`` rounds to 16 px)."""
+    from diffusers import FluxTransformer2DModel
+
+    from editkit.attention import uncompiled
+
+    denoiser = _denoiser(pipe)
     patch = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
-    return int(pipe.vae_scale_factor) * patch
+    packing = 2 if isinstance(uncompiled(denoiser), FluxTransformer2DModel) else 1
+    return int(pipe.vae_scale_factor) * patch * packing
 
 
 def parse_size(text: str) -> int | tuple[int, int]:

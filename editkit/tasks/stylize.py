@@ -87,6 +87,26 @@ def check_inputs(pipe: Any, inputs: StylizeInputs, options: StylizeOptions) -> N
             )
 
 
+#: UNet-only stylize options and their defaults: any other value is refused on an MM-DiT model.
+UNET_ONLY_OPTIONS = {"resample_steps": 0, "feature_timing": "inversion_step"}
+
+
+def check_family_options(family: str, options: StylizeOptions) -> None:
+    """Refuse, before any model work, options of the other architecture (InputError naming option and family)."""
+    from editkit.backbones import MMDIT_FAMILIES, check_site_names
+
+    if family in MMDIT_FAMILIES:
+        for name, default in UNET_ONLY_OPTIONS.items():
+            value = getattr(options, name)
+            if value != default:
+                raise InputError(
+                    f"{name}={value!r} is a UNet (SD/SDXL) style transfer option; this is a {family} (MM-DiT) model, "
+                    f"whose style transfer inverts with the flow ODE (leave {name} at {default!r})"
+                )
+    if options.injection_sites:
+        check_site_names(family, list(options.injection_sites), "injection_sites")
+
+
 def run(
     pipe: Any,
     inputs: StylizeInputs,
@@ -96,6 +116,11 @@ def run(
     offload_features: bool = False,
 ) -> StylizeResult:
     """Stylize ``inputs.content`` by every style at the processing size, with a CPU generator of the seed."""
+    from editkit.backbones import MMDIT_FAMILIES
+    from editkit.models import model_family
+
+    family = model_family(pipe)
+    check_family_options(family, options)
     check_inputs(pipe, inputs, options)
     width, height = processing_size(pipe, options.size, inputs.content.size)
     mask = None
@@ -104,27 +129,22 @@ def run(
     # with a mask the pipeline takes the styles at the content's size; otherwise each at its own
     styles = [s if mask is not None else resize_to(s, processing_size(pipe, options.size, s.size))
               for s in inputs.styles]  # fmt: skip
-    out = pipe(
-        resize_to(inputs.content, (width, height)),
-        styles or None,
-        style_cache=list(inputs.style_caches),
-        prompt=options.prompt,
-        num_inference_steps=options.num_inference_steps,
-        gamma=options.gamma,
-        tau=options.tau,
-        adain_strength=options.adain_strength,
-        resample_steps=options.resample_steps,
-        feature_timing=options.feature_timing,
-        injection_sites=list(options.injection_sites) if options.injection_sites else None,
-        mask=mask,
-        width=width,
-        height=height,
-        offload_features=offload_features,
-        generator=make_generator(options.seed),
-        attention_controllers=list(attention_controllers),
-    )
+    common = {
+        "style_cache": list(inputs.style_caches), "prompt": options.prompt,
+        "num_inference_steps": options.num_inference_steps, "gamma": options.gamma, "tau": options.tau,
+        "adain_strength": options.adain_strength, "mask": mask, "width": width, "height": height,
+        "injection_sites": list(options.injection_sites) if options.injection_sites else None,
+        "offload_features": offload_features, "generator": make_generator(options.seed),
+        "attention_controllers": list(attention_controllers),
+    }  # fmt: skip
     used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
             "sampler": "DDIM", "guidance_scale": 1.0}  # fmt: skip
+    if family in MMDIT_FAMILIES:
+        out = pipe(resize_to(inputs.content, (width, height)), styles or None, **common)
+        used.update(sampler="flow-matching Euler (inversion and generation)", family=family)
+    else:
+        out = pipe(resize_to(inputs.content, (width, height)), styles or None, resample_steps=options.resample_steps,
+                   feature_timing=options.feature_timing, **common)  # fmt: skip
     record = run_record("stylize", pipe, used, dataclasses.asdict(options), inputs.files)
     records = [{**record, "style_index": index} for index in range(len(out.images))]
     return StylizeResult(list(out.images), list(out.style_caches or []), records)

@@ -1,0 +1,210 @@
+"""MM-DiT style transfer (issue 23): cost against its floor, cache bytes; shapes-sd3 quality and the block sweep.
+
+Speed (``--only speed``): full-width, reduced-depth random-weight transformers
+(``editkit.testing_mmdit.full_width_transformer``: SD3.5-medium with 2 joint blocks, the first with
+``attn2``; FLUX.1-dev with 2 double + 2 single blocks) in the real pipeline classes, with a tiny
+16-channel VAE and no text encoders (content and style given as latents, the text as embeddings),
+so every figure is transformer work. The floor is 3N stock transformer forwards (style inversion +
+content inversion + generation) and 2N with a cached style; ``ratio_wall`` = stylize time / (floor
+calls x one forward measured in the same run, interleaved), target <= 1.10. ``ops`` = dispatched ATen
+operations of the run / (floor calls x the ops of one stock forward), target <= 1.10. Transformer
+calls are counted, not assumed. ``cache_bytes``: the style cache (keys + values, fp16) and the
+content cache (queries), per image at this size and step count.
+
+Shapes (``--only shapes``): ``assets/models/shapes-sd3`` (or ``--model``), 32 px; contents and styles
+as in ``benchmarks/stylize.py`` (held-out scenes, seeds 101 / 202), scored with its metric code
+(``benchmarks.shapes.style_metrics``, ``benchmarks.stylize._summary``): colour moved toward the
+style, the content's object mask kept (IoU >= 0.7), both in one pair (``success``).
+``--sweep`` scores block choices (``--sweep-pairs`` pairs each) to choose the default.
+
+    python -m benchmarks.flow_stylize --only speed --steps 2 --latent 16 --repeats 2
+    python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --pairs 64
+    python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --sweep --pairs 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.opcount import OpCounter
+from benchmarks.timing import environment, interleaved_medians, print_json
+
+SHAPES_MODEL = Path("assets/models/shapes-sd3")
+#: Block choices of the sweep on shapes-sd3 (4 joint blocks).
+SWEEP = {
+    "block 0": ["transformer_blocks.0.attn"],
+    "block 1": ["transformer_blocks.1.attn"],
+    "block 2": ["transformer_blocks.2.attn"],
+    "block 3": ["transformer_blocks.3.attn"],
+    "blocks 0-1 (first half)": ["transformer_blocks.0.attn", "transformer_blocks.1.attn"],
+    "blocks 2-3 (second half)": ["transformer_blocks.2.attn", "transformer_blocks.3.attn"],
+    "blocks 1-3": ["transformer_blocks.1.attn", "transformer_blocks.2.attn", "transformer_blocks.3.attn"],
+    "all 4 blocks": ["transformer_blocks"],
+}
+
+
+def speed_pipeline(name: str):
+    """The family's style transfer pipeline around a full-width reduced-depth transformer, a tiny VAE."""
+    from diffusers import AutoencoderKL
+
+    from editkit.testing_mmdit import (
+        FLUX1_DEV_TRANSFORMER,
+        SD35_MEDIUM_TRANSFORMER,
+        flow_match_scheduler,
+        full_width_transformer,
+    )
+    from pipelines.flow_style_transfer import FluxStyleTransferPipeline, SD3StyleTransferPipeline
+
+    flux = name == "flux"
+    transformer = full_width_transformer(FLUX1_DEV_TRANSFORMER if flux else SD35_MEDIUM_TRANSFORMER, 2)
+    vae = AutoencoderKL(block_out_channels=[8] * 4, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=16, norm_num_groups=4,
+                        layers_per_block=1).eval()  # fmt: skip
+    parts = {"transformer": transformer, "scheduler": flow_match_scheduler(flux), "vae": vae, "text_encoder": None,
+             "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}  # fmt: skip
+    pipe = FluxStyleTransferPipeline(**parts) if flux else SD3StyleTransferPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def speed(name: str, args) -> dict:
+    """Time and ops of an uncached and a cached-style run against their floors (see the module docstring)."""
+    from editkit.backbones import FlowConditioning, backbone_for
+
+    pipe = speed_pipeline(name)
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(0)
+    content, style = (torch.randn(1, 16, args.latent, args.latent, generator=generator) for _ in range(2))
+    embeds = torch.randn(1, args.text_tokens, config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    run = {"num_inference_steps": args.steps, "output_type": "latent", "prompt_embeds": embeds,
+           "pooled_prompt_embeds": pooled}  # fmt: skip
+    first = pipe(content, [style], **run)
+    cache = first.style_caches[0]
+    backbone = backbone_for(pipe)
+    text_ids = torch.zeros(args.text_tokens, 3) if name == "flux" else None
+    conditioning = FlowConditioning(embeds, pooled, text_ids)
+    sample = torch.randn_like(content)
+
+    def forward():
+        with torch.no_grad():
+            backbone.denoise(sample, torch.tensor(500.0), conditioning)
+
+    configs = {"forward": forward, "uncached": lambda: pipe(content, [style], **run),
+               "cached_style": lambda: pipe(content, style_cache=[cache], **run)}  # fmt: skip
+    floors = {"uncached": 3 * args.steps, "cached_style": 2 * args.steps}
+    calls = {key: _calls(pipe, configs[key]) for key in floors}
+    ops = {key: _ops(configs[key]) for key in ("forward", *floors)}
+    times = interleaved_medians(configs, repeats=args.repeats, warmup=1, device="cpu")
+    unit = times["forward"]
+    result = {"forward": unit, "forward_ops": ops["forward"], "sites": list(cache.sites),
+              "cache_bytes": {"style": cache.nbytes(), "content": first.content_cache.nbytes()}}  # fmt: skip
+    for key, floor in floors.items():
+        result[key] = {
+            **times[key], "transformer_calls": calls[key], "floor_calls": floor,
+            "ratio_wall": times[key]["median_s"] / (floor * unit["median_s"]),
+            "ratio_cpu": times[key]["cpu_median_s"] / (floor * unit["cpu_median_s"]),
+            "ops": ops[key], "ops_ratio": ops[key] / (floor * ops["forward"]),
+        }  # fmt: skip
+    return result
+
+
+def _calls(pipe, run) -> int:
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def _ops(run) -> int:
+    with torch.no_grad(), OpCounter() as counter:
+        run()
+    return counter.count
+
+
+def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0) -> dict:
+    """Colour moved toward the style and the content's mask kept, on ``pairs`` shapes-world pairs."""
+    from PIL import Image
+
+    from benchmarks.shapes.detect import detect
+    from benchmarks.shapes.style_metrics import score_pair
+    from benchmarks.shapes.world import sample_batch
+    from benchmarks.stylize import _layout_kept, _summary
+    from editkit.models import load_pipeline
+    from pipelines.flow_style_transfer import SD3StyleTransferPipeline
+
+    pipe = load_pipeline(SD3StyleTransferPipeline, model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=pairs, training=False, pattern_prob=0.0)
+    styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=pairs, training=False, pattern_prob=0.5,
+                                           background_prob=0.5)  # fmt: skip
+    scores, kept = [], []
+    for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
+        out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps, output_type="pt",
+                   max_sequence_length=0, **settings)  # fmt: skip
+        result = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        kept.append(_layout_kept(detect(content), detect(result)))
+        scores.append(score_pair(content, style, result, content_scene, style_scene))
+    success = [s["colour_moved_toward_style"] > 0 and s["content_mask_iou"] >= 0.7 for s in scores]
+    summary = _summary(scores, kept)
+    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults",
+            "success_moved_and_iou_0.7": float(np.mean(success)), **summary}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("speed", "shapes"), default=None)
+    parser.add_argument("--models", nargs="+", default=["sd35", "flux"], choices=("sd35", "flux"))
+    parser.add_argument("--steps", type=int, default=2, help="steps N of the speed part")
+    parser.add_argument("--latent", type=int, default=16, help="latent side of the speed part (16: 128 px)")
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=SHAPES_MODEL, help="the shapes-sd3 folder")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--shapes-steps", type=int, default=28)
+    parser.add_argument("--gamma", type=float, default=None)
+    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--adain-strength", type=float, default=None)
+    parser.add_argument("--sites", nargs="+", default=None)
+    parser.add_argument("--window", type=float, nargs=2, default=None, help="injection_sigmas LOW HIGH (0 0: none)")
+    parser.add_argument("--no-adain", action="store_true", help="adain_strength None (no AdaIN)")
+    parser.add_argument("--sweep", action="store_true", help="score the block choices of SWEEP")
+    parser.add_argument("--sweep-pairs", type=int, default=16)
+    parser.add_argument("--seed-offset", type=int, default=0, help="other scenes (the sweep uses 1000)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"environment": environment()}
+    if args.only in (None, "speed"):
+        setup = {"latent": args.latent, "steps": args.steps, "text_tokens": args.text_tokens, "dtype": "float32"}
+        result["speed"] = {"setup": setup} | {name: speed(name, args) for name in args.models}
+    if args.only in (None, "shapes"):
+        window = tuple(args.window) if args.window else None
+        settings = {"gamma": args.gamma, "tau": args.tau, "adain_strength": args.adain_strength,
+                    "injection_sites": args.sites, "injection_sigmas": window}  # fmt: skip
+        settings = {key: value for key, value in settings.items() if value is not None}
+        if args.no_adain:
+            settings["adain_strength"] = None
+        if args.pairs:
+            result["shapes"] = shapes(args.model, args.pairs, args.shapes_steps, settings, args.seed_offset)
+        if args.sweep:
+            result["sweep"] = {}
+            for label, sites in SWEEP.items():  # other seeds than the evaluation's: the choice is not fitted to it
+                scored = shapes(args.model, args.sweep_pairs, args.shapes_steps, {**settings, "injection_sites": sites},
+                                seed_offset=1000)  # fmt: skip
+                result["sweep"][label] = scored
+                print(label, json.dumps(scored), file=sys.stderr, flush=True)
+    print_json(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Training-free attention-swapping style transfer (AttenST, after StyleID) on SD3 / SD3.5 and FLUX.1.
+
+Two thin classes, one per family (``SD3StyleTransferPipeline``, ``FluxStyleTransferPipeline``), with
+the components of ``StableDiffusion3Pipeline`` / ``FluxPipeline``; the method is
+:mod:`editkit.flow_style` and its loop :mod:`editkit.flow_style_loop`, shared by both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.utils import BaseOutput
+from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from editkit.attention import AttentionController, AttentionKernelMixin, attach, compose
+from editkit.backbones import FlowConditioning, backbone_for
+from editkit.errors import InputError
+from editkit.flow_style import (
+    FlowStyleInjectionController,
+    default_num_inference_steps,
+    flow_model_fingerprint,
+    resolve_flow_style_sites,
+)
+from editkit.flow_style_loop import (
+    flow_generation_schedule,
+    flow_injection_keys,
+    generate_stylized,
+    invert_recording,
+    schedule_extra,
+)
+from editkit.image import check_mask_aspect
+from editkit.pipeline_io import (
+    as_list,
+    callback_tensor_names,
+    check_output_type,
+    image_latents,
+    phase_label,
+    pipeline_images,
+    pixel_size,
+    postprocess,
+    step_callback,
+)
+from editkit.style import StyleCache, content_aware_adain
+from editkit.style_file import check_flow_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FlowStyleTransferPipelineOutput(BaseOutput):
+    """``images``: per content image, one stylized image per style; the caches as in ``StyleTransferPipeline``."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    style_caches: list[StyleCache]
+    content_cache: StyleCache
+    content_caches: list[StyleCache] | None = None
+
+
+class _FlowStyleTransfer(AttentionKernelMixin):
+    r"""The shared ``__call__`` of the MM-DiT style transfer pipelines (a mixin, not a pipeline).
+
+    AttenST's components on joint attention: style-guided attention at ``injection_sites`` (image-token
+    keys/values of the style, image-token queries ``gamma``-mixed with the content's, logits against
+    the style keys times ``tau``; text tokens the content's) and content-aware AdaIN of the start latent.
+    Inversion and generation are Euler steps along the family pipeline's schedule. Cost per new pair:
+    style inversion N + content inversion N + generation N transformer calls (N + N with a cached style).
+    Not available here (UNet only): ``resample_steps``, ``feature_timing``, IP-Adapter, CFG.
+    """
+
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+    _interrupt: bool = False
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def family(self) -> str:
+        return "flux" if isinstance(self, FluxStyleTransferPipeline) else "sd3"
+
+    def _attach(self, controller: AttentionController):
+        kernel = self.attention_kernel
+        return attach(self.transformer, controller, backend=kernel.backend, sdpa_backends=kernel.sdpa_backends,
+                      chunk_size=kernel.chunk_size)  # fmt: skip
+
+    def check_inputs(self, content_image, styles, caches, gamma, tau, adain_strength, steps, window, unet_only):
+        if not isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise InputError(f"style transfer on {self.family} needs a FlowMatchEulerDiscreteScheduler")
+        for name, (value, default) in unet_only.items():
+            if value != default:
+                raise InputError(f"{name}={value!r} is a UNet (SD/SDXL) style transfer option; not available "
+                                 f"on this {self.family} (MM-DiT) model")  # fmt: skip
+        if content_image is None:
+            raise InputError("a content image is needed")
+        if not styles and not caches:
+            raise InputError("at least one style image or style cache is needed")
+        if not 0.0 <= gamma <= 1.0:
+            raise InputError(f"gamma must be in [0, 1], got {gamma}")
+        if not tau > 0:
+            raise InputError(f"tau must be > 0, got {tau}")
+        if adain_strength is not None and not 0.0 <= adain_strength <= 1.0:
+            raise InputError(f"adain_strength must be in [0, 1] (or None to skip AdaIN), got {adain_strength}")
+        if steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
+        if window is not None and (len(window) != 2 or not 0 <= window[0] <= window[1] <= 1):
+            raise InputError(f"injection_sigmas must be (low, high) with 0 <= low <= high <= 1, got {window}")
+
+    def _latents(self, image, size: tuple[int, int] | None, name: str) -> torch.Tensor:
+        """An image input -> the transformer's latents (a (B, latent channels, h, w) tensor is taken as latents)."""
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.vae.config.latent_channels:
+            return image.to(self._execution_device, self.transformer.dtype)  # editkit's image reader knows 4 only
+        width, height = size or (None, None)
+        batch = pipeline_images(self, image, height=height, width=width, name=name)
+        return image_latents(self, batch).to(self.transformer.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        content_image: PipelineImageInput | None = None,
+        style_image: PipelineImageInput | Sequence[PipelineImageInput] | None = None,
+        *,
+        style_cache: StyleCache | Sequence[StyleCache] | None = None,
+        content_cache: StyleCache | None = None,
+        prompt: str = "",
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        gamma: float = 0.75,
+        tau: float = 1.5,
+        adain_strength: float | None = 0.6,
+        injection_sites: str | Sequence[str] | None = None,
+        injection_sigmas: tuple[float, float] | None = None,
+        mask: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        style_size: tuple[int, int] | None = None,
+        max_sequence_length: int | None = None,
+        offload_features: bool = False,
+        resample_steps: int = 0,
+        feature_timing: str = "inversion_step",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        attention_controllers: Sequence[AttentionController] | None = None,
+    ):
+        r"""Stylize ``content_image`` with each style: one image per style (images first, then caches).
+
+        Args:
+            content_image: one content image in diffusers' formats (PIL, path, array, tensor in [0, 1]),
+                or its (1, C, h, w) latents. Needed for its size when ``content_cache`` is given.
+            style_image: one or more style images (any size: keys need not match the content's).
+            style_cache / content_cache: features of an earlier run (``output.style_caches``,
+                ``output.content_cache``, ``StyleCache.load``), validated against this model's family,
+                fingerprint, sites and schedule.
+            prompt: optional text for inversion and generation (empty: the StyleID setting).
+            prompt_embeds, pooled_prompt_embeds: given text embeddings instead of ``prompt`` (diffusers'
+                names and ``encode_prompt``'s outputs: ``(1, tokens, joint_attention_dim)``, ``(1, pooled)``).
+            guidance_scale: FLUX.1-dev's distilled guidance input, used in inversion and generation alike
+                (None: 1.0, the StyleID no-guidance setting). SD3 runs without CFG: only 1.0 (or None).
+            num_inference_steps: Euler steps N shared by inversion and generation (None: the family
+                pipeline's default: SD3 28, FLUX.1-dev 28, FLUX.1-schnell 4).
+            gamma: image-token query preservation (0: the stylized latent's query, 1: the content's).
+            tau: temperature: logits against the injected style keys multiplied by ``tau`` (1: plain).
+            adain_strength: a_s of the content-aware AdaIN of the start latent (1: AdaIN, 0 / None: off).
+            injection_sites: site names or patterns (joint ``transformer_blocks.{i}.attn``, FLUX
+                ``single_transformer_blocks.{i}.attn``, SD3.5 ``transformer_blocks.{i}.attn2``); None: the
+                family's defaults (``editkit.flow_style.default_flow_style_sites``).
+            injection_sigmas: inject only at steps with ``low <= sigma <= high`` (None: every step but the first,
+                AttenST's every-step setting). Lower ``high`` keeps more of the content's layout and moves
+                less colour (measured on shapes-sd3: ``benchmarks/RESULTS.md``, issue 23).
+            mask: (1, 1, H, W) or (H, W) {0, 1} mask of the content's aspect ratio: stylize only inside it.
+            height, width / style_size: processing sizes (default: the images' own).
+            max_sequence_length: T5 tokens (None: the family's default; 0 for models trained without T5).
+            offload_features: keep recorded features on the CPU, streamed to the device per step (the
+                default sites at 1024 px and 28 steps record about 4 GB of style keys/values on SD3.5-medium
+                and 24 GB on FLUX.1: pass it, or fewer sites / a narrower window, on FLUX).
+            resample_steps, feature_timing: UNet-only options, accepted so shared calling code works;
+                anything but their defaults is refused.
+            generator: accepted for API symmetry; the method is deterministic.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: ``False`` returns ``(images, style_caches, content_caches)``.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each
+                generation step; a returned ``"latents"`` replaces the latent; ``pipe._interrupt`` stops.
+            attention_controllers: extra controllers attached for the whole run.
+        """
+        styles = [item for style in as_list(style_image) for item in _split_batch(style)]
+        given_caches = as_list(style_cache)
+        steps = num_inference_steps or default_num_inference_steps(self.family, self.transformer)
+        unet_only = {"resample_steps": (resample_steps, 0), "feature_timing": (feature_timing, "inversion_step")}
+        self.check_inputs(content_image, styles, given_caches, gamma, tau, adain_strength, steps, injection_sigmas,
+                          unet_only)  # fmt: skip
+        check_output_type(output_type)
+        backbone = self._backbone(guidance_scale, max_sequence_length)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        sites = resolve_flow_style_sites(self.transformer, injection_sites)
+        extra = list(attention_controllers or [])
+        self._interrupt = False
+
+        # 1. The content's latents, the shared schedule and the injection window.
+        content = self._latents(content_image, (width, height) if width and height else None, "content_image")
+        if content.shape[0] != 1:
+            raise InputError(f"one content image per call on {self.family}, got {content.shape[0]}")
+        schedule = flow_generation_schedule(backbone, steps, tuple(content.shape[-2:]))
+        keys = flow_injection_keys(schedule, injection_sigmas)
+        conditioning = self._conditioning(backbone, prompt, prompt_embeds, pooled_prompt_embeds)
+        size = _pixel_size(self, content)
+        if mask is not None:
+            style_size = size
+            check_mask_aspect(tuple(torch.as_tensor(mask).shape[-2:])[::-1], size)
+        header = {"model_name": str(getattr(self.config, "_name_or_path", ""))}
+        invert = lambda latents, kind, label: invert_recording(  # noqa: E731
+            backbone, latents, conditioning, schedule, kind=kind, sites=sites if kind == "style" or gamma > 0 else [],
+            keys=keys, attach_to=self._attach, offload="cpu" if offload_features else None, extra=extra,
+            header={**header, "size": _pixel_size(self, latents)},
+        )  # fmt: skip
+        expected = {"model": flow_model_fingerprint(self.transformer), "family": self.family, "timesteps": keys}
+        with self._attach(compose(*extra)) if extra else contextlib.nullcontext():
+            # 2. Content inversion (its image-token queries), unless cached.
+            content_features = content_cache or invert(content, "content", "inverting content")
+            self._validate(content_features, "content", sites if gamma > 0 else [], expected, schedule, size)
+
+            # 3. Style inversions (their image-token keys and values), unless cached.
+            caches = [invert(self._latents(s, style_size, "style_image"), "style", phase_label("inverting style", j,
+                      len(styles))) for j, s in enumerate(styles)]  # fmt: skip
+            for cache in given_caches:
+                self._validate(cache, "style", sites, expected, schedule, None)
+            caches += given_caches
+
+            # 4. Generation per style: AdaIN'd start latent, injected attention.
+            options = {"sites": sites, "keys": keys, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
+                       "mask": _mask_tensor(mask), "callback": (callback_on_step_end, names),
+                       "extra": extra}  # fmt: skip
+            latents = [self._generate(backbone, content_features, cache, conditioning, schedule, options)
+                       for cache in caches]  # fmt: skip
+
+        # 5. Decode the final latents.
+        images = postprocess(self.vae, torch.cat(latents), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, caches, [content_features]
+        return FlowStyleTransferPipelineOutput(images, caches, content_features, [content_features])
+
+    def _backbone(self, guidance_scale: float | None, max_sequence_length: int | None):
+        options = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+        if self.family == "flux":
+            options["guidance_scale"] = 1.0 if guidance_scale is None else float(guidance_scale)
+        elif guidance_scale not in (None, 1.0):
+            raise InputError(f"guidance_scale={guidance_scale}: style transfer on sd3 runs without classifier-free "
+                             "guidance (1.0)")  # fmt: skip
+        return backbone_for(self, **options)
+
+    def _conditioning(self, backbone, prompt, prompt_embeds, pooled_prompt_embeds) -> FlowConditioning:
+        if prompt_embeds is None and pooled_prompt_embeds is None:
+            return backbone.encode_text(prompt)
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            raise InputError("give both prompt_embeds and pooled_prompt_embeds (or neither)")
+        dtype, device = self.transformer.dtype, self._execution_device
+        text_ids = None
+        if self.family == "flux":  # FluxPipeline.encode_prompt's text ids: all zero
+            text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        return FlowConditioning(prompt_embeds.to(device, dtype), pooled_prompt_embeds.to(device, dtype), text_ids)
+
+    def _validate(self, cache, kind, sites, expected, schedule, size) -> None:
+        label = f"{kind} cache"
+        timesteps = expected["timesteps"] if sites else []
+        cache.validate(kind=kind, model=expected["model"], sites=sites, timesteps=timesteps, size=size, label=label,
+                       family=expected["family"])  # fmt: skip
+        check_flow_schedule(cache.extra, schedule_extra(schedule), label)
+
+    def _generate(self, backbone, content_cache, cache, conditioning, schedule, options) -> torch.Tensor:
+        """One stylized latent: the AdaIN'd content start latent, Euler steps with injected attention."""
+        device, gamma = self._execution_device, options["gamma"]
+        start = content_cache.final_latent.to(device, self.transformer.dtype)
+        if options["adain_strength"] is not None:
+            start = content_aware_adain(start, cache.final_latent.to(device), options["adain_strength"])
+        controller = FlowStyleInjectionController(
+            options["sites"], cache, content_cache if gamma > 0 else None, gamma=gamma, tau=options["tau"],
+            keys=options["keys"], mask=options["mask"],
+        )  # fmt: skip
+        callback, names = options["callback"]
+
+        def hook(index: int, timestep: float, latents: torch.Tensor) -> torch.Tensor:
+            return step_callback(self, callback, index, timestep, {"latents": latents}, names)["latents"]
+
+        progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
+        with self._attach(controller):
+            return generate_stylized(
+                backbone, start, conditioning, schedule, compose(*options["extra"], controller),
+                step_hook=hook if callback is not None else None, progress=progress, interrupted=lambda: self.interrupt,
+            )  # fmt: skip
+
+
+class SD3StyleTransferPipeline(_FlowStyleTransfer, DiffusionPipeline):
+    """Style transfer on SD3 / SD3.5 (``StableDiffusion3Pipeline``'s components; see ``_FlowStyleTransfer``).
+
+    Example:
+        ```py
+        >>> pipe = SD3StyleTransferPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")
+        >>> out = pipe(Image.open("content.png"), [Image.open("style.png")], gamma=0.75, tau=1.5)
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->image_encoder->transformer->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
+    # the family pipeline's text encoding, as diffusers' "Copied from" (by reference, not by copy)
+    encode_prompt = StableDiffusion3Pipeline.encode_prompt
+    _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds
+    _get_clip_prompt_embeds = StableDiffusion3Pipeline._get_clip_prompt_embeds
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: T5EncoderModel | None = None,
+        tokenizer_3: T5TokenizerFast | None = None,
+        image_encoder: SiglipVisionModel | None = None,
+        feature_extractor: SiglipImageProcessor | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
+            scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        )  # fmt: skip
+        _family_attributes(self, patch_multiple=1)
+        self.default_sample_size = transformer.config.sample_size if transformer is not None else 128
+        self.patch_size = transformer.config.patch_size if transformer is not None else 2
+
+
+class FluxStyleTransferPipeline(_FlowStyleTransfer, DiffusionPipeline):
+    """Style transfer on FLUX.1 dev / schnell (``FluxPipeline``'s components; see ``_FlowStyleTransfer``)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
+    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
+    encode_prompt = FluxPipeline.encode_prompt
+    _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds
+    _get_clip_prompt_embeds = FluxPipeline._get_clip_prompt_embeds
+    _pack_latents = staticmethod(FluxPipeline._pack_latents)
+    _unpack_latents = staticmethod(FluxPipeline._unpack_latents)
+    _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )  # fmt: skip
+        _family_attributes(self, patch_multiple=2)  # 2x2 packing: sides are multiples of 16 px
+        self.default_sample_size = 128
+
+
+def _family_attributes(pipe, patch_multiple: int) -> None:
+    """The attributes ``StableDiffusion3Pipeline`` / ``FluxPipeline`` set that their text encoding reads."""
+    pipe.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if getattr(pipe, "vae", None) else 8
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * patch_multiple)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    pipe.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+
+
+def _pixel_size(pipe, latents: torch.Tensor) -> tuple[int, int]:
+    """(width, height) in pixels of a latent batch."""
+    height, width = pixel_size(latents, pipe.vae, pipe.vae_scale_factor)
+    return width, height
+
+
+def _split_batch(image) -> list:
+    """A batched style tensor/array is several styles; anything else is one."""
+    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
+        return [image[i : i + 1] for i in range(image.shape[0])]
+    return [image]
+
+
+def _mask_tensor(mask) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    while mask.ndim < 4:
+        mask = mask[None]
+    return mask
