@@ -223,8 +223,8 @@ def shapes_gain(
 ) -> dict:
     """Held-out accuracy of shapes-sd3 without tokens and with the tokens of ``evaluations`` checkpoints.
 
-    The same prompts and seeds everywhere; the token file (best by the held-out group metric, the
-    reference's keep-best) is scored too when it is not one of the checkpoints' tokens.
+    The same prompts and seeds everywhere; validation and checkpoints coincide, so the keep-best
+    token file (``best_val_metric``) is one of the scored checkpoints.
     ``hard_negatives`` > 0: editkit's hard negatives as extra columns, tokens kept by the hard-negative metric.
     """
     from benchmarks.shapes.evaluate import call_kwargs, evaluate, load_pipeline

@@ -190,7 +190,7 @@ def _register_train(actions) -> None:
         "objects, relation flipped (0: none)",
     )
     add("--row-chunk", type=positive_int, default=None, help="image rows per denoiser call (default: all at once)")
-    add("--gradient-checkpointing", action="store_true", help="recompute UNet activations (less memory, slower)")
+    add("--gradient-checkpointing", action="store_true", help="recompute denoiser activations (less memory, slower)")
     add(
         "--mixed-precision",
         choices=("no", "fp16", "bf16"),

@@ -436,7 +436,7 @@ def _datasets(config: TrainConfig, resolution: int) -> tuple[CaptionDataset, Cap
 def train_soft_tokens(config: TrainConfig, *, pipe=None, accelerator=None, report=None) -> TrainResult:
     """Train SoftREPA tokens as ``config`` says; writes the token file (best held-out tokens), its log and checkpoints.
 
-    ``pipe``: an already loaded SD/SDXL pipeline (its models are frozen, and gradient
+    ``pipe``: an already loaded SD/SDXL, SD3/SD3.5 or FLUX pipeline (its models are frozen, and gradient
     checkpointing is turned on when asked); otherwise ``config.model`` is loaded. ``report``:
     called with each evaluation's log entry (the CLI prints it as one line). The main process
     holds a lock on the checkpoint folder, so a second run on the same ``output`` is refused.
