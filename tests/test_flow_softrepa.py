@@ -256,3 +256,19 @@ def test_soft_token_controllers_follow_the_family(tmp_path, sd3_pipe):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_generate_task_uses_the_family_pipelines_defaults_when_unset(tmp_path, request, fixture):
+    """Unset steps / guidance: StableDiffusion3Pipeline's 28 / 7.0, FLUX.1-dev's 28 / 3.5 (diffusers' and the
+    model cards' values, not the UNet pipeline's 50 / 7.5), recorded as used."""
+    from editkit.tasks import GenerateInputs, GenerateOptions, generate
+
+    pipe = request.getfixturevalue(fixture)
+    family = "flux" if fixture == "flux_pipe" else "sd3"
+    path = save_soft_tokens(_soft_for(pipe, family), tmp_path / "t.safetensors")
+    result = generate.run(pipe, GenerateInputs("a red square", path), GenerateOptions(size=32))
+    expected = (28, 7.0) if family == "sd3" else (28, 3.5)
+    used = result.records[0]["used"]
+    assert (used["num_inference_steps"], used["guidance_scale"]) == expected
+    assert len(pipe.scheduler.timesteps) == 28  # the pipeline ran the family's schedule

@@ -277,8 +277,9 @@ def _tokens_tab(handlers: Handlers) -> None:
                 )
                 buttons = _buttons("Generate", "tokens")
                 strength = _slider(GenerateOptions, "soft_token_strength")
-                steps = _slider(GenerateOptions, "num_inference_steps", elem_id="tokens-steps")
-                guidance = _slider(GenerateOptions, "guidance_scale")
+                default_steps, default_guidance = _compose_defaults(handlers)  # the family's text-to-image ones
+                steps = _slider(GenerateOptions, "num_inference_steps", elem_id="tokens-steps", value=default_steps)
+                guidance = _slider(GenerateOptions, "guidance_scale", value=default_guidance)
                 seed = _seed(GenerateOptions)
                 _examples("tokens", [[str(DEMO_TOKENS), "a red circle"]], [tokens, prompt], files=1)
             with gr.Column():

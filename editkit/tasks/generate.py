@@ -13,6 +13,7 @@ from PIL import Image
 
 from editkit.errors import InputError
 from editkit.tasks.common import Size, make_generator, processing_size, run_record
+from editkit.tasks.compose import family_defaults
 from editkit.tasks.options import check_options, is_finite_number, knob
 from editkit.tasks.stylize import check_size
 
@@ -21,11 +22,14 @@ __all__ = ["GenerateInputs", "GenerateOptions", "GenerateResult", "run"]
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """Text-to-image knobs (diffusers' StableDiffusionPipeline names and defaults) and the token strength."""
+    """Text-to-image knobs (diffusers' pipeline names; unset steps and guidance: the family's text-to-image
+    defaults, :data:`editkit.tasks.compose.FAMILY_DEFAULTS`) and the token strength."""
 
-    num_inference_steps: int = knob(50, "denoising steps", low=1, integer=True, label="Steps", slider=(1, 100, 1))
-    guidance_scale: float = knob(7.5, "classifier-free guidance scale", low=0, high=50, label="Guidance scale",
-                                 slider=(1, 20, 0.5))  # fmt: skip
+    num_inference_steps: int | None = knob(None, "denoising steps (unset: the model family's default)", low=1,
+                                           integer=True, label="Steps", slider=(1, 100, 1))  # fmt: skip
+    guidance_scale: float | None = knob(None, "classifier-free guidance scale; FLUX.1-dev: its distilled guidance "
+                                        "(unset: the family's default)", low=0, high=50, label="Guidance scale",
+                                        slider=(0, 20, 0.5))  # fmt: skip
     negative_prompt: str | None = knob(None, "what to avoid")
     soft_token_strength: float = knob(1.0, "scale of the soft tokens (0: the model without them)",
                                       label="Token strength (0: the model without tokens)",
@@ -81,19 +85,22 @@ def run(pipe: Any, inputs: GenerateInputs, options: GenerateOptions) -> Generate
     controller = load_soft_tokens(inputs.soft_tokens, model=denoiser, strength=options.soft_token_strength)
     native = int(pipe.default_sample_size) * int(pipe.vae_scale_factor) if mmdit else None
     width, height = processing_size(pipe, options.size or native)
+    default_steps, default_guidance = family_defaults(pipe, family)
+    steps = options.num_inference_steps or default_steps
+    guidance = default_guidance if options.guidance_scale is None else options.guidance_scale
     with use_soft_tokens(denoiser, controller):
         images = pipe(
             inputs.prompt,
             negative_prompt=options.negative_prompt,
-            num_inference_steps=options.num_inference_steps,
-            guidance_scale=options.guidance_scale,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
             width=width,
             height=height,
             generator=make_generator(options.seed),
             **extra,
         ).images
-    used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
-            "sampler": type(pipe.scheduler).__name__, "guidance_scale": options.guidance_scale, **extra}  # fmt: skip
+    used = {"size": [width, height], "num_inference_steps": steps, "seed": options.seed,
+            "sampler": type(pipe.scheduler).__name__, "guidance_scale": guidance, **extra}  # fmt: skip
     files = inputs.files or {"soft_tokens": inputs.soft_tokens}
     record = run_record(
         "softrepa generate", pipe, used, {"prompt": inputs.prompt, **dataclasses.asdict(options)}, files
