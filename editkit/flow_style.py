@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from editkit.attention import AttentionController, Site, attention_sites, select_sites, uncompiled
 from editkit.errors import InputError
+from editkit.style import preserve_query
 
 __all__ = [
     "FLOW_STYLE_KINDS",
@@ -267,11 +268,6 @@ class FlowStyleInjectionController(AttentionController):
             resized = F.interpolate(self.mask.float(), size=grid, mode="area")[0, 0]
             self._token_masks[grid] = (resized >= 0.5).reshape(tokens)
         return self._token_masks[grid].to(like.device)
-
-
-def preserve_query(content_query: torch.Tensor, query: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Q = gamma * Q_content + (1 - gamma) * Q  (StyleID query preservation, eq. 5)."""
-    return gamma * content_query + (1.0 - gamma) * query
 
 
 def _replace_tokens(tensor: torch.Tensor, image: slice, replacement: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,10 @@ def register(subparsers) -> None:
         "stylize",
         help="transfer the style of one or more images onto content images (AttenST)",
         description=(
-            "Training-free style transfer: the content and style images are inverted with DDIM, then the "
-            "content is regenerated with the style's self-attention keys/values in the decoder (query "
-            "preservation gamma, temperature tau) from a content-aware AdaIN start latent. One output per "
+            "Training-free style transfer: the content and style images are inverted (DDIM; the flow ODE on "
+            "SD3/FLUX), then the content is regenerated with the style's self-attention keys/values in the "
+            "decoder (SD3/FLUX: the image-token keys/values of joint blocks; query preservation gamma, "
+            "temperature tau) from a content-aware AdaIN start latent. One output per "
             "(content, style) pair; a folder of contents and a folder of styles give all pairs (--output-dir)."
         ),
         epilog=EXAMPLE,
