@@ -273,6 +273,21 @@ def test_task_layer_runs_flux_at_its_packing_multiple(flux):
     assert result.records[0]["used"]["family"] == "flux" and result.records[0]["used"]["dtype"] == "float32"
 
 
+def test_unset_steps_are_the_familys_not_the_unet_defaults(flux):
+    """StylizeOptions() on FLUX.1-dev: 28 steps (its text-to-image default), not StyleID's 50 DDIM steps."""
+    from editkit.tasks import StylizeInputs, stylize
+    from editkit.tasks.stylize import UNET_STEPS, StylizeOptions
+
+    calls = []
+    handle = flux.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = stylize.run(flux, StylizeInputs(_image(0, 32), [_image(1)]), StylizeOptions(size=32))
+    finally:
+        handle.remove()
+    assert result.records[0]["used"]["num_inference_steps"] == 28 != UNET_STEPS
+    assert len(calls) == 3 * 28  # style inversion + content inversion + generation, 28 steps each
+
+
 def test_cli_end_to_end_on_a_tiny_sd3_folder(tmp_path, sd3_dir):
     from editkit.cli import main
 

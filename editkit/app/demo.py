@@ -184,7 +184,8 @@ def _stylize_tab(handlers: Handlers) -> None:
                 tau = _slider(StylizeOptions, "tau")
                 use_adain = gr.Checkbox(value=True, label="Content-aware AdaIN of the start latent")
                 adain = _slider(StylizeOptions, "adain_strength")
-                steps = _slider(StylizeOptions, "num_inference_steps", elem_id="stylize-steps")
+                steps = _slider(StylizeOptions, "num_inference_steps", elem_id="stylize-steps",
+                                value=_stylize_steps(handlers))  # fmt: skip
                 mask = _image("Mask (optional: stylize only the white part)", "stylize-mask")
                 seed = _seed(StylizeOptions)
                 timing = gr.Radio(
@@ -227,17 +228,31 @@ def _edit_tab(handlers: Handlers) -> None:
         _examples("edit", [["edit.png", "mask.png", *prompts]], [image, mask, source, target], files=2)
 
 
+def _stylize_steps(handlers: Handlers) -> int:
+    """The stylize steps slider's start: StyleID's 50 on SD/SDXL, the family's text-to-image steps on MM-DiT."""
+    from editkit.backbones import MMDIT_FAMILIES
+    from editkit.tasks.stylize import UNET_STEPS
+
+    family = _family_or_none(handlers)
+    return _compose_defaults(handlers)[0] if family in MMDIT_FAMILIES else UNET_STEPS
+
+
+def _family_or_none(handlers: Handlers) -> str | None:
+    """The model's family, None when it cannot be read yet (the page still builds; loading reports it)."""
+    from editkit.errors import EditkitError
+
+    try:
+        return handlers.manager.family()
+    except EditkitError:
+        return None
+
+
 def _compose_defaults(handlers: Handlers) -> tuple[int, float]:
     """The compose sliders' start: the model family's steps and guidance (``tasks.compose.FAMILY_DEFAULTS``;
     FLUX: dev's, as schnell is told apart only once the transformer is loaded)."""
-    from editkit.errors import EditkitError
     from editkit.tasks.compose import FAMILY_DEFAULTS
 
-    try:
-        family = handlers.manager.family()
-    except EditkitError:  # the page still builds; loading reports the problem
-        family = None
-    return FAMILY_DEFAULTS.get(family or "sd", FAMILY_DEFAULTS["sd"])
+    return FAMILY_DEFAULTS.get(_family_or_none(handlers) or "sd", FAMILY_DEFAULTS["sd"])
 
 
 def _compose_tab(handlers: Handlers) -> None:

@@ -14,9 +14,11 @@ from editkit.image import resize_to
 from editkit.tasks.common import Size, make_generator, prepare_mask, processing_size, run_record
 from editkit.tasks.options import check_options, knob
 
-__all__ = ["FEATURE_TIMINGS", "StylizeInputs", "StylizeOptions", "StylizeResult", "run"]
+__all__ = ["FEATURE_TIMINGS", "UNET_STEPS", "StylizeInputs", "StylizeOptions", "StylizeResult", "default_steps", "run"]
 
 FEATURE_TIMINGS = ("inversion_step", "inverted_latent")
+#: StyleID's DDIM steps, the default on SD / SDXL.
+UNET_STEPS = 50
 
 
 def check_size(size: Size) -> None:
@@ -30,8 +32,9 @@ def check_size(size: Size) -> None:
 class StylizeOptions:
     """Style transfer knobs (the pipeline's names and defaults, AttenST/StyleID's paper values)."""
 
-    num_inference_steps: int = knob(50, "DDIM steps N, shared by inversion and generation", low=1, integer=True,
-                                    label="Steps", slider=(1, 100, 1))  # fmt: skip
+    num_inference_steps: int | None = knob(None, "steps N, shared by inversion and generation (unset: 50 DDIM "
+                                           "steps on SD/SDXL, StyleID's; SD3 / FLUX.1: the family's 28, schnell 4)",
+                                           low=1, integer=True, label="Steps", slider=(1, 100, 1))  # fmt: skip
     gamma: float = knob(0.75, "content query preservation (0: the stylized query, 1: the content's)", low=0, high=1,
                         label="gamma: query preservation (1 keeps the content)", slider=(0, 1, 0.05))  # fmt: skip
     tau: float = knob(1.5, "attention temperature, logits x tau/sqrt(d) (1: plain; > 1 sharpens)", low=0,
@@ -107,6 +110,15 @@ def check_family_options(family: str, options: StylizeOptions) -> None:
         check_site_names(family, list(options.injection_sites), "injection_sites")
 
 
+def default_steps(pipe: Any, family: str) -> int:
+    """Steps when unset: StyleID's 50 DDIM steps on UNets; on MM-DiT the family's text-to-image steps
+    (the inversion follows the generation schedule, so the model's sampling default is the natural one)."""
+    from editkit.backbones import MMDIT_FAMILIES
+    from editkit.tasks.compose import family_defaults
+
+    return family_defaults(pipe, family)[0] if family in MMDIT_FAMILIES else UNET_STEPS
+
+
 def run(
     pipe: Any,
     inputs: StylizeInputs,
@@ -122,6 +134,7 @@ def run(
     family = model_family(pipe)
     check_family_options(family, options)
     check_inputs(pipe, inputs, options)
+    steps = options.num_inference_steps or default_steps(pipe, family)
     width, height = processing_size(pipe, options.size, inputs.content.size)
     mask = None
     if inputs.mask is not None:
@@ -131,13 +144,13 @@ def run(
               for s in inputs.styles]  # fmt: skip
     common = {
         "style_cache": list(inputs.style_caches), "prompt": options.prompt,
-        "num_inference_steps": options.num_inference_steps, "gamma": options.gamma, "tau": options.tau,
+        "num_inference_steps": steps, "gamma": options.gamma, "tau": options.tau,
         "adain_strength": options.adain_strength, "mask": mask, "width": width, "height": height,
         "injection_sites": list(options.injection_sites) if options.injection_sites else None,
         "offload_features": offload_features, "generator": make_generator(options.seed),
         "attention_controllers": list(attention_controllers),
     }  # fmt: skip
-    used = {"size": [width, height], "num_inference_steps": options.num_inference_steps, "seed": options.seed,
+    used = {"size": [width, height], "num_inference_steps": steps, "seed": options.seed,
             "sampler": "DDIM", "guidance_scale": 1.0}  # fmt: skip
     if family in MMDIT_FAMILIES:
         out = pipe(resize_to(inputs.content, (width, height)), styles or None, **common)
