@@ -16,31 +16,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
 )
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput
 from PIL import Image
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-    SiglipImageProcessor,
-    SiglipVisionModel,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
 
 from editkit.attention import AttentionController, AttentionKernelMixin, attach, compose
 from editkit.backbones import FlowConditioning, backbone_for
+from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
 from editkit.errors import InputError
 from editkit.flow_style import (
     FlowStyleInjectionController,
@@ -100,10 +84,6 @@ class _FlowStyleTransfer(AttentionKernelMixin):
     @property
     def interrupt(self) -> bool:
         return self._interrupt
-
-    @property
-    def family(self) -> str:
-        return "flux" if isinstance(self, FluxStyleTransferPipeline) else "sd3"
 
     def _attach(self, controller: AttentionController):
         kernel = self.attention_kernel
@@ -320,7 +300,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             )  # fmt: skip
 
 
-class SD3StyleTransferPipeline(_FlowStyleTransfer, DiffusionPipeline):
+class SD3StyleTransferPipeline(_FlowStyleTransfer, SD3PipelineBase):
     """Style transfer on SD3 / SD3.5 (``StableDiffusion3Pipeline``'s components; see ``_FlowStyleTransfer``).
 
     Example:
@@ -330,78 +310,9 @@ class SD3StyleTransferPipeline(_FlowStyleTransfer, DiffusionPipeline):
         ```
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->image_encoder->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
-    # the family pipeline's text encoding, as diffusers' "Copied from" (by reference, not by copy)
-    encode_prompt = StableDiffusion3Pipeline.encode_prompt
-    _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds
-    _get_clip_prompt_embeds = StableDiffusion3Pipeline._get_clip_prompt_embeds
 
-    def __init__(
-        self,
-        transformer: SD3Transformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer_2: CLIPTokenizer,
-        text_encoder_3: T5EncoderModel | None = None,
-        tokenizer_3: T5TokenizerFast | None = None,
-        image_encoder: SiglipVisionModel | None = None,
-        feature_extractor: SiglipImageProcessor | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
-            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
-            scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
-        )  # fmt: skip
-        _family_attributes(self, patch_multiple=1)
-        self.default_sample_size = transformer.config.sample_size if transformer is not None else 128
-        self.patch_size = transformer.config.patch_size if transformer is not None else 2
-
-
-class FluxStyleTransferPipeline(_FlowStyleTransfer, DiffusionPipeline):
+class FluxStyleTransferPipeline(_FlowStyleTransfer, FluxPipelineBase):
     """Style transfer on FLUX.1 dev / schnell (``FluxPipeline``'s components; see ``_FlowStyleTransfer``)."""
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
-    encode_prompt = FluxPipeline.encode_prompt
-    _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds
-    _get_clip_prompt_embeds = FluxPipeline._get_clip_prompt_embeds
-    _pack_latents = staticmethod(FluxPipeline._pack_latents)
-    _unpack_latents = staticmethod(FluxPipeline._unpack_latents)
-    _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: T5EncoderModel,
-        tokenizer_2: T5TokenizerFast,
-        transformer: FluxTransformer2DModel,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )  # fmt: skip
-        _family_attributes(self, patch_multiple=2)  # 2x2 packing: sides are multiples of 16 px
-        self.default_sample_size = 128
-
-
-def _family_attributes(pipe, patch_multiple: int) -> None:
-    """The attributes ``StableDiffusion3Pipeline`` / ``FluxPipeline`` set that their text encoding reads."""
-    pipe.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if getattr(pipe, "vae", None) else 8
-    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * patch_multiple)
-    tokenizer = getattr(pipe, "tokenizer", None)
-    pipe.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
 
 
 def _pixel_size(pipe, latents: torch.Tensor) -> tuple[int, int]:
