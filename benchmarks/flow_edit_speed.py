@@ -148,41 +148,41 @@ def _ops(pipe, run: Callable[[], object], encoders: list) -> int:
 
 
 def speed(args) -> dict:
-    results = {}
+    """Per-step time and ops: the difference between runs of ``1 + k`` steps and of 1 step, over ``k``
+    (the run's fixed setup, text and image encoding, cancels), against the floor of one step."""
+    results, k = {}, max(args.steps_per_run, 1)
     for family, build in (("sd3", sd35_pipeline), ("flux", flux_pipeline)):
         if args.only and family != args.only:
             continue
         pipe = build()
         latent = args.size // pipe.vae_scale_factor
-        runs = edit_runs(pipe, family, latent, args.text_tokens, args.steps_per_run)
-        runs |= floors(pipe, family, latent, args.text_tokens)
+        long = edit_runs(pipe, family, latent, args.text_tokens, 1 + k)
+        once = {f"{name}_1": run for name, run in edit_runs(pipe, family, latent, args.text_tokens, 1).items()}
+        runs = long | once | floors(pipe, family, latent, args.text_tokens)
         times = interleaved_medians(runs, repeats=args.repeats, warmup=1, device=args.device)
-        per_step = {name: times[name]["median_s"] / args.steps_per_run for name in ("flowedit", "flowedit_dual")}
         encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
         ops = {name: _ops(pipe, runs[name], encoders) for name in runs}
-        # per step: the difference between runs of 1 + k and 1 steps (the run's fixed setup cancels)
-        once = edit_runs(pipe, family, latent, args.text_tokens, 1)
-        marginal = {name: (ops[name] - _ops(pipe, once[name], encoders)) / max(args.steps_per_run - 1, 1)
-                    for name in once}  # fmt: skip
+        per_step, per_step_cpu, ops_per_step = {}, {}, {}
+        for name in long:
+            per_step[name] = (times[name]["median_s"] - times[f"{name}_1"]["median_s"]) / k
+            per_step_cpu[name] = (times[name]["cpu_median_s"] - times[f"{name}_1"]["cpu_median_s"]) / k
+            ops_per_step[name] = (ops[name] - ops[f"{name}_1"]) / k
+        pairs = {"flowedit": "floor_plain", "flowedit_dual": "floor_contrast"}
         results[family] = {
             "per_step_s": per_step,
-            "floors_s": {k: v["median_s"] for k, v in times.items() if k.startswith("floor")},
+            "per_step_cpu_s": per_step_cpu,
+            "floors_s": {floor: times[floor]["median_s"] for floor in pairs.values()},
             "efficiency": {
-                "flowedit_vs_floor_plain": times["floor_plain"]["median_s"] / per_step["flowedit"],
-                "flowedit_dual_vs_floor_contrast": times["floor_contrast"]["median_s"] / per_step["flowedit_dual"],
-                "flowedit_vs_floor_plain_cpu": times["floor_plain"]["cpu_median_s"]
-                / (times["flowedit"]["cpu_median_s"] / args.steps_per_run),
-                "flowedit_dual_vs_floor_contrast_cpu": times["floor_contrast"]["cpu_median_s"]
-                / (times["flowedit_dual"]["cpu_median_s"] / args.steps_per_run),
+                f"{name}_vs_{floor}": times[floor]["median_s"] / per_step[name] for name, floor in pairs.items()
+            }
+            | {
+                f"{name}_vs_{floor}_cpu": times[floor]["cpu_median_s"] / per_step_cpu[name]
+                for name, floor in pairs.items()
             },
-            "ops_per_step": {
-                "flowedit": marginal["flowedit"],
-                "floor_plain": ops["floor_plain"],
-                "flowedit_dual": marginal["flowedit_dual"],
-                "floor_contrast": ops["floor_contrast"],
-                "flowedit_run_setup": ops["flowedit"] - args.steps_per_run * marginal["flowedit"],
-            },
+            "ops_per_step": ops_per_step | {floor: ops[floor] for floor in pairs.values()},
+            "ops_run_setup": {name: ops[f"{name}_1"] - ops_per_step[name] for name in long},
+            "whole_run_s": {name: times[name]["median_s"] for name in runs if not name.startswith("floor")},
             "latent": latent,
-            "steps_per_run": args.steps_per_run,
+            "steps_timed": k,
         }
     return {"speed": results}
