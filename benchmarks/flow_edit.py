@@ -95,7 +95,9 @@ def main() -> None:
         help="METHOD:CONTRAST pairs (flowedit or dds; none, source, target or dual)",
     )  # fmt: skip
     parser.add_argument("--only", choices=("sd3", "flux"), default=None, help="speed: one family only")
-    parser.add_argument("--text-tokens", type=int, default=64, help="speed, SD3: zero T5 tokens after the 77 CLIP ones")
+    parser.add_argument(
+        "--text-tokens", type=int, default=64, help="speed: T5 tokens (SD3: zeros after the 77 CLIP ones)"
+    )
     parser.add_argument("--steps-per-run", type=int, default=2, help="speed: FlowEdit steps per timed run (n_max)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-shapes", action="store_true")

@@ -3,7 +3,8 @@
 Pipelines with full-width reduced-depth random-weight transformers (SD3.5-medium: 2 joint blocks, one with
 ``attn2``; FLUX.1-dev: 2 double + 2 single blocks) and tiny text encoders whose output widths are the real
 models' (SD3: two CLIPs with 1024-wide projections and no T5, so the text stream is 77 CLIP tokens padded
-to 4096 plus ``--text-tokens`` zero "T5" tokens; FLUX: a 768-wide CLIP and a one-layer 4096-wide T5). The
+to 4096 plus ``--text-tokens`` zero "T5" tokens; FLUX: a 768-wide CLIP and a one-layer 4096-wide T5 giving
+``--text-tokens`` tokens). The
 edit starts from an image (a tiny 16-channel VAE encodes it, its cost is negligible and not counted in the
 op counts) and returns latents.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.opcount import OpCounter, paused_inside
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, saved_activation_bytes
 
 STEPS = 8  # the schedule's T; n_max = --steps-per-run of them are run
 
@@ -92,7 +93,7 @@ def floors(pipe, family: str, latent: int, text_tokens: int) -> dict[str, Callab
     """The stock transformer calls of one FlowEdit step, plain and with the contrastive term."""
     from editkit.backbones import backbone_for
 
-    options = {"max_sequence_length": text_tokens} if family == "sd3" else {}
+    options = {"max_sequence_length": text_tokens}
     backbone = backbone_for(pipe, **options)
     text = backbone.encode_text(["a photo of a cat"] * 4)
     sample = torch.randn(4, 16, latent, latent, generator=torch.Generator().manual_seed(0))
@@ -123,18 +124,18 @@ def floors(pipe, family: str, latent: int, text_tokens: int) -> dict[str, Callab
     }
 
 
-def edit_runs(pipe, family: str, latent: int, text_tokens: int, steps: int, contrasts=(None, "dual")) -> dict:
+def edit_runs(pipe, family: str, latent: int, text_tokens: int, steps: int, contrasts=(None, "dual"), **extra) -> dict:
     import numpy as np
     from PIL import Image
 
     side = latent * pipe.vae_scale_factor
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
-    options = {"max_sequence_length": text_tokens} if family == "sd3" else {}
+    options = {"max_sequence_length": text_tokens}
 
     def run(contrast):
         return lambda: pipe(image, "a photo of a cat", "a photo of a dog", num_inference_steps=STEPS, n_max=steps,
                             contrast=contrast, generator=torch.Generator().manual_seed(0), output_type="latent",
-                            **options)  # fmt: skip
+                            **options, **extra)  # fmt: skip
 
     names = {None: "flowedit", "dual": "flowedit_dual"}
     return {names[contrast]: run(contrast) for contrast in contrasts}
@@ -145,6 +146,18 @@ def _ops(pipe, run: Callable[[], object], encoders: list) -> int:
     with paused_inside(counter, encoders), counter:
         run()
     return counter.count
+
+
+def _memory(pipe, family: str, latent: int, text_tokens: int) -> dict:
+    """Activation bytes autograd saves in one dual step, with and without gradient checkpointing (CPU)."""
+    plain = edit_runs(pipe, family, latent, text_tokens, 1, contrasts=("dual",))["flowedit_dual"]
+    checkpointed = edit_runs(pipe, family, latent, text_tokens, 1, contrasts=("dual",), gradient_checkpointing=True)
+    return {
+        "dual_saved_activation_bytes": saved_activation_bytes(plain, pipe.transformer),
+        "dual_checkpointed_saved_activation_bytes": saved_activation_bytes(
+            checkpointed["flowedit_dual"], pipe.transformer
+        ),
+    }
 
 
 def speed(args) -> dict:
@@ -182,6 +195,7 @@ def speed(args) -> dict:
             "ops_per_step": ops_per_step | {floor: ops[floor] for floor in pairs.values()},
             "ops_run_setup": {name: ops[f"{name}_1"] - ops_per_step[name] for name in long},
             "whole_run_s": {name: times[name]["median_s"] for name in runs if not name.startswith("floor")},
+            "memory": _memory(pipe, family, latent, args.text_tokens),
             "latent": latent,
             "steps_timed": k,
         }
