@@ -12,15 +12,18 @@ encoders and VAE). Per FlowEdit step, each against the floor measured in the sam
   uncond) and a batch-1 target call with a backward to its latent from the contrast sites' image-token
   outputs; FLUX: a no-grad source call and the target call with that backward.
 
-Op counts: dispatched non-view ATen operations of one edit step (text encoders and VAE not counted)
-against the same floor's (:class:`benchmarks.opcount.OpCounter`).
+Per step = (run of ``1 + k`` steps - run of 1 step) / k, so the run's fixed setup (image and text
+encoding, attaching the processors) cancels; the whole-run times are reported too. Op counts:
+dispatched non-view ATen operations (text encoders and VAE not counted, :class:`benchmarks.opcount.OpCounter`),
+per step the same way, against the floor's.
 
 Quality (``--shapes-model``, default ``assets/models/shapes-sd3``): "a red circle" -> "a blue circle" on
 :func:`benchmarks.edit.red_circle_scenes`, scored by :func:`benchmarks.edit.score_edit` (success = a
 blue circle is found; layout = box IoU and centroid shift against the original circle).
 
     python -m benchmarks.flow_edit --skip-speed --shapes-scenes 16
-    python -m benchmarks.flow_edit --skip-shapes --size 256 --repeats 3
+    python -m benchmarks.flow_edit --skip-shapes --only sd3 --size 256 --repeats 2
+    python -m benchmarks.flow_edit --skip-shapes --only flux --size 128 --repeats 2
 """
 
 from __future__ import annotations
@@ -92,7 +95,9 @@ def main() -> None:
         help="METHOD:CONTRAST pairs (flowedit or dds; none, source, target or dual)",
     )  # fmt: skip
     parser.add_argument("--only", choices=("sd3", "flux"), default=None, help="speed: one family only")
-    parser.add_argument("--text-tokens", type=int, default=64, help="speed, SD3: zero T5 tokens after the 77 CLIP ones")
+    parser.add_argument(
+        "--text-tokens", type=int, default=64, help="speed: T5 tokens (SD3: zeros after the 77 CLIP ones)"
+    )
     parser.add_argument("--steps-per-run", type=int, default=2, help="speed: FlowEdit steps per timed run (n_max)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-shapes", action="store_true")

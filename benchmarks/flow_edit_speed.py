@@ -3,7 +3,8 @@
 Pipelines with full-width reduced-depth random-weight transformers (SD3.5-medium: 2 joint blocks, one with
 ``attn2``; FLUX.1-dev: 2 double + 2 single blocks) and tiny text encoders whose output widths are the real
 models' (SD3: two CLIPs with 1024-wide projections and no T5, so the text stream is 77 CLIP tokens padded
-to 4096 plus ``--text-tokens`` zero "T5" tokens; FLUX: a 768-wide CLIP and a one-layer 4096-wide T5). The
+to 4096 plus ``--text-tokens`` zero "T5" tokens; FLUX: a 768-wide CLIP and a one-layer 4096-wide T5 giving
+``--text-tokens`` tokens). The
 edit starts from an image (a tiny 16-channel VAE encodes it, its cost is negligible and not counted in the
 op counts) and returns latents.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.opcount import OpCounter, paused_inside
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, saved_activation_bytes
 
 STEPS = 8  # the schedule's T; n_max = --steps-per-run of them are run
 
@@ -92,7 +93,7 @@ def floors(pipe, family: str, latent: int, text_tokens: int) -> dict[str, Callab
     """The stock transformer calls of one FlowEdit step, plain and with the contrastive term."""
     from editkit.backbones import backbone_for
 
-    options = {"max_sequence_length": text_tokens} if family == "sd3" else {}
+    options = {"max_sequence_length": text_tokens}
     backbone = backbone_for(pipe, **options)
     text = backbone.encode_text(["a photo of a cat"] * 4)
     sample = torch.randn(4, 16, latent, latent, generator=torch.Generator().manual_seed(0))
@@ -123,18 +124,18 @@ def floors(pipe, family: str, latent: int, text_tokens: int) -> dict[str, Callab
     }
 
 
-def edit_runs(pipe, family: str, latent: int, text_tokens: int, steps: int, contrasts=(None, "dual")) -> dict:
+def edit_runs(pipe, family: str, latent: int, text_tokens: int, steps: int, contrasts=(None, "dual"), **extra) -> dict:
     import numpy as np
     from PIL import Image
 
     side = latent * pipe.vae_scale_factor
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
-    options = {"max_sequence_length": text_tokens} if family == "sd3" else {}
+    options = {"max_sequence_length": text_tokens}
 
     def run(contrast):
         return lambda: pipe(image, "a photo of a cat", "a photo of a dog", num_inference_steps=STEPS, n_max=steps,
                             contrast=contrast, generator=torch.Generator().manual_seed(0), output_type="latent",
-                            **options)  # fmt: skip
+                            **options, **extra)  # fmt: skip
 
     names = {None: "flowedit", "dual": "flowedit_dual"}
     return {names[contrast]: run(contrast) for contrast in contrasts}
@@ -147,42 +148,55 @@ def _ops(pipe, run: Callable[[], object], encoders: list) -> int:
     return counter.count
 
 
+def _memory(pipe, family: str, latent: int, text_tokens: int) -> dict:
+    """Activation bytes autograd saves in one dual step, with and without gradient checkpointing (CPU)."""
+    plain = edit_runs(pipe, family, latent, text_tokens, 1, contrasts=("dual",))["flowedit_dual"]
+    checkpointed = edit_runs(pipe, family, latent, text_tokens, 1, contrasts=("dual",), gradient_checkpointing=True)
+    return {
+        "dual_saved_activation_bytes": saved_activation_bytes(plain, pipe.transformer),
+        "dual_checkpointed_saved_activation_bytes": saved_activation_bytes(
+            checkpointed["flowedit_dual"], pipe.transformer
+        ),
+    }
+
+
 def speed(args) -> dict:
-    results = {}
+    """Per-step time and ops: the difference between runs of ``1 + k`` steps and of 1 step, over ``k``
+    (the run's fixed setup, text and image encoding, cancels), against the floor of one step."""
+    results, k = {}, max(args.steps_per_run, 1)
     for family, build in (("sd3", sd35_pipeline), ("flux", flux_pipeline)):
         if args.only and family != args.only:
             continue
         pipe = build()
         latent = args.size // pipe.vae_scale_factor
-        runs = edit_runs(pipe, family, latent, args.text_tokens, args.steps_per_run)
-        runs |= floors(pipe, family, latent, args.text_tokens)
+        long = edit_runs(pipe, family, latent, args.text_tokens, 1 + k)
+        once = {f"{name}_1": run for name, run in edit_runs(pipe, family, latent, args.text_tokens, 1).items()}
+        runs = long | once | floors(pipe, family, latent, args.text_tokens)
         times = interleaved_medians(runs, repeats=args.repeats, warmup=1, device=args.device)
-        per_step = {name: times[name]["median_s"] / args.steps_per_run for name in ("flowedit", "flowedit_dual")}
         encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
         ops = {name: _ops(pipe, runs[name], encoders) for name in runs}
-        # per step: the difference between runs of 1 + k and 1 steps (the run's fixed setup cancels)
-        once = edit_runs(pipe, family, latent, args.text_tokens, 1)
-        marginal = {name: (ops[name] - _ops(pipe, once[name], encoders)) / max(args.steps_per_run - 1, 1)
-                    for name in once}  # fmt: skip
+        per_step, per_step_cpu, ops_per_step = {}, {}, {}
+        for name in long:
+            per_step[name] = (times[name]["median_s"] - times[f"{name}_1"]["median_s"]) / k
+            per_step_cpu[name] = (times[name]["cpu_median_s"] - times[f"{name}_1"]["cpu_median_s"]) / k
+            ops_per_step[name] = (ops[name] - ops[f"{name}_1"]) / k
+        pairs = {"flowedit": "floor_plain", "flowedit_dual": "floor_contrast"}
         results[family] = {
             "per_step_s": per_step,
-            "floors_s": {k: v["median_s"] for k, v in times.items() if k.startswith("floor")},
+            "per_step_cpu_s": per_step_cpu,
+            "floors_s": {floor: times[floor]["median_s"] for floor in pairs.values()},
             "efficiency": {
-                "flowedit_vs_floor_plain": times["floor_plain"]["median_s"] / per_step["flowedit"],
-                "flowedit_dual_vs_floor_contrast": times["floor_contrast"]["median_s"] / per_step["flowedit_dual"],
-                "flowedit_vs_floor_plain_cpu": times["floor_plain"]["cpu_median_s"]
-                / (times["flowedit"]["cpu_median_s"] / args.steps_per_run),
-                "flowedit_dual_vs_floor_contrast_cpu": times["floor_contrast"]["cpu_median_s"]
-                / (times["flowedit_dual"]["cpu_median_s"] / args.steps_per_run),
+                f"{name}_vs_{floor}": times[floor]["median_s"] / per_step[name] for name, floor in pairs.items()
+            }
+            | {
+                f"{name}_vs_{floor}_cpu": times[floor]["cpu_median_s"] / per_step_cpu[name]
+                for name, floor in pairs.items()
             },
-            "ops_per_step": {
-                "flowedit": marginal["flowedit"],
-                "floor_plain": ops["floor_plain"],
-                "flowedit_dual": marginal["flowedit_dual"],
-                "floor_contrast": ops["floor_contrast"],
-                "flowedit_run_setup": ops["flowedit"] - args.steps_per_run * marginal["flowedit"],
-            },
+            "ops_per_step": ops_per_step | {floor: ops[floor] for floor in pairs.values()},
+            "ops_run_setup": {name: ops[f"{name}_1"] - ops_per_step[name] for name in long},
+            "whole_run_s": {name: times[name]["median_s"] for name in runs if not name.startswith("floor")},
+            "memory": _memory(pipe, family, latent, args.text_tokens),
             "latent": latent,
-            "steps_per_run": args.steps_per_run,
+            "steps_timed": k,
         }
     return {"speed": results}

@@ -47,6 +47,7 @@ from editkit.contrastive import (
     sample_noise,
     sample_timestep,
 )
+from editkit.flow_inversion import FlowSchedule
 
 __all__ = [
     "FLOW_EDIT_DEFAULTS",
@@ -323,7 +324,15 @@ def _weight(settings: FlowEditSettings, batch: int) -> float:
     return settings.contrast_weight * batch
 
 
-def flowedit_loop(velocities: FlowVelocities, x_source, schedule, settings, generator, recorder, on_step):
+def flowedit_loop(
+    velocities: FlowVelocities,
+    x_source: torch.Tensor,
+    schedule: FlowSchedule,
+    settings: FlowEditSettings,
+    generator: torch.Generator | None,
+    recorder: FlowFeatureRecorder | None,
+    on_step: StepHook,
+) -> tuple[torch.Tensor, list[float], list[float]]:
     """FlowEdit (Kulikov et al. 2025, Alg. 1) from step ``T - n_max``; returns (latents, timesteps, losses).
 
     ``schedule`` is :func:`editkit.flow_inversion.flow_schedule`'s for ``T`` steps; latents are float32.
@@ -355,7 +364,14 @@ def flowedit_loop(velocities: FlowVelocities, x_source, schedule, settings, gene
     return (z_edit if z_target is None else z_target), used, losses
 
 
-def flow_dds_loop(velocities: FlowVelocities, x_source, settings, generator, recorder, on_step):
+def flow_dds_loop(
+    velocities: FlowVelocities,
+    x_source: torch.Tensor,
+    settings: FlowEditSettings,
+    generator: torch.Generator | None,
+    recorder: FlowFeatureRecorder | None,
+    on_step: StepHook,
+) -> tuple[torch.Tensor, list[int], list[float]]:
     """Flow DDS (+ PatchNCE): ``num_iterations`` SGD steps on the edited latent -> (latents, timesteps, losses)."""
     x_source = x_source.float()
     z, used, losses = x_source.clone(), [], []
