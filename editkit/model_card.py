@@ -1,8 +1,10 @@
 """What a model's card and tokenizer say about a prompt: known words, the shapes-world tag.
 
-A local diffusers folder may carry a ``README.md`` model card with YAML front matter. Two keys
+A local diffusers folder may carry a ``README.md`` model card with YAML front matter. Three keys
 matter here: ``tags`` (``shapes-world`` marks ``assets/models/shapes-sd``, whose natural verifier
-is the shapes detector) and ``vocabulary`` (every word the model was trained on). Without a
+is the shapes detector), ``vocabulary`` (every word the model was trained on) and, for SD3 / FLUX
+models, ``max_sequence_length`` (the T5 tokens the model was trained with: 0 for
+``assets/models/shapes-sd3``, which has no T5; diffusers' pipelines would append 256 zero tokens). Without a
 vocabulary, a CLIP tokenizer is asked instead: a word it splits into many sub-word pieces is
 probably rare for the text encoder.
 """
@@ -14,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["card_metadata", "is_shapes_model", "vocabulary_warnings"]
+__all__ = ["card_metadata", "card_sequence_length", "is_shapes_model", "vocabulary_warnings"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,21 @@ def card_metadata(model: str | Path) -> dict[str, Any]:
 def is_shapes_model(model: str | Path) -> bool:
     """Whether ``model`` is a shapes-world model (``tags: [shapes-world]`` on its card)."""
     return "shapes-world" in (card_metadata(model).get("tags") or [])
+
+
+def card_sequence_length(pipe: Any) -> int | None:
+    """The ``max_sequence_length`` a loaded pipeline's model card names (None: none named, or no local card).
+
+    A value that is not a whole number >= 0 is ignored with a warning (the card is a hint, not an input)."""
+    model = getattr(pipe, "name_or_path", None)
+    value = card_metadata(model).get("max_sequence_length") if model else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        logger.warning("ignoring max_sequence_length %r in the model card of %s (not a whole number >= 0)",
+                       value, model)  # fmt: skip
+        return None
+    return value
 
 
 def vocabulary_warnings(

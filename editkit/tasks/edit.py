@@ -186,6 +186,11 @@ def run(
     size = processing_size(pipe, _native_size(pipe, options.size), inputs.image.size)
     mask = prepare_mask(inputs.mask, inputs.image.size, size) if inputs.mask is not None else None
     arguments = resolved(options, family)
+    if family in ("sd3", "flux"):
+        from editkit.model_card import card_sequence_length
+
+        if (sequence := card_sequence_length(pipe)) is not None:  # e.g. 0 for a model trained without T5
+            arguments["max_sequence_length"] = sequence
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="source and target prompts are identical")
         result = pipe(
@@ -201,4 +206,4 @@ def run(
 
 
 #: The resolved arguments a run record lists under ``used``.
-USED = ("num_inference_steps", "guidance_scale", "method", "source_guidance_scale", "n_max")
+USED = ("num_inference_steps", "guidance_scale", "method", "source_guidance_scale", "n_max", "max_sequence_length")

@@ -81,6 +81,11 @@ def run(pipe: Any, inputs: GenerateInputs, options: GenerateOptions) -> Generate
         if not mmdit:
             raise InputError(f"max_sequence_length (T5 tokens) is an MM-DiT option; this is a {family} model")
         extra["max_sequence_length"] = options.max_sequence_length
+    elif mmdit:
+        from editkit.model_card import card_sequence_length
+
+        if (sequence := card_sequence_length(pipe)) is not None:  # the model card's, e.g. 0 without T5
+            extra["max_sequence_length"] = sequence
     denoiser = pipe.transformer if mmdit else pipe.unet
     controller = load_soft_tokens(inputs.soft_tokens, model=denoiser, strength=options.soft_token_strength)
     native = int(pipe.default_sample_size) * int(pipe.vae_scale_factor) if mmdit else None

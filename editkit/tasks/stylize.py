@@ -153,8 +153,13 @@ def run(
     used = {"size": [width, height], "num_inference_steps": steps, "seed": options.seed,
             "sampler": "DDIM", "guidance_scale": 1.0}  # fmt: skip
     if family in MMDIT_FAMILIES:
-        out = pipe(resize_to(inputs.content, (width, height)), styles or None, **common)
+        from editkit.model_card import card_sequence_length
+
+        sequence = card_sequence_length(pipe)  # e.g. 0 for a model trained without T5
+        out = pipe(resize_to(inputs.content, (width, height)), styles or None, max_sequence_length=sequence, **common)
         used.update(sampler="flow-matching Euler (inversion and generation)", family=family)
+        if sequence is not None:
+            used["max_sequence_length"] = sequence
     else:
         out = pipe(resize_to(inputs.content, (width, height)), styles or None, resample_steps=options.resample_steps,
                    feature_timing=options.feature_timing, **common)  # fmt: skip
