@@ -21,21 +21,16 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
 )
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, attach, attention_sites, compose, select_sites
 from editkit.backbones import backbone_for
+from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
 from editkit.contrastive import DIRECTIONS, FEATURES
 from editkit.errors import InputError
 from editkit.flow_edit import (
@@ -348,7 +343,7 @@ class _FlowEditMethod(AttentionKernelMixin):
         return FlowEditPipelineOutput(images=images, latents=latents, timesteps=used, contrastive_losses=losses)
 
 
-class SD3ContrastiveEditPipeline(_FlowEditMethod, DiffusionPipeline):
+class SD3ContrastiveEditPipeline(_FlowEditMethod, SD3PipelineBase):
     r"""FlowEdit / flow DDS with the (dual) contrastive term on SD3 / SD3.5 (``StableDiffusion3Pipeline``'s components).
 
     Example:
@@ -357,40 +352,8 @@ class SD3ContrastiveEditPipeline(_FlowEditMethod, DiffusionPipeline):
         >>> edited = pipe(image, "a photo of a cat", "a photo of a dog", generator=torch.Generator().manual_seed(0))
     """
 
-    family = "sd3"
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
-    # diffusers' own prompt encoding, used as is (not copied): the backbone calls ``encode_prompt``
-    encode_prompt = StableDiffusion3Pipeline.encode_prompt
-    _get_clip_prompt_embeds = StableDiffusion3Pipeline._get_clip_prompt_embeds
-    _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds
 
-    def __init__(
-        self,
-        transformer: SD3Transformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer_2: CLIPTokenizer,
-        text_encoder_3: T5EncoderModel | None = None,
-        tokenizer_3: T5TokenizerFast | None = None,
-        image_encoder: torch.nn.Module | None = None,
-        feature_extractor: object | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
-            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
-            scheduler=scheduler, image_encoder=None, feature_extractor=None,  # IP-Adapter parts: accepted, unused
-        )  # fmt: skip
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
-        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
-        self.default_sample_size = transformer.config.sample_size if transformer is not None else 128
-
-
-class FluxContrastiveEditPipeline(_FlowEditMethod, DiffusionPipeline):
+class FluxContrastiveEditPipeline(_FlowEditMethod, FluxPipelineBase):
     r"""FlowEdit / flow DDS with the (dual) contrastive term on FLUX.1 (``FluxPipeline``'s components).
 
     Example:
@@ -398,36 +361,3 @@ class FluxContrastiveEditPipeline(_FlowEditMethod, DiffusionPipeline):
         >>> pipe = FluxContrastiveEditPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")
         >>> edited = pipe(image, "a photo of a cat", "a photo of a dog", generator=torch.Generator().manual_seed(0))
     """
-
-    family = "flux"
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
-    # diffusers' own prompt encoding and latent packing, used as is (not copied)
-    encode_prompt = FluxPipeline.encode_prompt
-    _get_clip_prompt_embeds = FluxPipeline._get_clip_prompt_embeds
-    _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds
-    _pack_latents = staticmethod(FluxPipeline._pack_latents)
-    _unpack_latents = staticmethod(FluxPipeline._unpack_latents)
-    _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: T5EncoderModel,
-        tokenizer_2: T5TokenizerFast,
-        transformer: FluxTransformer2DModel,
-        image_encoder: torch.nn.Module | None = None,
-        feature_extractor: object | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler, image_encoder=None,
-            feature_extractor=None,
-        )  # fmt: skip
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
-        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
-        self.default_sample_size = 128
