@@ -7,8 +7,8 @@ medians of: plain generation (the pipeline with ``max_iter_to_alter=0, refine=Fa
 diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` bit for bit: ``tests/test_flow_compose.py``),
 stage 1 only (half of the steps guided) and the full two-stage pipeline forced through stage 2 (a
 verifier that fails every constraint: the worst case). Targets: stage 1 <= 1.8x, full <= 2.6x.
-Op counts: transformer block executions per sample row (forward) and backward passes, counted by
-hooks on the blocks.
+Op counts: transformer blocks entered per sample row, and those entered with grad (each guided or
+refinement pass is backpropagated once to z_t, through exactly those blocks), counted by hooks.
 
 Accuracy (``--shapes``; ``assets/models/shapes-sd3``, or ``--model``): pair colours+shapes and
 relation accuracy on held-out shapes-world prompts with fixed seeds, scored by the deterministic
@@ -76,23 +76,19 @@ def _vae(channels: int):
 
 
 class OpCounter:
-    """Transformer blocks entered (per sample row; the guided pass stops inside its last map block) and
-    backward passes (through the patch embedding)."""
+    """Transformer blocks entered, per sample row (a guided pass stops inside its last map block), and
+    those entered with grad (a guided or refinement pass: each is backpropagated once, to z_t)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.forwards = 0
-        self.backwards = 0
+        self.grad_forwards = 0
         blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
         self.handles = [block.register_forward_pre_hook(self._forward, with_kwargs=True) for block in blocks]
-        embedder = getattr(transformer, "pos_embed", None) or transformer.x_embedder  # SD3 / FLUX patch embedding
-        self.handles.append(embedder.register_full_backward_hook(self._backward))
 
     def _forward(self, module, args, kwargs) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.forwards += int(hidden.shape[0])
-
-    def _backward(self, module, grad_input, grad_output) -> None:
-        self.backwards += 1
+        self.grad_forwards += int(hidden.shape[0]) if hidden.requires_grad else 0
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -124,7 +120,7 @@ def speed(args) -> dict:
         counter = OpCounter(pipe.transformer)
         run()
         counter.remove()
-        counts[name] = {"block_forwards_per_row": counter.forwards, "backwards": counter.backwards}
+        counts[name] = {"block_forwards_per_row": counter.forwards, "with_grad": counter.grad_forwards}
     timings = interleaved_medians(runs, repeats=args.repeats, warmup=0, device="cpu")
     result = {"family": args.family, "blocks": args.blocks, "map_sites": _default_sites(pipe), "timings": timings}
     result["op_counts"] = counts
