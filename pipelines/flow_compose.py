@@ -18,20 +18,16 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from diffusers.utils import BaseOutput
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from editkit.attention import AttentionController, attach, compose
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
 from editkit.backbones import FluxBackbone, SD3Backbone, check_site_names
+from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
 from editkit.constraints import Constraints, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.flow_compose import FlowComposeRun, compose_one, with_tokens
@@ -131,10 +127,6 @@ class _FlowCompose(AttentionKernelMixin):
             raise InputError(f"verifier must be 'attention', 'shapes' or a Verifier instance, got {verifier!r}")
         if noise_refiner not in NOISE_REFINERS:
             raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
     @property
     def size_multiple(self) -> int:
@@ -320,7 +312,7 @@ class _FlowCompose(AttentionKernelMixin):
         return {"backend": kernel.backend, "sdpa_backends": kernel.sdpa_backends, "chunk_size": kernel.chunk_size}
 
 
-class SD3ComposePipeline(_FlowCompose, DiffusionPipeline):
+class SD3ComposePipeline(_FlowCompose, SD3PipelineBase):
     r"""Compositional text-to-image on SD3 / SD3.5 (``StableDiffusion3Pipeline``'s components).
 
     Example:
@@ -331,31 +323,7 @@ class SD3ComposePipeline(_FlowCompose, DiffusionPipeline):
         ```
     """
 
-    family = "sd3"
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
     default_sequence_length = 256
-
-    def __init__(
-        self,
-        transformer: SD3Transformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer_2: CLIPTokenizer,
-        text_encoder_3: T5EncoderModel | None = None,
-        tokenizer_3: T5Tokenizer | None = None,
-        image_encoder: torch.nn.Module | None = None,
-        feature_extractor: Any = None,
-    ):
-        super().__init__()
-        self.register_modules(
-            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
-            tokenizer_3=tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor,
-        )  # fmt: skip
 
     def stock_pipeline(self) -> StableDiffusion3Pipeline:
         return StableDiffusion3Pipeline(**self.components)
@@ -365,11 +333,6 @@ class SD3ComposePipeline(_FlowCompose, DiffusionPipeline):
 
     def default_guidance(self) -> float:
         return 7.0  # StableDiffusion3Pipeline
-
-    @property
-    def default_sample_size(self) -> int:
-        """The default latent side (diffusers' ``StableDiffusion3Pipeline.default_sample_size``)."""
-        return int(self.transformer.config.sample_size)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return int(self.transformer.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -382,36 +345,14 @@ class SD3ComposePipeline(_FlowCompose, DiffusionPipeline):
         return flow_schedule(self.scheduler, steps)
 
 
-class FluxComposePipeline(_FlowCompose, DiffusionPipeline):
+class FluxComposePipeline(_FlowCompose, FluxPipelineBase):
     r"""Compositional text-to-image on FLUX.1-dev / FLUX.1-schnell (``FluxPipeline``'s components).
 
     FLUX.1-dev takes its distilled guidance (``guidance_scale``) in every pass, guided ones included;
     FLUX.1-schnell (no guidance embedding) runs 4 steps by default, of which 2 are guided.
     """
 
-    family = "flux"
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
     default_sequence_length = 512
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: T5EncoderModel,
-        tokenizer_2: T5Tokenizer,
-        transformer: FluxTransformer2DModel,
-        image_encoder: torch.nn.Module | None = None,
-        feature_extractor: Any = None,
-    ):
-        super().__init__()
-        self.register_modules(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-            image_encoder=image_encoder, feature_extractor=feature_extractor,
-        )  # fmt: skip
 
     @property
     def guidance_distilled(self) -> bool:
@@ -428,9 +369,6 @@ class FluxComposePipeline(_FlowCompose, DiffusionPipeline):
 
     def default_guidance(self) -> float:
         return 3.5 if self.guidance_distilled else 0.0
-
-    #: The default latent side (``FluxPipeline.default_sample_size``): 1024 px.
-    default_sample_size = 128
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         step = self.vae_scale_factor * 2  # FluxPipeline.prepare_latents: 2 * (side // (vae_scale_factor * 2))

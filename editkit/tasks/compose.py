@@ -76,7 +76,7 @@ class ComposeOptions:
         None, "MM-DiT only: the text tokens the maps use, clip and/or t5 (unset: every encoder present)"
     )
     max_sequence_length: int | None = knob(
-        None, "MM-DiT only: T5 tokens (unset: 256 SD3, 512 FLUX; 0 for a shapes-world SD3, trained without T5)",
+        None, "MM-DiT only: T5 tokens (unset: the model card's max_sequence_length, else 256 SD3, 512 FLUX)",
         low=0, integer=True,
     )  # fmt: skip
     size: Size = knob(None, "image size: the side in pixels, or WIDTHxHEIGHT (unset: the model's size)")
@@ -163,12 +163,11 @@ def _method_arguments(pipe: Any, options: ComposeOptions, family: str) -> dict[s
         from editkit.refine import GUIDANCE_BLOCKS
 
         return {"attention_blocks": tuple(options.attention_blocks or GUIDANCE_BLOCKS)}
-    from editkit.model_card import is_shapes_model
+    from editkit.model_card import card_sequence_length
 
     sequence = options.max_sequence_length
-    if sequence is None and family == "sd3" and pipe.text_encoder_3 is None:
-        model = getattr(pipe, "name_or_path", None)
-        sequence = 0 if model and is_shapes_model(model) else None  # the shapes-world SD3 was trained without T5
+    if sequence is None:
+        sequence = card_sequence_length(pipe)  # the model card's, e.g. 0 for shapes-sd3 (trained without T5)
     return {
         "map_sites": None if options.map_sites is None else list(options.map_sites),
         "map_text_encoders": None if options.map_text_encoders is None else list(options.map_text_encoders),
