@@ -48,6 +48,7 @@ __all__ = [
     "check_output_type",
     "image_latents",
     "is_latents",
+    "mask_batch_tensor",
     "phase_label",
     "pipeline_images",
     "pixel_size",
@@ -55,6 +56,7 @@ __all__ = [
     "prepare_images",
     "prepare_noise",
     "scheduler_step_kwargs",
+    "split_image_batch",
     "step_callback",
     "unet_call_kwargs",
 ]
@@ -390,3 +392,20 @@ def step_callback(
     if not isinstance(returned, dict):
         raise InputError(f"callback_on_step_end must return a dict, got {type(returned).__name__}")
     return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
+
+
+def split_image_batch(image) -> list:
+    """A batched (4-d) tensor / array is several images; anything else is one (style transfer's styles)."""
+    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
+        return [image[i : i + 1] for i in range(image.shape[0])]
+    return [image]
+
+
+def mask_batch_tensor(mask) -> torch.Tensor | None:
+    """A mask (H, W), (1, H, W) or (B, 1, H, W) as a float (B, 1, H, W) tensor; None stays None."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    while mask.ndim < 4:
+        mask = mask[None]
+    return mask

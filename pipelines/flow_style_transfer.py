@@ -45,10 +45,12 @@ from editkit.pipeline_io import (
     callback_tensor_names,
     check_output_type,
     image_latents,
+    mask_batch_tensor,
     phase_label,
     pipeline_images,
     pixel_size,
     postprocess,
+    split_image_batch,
     step_callback,
 )
 from editkit.style import StyleCache, content_aware_adain
@@ -193,7 +195,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
                 generation step; a returned ``"latents"`` replaces the latent; ``pipe._interrupt`` stops.
             attention_controllers: extra controllers attached for the whole run.
         """
-        styles = [item for style in as_list(style_image) for item in _split_batch(style)]
+        styles = [item for style in as_list(style_image) for item in split_image_batch(style)]
         given_caches = as_list(style_cache)
         steps = num_inference_steps or default_num_inference_steps(self.family, self.transformer)
         unet_only = {"resample_steps": (resample_steps, 0), "feature_timing": (feature_timing, "inversion_step")}
@@ -238,7 +240,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
 
             # 4. Generation per style: AdaIN'd start latent, injected attention.
             options = {"sites": sites, "keys": keys, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
-                       "mask": _mask_tensor(mask), "callback": (callback_on_step_end, names),
+                       "mask": mask_batch_tensor(mask), "callback": (callback_on_step_end, names),
                        "extra": extra}  # fmt: skip
             latents = [self._generate(backbone, content_features, cache, conditioning, schedule, options)
                        for cache in caches]  # fmt: skip
@@ -319,19 +321,3 @@ def _pixel_size(pipe, latents: torch.Tensor) -> tuple[int, int]:
     """(width, height) in pixels of a latent batch."""
     height, width = pixel_size(latents, pipe.vae, pipe.vae_scale_factor)
     return width, height
-
-
-def _split_batch(image) -> list:
-    """A batched style tensor/array is several styles; anything else is one."""
-    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
-        return [image[i : i + 1] for i in range(image.shape[0])]
-    return [image]
-
-
-def _mask_tensor(mask) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    while mask.ndim < 4:
-        mask = mask[None]
-    return mask

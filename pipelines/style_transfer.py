@@ -64,10 +64,12 @@ from editkit.pipeline_io import (
     check_output_type,
     image_latents,
     is_latents,
+    mask_batch_tensor,
     phase_label,
     pipeline_images,
     pixel_size,
     postprocess,
+    split_image_batch,
     step_callback,
     unet_call_kwargs,
 )
@@ -382,7 +384,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
                 ``"latents"`` replaces the latent. Setting ``pipe._interrupt`` stops the loop.
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the whole run.
         """
-        styles = [item for style in as_list(style_image) for item in _split_batch(style)]
+        styles = [item for style in as_list(style_image) for item in split_image_batch(style)]
         given_caches = as_list(style_cache)
         self.check_inputs(
             content_image, styles, given_caches, gamma, tau, adain_strength, num_inference_steps, resample_steps,
@@ -511,7 +513,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
             start = content_aware_adain(start, cache.final_latent.to(device), options["adain_strength"])
         controller = StyleInjectionController(
             options["sites"], cache, content_cache if gamma > 0 else None,
-            gamma=gamma, tau=options["tau"], timesteps=options["window"], mask=_mask_tensor(options["mask"]),
+            gamma=gamma, tau=options["tau"], timesteps=options["window"], mask=mask_batch_tensor(options["mask"]),
         )  # fmt: skip
         guidance, count = (options["guidance_scale"], options["guidance_rescale"]), options["ip_count"]
         ip = options["ip_given"]
@@ -520,19 +522,3 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         with self.attach_controllers(controller):
             controllers = compose(*options["extra"], controller)
             return self._denoise(start, controllers, text, guidance, options["steps"], options["callback"], ip)
-
-
-def _split_batch(image) -> list:
-    """A batched style tensor/array is several styles; anything else is one."""
-    if isinstance(image, torch.Tensor | np.ndarray) and image.ndim == 4:
-        return [image[i : i + 1] for i in range(image.shape[0])]
-    return [image]
-
-
-def _mask_tensor(mask) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    while mask.ndim < 4:
-        mask = mask[None]
-    return mask
