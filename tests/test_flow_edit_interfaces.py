@@ -110,3 +110,15 @@ def test_app_edit_handler_on_an_sd3_folder(sd3_dir, image_file, tmp_path):
     record = json.loads(Image.open(download).text["editkit"])
     assert record["used"]["sampler"] == "FlowEdit" and record["used"]["guidance_scale"] == 5.0
     assert Image.open(download).size == (32, 24)  # tiny SD3's native 32 px (longer side), aspect kept
+
+
+def test_app_sliders_start_at_the_sd3_familys_defaults(sd3_dir, tmp_path):
+    """The page for an SD3 folder: edit FlowEdit's 50 steps / target CFG 13.5, compose 28 / 7.0, stylize 28."""
+    from editkit.app import build_demo
+
+    demo = build_demo(sd3_dir, device="cpu", output_dir=tmp_path)
+    values = {block.elem_id: block.value for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert values["edit-steps"] == 50 and values["compose-steps"] == 28 and values["stylize-steps"] == 28
+    assert values["tokens-steps"] == 28
+    guidance = [b.value for b in demo.blocks.values() if getattr(b, "label", None) == "Guidance scale"]
+    assert 13.5 in guidance and 7.0 in guidance

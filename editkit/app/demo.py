@@ -212,11 +212,13 @@ def _edit_tab(handlers: Handlers) -> None:
                 buttons = _buttons("Edit", "edit")
                 spec = knob_of(EditOptions, "contrast")
                 contrast = gr.Radio(list(spec.choices), value=EditOptions.contrast, label=spec.label)
-                unet = EDIT_FAMILY_DEFAULTS["sd"]  # the options' None is the model's; the sliders show the UNet's
+                # the options' None is the model's: the sliders start at the family's (UNet DDS, SD3 / FLUX FlowEdit)
+                family = _family_or_none(handlers) or "sd"
+                defaults = EDIT_FAMILY_DEFAULTS.get(family, EDIT_FAMILY_DEFAULTS["sd"])
                 steps = _slider(
-                    EditOptions, "num_inference_steps", elem_id="edit-steps", value=unet.num_inference_steps
+                    EditOptions, "num_inference_steps", elem_id="edit-steps", value=defaults.num_inference_steps
                 )
-                guidance = _slider(EditOptions, "guidance_scale", value=unet.guidance_scale)
+                guidance = _slider(EditOptions, "guidance_scale", value=defaults.guidance_scale)
                 mask = _image("Mask (optional: edit only the white part)", "edit-mask")
                 seed = _seed(EditOptions)
             with gr.Column():
