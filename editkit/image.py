@@ -29,6 +29,7 @@ __all__ = [
     "check_mask_aspect",
     "fit_mask",
     "fit_size",
+    "latent_edit_region",
     "load_image",
     "load_mask",
     "mask_coverage",
@@ -304,3 +305,29 @@ def _mask_channel(image: Image.Image, name: str) -> Image.Image:
             return alpha
         image = image.convert("RGBA").convert("RGB")
     return _to_rgb(image, name).convert("L")
+
+
+def latent_edit_region(mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
+    """A {0, 1} edit mask at the image's ``size`` (or its aspect ratio) -> the ``(batch, 1, h, w)`` latent
+    mask of ``latents`` (a latent cell is in if any of its pixels is); None stays None.
+
+    PIL masks are read as luminance; a mask of another size is resized as diffusers' mask processor
+    does (:func:`fit_mask`). InputError for another shape, non-binary values or an empty mask."""
+    import torch.nn.functional as F
+
+    if mask is None:
+        return None
+    if isinstance(mask, Image.Image):
+        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = fit_mask(mask, size)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise InputError("mask must be binary (0 and 1 only)")
+    if not mask.any():
+        raise InputError("mask must be not empty: it selects nothing to edit")
+    region = F.adaptive_max_pool2d(mask, latents.shape[-2:])
+    return region.to(latents.device).expand(latents.shape[0], -1, -1, -1)

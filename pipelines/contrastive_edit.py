@@ -17,7 +17,6 @@ from typing import ClassVar
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -42,7 +41,7 @@ from editkit.contrastive import (
     sample_timesteps,
 )
 from editkit.errors import InputError
-from editkit.image import fit_mask
+from editkit.image import latent_edit_region
 from editkit.models import model_family
 from editkit.pipeline_io import (
     DiffusersPipelineMixin,
@@ -189,25 +188,6 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         if not patch_sizes or any(int(p) != p or p < 1 for p in patch_sizes) or num_patches < 2:
             raise InputError("patch_sizes must be positive integers and num_patches at least 2")
         check_output_type(output_type)
-
-    def _prepare_mask(self, mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
-        """A {0, 1} mask at the image's size -> (batch, 1, h, w) latent mask (a cell is in if any pixel is)."""
-        if mask is None:
-            return None
-        if isinstance(mask, PIL.Image.Image):
-            mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-        mask = torch.as_tensor(mask, dtype=torch.float32)
-        mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
-        if mask.ndim != 4 or mask.shape[1] != 1:
-            raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
-        if tuple(mask.shape[-2:]) != tuple(size):  # the image's aspect ratio: resized as diffusers' mask processor
-            mask = fit_mask(mask, size)
-        if not ((mask == 0) | (mask == 1)).all():
-            raise InputError("mask must be binary (0 and 1 only)")
-        if not mask.any():
-            raise InputError("mask is empty: nothing to edit")
-        latent_mask = F.adaptive_max_pool2d(mask, latents.shape[-2:])
-        return latent_mask.to(latents.device).expand(latents.shape[0], -1, -1, -1)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _unet(self, latents, timestep, conditioning: TextConditioning, roles, controller) -> torch.Tensor:
@@ -451,7 +431,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         source_latents = source_latents.repeat_interleave(repeats, dim=0)
         check_generators(generator, source_latents.shape[0])
         latents = source_latents.clone()
-        region = self._prepare_mask(mask, size, latents)
+        region = latent_edit_region(mask, size, latents)
 
         # 3. Text conditioning: [uncond, cond] per branch, one row per output
         uncond, source, target = (

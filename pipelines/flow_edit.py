@@ -19,7 +19,6 @@ from typing import ClassVar
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -46,7 +45,7 @@ from editkit.flow_edit import (
     scaled_n_max,
 )
 from editkit.flow_inversion import flow_schedule, flux_mu
-from editkit.image import fit_mask
+from editkit.image import latent_edit_region
 from editkit.pipeline_io import (
     callback_tensor_names,
     check_output_type,
@@ -127,22 +126,6 @@ class _FlowEditMethod(AttentionKernelMixin):
                 f"need 0 <= min_timestep < max_timestep <= {timesteps}, got {min_timestep}, {max_timestep}"
             )
         return steps, n_max
-
-    def _region(self, mask, size: tuple[int, int], latents: torch.Tensor) -> torch.Tensor | None:
-        """A {0, 1} mask at the image's size or aspect ratio -> (batch, 1, h, w) latent mask (any pixel in: cell in)."""
-        if mask is None:
-            return None
-        if isinstance(mask, PIL.Image.Image):
-            mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-        mask = torch.as_tensor(mask, dtype=torch.float32)
-        mask = mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
-        if mask.ndim != 4 or mask.shape[1] != 1:
-            raise InputError(f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}")
-        mask = fit_mask(mask, size) if tuple(mask.shape[-2:]) != tuple(size) else mask
-        if not ((mask == 0) | (mask == 1)).all() or not mask.any():
-            raise InputError("mask must be binary (0 and 1 only) and not empty")
-        region = F.adaptive_max_pool2d(mask, latents.shape[-2:]).to(latents.device)
-        return region.expand(latents.shape[0], -1, -1, -1)
 
     def _schedule(self, steps: int, latents: torch.Tensor):
         """The generation schedule FlowEdit integrates along (FLUX: its sigmas and resolution shift ``mu``)."""
@@ -297,7 +280,7 @@ class _FlowEditMethod(AttentionKernelMixin):
         if self.family == "flux" and (size[0] % 16 or size[1] % 16):
             raise InputError(f"FLUX needs a height and width that are multiples of 16, got {size[1]}x{size[0]}")
         source_latents = image_latents(self, pixels).float()
-        region = self._region(mask, size, source_latents)
+        region = latent_edit_region(mask, size, source_latents)
         text = self._text(backbone, prompts, negative_prompt, source_latents.shape[0], distilled)
 
         # 3. Controllers: extra ones (SoftREPA) first, then the feature recorder
