@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from editkit.attention import CrossAttentionMapStore, Site
+from editkit.attention import Site
 from editkit.attention.sites import TEXT_KINDS, select_sites
 from editkit.constraints import AlignedConstraints, Constraints, align_offsets
 from editkit.errors import InputError
-from editkit.refine import MapsCaptured
+from editkit.refine import EarlyExitMapStore
 
 __all__ = [
     "DEFAULT_MAP_SPAN",
@@ -187,7 +187,7 @@ def map_sites_for(transformer: torch.nn.Module, patterns: Sequence[str] | None) 
     return [site.name for site in sites if site.name in chosen]
 
 
-class FlowMapStore(CrossAttentionMapStore):
+class FlowMapStore(EarlyExitMapStore):
     """The guidance map store of MM-DiT sites: records only while ``active``, stops after ``stop_after``.
 
     With ``early_exit`` it raises :class:`editkit.refine.MapsCaptured` once the map of the last chosen
@@ -204,12 +204,3 @@ class FlowMapStore(CrossAttentionMapStore):
 
     def applies_to(self, site: Site) -> bool:
         return site.name in self.site_patterns and super().applies_to(site)
-
-    def wants_probs(self, site: Site) -> bool:
-        return self.active and super().wants_probs(site)
-
-    def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
-        super().on_probs(site, probs, queries)
-        compiling = torch.compiler.is_compiling()
-        if self.early_exit and not compiling and site.name == self.stop_after and site.name in self.maps:
-            raise MapsCaptured

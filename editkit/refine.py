@@ -22,6 +22,7 @@ from editkit.constraints import AlignedConstraints
 
 __all__ = [
     "GUIDANCE_BLOCKS",
+    "EarlyExitMapStore",
     "GuidanceMapStore",
     "LossPlan",
     "LossWeights",
@@ -55,7 +56,27 @@ class MapsCaptured(Exception):  # noqa: N818 - a control-flow signal, not an err
     """Raised by :class:`GuidanceMapStore` once the last needed map is in: the rest of the UNet is skipped."""
 
 
-class GuidanceMapStore(CrossAttentionMapStore):
+class EarlyExitMapStore(CrossAttentionMapStore):
+    """A map store that records only while ``active`` and, with ``early_exit``, raises
+    :class:`MapsCaptured` once the map of ``stop_after`` is complete (UNet and MM-DiT guidance)."""
+
+    active: bool = False
+    early_exit: bool = False
+    stop_after: str | None = None
+
+    def wants_probs(self, site: Site) -> bool:
+        return self.active and super().wants_probs(site)
+
+    def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
+        super().on_probs(site, probs, queries)
+        # Under torch.compile the pass runs whole: an exception out of a traced frame makes dynamo fall
+        # back to compiling each block on its own (48 graphs for a 12-step run instead of 2).
+        compiling = torch.compiler.is_compiling()
+        if self.early_exit and not compiling and site.name == self.stop_after and site.name in self.maps:
+            raise MapsCaptured
+
+
+class GuidanceMapStore(EarlyExitMapStore):
     """A map store that asks for probabilities only while ``active`` (guidance and verification passes).
 
     With ``early_exit`` it raises :class:`MapsCaptured` as soon as the map of ``stop_after`` (the
@@ -91,17 +112,6 @@ class GuidanceMapStore(CrossAttentionMapStore):
 
     def applies_to(self, site: Site) -> bool:
         return site.block in self.blocks and super().applies_to(site)
-
-    def wants_probs(self, site: Site) -> bool:
-        return self.active and super().wants_probs(site)
-
-    def on_probs(self, site: Site, probs: torch.Tensor, queries: slice) -> None:
-        super().on_probs(site, probs, queries)
-        # Under torch.compile the pass runs whole: an exception out of a traced frame makes dynamo fall
-        # back to compiling each block on its own (48 graphs for a 12-step run instead of 2).
-        compiling = torch.compiler.is_compiling()
-        if self.early_exit and not compiling and site.name == self.stop_after and site.name in self.maps:
-            raise MapsCaptured
 
     def learn_last_site(self) -> None:
         """Remember the last site recorded by a full pass (``maps`` keeps completion order after ``clear``)."""
