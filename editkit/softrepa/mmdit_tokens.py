@@ -36,9 +36,16 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from torch import nn
 
 from editkit.attention import AttentionController, Site, attention_sites, uncompiled
-from editkit.errors import ModelLoadError, NumericalError
+from editkit.errors import ModelLoadError
 from editkit.softrepa.files import MAX_TOKEN_ABS, check_tensor, parse_int, parse_json, refuse_unexpected
-from editkit.softrepa.tokens import FORMAT_NAME, FORMAT_VERSION, INIT_STD, KIND_MMDIT, NUM_TRAIN_TIMESTEPS
+from editkit.softrepa.tokens import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INIT_STD,
+    KIND_MMDIT,
+    NUM_TRAIN_TIMESTEPS,
+    check_finite_tensors,
+)
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -152,12 +159,7 @@ class MMDiTSoftTokens(nn.Module):
 
     def check_finite(self, when: str) -> None:
         """Raise :class:`NumericalError` when a value is NaN, infinite or beyond ``MAX_TOKEN_ABS``."""
-        for name, value in self.tensors().items():
-            if not torch.isfinite(value).all() or value.abs().max() > MAX_TOKEN_ABS:
-                raise NumericalError(
-                    f"the soft {name.replace('_', ' ')} became non-finite or exploded {when}; "
-                    "lower --learning-rate (the last good checkpoint is kept)"
-                )
+        check_finite_tensors(self.tensors(), when)
 
 
 class MMDiTSoftTokenController(AttentionController):

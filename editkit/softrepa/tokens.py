@@ -213,12 +213,17 @@ class SoftTokens(nn.Module):
 
     def check_finite(self, when: str) -> None:
         """Raise :class:`NumericalError` when a token value is NaN, infinite or beyond ``MAX_TOKEN_ABS``."""
-        for name, value in self.tensors().items():
-            if not torch.isfinite(value).all() or value.abs().max() > MAX_TOKEN_ABS:
-                raise NumericalError(
-                    f"the soft {name.replace('_', ' ')} became non-finite or exploded {when}; "
-                    "lower --learning-rate (the last good checkpoint is kept)"
-                )
+        check_finite_tensors(self.tensors(), when)
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], when: str) -> None:
+    """Raise :class:`NumericalError` when a soft-token tensor is NaN, infinite or beyond ``MAX_TOKEN_ABS``."""
+    for name, value in tensors.items():
+        if not torch.isfinite(value).all() or value.abs().max() > MAX_TOKEN_ABS:
+            raise NumericalError(
+                f"the soft {name.replace('_', ' ')} became non-finite or exploded {when}; "
+                "lower --learning-rate (the last good checkpoint is kept)"
+            )
 
 
 class SoftTokenController(AttentionController):
