@@ -40,6 +40,7 @@ __all__ = [
     "adain",
     "channel_stats",
     "check_feature_timing",
+    "check_style_arguments",
     "content_aware_adain",
     "default_style_sites",
     "model_fingerprint",
@@ -492,3 +493,20 @@ def _doubled_batch(query_a, query_b, key_a, key_b, value_a, value_b):
         return torch.stack([a, b], dim=1).flatten(0, 1)  # (2 * batch, heads, tokens, head_dim)
 
     return interleave(query_a, query_b), interleave(key_a, key_b), interleave(value_a, value_b)
+
+
+def check_style_arguments(content_image, styles, caches, gamma: float, tau: float, adain_strength, steps: int) -> None:
+    """InputError for the style transfer arguments both families share: a content image, a style
+    (image or cache), gamma in [0, 1], tau > 0, AdaIN strength in [0, 1] or None, steps >= 1."""
+    if content_image is None:
+        raise InputError("a content image is needed")
+    if not styles and not caches:
+        raise InputError("at least one style image or style cache is needed")
+    if not 0.0 <= gamma <= 1.0:
+        raise InputError(f"gamma must be in [0, 1], got {gamma}")
+    if not tau > 0:
+        raise InputError(f"tau must be > 0, got {tau}")
+    if adain_strength is not None and not 0.0 <= adain_strength <= 1.0:
+        raise InputError(f"adain_strength must be in [0, 1] (or None to skip AdaIN), got {adain_strength}")
+    if steps < 1:
+        raise InputError(f"num_inference_steps must be >= 1, got {steps}")

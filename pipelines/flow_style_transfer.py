@@ -53,7 +53,7 @@ from editkit.pipeline_io import (
     split_image_batch,
     step_callback,
 )
-from editkit.style import StyleCache, content_aware_adain
+from editkit.style import StyleCache, check_style_arguments, content_aware_adain
 from editkit.style_file import check_flow_schedule
 
 logger = logging.getLogger(__name__)
@@ -99,18 +99,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             if value != default:
                 raise InputError(f"{name}={value!r} is a UNet (SD/SDXL) style transfer option; not available "
                                  f"on this {self.family} (MM-DiT) model")  # fmt: skip
-        if content_image is None:
-            raise InputError("a content image is needed")
-        if not styles and not caches:
-            raise InputError("at least one style image or style cache is needed")
-        if not 0.0 <= gamma <= 1.0:
-            raise InputError(f"gamma must be in [0, 1], got {gamma}")
-        if not tau > 0:
-            raise InputError(f"tau must be > 0, got {tau}")
-        if adain_strength is not None and not 0.0 <= adain_strength <= 1.0:
-            raise InputError(f"adain_strength must be in [0, 1] (or None to skip AdaIN), got {adain_strength}")
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
+        check_style_arguments(content_image, styles, caches, gamma, tau, adain_strength, steps)
         if window is not None and (len(window) != 2 or not 0 <= window[0] <= window[1] <= 1):
             raise InputError(f"injection_sigmas must be (low, high) with 0 <= low <= high <= 1, got {window}")
 

@@ -80,6 +80,7 @@ from editkit.style import (
     StyleCache,
     StyleInjectionController,
     check_feature_timing,
+    check_style_arguments,
     content_aware_adain,
     model_fingerprint,
     resolve_style_sites,
@@ -171,18 +172,7 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         check_alpha_scheduler(self.scheduler, "style transfer (DDIM inversion)")
         if feature_timing not in FEATURE_TIMINGS:
             raise InputError(f"feature_timing must be one of {FEATURE_TIMINGS}, got {feature_timing!r}")
-        if content_image is None:
-            raise InputError("a content image is needed")
-        if not styles and not caches:
-            raise InputError("at least one style image or style cache is needed")
-        if not 0.0 <= gamma <= 1.0:
-            raise InputError(f"gamma must be in [0, 1], got {gamma}")
-        if not tau > 0:
-            raise InputError(f"tau must be > 0, got {tau}")
-        if adain_strength is not None and not 0.0 <= adain_strength <= 1.0:
-            raise InputError(f"adain_strength must be in [0, 1] (or None to skip AdaIN), got {adain_strength}")
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
+        check_style_arguments(content_image, styles, caches, gamma, tau, adain_strength, steps)
         if resample_steps < 0:
             raise InputError(f"resample_steps must be >= 0, got {resample_steps}")
         if window is not None and (len(window) != 2 or window[0] > window[1]):
