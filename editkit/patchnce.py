@@ -160,10 +160,13 @@ def _gather_cells(
     grids: Mapping[str, tuple[int, int] | None],
     patches: int,
 ) -> torch.Tensor:
-    """(2, blocks, patches, channels) L2-normalised cell features (source, target) of sites of one width.
+    """(2, blocks, patches, channels) cell features (source, target) of sites of one width, not normalised.
 
-    One concatenation, one gather and one mean pool every block's cells (avg pooling as the mean of
-    the patch's tokens); slots past a block's own cell count repeat token 0 (masked later).
+    One concatenation, one gather and one sum pool every block's cells (avg pooling as the sum of
+    the patch's tokens: the scale is normalised away later); slots past a block's own cell count
+    repeat token 0 (masked later). Callers group blocks by patch size too, so that every gathered
+    token is used once (a mixed group would repeat a 1x1 cell's token to fill a 2x2 cell's four
+    slots: 4x the gather and its backward).
     """
     sites = sorted({block.site for block in blocks})
     offsets, tokens = {}, 0
@@ -182,8 +185,8 @@ def _gather_cells(
             index += [0] * (slots * (patches - len(block.cells)))
     index_tensor = torch.tensor(index, device=table.device)
     cells = table.flatten(0, 1).index_select(0, index_tensor)  # (2 * blocks * patches * slots, C)
-    cells = cells.view(2, len(blocks), patches, slots, -1).float().mean(dim=3)
-    return F.normalize(cells, dim=-1)
+    cells = cells.view(2, len(blocks), patches, slots, -1).float()
+    return cells[:, :, :, 0] if slots == 1 else cells.sum(dim=3)  # the sum: the mean up to a scale normalised away
 
 
 def batched_patch_nce(
@@ -194,10 +197,13 @@ def batched_patch_nce(
     direction: str = "dual",
     tau: float = 0.07,
     diagonal_fill: float = -10.0,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """sum_k sum_i w_ki CE_i of many PatchNCE problems at once (CUT, Park et al. 2020, eq. 2).
 
-    ``source`` and ``target`` are (blocks, patches, channels), L2-normalised; ``weights`` (blocks,
+    ``source`` and ``target`` are (blocks, patches, channels), L2-normalised, or raw with
+    ``normalize=True``: the dot products are then divided by the two norms (``F.normalize``'s
+    ``max(norm, 1e-12)``), the same value without a pass over the features; ``weights`` (blocks,
     patches) is 0 on padding slots (patches a block does not have). With S = source . target^T / tau,
     the source-anchored term (CDS) of patch i is the cross-entropy of row i of S, positive S_ii,
     with the diagonal's negative replaced by ``diagonal_fill`` / tau (one extra logit per row); the
@@ -207,7 +213,11 @@ def batched_patch_nce(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     patches = source.shape[1]
-    logits = torch.bmm(source, target.transpose(1, 2)) / tau  # (blocks, patches, patches)
+    logits = torch.bmm(source, target.transpose(1, 2))  # (blocks, patches, patches)
+    if normalize:
+        inverse = [torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-12).reciprocal() for f in (source, target)]
+        logits = logits * (inverse[0][:, :, None] * inverse[1][:, None, :])
+    logits = logits / tau
     positive = logits.diagonal(dim1=1, dim2=2)  # (blocks, patches)
     padding = weights == 0
     logits = logits.masked_fill(padding[:, :, None] | padding[:, None, :], float("-inf"))
@@ -242,8 +252,9 @@ def contrastive_loss(
     item) draws each item's own locations. Sites and scales with fewer than two cells are skipped.
 
     Computed batched (the same value as a loop of :func:`patch_nce_loss` over sites, patch sizes
-    and items, to float rounding): per feature width one gather and one normalisation, then one
-    :func:`batched_patch_nce` for all of them, narrower widths zero-padded (dot products unchanged).
+    and items, to float rounding): per feature width and patch size one gather, then one
+    :func:`batched_patch_nce` for all of them, narrower widths zero-padded (dot products and norms
+    unchanged), the normalisation applied to the similarities (no division of the features).
     Its similarity tensor holds every block at once: memory grows as blocks x num_patches^2.
     """
     for site in target_features:
@@ -256,18 +267,18 @@ def contrastive_loss(
             "use a larger image or no contrast"
         )
     patches = max(len(block.cells) for block in blocks)
-    by_width: dict[int, list[_Block]] = {}
+    groups: dict[tuple[int, int], list[_Block]] = {}  # by (feature width, patch size)
     for block in blocks:
-        by_width.setdefault(target_features[block.site].shape[-1], []).append(block)
-    widest = max(by_width)
+        groups.setdefault((target_features[block.site].shape[-1], block.patch_size), []).append(block)
+    widest = max(width for width, _ in groups)
     cells = []
-    for width, group in by_width.items():
+    for (width, _), group in groups.items():
         gathered = _gather_cells(group, source_features, target_features, grids, patches)
         cells.append(gathered if width == widest else F.pad(gathered, (0, widest - width)))
     cells = cells[0] if len(cells) == 1 else torch.cat(cells, dim=1)  # (2, blocks, patches, widest)
-    ordered = [block for group in by_width.values() for block in group]
+    ordered = [block for group in groups.values() for block in group]
     batch = next(iter(target_features.values())).shape[0]
     weights = [[1.0 / (batch * len(b.cells))] * len(b.cells) + [0.0] * (patches - len(b.cells)) for b in ordered]
     weights = torch.tensor(weights, device=cells.device)
-    options = {"direction": direction, "tau": tau, "diagonal_fill": diagonal_fill}
+    options = {"direction": direction, "tau": tau, "diagonal_fill": diagonal_fill, "normalize": True}
     return batched_patch_nce(cells[0], cells[1], weights, **options)
