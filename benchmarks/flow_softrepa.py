@@ -219,13 +219,22 @@ def equivalence(model, soft, controller, inputs: dict, timestep: int) -> dict:
 
 
 def shapes_gain(
-    model: Path, steps: int, prompts: int, batch_size: int, seed: int, evaluations: int = 4, hard_negatives: int = 0
+    model: Path,
+    steps: int,
+    prompts: int,
+    batch_size: int,
+    seed: int,
+    evaluations: int = 4,
+    hard_negatives: int = 0,
+    learning_rate: float = 1e-3,
 ) -> dict:
     """Held-out accuracy of shapes-sd3 without tokens and with the tokens of ``evaluations`` checkpoints.
 
     The same prompts and seeds everywhere; validation and checkpoints coincide, so the keep-best
     token file (``best_val_metric``) is one of the scored checkpoints.
     ``hard_negatives`` > 0: editkit's hard negatives as extra columns, tokens kept by the hard-negative metric.
+    ``learning_rate``: the peak rate (the reference's 1e-3 by default). Each checkpoint also records how far its
+    tokens moved from the first checkpoint's (relative L2 of the token tensors).
     """
     from benchmarks.shapes.evaluate import call_kwargs, evaluate, load_pipeline
     from benchmarks.softrepa_curve import checkpoint_tokens, write_training_data
@@ -246,22 +255,36 @@ def shapes_gain(
             max_steps=steps, batch_size=batch_size, device="cpu", resolution=32, validate_every=every,
             checkpoint_every=every, keep_checkpoints=10**6, val_fraction=0.1, progress=False, seed=seed,
             max_sequence_length=kwargs.get("max_sequence_length"), hard_negatives=hard_negatives,
-            keep_best="hard-negatives" if hard_negatives else "group",
+            keep_best="hard-negatives" if hard_negatives else "group", learning_rate=learning_rate,
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
-        curve = []
+        curve, first = [], None
         for entry in trained.log:
             tokens = checkpoint_tokens(config.checkpoint_dir / f"step-{entry['step']:07d}.safetensors", template)
+            now = _token_tensors(tokens)
+            first = first or now
+            entry = entry | {"token_change_from_first_checkpoint": _relative_change(first, now)}
             with use_soft_tokens(pipe.transformer, MMDiTSoftTokenController(tokens)):
                 scores = evaluate(pipe, num_prompts=prompts, steps=28, **kwargs)
             curve.append(entry | {"generation": scores, "minus_without": _gain(before, scores)})
             logger.info("step %d: %s", entry["step"], curve[-1]["minus_without"])
     return {
         "model": str(model), "steps": steps, "batch_size": batch_size, "prompts_per_category": prompts,
-        "hard_negatives": hard_negatives,
+        "hard_negatives": hard_negatives, "learning_rate": learning_rate,
         "best_val_metric": trained.best_metric, "without_tokens": before, "curve": curve,
     }  # fmt: skip
+
+
+def _token_tensors(tokens) -> dict[str, torch.Tensor]:
+    """Copies of a soft-token set's trained tensors (``checkpoint_tokens`` refills one template in place)."""
+    tensors = {"tokens": tokens.tokens, "time_embedding": tokens.time_embedding}
+    return {name: value.detach().float().clone() for name, value in tensors.items() if value is not None}
+
+
+def _relative_change(first: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> dict[str, float]:
+    """|b - a| / |a| per tensor of two soft-token checkpoints (the tokens and the time vectors)."""
+    return {name: float((now[name] - a).norm() / a.norm().clamp_min(1e-12)) for name, a in first.items()}
 
 
 def _gain(before: dict, after: dict) -> dict:
@@ -287,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes-batch-size", type=int, default=4)
     parser.add_argument("--shapes-evaluations", type=int, default=4, help="checkpoints scored along training")
     parser.add_argument("--shapes-hard-negatives", type=int, default=0, help="as softrepa train --hard-negatives")
+    parser.add_argument("--shapes-lr", type=float, default=1e-3, help="peak learning rate of the token training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -305,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.shapes_evaluations,
             args.shapes_hard_negatives,
+            args.shapes_lr,
         )
     print_json(result)
 
