@@ -47,6 +47,7 @@ __all__ = [
     "load_pipeline",
     "model_family",
     "model_source_family",
+    "source_denoiser_config",
     "source_family",
     "supported_families",
 ]
@@ -255,6 +256,32 @@ def model_source_family(model: str | os.PathLike) -> str | None:
     ModelLoadError for a missing path, a pickle, or an unsupported family."""
     kind, source = _resolve_source(model)
     return source_family(kind, source)
+
+
+def source_denoiser_config(model: str | os.PathLike, denoiser: str = "transformer") -> dict | None:
+    """``denoiser/config.json`` of a diffusers folder or a cached Hub repo, read without loading the model.
+
+    None where there is none to read: a single-file checkpoint, a Hub repo not in the cache, a folder
+    without that config (a malformed one is left for loading to report). ModelLoadError as
+    :func:`model_source_family` for a missing path or a pickle.
+    """
+    kind, source = _resolve_source(model)
+    if kind == "file":
+        return None
+    if kind == "folder":
+        path = Path(source) / denoiser / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), f"{denoiser}/config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = read_json(path)
+    except EditkitError:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _pipeline_class_for(pipeline_class: type | None, family: str | None, model: str | os.PathLike) -> type:

@@ -122,3 +122,24 @@ def test_app_sliders_start_at_the_sd3_familys_defaults(sd3_dir, tmp_path):
     assert values["tokens-steps"] == 28
     guidance = [b.value for b in demo.blocks.values() if getattr(b, "label", None) == "Guidance scale"]
     assert 13.5 in guidance and 7.0 in guidance
+
+
+@pytest.mark.parametrize(("guidance_embeds", "expected"), [(True, (28, 3.5)), (False, (4, 0.0))])
+def test_app_tells_flux_schnell_from_dev_before_loading(tmp_path, guidance_embeds, expected):
+    """A FLUX folder without a guidance embedding (FLUX.1-schnell) gets schnell's 4 steps and no guidance on the
+    compose, tokens and stylize sliders, read from transformer/config.json: nothing is loaded to build the page."""
+    from editkit.app import build_demo
+    from editkit.app.models import ModelManager
+
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline(seed=0, path=folder, guidance_embeds=guidance_embeds)
+    manager = ModelManager(folder, device="cpu")
+    variant = "flux" if guidance_embeds else "flux-schnell"
+    assert manager.defaults_family() == variant and manager._base is None
+    demo = build_demo(folder, device="cpu", output_dir=tmp_path / "out")
+    values = {block.elem_id: block.value for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    steps, guidance = expected
+    assert values["compose-steps"] == values["tokens-steps"] == values["stylize-steps"] == steps
+    assert guidance in [b.value for b in demo.blocks.values() if getattr(b, "label", None) == "Guidance scale"]
+    manager.pipeline("compose")  # once loaded, the transformer's own config says the same
+    assert manager._base is not None and manager.defaults_family() == variant

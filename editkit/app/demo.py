@@ -239,22 +239,24 @@ def _stylize_steps(handlers: Handlers) -> int:
     return _compose_defaults(handlers)[0] if family in MMDIT_FAMILIES else UNET_STEPS
 
 
-def _family_or_none(handlers: Handlers) -> str | None:
-    """The model's family, None when it cannot be read yet (the page still builds; loading reports it)."""
+def _family_or_none(handlers: Handlers, *, schnell: bool = False) -> str | None:
+    """The model's family (``schnell``: FLUX.1-schnell as ``"flux-schnell"``), None when it cannot be read yet
+    (the page still builds; loading reports it)."""
     from editkit.errors import EditkitError
 
+    manager = handlers.manager
     try:
-        return handlers.manager.family()
+        return manager.defaults_family() if schnell else manager.family()
     except EditkitError:
         return None
 
 
 def _compose_defaults(handlers: Handlers) -> tuple[int, float]:
     """The compose sliders' start: the model family's steps and guidance (``tasks.compose.FAMILY_DEFAULTS``;
-    FLUX: dev's, as schnell is told apart only once the transformer is loaded)."""
+    FLUX.1-schnell's when the transformer config has no guidance embedding, read before loading)."""
     from editkit.tasks.compose import FAMILY_DEFAULTS
 
-    return FAMILY_DEFAULTS.get(_family_or_none(handlers) or "sd", FAMILY_DEFAULTS["sd"])
+    return FAMILY_DEFAULTS.get(_family_or_none(handlers, schnell=True) or "sd", FAMILY_DEFAULTS["sd"])
 
 
 def _compose_tab(handlers: Handlers) -> None:

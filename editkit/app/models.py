@@ -85,6 +85,18 @@ class ModelManager:
 
         return model_family(self._base) if self._base is not None else model_source_family(self.model)
 
+    def defaults_family(self) -> str | None:
+        """:meth:`family`, with a FLUX.1 model without a guidance embedding (FLUX.1-schnell) told apart as
+        ``"flux-schnell"``: from the loaded transformer's config, or before loading from the folder's (or the
+        cached Hub repo's) ``transformer/config.json``; a single-file FLUX checkpoint reads as ``"flux"`` (dev)."""
+        from editkit.models import source_denoiser_config
+
+        family = self.family()
+        if family != "flux":
+            return family
+        config = self._base.transformer.config if self._base is not None else source_denoiser_config(self.model)
+        return "flux-schnell" if config is not None and config.get("guidance_embeds") is False else family
+
     def pipeline(self, method: str) -> Any:
         """The pipeline of ``method`` (an endpoint name of :data:`METHODS`), loading the base on first use."""
         spec = METHODS[method]
