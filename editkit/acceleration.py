@@ -39,6 +39,7 @@ __all__ = [
     "GraphBreakReport",
     "compile_unet",
     "enable_memory_savers",
+    "frozen_for_backward",
     "frozen_weights",
     "graph_breaks",
     "to_channels_last",
@@ -93,6 +94,21 @@ def frozen_weights(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for parameter, flag in zip(parameters, flags, strict=True):
             parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def frozen_for_backward(model: torch.nn.Module, gradient_checkpointing: bool = False) -> Iterator[torch.nn.Module]:
+    """:func:`frozen_weights`, plus diffusers' gradient checkpointing switched on inside the block when asked
+    and the model does not have it on already (switched back off after): backpropagation to latents only."""
+    switch = gradient_checkpointing and not model.is_gradient_checkpointing
+    if switch:
+        model.enable_gradient_checkpointing()
+    try:
+        with frozen_weights(model):
+            yield model
+    finally:
+        if switch:
+            model.disable_gradient_checkpointing()
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

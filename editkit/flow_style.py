@@ -125,7 +125,25 @@ def flow_model_fingerprint(transformer: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-class FlowFeatureRecorder(AttentionController):
+class _KeyedSiteController(AttentionController):
+    """A controller acting at ``sites`` on the transformer calls whose :func:`timestep_key` is in ``keys``:
+    ``begin_step`` (run before each call with its timestep) sets ``_key`` to that key, or None outside ``keys``."""
+
+    def __init__(self, sites: Iterable[str], keys: Iterable[int]) -> None:
+        super().__init__()
+        self.sites, self.keys = frozenset(sites), frozenset(keys)
+        self._key: int | None = None
+
+    def applies_to(self, site: Site) -> bool:
+        return site.name in self.sites
+
+    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
+        super().begin_step(index, timestep)
+        key = timestep_key(timestep)
+        self._key = key if key in self.keys else None
+
+
+class FlowFeatureRecorder(_KeyedSiteController):
     """Records the image-token ``keep`` features (``query`` or ``key``/``value``) at ``sites`` for call timesteps
     whose :func:`timestep_key` is in ``keys``; a repeated (site, key) overwrites.
 
@@ -141,19 +159,9 @@ class FlowFeatureRecorder(AttentionController):
         dtype: torch.dtype = torch.float16,
         offload: str | torch.device | None = None,
     ) -> None:
-        super().__init__()
-        self.sites, self.keep, self.keys = frozenset(sites), tuple(keep), frozenset(keys)
-        self.dtype, self.offload = dtype, offload
+        super().__init__(sites, keys)
+        self.keep, self.dtype, self.offload = tuple(keep), dtype, offload
         self.features: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        self._key: int | None = None
-
-    def applies_to(self, site: Site) -> bool:
-        return site.name in self.sites
-
-    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
-        super().begin_step(index, timestep)
-        key = timestep_key(timestep)
-        self._key = key if key in self.keys else None
 
     def on_qkv(self, site, query, key, value):
         if self._key is not None and site.name in self.sites:
@@ -169,7 +177,7 @@ class FlowFeatureRecorder(AttentionController):
         return (tensor.to(self.offload) if self.offload is not None else tensor.clone()).contiguous()
 
 
-class FlowStyleInjectionController(AttentionController):
+class FlowStyleInjectionController(_KeyedSiteController):
     """Style-guided joint attention on ``sites`` at the call timesteps whose key is in ``keys``.
 
     Args:
@@ -197,22 +205,13 @@ class FlowStyleInjectionController(AttentionController):
         keys: Iterable[int],
         mask: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
         if gamma > 0 and content is None:
             raise ValueError("gamma > 0 needs the content's recorded queries")
-        self.sites, self.style, self.content = frozenset(sites), style, content
-        self.gamma, self.tau, self.keys, self.mask = float(gamma), float(tau), frozenset(keys), mask
+        super().__init__(sites, keys)
+        self.style, self.content = style, content
+        self.gamma, self.tau, self.mask = float(gamma), float(tau), mask
         self.injected: set[tuple[str, int]] = set()
-        self._key: int | None = None
         self._token_masks: dict[tuple[int, int], torch.Tensor] = {}
-
-    def applies_to(self, site: Site) -> bool:
-        return site.name in self.sites
-
-    def begin_step(self, index: int, timestep: int | float | torch.Tensor) -> None:
-        super().begin_step(index, timestep)
-        key = timestep_key(timestep)
-        self._key = key if key in self.keys else None
 
     def on_qkv(self, site, query, key, value):
         if self._key is None or site.name not in self.sites:

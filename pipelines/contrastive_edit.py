@@ -6,11 +6,10 @@ are optional components). It also works as a diffusers community pipeline (``cus
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,7 +22,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from editkit.acceleration import frozen_weights
+from editkit.acceleration import frozen_for_backward
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
 from editkit.conditioning import TextConditioning, role_conditioning
 from editkit.contrastive import (
@@ -275,20 +274,6 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
             loss = (loss + identity) / 2
         return loss
 
-    @contextlib.contextmanager
-    def _frozen_unet(self, gradient_checkpointing: bool) -> Iterator[None]:
-        """UNet weights frozen (no weight gradients) and optional checkpointing, both restored after."""
-        unet = self.unet
-        was_checkpointing = unet.is_gradient_checkpointing
-        if gradient_checkpointing and not was_checkpointing:
-            unet.enable_gradient_checkpointing()
-        try:
-            with frozen_weights(unet):
-                yield
-        finally:
-            if gradient_checkpointing and not was_checkpointing:
-                unet.disable_gradient_checkpointing()
-
     @torch.no_grad()
     def __call__(
         self,
@@ -470,7 +455,7 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         drawn, losses = [], []
         with (
             self.attach_controllers(controller),
-            self._frozen_unet(gradient_checkpointing),
+            frozen_for_backward(self.unet, gradient_checkpointing),
             unet_call_kwargs(self.unet, cross_attention_kwargs),
             self.progress_bar(total=num_inference_steps, desc="editing") as progress,
         ):

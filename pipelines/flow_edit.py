@@ -9,10 +9,9 @@ interface (:mod:`editkit.backbones`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ from diffusers import (
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput
 
-from editkit.acceleration import frozen_weights
+from editkit.acceleration import frozen_for_backward
 from editkit.attention import AttentionController, AttentionKernelMixin, attach, attention_sites, compose, select_sites
 from editkit.backbones import backbone_for
 from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
@@ -145,20 +144,6 @@ class _FlowEditMethod(AttentionKernelMixin):
 
         negative = None if distilled else encode("" if negative_prompt is None else negative_prompt)
         return FlowEditText(encode(prompts["source_prompt"]), encode(prompts["target_prompt"]), negative)
-
-    @contextlib.contextmanager
-    def _frozen(self, gradient_checkpointing: bool) -> Iterator[None]:
-        """Transformer weights frozen (no weight gradients) and optional checkpointing, both restored after."""
-        transformer = self.transformer
-        was = transformer.is_gradient_checkpointing
-        if gradient_checkpointing and not was:
-            transformer.enable_gradient_checkpointing()
-        try:
-            with frozen_weights(transformer):
-                yield
-        finally:
-            if gradient_checkpointing and not was:
-                transformer.disable_gradient_checkpointing()
 
     def _recorder(self, contrast, contrast_sites, feature) -> FlowFeatureRecorder | None:
         if contrast is None:
@@ -302,7 +287,7 @@ class _FlowEditMethod(AttentionKernelMixin):
         with (
             attach(self.transformer, controller, backend=kernel.backend, sdpa_backends=kernel.sdpa_backends,
                    chunk_size=kernel.chunk_size),
-            self._frozen(gradient_checkpointing and recorder is not None),
+            frozen_for_backward(self.transformer, gradient_checkpointing and recorder is not None),
             self.progress_bar(total=total) as progress,
         ):  # fmt: skip
 
