@@ -52,10 +52,10 @@ from editkit.flow_inversion import FlowSchedule
 __all__ = [
     "FLOW_EDIT_DEFAULTS",
     "FLOW_EDIT_METHODS",
+    "FlowContrastFeatureRecorder",
     "FlowEditDefaults",
     "FlowEditSettings",
     "FlowEditText",
-    "FlowFeatureRecorder",
     "FlowVelocities",
     "contrast_sites_of",
     "coupled_target",
@@ -115,7 +115,7 @@ def velocity_dds_step(v_target: torch.Tensor, v_source: torch.Tensor, scale: flo
 
 
 # -- features -------------------------------------------------------------------------------------
-class FlowFeatureRecorder(ContrastiveFeatureRecorder):
+class FlowContrastFeatureRecorder(ContrastiveFeatureRecorder):
     """:class:`ContrastiveFeatureRecorder` on MM-DiT sites: image-token features of joint / image-only / single layers.
 
     ``on_output`` already holds the image part there; for ``feature`` query / key / value the image
@@ -330,7 +330,7 @@ def flowedit_loop(
     schedule: FlowSchedule,
     settings: FlowEditSettings,
     generator: torch.Generator | None,
-    recorder: FlowFeatureRecorder | None,
+    recorder: FlowContrastFeatureRecorder | None,
     on_step: StepHook,
 ) -> tuple[torch.Tensor, list[float], list[float]]:
     """FlowEdit (Kulikov et al. 2025, Alg. 1) from step ``T - n_max``; returns (latents, timesteps, losses).
@@ -369,7 +369,7 @@ def flow_dds_loop(
     x_source: torch.Tensor,
     settings: FlowEditSettings,
     generator: torch.Generator | None,
-    recorder: FlowFeatureRecorder | None,
+    recorder: FlowContrastFeatureRecorder | None,
     on_step: StepHook,
 ) -> tuple[torch.Tensor, list[int], list[float]]:
     """Flow DDS (+ PatchNCE): ``num_iterations`` SGD steps on the edited latent -> (latents, timesteps, losses)."""

@@ -6,7 +6,7 @@ both families share one loop:
 
 1. Content and style are inverted with the flow ODE (:func:`editkit.flow_inversion.flow_invert`,
    Euler) along the generation schedule (shifted sigmas, FLUX's dynamic ``mu`` of the content size).
-2. While inverting, :class:`FlowFeatureRecorder` keeps only what injection needs, from the
+2. While inverting, :class:`FlowStyleFeatureRecorder` keeps only what injection needs, from the
    **image tokens** of the chosen sites: the content's queries, the style's keys and values, per
    call timestep (fp16, optionally on the CPU).
 3. Generation (Euler, ``FlowMatchEulerDiscreteScheduler.step``'s arithmetic) starts from the
@@ -45,7 +45,7 @@ from editkit.style import preserve_query
 
 __all__ = [
     "FLOW_STYLE_KINDS",
-    "FlowFeatureRecorder",
+    "FlowStyleFeatureRecorder",
     "FlowStyleInjectionController",
     "default_flow_style_sites",
     "default_num_inference_steps",
@@ -143,7 +143,7 @@ class _KeyedSiteController(AttentionController):
         self._key = key if key in self.keys else None
 
 
-class FlowFeatureRecorder(_KeyedSiteController):
+class FlowStyleFeatureRecorder(_KeyedSiteController):
     """Records the image-token ``keep`` features (``query`` or ``key``/``value``) at ``sites`` for call timesteps
     whose :func:`timestep_key` is in ``keys``; a repeated (site, key) overwrites.
 

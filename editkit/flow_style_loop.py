@@ -19,7 +19,7 @@ import torch
 from editkit.attention import AttentionController, compose
 from editkit.backbones import FlowBackbone, FlowConditioning, euler_step
 from editkit.flow_inversion import FlowSchedule, flow_invert, flow_schedule, flux_mu
-from editkit.flow_style import FlowFeatureRecorder, StepHook, flow_model_fingerprint, timestep_key
+from editkit.flow_style import FlowStyleFeatureRecorder, StepHook, flow_model_fingerprint, timestep_key
 from editkit.style import StyleCache
 from editkit.style_file import FEATURES_BY_KIND
 
@@ -103,7 +103,7 @@ def invert_recording(
     is the inverted latent at ``sigma_0``.
     """
     keys = sorted(set(keys), reverse=True)
-    recorder = FlowFeatureRecorder(sites, FEATURES_BY_KIND[kind], keys, offload=offload)
+    recorder = FlowStyleFeatureRecorder(sites, FEATURES_BY_KIND[kind], keys, offload=offload)
     stepper = compose(*extra, recorder)
     with attach_to(recorder) if sites else contextlib.nullcontext():
         result = flow_invert(_velocity(backbone, conditioning, stepper), latents, schedule, method="euler")

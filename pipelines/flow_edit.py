@@ -34,9 +34,9 @@ from editkit.errors import InputError
 from editkit.flow_edit import (
     FLOW_EDIT_DEFAULTS,
     FLOW_EDIT_METHODS,
+    FlowContrastFeatureRecorder,
     FlowEditSettings,
     FlowEditText,
-    FlowFeatureRecorder,
     FlowVelocities,
     contrast_sites_of,
     flow_dds_loop,
@@ -145,7 +145,7 @@ class _FlowEditMethod(AttentionKernelMixin):
         negative = None if distilled else encode("" if negative_prompt is None else negative_prompt)
         return FlowEditText(encode(prompts["source_prompt"]), encode(prompts["target_prompt"]), negative)
 
-    def _recorder(self, contrast, contrast_sites, feature) -> FlowFeatureRecorder | None:
+    def _recorder(self, contrast, contrast_sites, feature) -> FlowContrastFeatureRecorder | None:
         if contrast is None:
             return None
         sites = contrast_sites_of(self.family, contrast_sites)
@@ -154,7 +154,7 @@ class _FlowEditMethod(AttentionKernelMixin):
             select_sites(image_sites, sites)
         except ValueError as error:
             raise InputError(f"contrast_sites: {error}") from None
-        return FlowFeatureRecorder(sites, feature=feature)
+        return FlowContrastFeatureRecorder(sites, feature=feature)
 
     @torch.no_grad()
     def __call__(

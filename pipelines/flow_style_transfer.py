@@ -25,6 +25,7 @@ from PIL import Image
 from editkit.attention import AttentionController, AttentionKernelMixin, attach, compose
 from editkit.backbones import FlowConditioning, backbone_for
 from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
+from editkit.conditioning import as_prompt_list
 from editkit.errors import InputError
 from editkit.flow_style import (
     FlowStyleInjectionController,
@@ -42,6 +43,7 @@ from editkit.flow_style_loop import (
 from editkit.image import check_mask_aspect
 from editkit.pipeline_io import (
     as_list,
+    broadcast,
     callback_tensor_names,
     check_output_type,
     image_latents,
@@ -61,7 +63,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FlowStyleTransferPipelineOutput(BaseOutput):
-    """``images``: per content image, one stylized image per style; the caches as in ``StyleTransferPipeline``."""
+    """``images``: per content image, one stylized image per style (ordered by content, then style).
+
+    ``style_caches``: the styles' features (for the first content's text); ``content_caches``: one per
+    content image; ``content_cache``: the first of them (one content image, the common case).
+    """
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     style_caches: list[StyleCache]
@@ -77,6 +83,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
     the style keys times ``tau``; text tokens the content's) and content-aware AdaIN of the start latent.
     Inversion and generation are Euler steps along the family pipeline's schedule. Cost per new pair:
     style inversion N + content inversion N + generation N transformer calls (N + N with a cached style).
+    A batch of B content images with S styles costs B N (contents) + S N per distinct text (styles) + B S N
+    (generations): items run one after another, as in ``StyleTransferPipeline`` (the features are per image).
     Not available here (UNet only): ``resample_steps``, ``feature_timing``, IP-Adapter, CFG.
     """
 
@@ -118,8 +126,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         style_image: PipelineImageInput | Sequence[PipelineImageInput] | None = None,
         *,
         style_cache: StyleCache | Sequence[StyleCache] | None = None,
-        content_cache: StyleCache | None = None,
-        prompt: str = "",
+        content_cache: StyleCache | Sequence[StyleCache] | None = None,
+        prompt: str | Sequence[str] = "",
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float | None = None,
@@ -144,18 +152,22 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_controllers: Sequence[AttentionController] | None = None,
     ):
-        r"""Stylize ``content_image`` with each style: one image per style (images first, then caches).
+        r"""Stylize each content image with each style: images ordered by content, then style (style images
+        first, then caches).
 
         Args:
-            content_image: one content image in diffusers' formats (PIL, path, array, tensor in [0, 1]),
-                or its (1, C, h, w) latents. Needed for its size when ``content_cache`` is given.
+            content_image: one content image or a batch in diffusers' formats (PIL, path, array, tensor in
+                [0, 1], a list), or their (B, C, h, w) latents; a batch is processed at its first item's size.
+                Needed for its size when ``content_cache`` is given.
             style_image: one or more style images (any size: keys need not match the content's).
             style_cache / content_cache: features of an earlier run (``output.style_caches``,
-                ``output.content_cache``, ``StyleCache.load``), validated against this model's family,
-                fingerprint, sites and schedule.
-            prompt: optional text for inversion and generation (empty: the StyleID setting).
+                ``output.content_caches``, ``StyleCache.load``), validated against this model's family,
+                fingerprint, sites and schedule; one content cache per content image.
+            prompt: optional text for inversion and generation (empty: the StyleID setting), one or one per
+                content image; the styles are inverted once per distinct text.
             prompt_embeds, pooled_prompt_embeds: given text embeddings instead of ``prompt`` (diffusers'
-                names and ``encode_prompt``'s outputs: ``(1, tokens, joint_attention_dim)``, ``(1, pooled)``).
+                names and ``encode_prompt``'s outputs: ``(rows, tokens, joint_attention_dim)``, ``(rows,
+                pooled)``), one row or one per content image.
             guidance_scale: FLUX.1-dev's distilled guidance input, used in inversion and generation alike
                 (None: 1.0, the StyleID no-guidance setting). SD3 runs without CFG: only 1.0 (or None).
             num_inference_steps: Euler steps N shared by inversion and generation (None: the family
@@ -197,49 +209,75 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         extra = list(attention_controllers or [])
         self._interrupt = False
 
-        # 1. The content's latents, the shared schedule and the injection window.
-        content = self._latents(content_image, (width, height) if width and height else None, "content_image")
-        if content.shape[0] != 1:
-            raise InputError(f"one content image per call on {self.family}, got {content.shape[0]}")
-        schedule = flow_generation_schedule(backbone, steps, tuple(content.shape[-2:]))
+        # 1. Contents (every batch item), one text per item, the shared schedule and the injection window.
+        contents = self._latents(content_image, (width, height) if width and height else None, "content_image")
+        embeds = {name: rows for name, rows in (("prompt_embeds", prompt_embeds),
+                  ("pooled_prompt_embeds", pooled_prompt_embeds)) if rows is not None}  # fmt: skip
+        prompts = broadcast(
+            {"prompt": as_prompt_list(prompt)},
+            {"content_image": len(contents), **{name: len(rows) for name, rows in embeds.items()}},
+        )["prompt"]
+        batch = len(prompts)
+        contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
+        given_content = as_list(content_cache)
+        if given_content and len(given_content) != batch:
+            raise InputError(f"got {len(given_content)} content caches for {batch} content images")
+        schedule = flow_generation_schedule(backbone, steps, tuple(contents.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
-        conditioning = self._conditioning(backbone, prompt, prompt_embeds, pooled_prompt_embeds)
-        size = _pixel_size(self, content)
+        row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
+        texts = [self._conditioning(backbone, prompts[i], row(prompt_embeds, i), row(pooled_prompt_embeds, i))
+                 for i in range(batch)]  # fmt: skip
+        # styles are inverted once per distinct text: per prompt, or per embedding row when embeddings are given
+        text_keys = list(range(batch)) if embeds and len(next(iter(embeds.values()))) > 1 else prompts
+        size = _pixel_size(self, contents)
         if mask is not None:
             style_size = size
             check_mask_aspect(tuple(torch.as_tensor(mask).shape[-2:])[::-1], size)
         header = {"model_name": str(getattr(self.config, "_name_or_path", ""))}
-        invert = lambda latents, kind, label: invert_recording(  # noqa: E731
-            backbone, latents, conditioning, schedule, kind=kind, sites=sites if kind == "style" or gamma > 0 else [],
+        invert = lambda latents, kind, text, label: invert_recording(  # noqa: E731
+            backbone, latents, text, schedule, kind=kind, sites=sites if kind == "style" or gamma > 0 else [],
             keys=keys, attach_to=self._attach, offload="cpu" if offload_features else None, extra=extra,
             header={**header, "size": _pixel_size(self, latents)},
         )  # fmt: skip
         expected = {"model": flow_model_fingerprint(self.transformer), "family": self.family, "timesteps": keys}
         with self._attach(compose(*extra)) if extra else contextlib.nullcontext():
-            # 2. Content inversion (its image-token queries), unless cached.
-            content_features = content_cache or invert(content, "content", "inverting content")
-            self._validate(content_features, "content", sites if gamma > 0 else [], expected, schedule, size)
+            # 2. Content inversions (their image-token queries), unless cached: one per batch item.
+            content_caches = given_content or [
+                invert(contents[i : i + 1], "content", texts[i], phase_label("inverting content", i, batch))
+                for i in range(batch)
+            ]
+            for cache in content_caches:
+                self._validate(cache, "content", sites if gamma > 0 else [], expected, schedule, size)
 
-            # 3. Style inversions (their image-token keys and values), unless cached.
-            caches = [invert(self._latents(s, style_size, "style_image"), "style", phase_label("inverting style", j,
-                      len(styles))) for j, s in enumerate(styles)]  # fmt: skip
+            # 3. Style inversions (their image-token keys and values), unless cached: once per distinct text.
+            style_latents = [self._latents(s, style_size, "style_image") for s in styles]
             for cache in given_caches:
                 self._validate(cache, "style", sites, expected, schedule, None)
-            caches += given_caches
+            caches_by_text = {}
+            for index, key in enumerate(text_keys):
+                if key not in caches_by_text:
+                    caches_by_text[key] = [
+                        invert(s, "style", texts[index], phase_label("inverting style", j, len(styles)))
+                        for j, s in enumerate(style_latents)
+                    ] + given_caches
 
-            # 4. Generation per style: AdaIN'd start latent, injected attention.
+            # 4. Generation per content and style: AdaIN'd start latent, injected attention.
             options = {"sites": sites, "keys": keys, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
                        "mask": mask_batch_tensor(mask), "callback": (callback_on_step_end, names),
                        "extra": extra}  # fmt: skip
-            latents = [self._generate(backbone, content_features, cache, conditioning, schedule, options)
-                       for cache in caches]  # fmt: skip
+            latents = [
+                self._generate(backbone, content_features, cache, texts[index], schedule, options)
+                for index, content_features in enumerate(content_caches)
+                for cache in caches_by_text[text_keys[index]]
+            ]
 
         # 5. Decode the final latents.
         images = postprocess(self.vae, torch.cat(latents), output_type)
         self.maybe_free_model_hooks()
+        caches = caches_by_text[text_keys[0]]
         if not return_dict:
-            return images, caches, [content_features]
-        return FlowStyleTransferPipelineOutput(images, caches, content_features, [content_features])
+            return images, caches, content_caches
+        return FlowStyleTransferPipelineOutput(images, caches, content_caches[0], content_caches)
 
     def _backbone(self, guidance_scale: float | None, max_sequence_length: int | None):
         options = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
@@ -255,6 +293,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             return backbone.encode_text(prompt)
         if prompt_embeds is None or pooled_prompt_embeds is None:
             raise InputError("give both prompt_embeds and pooled_prompt_embeds (or neither)")
+        if prompt:
+            raise InputError("give prompt or prompt_embeds, not both")
         dtype, device = self.transformer.dtype, self._execution_device
         text_ids = None
         if self.family == "flux":  # FluxPipeline.encode_prompt's text ids: all zero

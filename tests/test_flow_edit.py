@@ -164,9 +164,9 @@ def test_flow_dds_iteration_matches_the_reference(sd3):
 
 # -- the contrastive term ------------------------------------------------------------
 def test_recorded_features_are_the_stock_attention_image_outputs(sd3):
-    """FlowFeatureRecorder sees what the stock JointAttnProcessor2_0 returns for the image tokens (forward hook)."""
+    """FlowContrastFeatureRecorder sees what the stock JointAttnProcessor2_0 returns for the image tokens (hook)."""
     from editkit.attention import attach
-    from editkit.flow_edit import FlowFeatureRecorder
+    from editkit.flow_edit import FlowContrastFeatureRecorder
 
     latents, context = _latents(4), torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))
     pooled, timestep = torch.randn(1, 64, generator=torch.Generator().manual_seed(5)), torch.tensor([500.0])
@@ -178,7 +178,7 @@ def test_recorded_features_are_the_stock_attention_image_outputs(sd3):
     with torch.no_grad():
         sd3.transformer(**kwargs)
     handle.remove()
-    recorder = FlowFeatureRecorder(("transformer_blocks",), role=None)
+    recorder = FlowContrastFeatureRecorder(("transformer_blocks",), role=None)
     recorder.branch = "source"
     with torch.no_grad(), attach(sd3.transformer, recorder):
         sd3.transformer(**kwargs)
@@ -217,9 +217,9 @@ def test_contrastive_step_is_the_loss_gradient(sd3):
     assert step.norm() > 1e-6
 
     def loss_at(latents):  # the same iteration's loss at a moved latent: through the callback-free public path
-        from editkit.flow_edit import FlowFeatureRecorder
+        from editkit.flow_edit import FlowContrastFeatureRecorder
 
-        return _dds_loss(pipe, latents, image, FlowFeatureRecorder)
+        return _dds_loss(pipe, latents, image, FlowContrastFeatureRecorder)
 
     eps = 1e-3
     slope = (loss_at(image + eps * direction) - loss_at(image - eps * direction)) / (2 * eps)

@@ -158,13 +158,13 @@ def test_injected_joint_attention_matches_the_formula(sd3, gamma, tau):
 def test_injecting_a_calls_own_features_changes_nothing(request, fixture, site, masked):
     """gamma = 1, tau = 1 with the same call's recorded image q/k/v reproduces the plain call (layout,
     single-stream text length, rotary order); masked: all-ones inside, and all-zeros is plain attention."""
-    from editkit.flow_style import FlowFeatureRecorder, FlowStyleInjectionController, timestep_key
+    from editkit.flow_style import FlowStyleFeatureRecorder, FlowStyleInjectionController, timestep_key
 
     pipe = request.getfixturevalue(fixture)
     latents = torch.randn(1, pipe.transformer.config.in_channels // (4 if fixture == "flux" else 1), 4, 4)
     _, call = _transformer_call(pipe, latents, 700.0)
     k = timestep_key(700.0)
-    recorder = FlowFeatureRecorder([site], ("query", "key", "value"), [k], dtype=torch.float32)
+    recorder = FlowStyleFeatureRecorder([site], ("query", "key", "value"), [k], dtype=torch.float32)
     with attach(pipe.transformer, recorder):
         recorder.begin_step(0, 700.0)
         plain = call()
@@ -222,6 +222,56 @@ def test_cost_is_exactly_the_floor_and_the_cache_round_trips(request, tmp_path, 
         handle.remove()
     with pytest.raises(InputError, match=r"schedule|lacks timesteps"):
         pipe(content, style_cache=[cache], num_inference_steps=STEPS + 1, output_type="latent")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fixture", ["sd3", "flux"])
+def test_a_batch_of_contents_equals_one_call_per_content(request, fixture):
+    """Two contents x two styles: outputs ordered by content then style, each equal to its own single call;
+    the styles inverted once (one text), each content once: 2N + 2N + 4N transformer calls."""
+    pipe = request.getfixturevalue(fixture)
+    contents, styles = [_image(0), _image(2)], [_image(1), _image(3)]
+    calls, handle = _count_calls(pipe)
+    try:
+        out = pipe(contents, styles, num_inference_steps=STEPS, output_type="latent")
+        assert len(calls) == (2 + 2 + 4) * STEPS
+    finally:
+        handle.remove()
+    assert out.images.shape[0] == 4 and len(out.content_caches) == 2 and len(out.style_caches) == 2
+    assert out.content_cache is out.content_caches[0]
+    for i, content in enumerate(contents):
+        single = pipe(content, styles, num_inference_steps=STEPS, output_type="latent").images
+        torch.testing.assert_close(out.images[2 * i : 2 * i + 2], single, rtol=1e-5, atol=1e-5)
+    again = pipe(contents, style_cache=out.style_caches, content_cache=out.content_caches,
+                 num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+    torch.testing.assert_close(again.images, out.images, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="got 1 content caches for 2 content images"):
+        pipe(contents, style_cache=out.style_caches, content_cache=out.content_caches[:1],
+             num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+
+
+@torch.no_grad()
+def test_a_prompt_per_content_inverts_the_style_per_prompt(sd3):
+    contents, style = [_image(0), _image(2)], _image(1)
+    calls, handle = _count_calls(sd3)
+    try:
+        out = sd3(contents, [style], prompt=["a red circle", "a blue square"], num_inference_steps=STEPS,
+                  output_type="latent")  # fmt: skip
+        assert len(calls) == (2 + 2 + 2) * STEPS  # each content, the style per prompt, two generations
+    finally:
+        handle.remove()
+    second = sd3(contents[1], [style], prompt="a blue square", num_inference_steps=STEPS, output_type="latent")
+    torch.testing.assert_close(out.images[1:], second.images, rtol=1e-5, atol=1e-5)
+    embeds, _, pooled, _ = sd3.encode_prompt(["a red circle", "a blue square"], None, None,
+                                             do_classifier_free_guidance=False)  # fmt: skip
+    given = sd3(contents, [style], prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=STEPS,
+                output_type="latent")  # fmt: skip
+    torch.testing.assert_close(given.images, out.images, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match=r"prompt: 3, content_image: 2"):
+        sd3(contents, [style], prompt=["a", "b", "c"], num_inference_steps=STEPS, output_type="latent")
+    with pytest.raises(InputError, match="prompt or prompt_embeds, not both"):
+        sd3(contents, [style], prompt="a", prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            num_inference_steps=STEPS, output_type="latent")  # fmt: skip
 
 
 @torch.no_grad()
