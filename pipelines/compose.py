@@ -12,25 +12,22 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
+from diffusers import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
+from editkit.backbones.pipeline_bases import UNetComponents
 from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
 from editkit.loss_presets import LOSS_PRESETS, preset_weights, unified_loss
 from editkit.pipeline_io import (
-    DiffusersPipelineMixin,
     as_list,
     as_prompt_list,
     broadcast,
@@ -111,7 +108,7 @@ class _Run:
     loss_plan: LossPlan | None = None  # the guided steps' loss constants, made once per generation
 
 
-class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
+class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
     r"""Text-to-image with compositional constraints (entities, attribute bindings, relations).
 
     Stage 1 guides the latents of the first ``max_iter_to_alter`` steps with losses on the
@@ -127,42 +124,6 @@ class ComposePipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPip
         >>> out.chosen, [(status.description, status.satisfied) for status in out.report_before]
         ```
     """
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
-    _optional_components: ClassVar[list[str]] = [
-        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
-    ]  # fmt: skip
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        force_zeros_for_empty_prompt: bool = True,
-        safety_checker: torch.nn.Module | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
-            feature_extractor=None,
-        )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # -- inputs -------------------------------------------------------------------------------
     def check_inputs(

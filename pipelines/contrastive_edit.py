@@ -11,19 +11,17 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import PipelineImageInput
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from editkit.acceleration import frozen_for_backward
 from editkit.attention import AttentionController, AttentionKernelMixin, attention_sites, compose, select_sites
+from editkit.backbones.pipeline_bases import UNetComponents
 from editkit.conditioning import TextConditioning, role_conditioning
 from editkit.contrastive import (
     DEFAULT_SITES,
@@ -43,7 +41,6 @@ from editkit.errors import InputError
 from editkit.image import latent_edit_region
 from editkit.models import model_family
 from editkit.pipeline_io import (
-    DiffusersPipelineMixin,
     as_prompt_list,
     batch_size,
     callback_tensor_names,
@@ -76,7 +73,7 @@ class ContrastiveEditPipelineOutput(BaseOutput):
     contrastive_losses: list[float]
 
 
-class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline):
+class ContrastiveEditPipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
     r"""Edit a real image so it matches ``target_prompt`` and keeps the rest: DDS + (dual) contrastive loss.
 
     Each iteration draws one timestep and one noise, noises the source latent and the edited latent
@@ -93,41 +90,6 @@ class ContrastiveEditPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diff
         >>> generator = torch.Generator().manual_seed(0)
         >>> edited = pipe(image, "a photo of a cat", "a photo of a dog", generator=generator).images[0]
     """
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor")
-    _optional_components: ClassVar[list[str]] = [
-        "text_encoder_2", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder",
-    ]  # fmt: skip
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        force_zeros_for_empty_prompt: bool = True,
-        safety_checker: torch.nn.Module | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            safety_checker=None,  # diffusers' SD components this pipeline never runs: accepted, dropped
-            feature_extractor=None,
-        )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(

@@ -14,22 +14,15 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import IPAdapterMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from PIL import Image
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
 
 from editkit.attention import AttentionController, AttentionKernelMixin, compose, exposed_ip_adapters
+from editkit.backbones.pipeline_bases import UNetComponents
 from editkit.conditioning import EMBEDDING_NAMES, guidance_conditioning
 from editkit.errors import InputError
 from editkit.image import check_mask_aspect
@@ -53,7 +46,6 @@ from editkit.ip_adapter import (
 )
 from editkit.models import model_family
 from editkit.pipeline_io import (
-    DiffusersPipelineMixin,
     as_list,
     as_prompt_list,
     broadcast,
@@ -103,7 +95,7 @@ class StyleTransferPipelineOutput(BaseOutput):
     content_caches: list[StyleCache] | None = None
 
 
-class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, DiffusionPipeline, IPAdapterMixin):
+class StyleTransferPipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline, IPAdapterMixin):
     r"""Stylize a content image with one or more style images by swapping self-attention features.
 
     AttenST's components (arXiv 2503.07307, building on StyleID, CVPR 2024):
@@ -129,40 +121,8 @@ class StyleTransferPipeline(AttentionKernelMixin, DiffusersPipelineMixin, Diffus
         ```
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
-    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker",)
-    _optional_components: ClassVar[list[str]] = [
-        "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor", "safety_checker",
-    ]  # fmt: skip
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        safety_checker: torch.nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-            safety_checker=None,  # diffusers' SD component this pipeline never runs: accepted, dropped
-        )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+    _unused_components: ClassVar[tuple[str, ...]] = ("safety_checker",)  # IP-Adapter uses the other two
+    _zeros_for_empty_prompt: ClassVar[bool] = False  # StyleID's empty prompt, encoded (SDXL too)
 
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(

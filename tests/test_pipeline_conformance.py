@@ -325,6 +325,22 @@ def test_edm_schedulers_are_refused_before_model_work(pipes, name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", PIPELINES)
+def test_every_stable_diffusion_component_is_accepted_and_unused_ones_dropped(pipes, name):
+    """diffusers' SD component set goes in whole (``from_pipe`` / ``from_pretrained`` of any SD folder); what a
+    method never runs is registered as None, the rest as given."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    extractor = CLIPImageProcessor()
+    sd = StableDiffusionPipeline(**{k: getattr(pipes[name], k) for k in _BASE}, safety_checker=torch.nn.Identity(),
+                                 feature_extractor=extractor, requires_safety_checker=False)  # fmt: skip
+    moved = type(pipes[name]).from_pipe(sd)
+    assert moved.unet is sd.unet and moved.safety_checker is None
+    assert moved.feature_extractor is (extractor if name == "stylize" else None)  # IP-Adapter (stylize) uses it
+    assert ("force_zeros_for_empty_prompt" in moved.config) == (name != "stylize")  # StyleID encodes "" itself
+
+
+@pytest.mark.parametrize("name", PIPELINES)
 def test_stable_diffusion_from_pipe_without_extra_arguments(pipes, name):
     from diffusers import StableDiffusionPipeline
 
