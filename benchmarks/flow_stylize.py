@@ -20,12 +20,17 @@ style, the content's object mask kept (IoU >= 0.7), both in one pair (``success`
     python -m benchmarks.flow_stylize --only speed --steps 2 --latent 16 --repeats 2
     python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --pairs 64
     python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --sweep --pairs 0
+    python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --attention --pairs 0
+
+``--attention`` (16 pairs of other scenes, ``--sweep-pairs``): where the content's image queries look among the
+style's image keys at the default site, per timestep (``attention_diagnostic``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -156,8 +161,57 @@ def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int
         scores.append(score_pair(content, style, result, content_scene, style_scene))
     success = [s["colour_moved_toward_style"] > 0 and s["content_mask_iou"] >= 0.7 for s in scores]
     summary = _summary(scores, kept)
+    by_background = {}  # where the pairs fail: (pairs, success) per style background
+    for ok, style_scene in zip(success, style_scenes, strict=True):
+        count, hits = by_background.get(style_scene.background, (0, 0))
+        by_background[style_scene.background] = (count + 1, hits + int(ok))
     return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults",
-            "success_moved_and_iou_0.7": float(np.mean(success)), **summary}  # fmt: skip
+            "success_moved_and_iou_0.7": float(np.mean(success)), **summary,
+            "success_by_style_background": {k: {"pairs": n, "success": h / n} for k, (n, h) in
+                                            sorted(by_background.items())}}  # fmt: skip
+
+
+def _token_grid(scene, side: int) -> torch.Tensor:
+    """The image tokens (``side`` x ``side`` grid, flattened) that the scene's objects cover by more than 30%."""
+    from benchmarks.shapes.style_metrics import scene_mask
+
+    mask = torch.from_numpy(scene_mask(scene)).float()[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(mask, side).flatten() > 0.3
+
+
+def attention_diagnostic(model: Path, pairs: int, steps: int, seed_offset: int = 1000) -> dict:
+    """Where the content's image queries look in the style's keys at the default site (softmax over the style's
+    image keys, plain scale, head mean), per inverted timestep: the mass on the same grid position (uniform:
+    1 / tokens) and the mass of content-object queries on style-object keys beside the style-object token share."""
+    from PIL import Image
+
+    from benchmarks.shapes.world import sample_batch
+    from editkit.models import load_pipeline
+    from pipelines.flow_style_transfer import SD3StyleTransferPipeline
+
+    pipe = load_pipeline(SD3StyleTransferPipeline, model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=pairs, training=False, pattern_prob=0.0)
+    styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=pairs, training=False, pattern_prob=0.5,
+                                           background_prob=0.5)  # fmt: skip
+    rows: dict[int, list[tuple[float, float, float]]] = {}
+    for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
+        out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps,
+                   output_type="latent", max_sequence_length=0)  # fmt: skip
+        content_cache, style_cache = out.content_cache, out.style_caches[0]
+        for (site, key), features in content_cache.features.items():
+            query, keys = features["query"].float()[0], style_cache.features[(site, key)]["key"].float()[0]
+            side = math.isqrt(query.shape[1])
+            on_content, on_style = _token_grid(content_scene, side), _token_grid(style_scene, side)
+            probs = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1]), -1).mean(0)
+            object_mass = probs[on_content][:, on_style].sum(-1).mean().item() if on_content.any() else float("nan")
+            share = on_style.float().mean().item()
+            rows.setdefault(key, []).append((probs.diagonal().mean().item(), object_mass, share))
+    table = {str(key): {"same_position_mass": float(np.mean([r[0] for r in values])),
+                        "object_to_object_mass": float(np.nanmean([r[1] for r in values])),
+                        "style_object_token_share": float(np.mean([r[2] for r in values]))}
+             for key, values in sorted(rows.items(), reverse=True)}  # fmt: skip
+    return {"pairs": pairs, "steps": steps, "uniform_mass": 1 / query.shape[1], "by_timestep_key": table}
 
 
 def main() -> None:
@@ -178,6 +232,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, nargs=2, default=None, help="injection_sigmas LOW HIGH (0 0: none)")
     parser.add_argument("--no-adain", action="store_true", help="adain_strength None (no AdaIN)")
     parser.add_argument("--sweep", action="store_true", help="score the block choices of SWEEP")
+    parser.add_argument("--attention", action="store_true", help="where content queries look in the style's keys")
     parser.add_argument("--sweep-pairs", type=int, default=16)
     parser.add_argument("--seed-offset", type=int, default=0, help="other scenes (the sweep uses 1000)")
     parser.add_argument("--threads", type=int, default=1)
@@ -203,6 +258,8 @@ def main() -> None:
                                 seed_offset=1000)  # fmt: skip
                 result["sweep"][label] = scored
                 print(label, json.dumps(scored), file=sys.stderr, flush=True)
+        if args.attention:
+            result["attention"] = attention_diagnostic(args.model, args.sweep_pairs, args.shapes_steps)
     print_json(result)
 
 

@@ -224,11 +224,15 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             raise InputError(f"got {len(given_content)} content caches for {batch} content images")
         schedule = flow_generation_schedule(backbone, steps, tuple(contents.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
-        row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
-        texts = [self._conditioning(backbone, prompts[i], row(prompt_embeds, i), row(pooled_prompt_embeds, i))
-                 for i in range(batch)]  # fmt: skip
-        # styles are inverted once per distinct text: per prompt, or per embedding row when embeddings are given
+        # one text per item, encoded (and the styles inverted) once per distinct prompt or embedding row
         text_keys = list(range(batch)) if embeds and len(next(iter(embeds.values()))) > 1 else prompts
+        row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
+        encoded = {}
+        for i, key in enumerate(text_keys):
+            if key not in encoded:
+                encoded[key] = self._conditioning(backbone, prompts[i], row(prompt_embeds, i),
+                                                  row(pooled_prompt_embeds, i))  # fmt: skip
+        texts = [encoded[key] for key in text_keys]
         size = _pixel_size(self, contents)
         if mask is not None:
             style_size = size
