@@ -63,9 +63,9 @@ class UNetComponents(DiffusersPipelineMixin):
     ``from_pretrained`` of any SD / SDXL repo or folder and ``from_pipe`` both ways work. What a method
     never runs is listed in ``_unused_components``: registered as None whatever is given, and never
     loaded (the safety checker always; the image encoder and feature extractor unless the method
-    uses IP-Adapter). ``force_zeros_for_empty_prompt``: SDXL's zero embedding for an empty prompt, as
-    in diffusers (default True), registered where ``_zeros_for_empty_prompt`` is True (a pipeline that
-    encodes the empty prompt as the text encoders give it, e.g. StyleID's, sets it False).
+    uses IP-Adapter). ``force_zeros_for_empty_prompt`` (diffusers' SDXL flag, default True: empty SDXL
+    texts encode to zeros, see ``editkit.conditioning``) is registered where ``_zeros_for_empty_prompt``
+    is True; a pipeline that encodes the empty prompt as the text encoders give it (StyleID's) sets it False.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
