@@ -144,3 +144,20 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     assert continued["scaling_factor"] == summary["scaling_factor"]
     images = _generate_one(output)
     assert images.shape == (1, config.image_size, config.image_size, 3)
+
+
+def test_single_scores_break_shape_accuracy_down_by_shape():
+    from benchmarks.shapes.evaluate import score_single
+
+    def found(color, shape):
+        return [detect.Detection(color, shape, "solid", (0, 0, 4, 4), (2.0, 2.0), 16, 1.0)]
+
+    prompts = [
+        world.Prompt(f"a red {s}", "single", (("red", s),), None, "white") for s in ("circle", "circle", "square")
+    ]
+    scores = score_single(prompts, [found("red", "circle"), found("red", "triangle"), []])
+    assert scores["single_shape_accuracy"] == pytest.approx(1 / 3)
+    assert scores["single_shape_accuracy_by_shape"] == {
+        "circle": {"prompts": 2, "accuracy": 0.5}, "square": {"prompts": 1, "accuracy": 0.0},
+    }  # fmt: skip
+    assert scores["single_shape_confusions"] == {"circle -> triangle": 1, "square -> nothing": 1}

@@ -4,7 +4,8 @@ For each category (single object, two objects with "and", two objects with a spa
 held-out prompts are generated with fixed seeds and scored:
 
 - ``single_color_accuracy`` / ``single_shape_accuracy``: the largest detected object has the
-  prompt's colour / shape (shape is counted on all prompts, not only those with the right colour);
+  prompt's colour / shape (shape is counted on all prompts, not only those with the right colour),
+  with the shape accuracy per prompted shape and the wrong readings (``"circle -> triangle": n``);
 - ``pair_both_colors``: both prompted colours are detected;
 - ``relation_accuracy``: both colours are detected and their centroids stand in the prompted
   relation (``relation_both_colors`` is reported too).
@@ -119,16 +120,26 @@ def _first_of_color(detections: list[Detection], color: str) -> Detection | None
 def score_single(prompts: Sequence[Prompt], detections: Sequence[list[Detection]]) -> dict[str, float]:
     """Colour and shape accuracy of the largest detected object against single-object prompts."""
     color_ok, shape_ok, both_ok = [], [], []
+    by_shape: dict[str, list[bool]] = {}
+    confusions: dict[str, int] = {}  # "asked -> drawn" for the shapes drawn wrong
     for prompt, found in zip(prompts, detections):
         color, shape = prompt.objects[0]
         top = found[0] if found else None
         color_ok.append(top is not None and top.color == color)
         shape_ok.append(top is not None and top.shape == shape)
         both_ok.append(color_ok[-1] and shape_ok[-1])
+        by_shape.setdefault(shape, []).append(shape_ok[-1])
+        if not shape_ok[-1]:
+            drawn = f"{shape} -> {top.shape if top is not None else 'nothing'}"
+            confusions[drawn] = confusions.get(drawn, 0) + 1
     return {
         "single_color_accuracy": _mean(color_ok),
         "single_shape_accuracy": _mean(shape_ok),
         "single_color_and_shape_accuracy": _mean(both_ok),
+        "single_shape_accuracy_by_shape": {
+            k: {"prompts": len(v), "accuracy": _mean(v)} for k, v in sorted(by_shape.items())
+        },
+        "single_shape_confusions": dict(sorted(confusions.items())),
     }
 
 
