@@ -65,6 +65,26 @@ def test_decay_added_on_resume_cools_the_learning_rate_to_zero(tmp_path, data):
     assert resumed.optimizer.param_groups[0]["lr"] == 0.0  # after the last step
 
 
+def test_frozen_text_towers_stay_put_and_resume_exactly(tmp_path, data):
+    """``train_text_towers=False``: the towers keep the shapes-sd weights, projections and transformer train,
+    and a resumed run still equals the straight one."""
+    frozen = dataclasses.replace(CONFIG, train_text_towers=False)
+    start = _weights(T.new_state(frozen, T.SHAPES_SD))
+    straight = T.run(T.new_state(frozen, T.SHAPES_SD), data, None, 0.0)
+    after = _weights(straight)
+    towers = [k for k in after if k.startswith("model.text_encoder") and ".text_model." in k]
+    assert towers and all(torch.equal(after[k], start[k]) for k in towers)
+    for key in ("model.text_encoder.text_projection.weight", "model.transformer.proj_out.weight"):
+        assert not torch.equal(after[key], start[key]), key
+    checkpoint = tmp_path / "ckpt.safetensors"
+    T.run(T.new_state(dataclasses.replace(frozen, steps=2), T.SHAPES_SD), data, checkpoint, checkpoint_every=1e9)
+    resumed = T.run(T.load_state(checkpoint, T.SHAPES_SD, steps=4), data, None, 0.0)
+    assert resumed.config.train_text_towers is False
+    again = _weights(resumed)
+    for key, value in after.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_not_a_checkpoint_is_refused(tmp_path):
     from safetensors.torch import save_file
 

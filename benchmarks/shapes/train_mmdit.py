@@ -72,6 +72,7 @@ class MMDiTConfig:
     warmup_steps: int = 100
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1
+    train_text_towers: bool = True  # False: the shapes-sd text towers stay frozen (projections still train)
     ema_decay: float = 0.999
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -290,8 +291,11 @@ def warmup_stable_decay(warmup: int, steps: int, decay_steps: int):
 def new_state(config: MMDiTConfig, source: Path) -> TrainState:
     """Fresh models (EMA copies of them), AdamW with warm-up-stable-decay, the seeded batch generator."""
     models = build_models(config, source)
+    if not config.train_text_towers:
+        for name in ("text_encoder", "text_encoder_2"):
+            models[name].text_model.requires_grad_(False)
     ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()}
-    params = [p for model in models.values() for p in model.parameters()]
+    params = [p for model in models.values() for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_stable_decay(config.warmup_steps, config.steps, config.decay_steps)
@@ -485,6 +489,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decay-steps", type=int, default=None, help="decay the learning rate linearly to 0 over the last N steps"
     )
     parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument(
+        "--freeze-text-towers", action="store_true", help="keep the shapes-sd text towers frozen (new runs only)"
+    )
     return parser.parse_args(argv)
 
 
@@ -503,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         names = ("steps", "decay_steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        if args.freeze_text_towers:
+            overrides["train_text_towers"] = False
         state = new_state(dataclasses.replace(CONFIGS[args.config], **overrides), source)
     data = load_data(state.config, source, Path(args.data_cache) if args.data_cache else None)
     checkpoint = Path(args.checkpoint or args.continue_from) if (args.checkpoint or args.continue_from) else None
