@@ -136,14 +136,10 @@ def _ops(run) -> int:
     return counter.count
 
 
-def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0) -> dict:
-    """Colour moved toward the style and the content's mask kept, on ``pairs`` shapes-world pairs."""
-    from PIL import Image
-
-    from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.style_metrics import score_pair
+def _shapes_setup(model: Path, pairs: int, seed_offset: int):
+    """The shapes-sd3 style pipeline and the ``pairs`` held-out contents / styles (images, scenes) of the benchmark
+    (seeds ``101 / 202 + seed_offset``, as ``benchmarks/stylize.py``)."""
     from benchmarks.shapes.world import sample_batch
-    from benchmarks.stylize import _layout_kept, _summary
     from editkit.models import load_pipeline
     from pipelines.flow_style_transfer import SD3StyleTransferPipeline
 
@@ -152,6 +148,18 @@ def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int
     contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=pairs, training=False, pattern_prob=0.0)
     styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=pairs, training=False, pattern_prob=0.5,
                                            background_prob=0.5)  # fmt: skip
+    return pipe, (contents, content_scenes), (styles, style_scenes)
+
+
+def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0) -> dict:
+    """Colour moved toward the style and the content's mask kept, on ``pairs`` shapes-world pairs."""
+    from PIL import Image
+
+    from benchmarks.shapes.detect import detect
+    from benchmarks.shapes.style_metrics import score_pair
+    from benchmarks.stylize import _layout_kept, _summary
+
+    pipe, (contents, content_scenes), (styles, style_scenes) = _shapes_setup(model, pairs, seed_offset)
     scores, kept = [], []
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
         out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps, output_type="pt",
@@ -185,15 +193,7 @@ def attention_diagnostic(model: Path, pairs: int, steps: int, seed_offset: int =
     1 / tokens) and the mass of content-object queries on style-object keys beside the style-object token share."""
     from PIL import Image
 
-    from benchmarks.shapes.world import sample_batch
-    from editkit.models import load_pipeline
-    from pipelines.flow_style_transfer import SD3StyleTransferPipeline
-
-    pipe = load_pipeline(SD3StyleTransferPipeline, model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=pairs, training=False, pattern_prob=0.0)
-    styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=pairs, training=False, pattern_prob=0.5,
-                                           background_prob=0.5)  # fmt: skip
+    pipe, (contents, content_scenes), (styles, style_scenes) = _shapes_setup(model, pairs, seed_offset)
     rows: dict[int, list[tuple[float, float, float]]] = {}
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
         out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps,

@@ -225,7 +225,7 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         schedule = flow_generation_schedule(backbone, steps, tuple(contents.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
         # one text per item, encoded (and the styles inverted) once per distinct prompt or embedding row
-        text_keys = list(range(batch)) if embeds and len(next(iter(embeds.values()))) > 1 else prompts
+        text_keys = list(range(batch)) if any(len(rows) > 1 for rows in embeds.values()) else prompts
         row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
         encoded = {}
         for i, key in enumerate(text_keys):

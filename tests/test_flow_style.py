@@ -275,6 +275,19 @@ def test_a_prompt_per_content_inverts_the_style_per_prompt(sd3):
 
 
 @torch.no_grad()
+def test_one_embedding_row_beside_per_item_pooled_rows_gives_each_item_its_own_text(sd3):
+    """prompt_embeds of one row, pooled_prompt_embeds of one per content: item i uses pooled row i."""
+    contents, style = [_image(0), _image(2)], _image(1)
+    embeds, _, pooled, _ = sd3.encode_prompt(["a red circle", "a blue square"], None, None,
+                                             do_classifier_free_guidance=False)  # fmt: skip
+    out = sd3(contents, [style], prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled, num_inference_steps=STEPS,
+              output_type="latent")  # fmt: skip
+    second = sd3(contents[1], [style], prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[1:],
+                 num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+    torch.testing.assert_close(out.images[1:], second.images, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_style_moves_the_output_and_knobs_act(sd3):
     content, style = _image(0), _image(1)
     plain = sd3(content, [style], num_inference_steps=STEPS, injection_sigmas=(0.0, 0.0), adain_strength=None,
