@@ -85,6 +85,36 @@ def test_frozen_text_towers_stay_put_and_resume_exactly(tmp_path, data):
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_text_tower_learning_rate_scale_holds_through_decay_and_resume(tmp_path, data):
+    """``text_tower_lr_scale``: the towers' group runs at that fraction of the other group's rate at every
+    step of a warm-up-stable-decay schedule, the fresh projections at the full rate, and a resumed run
+    (decay added on resume) equals the straight one bit for bit."""
+    scaled = dataclasses.replace(CONFIG, text_tower_lr_scale=0.1, warmup_steps=1, steps=6, decay_steps=4)
+    state = T.new_state(scaled, T.SHAPES_SD)
+    full, towers = state.optimizer.param_groups
+    tower_ids = {id(p) for name in ("text_encoder", "text_encoder_2") for p in state.models[name].text_model.parameters()}
+    assert {id(p) for p in towers["params"]} == tower_ids
+    projection = state.models["text_encoder"].text_projection.weight
+    assert any(p is projection for p in full["params"])
+    straight_lrs = []
+    for _ in range(6):
+        straight_lrs.append([group["lr"] for group in state.optimizer.param_groups])
+        T.train_step(state, data)
+    peak = scaled.lr
+    expected = torch.tensor([1.0, 1.0, 1.0, 0.75, 0.5, 0.25]) * peak
+    torch.testing.assert_close(torch.tensor(straight_lrs), torch.stack([expected, expected * 0.1], dim=1))
+
+    checkpoint = tmp_path / "ckpt.safetensors"
+    first = dataclasses.replace(scaled, steps=2, decay_steps=0)
+    T.run(T.new_state(first, T.SHAPES_SD), data, checkpoint, checkpoint_every=1e9)
+    resumed = T.load_state(checkpoint, T.SHAPES_SD, steps=6, decay_steps=4)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([peak, peak * 0.1])
+    T.run(resumed, data, None, 0.0)
+    expected_weights, got = _weights(state), _weights(resumed)
+    for key, value in expected_weights.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_not_a_checkpoint_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -73,6 +73,7 @@ class MMDiTConfig:
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1
     train_text_towers: bool = True  # False: the shapes-sd text towers stay frozen (projections still train)
+    text_tower_lr_scale: float = 1.0  # the text towers' (not projections') learning rate is lr * this
     ema_decay: float = 0.999
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -288,6 +289,21 @@ def warmup_stable_decay(warmup: int, steps: int, decay_steps: int):
     return schedule
 
 
+def parameter_groups(models: dict[str, torch.nn.Module], config: MMDiTConfig) -> list[dict]:
+    """AdamW groups: the pretrained text towers at ``lr * text_tower_lr_scale``, everything else
+    (transformer, the fresh text projections) at ``lr``; frozen parameters left out. One group when
+    the scale is 1, so that checkpoints of earlier runs keep their layout."""
+    towers = {id(p) for name in ("text_encoder", "text_encoder_2") for p in models[name].text_model.parameters()}
+    trained = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+    if config.text_tower_lr_scale == 1.0:
+        return [{"params": trained, "lr": config.lr}]
+    groups = [
+        {"params": [p for p in trained if id(p) not in towers], "lr": config.lr},
+        {"params": [p for p in trained if id(p) in towers], "lr": config.lr * config.text_tower_lr_scale},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def new_state(config: MMDiTConfig, source: Path) -> TrainState:
     """Fresh models (EMA copies of them), AdamW with warm-up-stable-decay, the seeded batch generator."""
     models = build_models(config, source)
@@ -295,8 +311,7 @@ def new_state(config: MMDiTConfig, source: Path) -> TrainState:
         for name in ("text_encoder", "text_encoder_2"):
             models[name].text_model.requires_grad_(False)
     ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in models.items()}
-    params = [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(models, config), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_stable_decay(config.warmup_steps, config.steps, config.decay_steps)
     )
@@ -358,6 +373,7 @@ def load_state(
     overrides = {"steps": steps, "batch_size": batch_size, "decay_steps": decay_steps}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     state = new_state(config, source)
+    base_lrs = list(state.lr_scheduler.base_lrs)  # per group (the text towers may have their own)
     for prefix, group in (("model", state.models), ("ema", state.ema)):
         for name, module in group.items():
             module.load_state_dict(_prefixed(tensors, f"{prefix}.{name}."), strict=True)
@@ -370,9 +386,9 @@ def load_state(
         group.pop("initial_lr", None)
     state.optimizer.load_state_dict({"state": entries, "param_groups": groups})
     state.lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
-    state.lr_scheduler.base_lrs = [config.lr] * len(state.optimizer.param_groups)
-    for group, factor in zip(state.optimizer.param_groups, state.lr_scheduler.lr_lambdas):
-        group["lr"] = config.lr * factor(state.lr_scheduler.last_epoch)
+    state.lr_scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(state.optimizer.param_groups, base_lrs, state.lr_scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(state.lr_scheduler.last_epoch)
     state.generator.set_state(tensors["generator"])
     state.step, state.seconds = int(metadata["step"]), float(metadata["seconds"])
     return state
@@ -492,6 +508,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--freeze-text-towers", action="store_true", help="keep the shapes-sd text towers frozen (new runs only)"
     )
+    parser.add_argument(
+        "--text-tower-lr-scale",
+        type=float,
+        default=None,
+        help="the text towers' learning rate as a fraction of --lr (new runs only; default 1)",
+    )
     return parser.parse_args(argv)
 
 
@@ -509,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("resumed %s at step %d of %d", args.continue_from, state.step, state.config.steps)
     else:
         names = ("steps", "decay_steps", "batch_size", "lr", "num_images", "num_layers", "log_every")
+        names += ("text_tower_lr_scale",)
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         if args.freeze_text_towers:
             overrides["train_text_towers"] = False
