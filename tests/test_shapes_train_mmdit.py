@@ -92,7 +92,8 @@ def test_text_tower_learning_rate_scale_holds_through_decay_and_resume(tmp_path,
     scaled = dataclasses.replace(CONFIG, text_tower_lr_scale=0.1, warmup_steps=1, steps=6, decay_steps=4)
     state = T.new_state(scaled, T.SHAPES_SD)
     full, towers = state.optimizer.param_groups
-    tower_ids = {id(p) for name in ("text_encoder", "text_encoder_2") for p in state.models[name].text_model.parameters()}
+    text_models = [state.models[name].text_model for name in ("text_encoder", "text_encoder_2")]
+    tower_ids = {id(p) for model in text_models for p in model.parameters()}
     assert {id(p) for p in towers["params"]} == tower_ids
     projection = state.models["text_encoder"].text_projection.weight
     assert any(p is projection for p in full["params"])
