@@ -121,12 +121,10 @@ def _encode_sd(pipe, prompts: list[str], device, dtype) -> TextConditioning:
     return TextConditioning(embeds.to(dtype))
 
 
-def _encode_sdxl(pipe, prompts: list[str], device, dtype, height: int, width: int) -> TextConditioning:
-    if getattr(pipe.config, "force_zeros_for_empty_prompt", False) and all(p == "" for p in prompts):
-        zero = _encode_sdxl_text(pipe, prompts, device)
-        embeds, pooled = torch.zeros_like(zero[0]), torch.zeros_like(zero[1])
-    else:
-        embeds, pooled = _encode_sdxl_text(pipe, prompts, device)
+def _encode_sdxl(pipe, prompts: list[str], device, dtype, height: int, width: int, zeros: bool) -> TextConditioning:
+    embeds, pooled = _encode_sdxl_text(pipe, prompts, device)
+    if zeros:
+        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), device=device, dtype=dtype)
     return TextConditioning(embeds.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids})
 
@@ -145,12 +143,20 @@ def _encode_sdxl_text(pipe, prompts: list[str], device) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def encode_text(
-    pipe, prompts: str | list[str], *, height: int | None = None, width: int | None = None
+    pipe,
+    prompts: str | list[str],
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    default_negative: bool = False,
 ) -> TextConditioning:
     """Encode ``prompts`` with ``pipe``'s tokenizer(s) and text encoder(s) for its UNet.
 
     ``height``/``width`` (pixels) fill SDXL's size conditioning (original = target size, no crop,
-    as diffusers' defaults); they default to the UNet's native size.
+    as diffusers' defaults); they default to the UNet's native size. Every prompt is encoded, ``""``
+    included, as diffusers encodes its ``prompt``. ``default_negative``: these are the empty negatives
+    that stand in for a ``negative_prompt`` the user did not give; on SDXL with the pipeline's
+    ``force_zeros_for_empty_prompt`` they become zeros (diffusers' ``negative_prompt is None`` rule).
     """
     prompts = [clean_prompt(p) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
     _warn_if_truncated(pipe.tokenizer, prompts)
@@ -159,7 +165,8 @@ def encode_text(
     if not is_sdxl_unet(pipe.unet):
         return _encode_sd(pipe, prompts, device, dtype)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return _encode_sdxl(pipe, prompts, device, dtype, height or native, width or native)
+    zeros = default_negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    return _encode_sdxl(pipe, prompts, device, dtype, height or native, width or native, zeros)
 
 
 def conditioning_from_embeds(
@@ -195,10 +202,14 @@ def role_conditioning(
 
     ``prompt`` is a string or a list (one per batch item); ``prompt_embeds`` (``(rows, tokens, dim)``,
     SDXL also ``pooled_prompt_embeds``) replace it, one row per item, as diffusers' ``prompt_embeds`` do.
+    ``negative_prompt`` given neither way is diffusers' default negative: ``""``, zeros on SDXL with
+    ``force_zeros_for_empty_prompt`` (see :func:`encode_text`).
     """
     if prompt_embeds is None:
         if pooled_prompt_embeds is not None:
             raise InputError(f"{name}: pooled embeddings were given without {name}_embeds")
+        if prompt is None and name == "negative_prompt":
+            return encode_text(pipe, [""], height=height, width=width, default_negative=True)
         if prompt is None:
             raise InputError(f"give {name} or {name}_embeds")
         return encode_text(pipe, as_prompt_list(prompt, name), height=height, width=width)

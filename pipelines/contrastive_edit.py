@@ -311,7 +311,8 @@ class ContrastiveEditPipeline(AttentionKernelMixin, UNetComponents, DiffusionPip
                 as diffusers' mask processor does: nearest, then binarised at 0.5): the edit (DDS gradient, contrastive
                 patches and the update) is restricted to it; latents outside stay unchanged.
             negative_prompt: the unconditional prompt of classifier-free guidance (one or one per image;
-                ``""`` when neither it nor ``negative_prompt_embeds`` is given).
+                when neither it nor ``negative_prompt_embeds`` is given, ``""``, or on SDXL with
+                ``force_zeros_for_empty_prompt`` zero embeddings, as diffusers does).
             source_prompt_embeds / target_prompt_embeds / negative_prompt_embeds: precomputed text
                 embeddings ``(rows, tokens, dim)`` (e.g. from ``encode_prompt``) in place of the
                 matching prompt, one row or one per image; on SDXL each needs its
@@ -361,8 +362,6 @@ class ContrastiveEditPipeline(AttentionKernelMixin, UNetComponents, DiffusionPip
         pixels = pipeline_images(self, image, height=height, width=width)  # or (B, 4, h, w) latents
         size = pixel_size(pixels, self.vae, self.vae_scale_factor)
         source_latents = image_latents(self, pixels).float()
-        if negative_prompt is None and negative_prompt_embeds is None:
-            negative_prompt = ""
         roles = {
             "source": (source_prompt, source_prompt_embeds, source_pooled_prompt_embeds),
             "target": (target_prompt, target_prompt_embeds, target_pooled_prompt_embeds),

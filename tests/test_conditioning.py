@@ -20,8 +20,18 @@ def test_sdxl_matches_diffusers(sdxl_pipe):
     assert torch.equal(ours.prompt_embeds, embeds)
     assert torch.equal(ours.added_cond_kwargs["text_embeds"], pooled)
     assert ours.added_cond_kwargs["time_ids"].tolist() == [[128, 96, 0, 0, 128, 96]]
-    empty = encode_text(sdxl_pipe, "")  # SDXL's force_zeros_for_empty_prompt
-    assert empty.prompt_embeds.abs().sum() == 0 and empty.added_cond_kwargs["text_embeds"].abs().sum() == 0
+    # "" is encoded as diffusers encodes a prompt; only the default negative is zeroed (force_zeros_for_empty_prompt)
+    empty = encode_text(sdxl_pipe, [""])
+    empty_embeds, _, empty_pooled, _ = sdxl_pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    assert torch.count_nonzero(empty_embeds) > 0
+    assert torch.equal(empty.prompt_embeds, empty_embeds)
+    assert torch.equal(empty.added_cond_kwargs["text_embeds"], empty_pooled)
+    negative = encode_text(sdxl_pipe, [""], default_negative=True)
+    _, zero_embeds, _, zero_pooled = sdxl_pipe.encode_prompt("x", device="cpu", do_classifier_free_guidance=True)
+    assert sdxl_pipe.config.force_zeros_for_empty_prompt and torch.count_nonzero(zero_embeds) == 0
+    assert torch.equal(negative.prompt_embeds, zero_embeds) and torch.equal(
+        negative.added_cond_kwargs["text_embeds"], zero_pooled
+    )
 
 
 def test_cat_and_repeat_keep_rows_aligned(sdxl_pipe):
