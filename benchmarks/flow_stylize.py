@@ -22,6 +22,9 @@ style, the content's object mask kept (IoU >= 0.7), both in one pair (``success`
     python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --sweep --pairs 0
     python -m benchmarks.flow_stylize --only shapes --model /work/main/assets/models/shapes-sd3 --attention --pairs 0
 
+``--oracle-matching``: the same pairs with object-aware matching from the scenes' own masks
+(``benchmarks/style_oracle.py``; a diagnostic upper bound, not an editkit setting).
+
 ``--attention`` (16 pairs of other scenes, ``--sweep-pairs``): where the content's image queries look among the
 style's image keys at the default site, per timestep (``attention_diagnostic``).
 """
@@ -151,19 +154,25 @@ def _shapes_setup(model: Path, pairs: int, seed_offset: int):
     return pipe, (contents, content_scenes), (styles, style_scenes)
 
 
-def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0) -> dict:
-    """Colour moved toward the style and the content's mask kept, on ``pairs`` shapes-world pairs."""
+def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0, oracle: bool = False) -> dict:
+    """Colour moved toward the style and the content's mask kept, on ``pairs`` shapes-world pairs
+    (``oracle``: object-aware matching from the scenes' masks, ``benchmarks.style_oracle``)."""
+    import contextlib
+
     from PIL import Image
 
     from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.style_metrics import score_pair
+    from benchmarks.shapes.style_metrics import scene_mask, score_pair
+    from benchmarks.style_oracle import oracle_matching
     from benchmarks.stylize import _layout_kept, _summary
 
     pipe, (contents, content_scenes), (styles, style_scenes) = _shapes_setup(model, pairs, seed_offset)
     scores, kept = [], []
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
-        out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps, output_type="pt",
-                   max_sequence_length=0, **settings)  # fmt: skip
+        matching = oracle_matching(scene_mask(content_scene), scene_mask(style_scene)) if oracle else None
+        with matching or contextlib.nullcontext():
+            out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps,
+                       output_type="pt", max_sequence_length=0, **settings)  # fmt: skip
         result = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         kept.append(_layout_kept(detect(content), detect(result)))
         scores.append(score_pair(content, style, result, content_scene, style_scene))
@@ -173,7 +182,7 @@ def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int
     for ok, style_scene in zip(success, style_scenes, strict=True):
         count, hits = by_background.get(style_scene.background, (0, 0))
         by_background[style_scene.background] = (count + 1, hits + int(ok))
-    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults",
+    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults", "oracle_matching": oracle,
             "success_moved_and_iou_0.7": float(np.mean(success)), **summary,
             "success_by_style_background": {k: {"pairs": n, "success": h / n} for k, (n, h) in
                                             sorted(by_background.items())}}  # fmt: skip
@@ -233,6 +242,9 @@ def main() -> None:
     parser.add_argument("--no-adain", action="store_true", help="adain_strength None (no AdaIN)")
     parser.add_argument("--sweep", action="store_true", help="score the block choices of SWEEP")
     parser.add_argument("--attention", action="store_true", help="where content queries look in the style's keys")
+    parser.add_argument(
+        "--oracle-matching", action="store_true", help="object-aware matching from the scenes' masks (a diagnostic)"
+    )
     parser.add_argument("--sweep-pairs", type=int, default=16)
     parser.add_argument("--seed-offset", type=int, default=0, help="other scenes (the sweep uses 1000)")
     parser.add_argument("--threads", type=int, default=1)
@@ -250,7 +262,9 @@ def main() -> None:
         if args.no_adain:
             settings["adain_strength"] = None
         if args.pairs:
-            result["shapes"] = shapes(args.model, args.pairs, args.shapes_steps, settings, args.seed_offset)
+            result["shapes"] = shapes(
+                args.model, args.pairs, args.shapes_steps, settings, args.seed_offset, oracle=args.oracle_matching
+            )
         if args.sweep:
             result["sweep"] = {}
             for label, sites in SWEEP.items():  # other seeds than the evaluation's: the choice is not fitted to it
