@@ -7,11 +7,19 @@ for all, as without it). The masks are the scenes' own (``benchmarks.shapes.styl
 so the figures are an upper bound on what better query-key correspondence could give, not a setting a user
 has. The restriction rides on two extra q / k dimensions whose product is a -1e4 logit penalty, as the
 controller's own ``mask`` option does; the softmax scale stays ``1 / sqrt(head_dim)``.
+
+:func:`ideal_stylization` draws what a perfect stylization of a pair would be (the content's objects, coloured
+and patterned as the style's, on the style's background), so that the stylize metrics' ceiling can be read::
+
+    python -m benchmarks.style_oracle --pairs 64
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -69,3 +77,51 @@ def oracle_matching(content_mask: np.ndarray, style_mask: np.ndarray):
         yield
     finally:
         module.FlowStyleInjectionController = original
+
+
+def ideal_stylization(content_scene, style_scene, keep_background: bool = False) -> np.ndarray:
+    """The content's objects (shapes, positions, sizes) in the style's object colours and patterns (object ``i``
+    takes style object ``i`` modulo their count), on the style's background (or the content's)."""
+    from benchmarks.shapes.world import render
+
+    styled = [
+        dataclasses.replace(obj, color=source.color, pattern=source.pattern)
+        for i, obj in enumerate(content_scene.objects)
+        for source in [style_scene.objects[i % len(style_scene.objects)]]
+    ]
+    background = content_scene.background if keep_background else style_scene.background
+    return render(dataclasses.replace(content_scene, objects=tuple(styled), background=background))
+
+
+def metric_ceiling(pairs: int, keep_background: bool = False) -> dict:
+    """The stylize benchmark's figures for :func:`ideal_stylization` on its pairs (seeds 101 / 202)."""
+    from benchmarks.shapes.style_metrics import score_pair
+    from benchmarks.shapes.world import sample_batch
+
+    contents, _, content_scenes = sample_batch(seed=101, n=pairs, training=False, pattern_prob=0.0)
+    styles, _, style_scenes = sample_batch(seed=202, n=pairs, training=False, pattern_prob=0.5, background_prob=0.5)
+    scores = [
+        score_pair(content, style, ideal_stylization(cs, ss, keep_background), cs, ss)
+        for content, style, cs, ss in zip(contents, styles, content_scenes, style_scenes, strict=True)
+    ]
+    moved = [s["colour_moved_toward_style"] > 0 for s in scores]
+    kept = [s["content_mask_iou"] >= 0.7 for s in scores]
+    return {
+        "pairs": pairs,
+        "background": "content's" if keep_background else "style's",
+        "palette_nearer_style_than_content": float(np.mean([s["palette_nearer_style"] for s in scores])),
+        "colour_moved_toward_style": float(np.mean(moved)),
+        "content_mask_iou_at_least_0.7": float(np.mean(kept)),
+        "success_moved_and_iou_0.7": float(np.mean([m and k for m, k in zip(moved, kept, strict=True)])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the stylize metrics on ideal stylizations of the shapes pairs")
+    parser.add_argument("--pairs", type=int, default=64)
+    args = parser.parse_args()
+    print(json.dumps([metric_ceiling(args.pairs, keep) for keep in (False, True)], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from benchmarks.style_oracle import matched_controller, oracle_matching, token_mask
+from benchmarks.style_oracle import ideal_stylization, matched_controller, oracle_matching, token_mask
 from editkit.attention import AttentionController, attach
 from editkit.backbones import backbone_for
 from editkit.flow_style import FlowStyleInjectionController, timestep_key
@@ -91,3 +91,18 @@ def test_oracle_context_swaps_the_pipeline_controller_and_restores_it():
         assert issubclass(module.FlowStyleInjectionController, FlowStyleInjectionController)
         assert module.FlowStyleInjectionController is not FlowStyleInjectionController
     assert module.FlowStyleInjectionController is FlowStyleInjectionController
+
+
+def test_ideal_stylization_keeps_the_content_mask_and_takes_the_style_colours():
+    from benchmarks.shapes.style_metrics import scene_mask
+    from benchmarks.shapes.world import BACKGROUNDS, COLORS, sample_batch
+
+    _, _, contents = sample_batch(seed=5, n=6, training=False, pattern_prob=0.0)
+    _, _, styles = sample_batch(seed=6, n=6, training=False, pattern_prob=0.0, background_prob=1.0)
+    for content, style in zip(contents, styles, strict=True):
+        image = ideal_stylization(content, style)
+        mask = scene_mask(content)
+        assert (image[~mask] == BACKGROUNDS[style.background]).all()
+        assert (image[mask] == COLORS[style.objects[0].color]).all(axis=-1).any()  # the first object's colour
+        kept = ideal_stylization(content, style, keep_background=True)
+        assert (kept[~mask] == BACKGROUNDS[content.background]).all()
