@@ -129,19 +129,29 @@ def generate_stylized(
     schedule: FlowSchedule,
     controller: AttentionController,
     *,
+    uncond: FlowConditioning | None = None,
+    guidance_scale: float = 1.0,
     step_hook: StepHook | None = None,
     progress: Callable[[Iterable], Iterable] = lambda steps: steps,
     interrupted: Callable[[], bool] = lambda: False,
 ) -> torch.Tensor:
     """Euler generation from ``start`` at ``sigma_0`` (``FlowMatchEulerDiscreteScheduler.step``'s float32
     arithmetic); ``controller`` must already be attached. ``step_hook(i, t_i, latents)`` runs after step
-    ``i`` and may return replaced latents (``callback_on_step_end``)."""
+    ``i`` and may return replaced latents (``callback_on_step_end``).
+
+    ``uncond`` (SD3): classifier-free guidance as ``StableDiffusion3Pipeline``, one batch ``[uncond, cond]``
+    per step and ``v = v_u + guidance_scale (v_c - v_u)``; the controller sees (and injects) both rows."""
     x = start.float()
     sigmas = schedule.sigmas
     for index, timestep in enumerate(progress(schedule.timesteps)):
         controller.begin_step(index, timestep)
         t = torch.tensor(timestep, device=x.device, dtype=torch.float32)
-        velocity = backbone.denoise(x.to(start.dtype), t, conditioning).float()
+        if uncond is None:
+            velocity = backbone.denoise(x.to(start.dtype), t, conditioning).float()
+        else:
+            both = torch.cat([x, x]).to(start.dtype)
+            v_uncond, v_cond = backbone.denoise(both, t, FlowConditioning.cat([uncond, conditioning])).float().chunk(2)
+            velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
         x = euler_step(x, velocity, sigmas[index], sigmas[index + 1])
         if step_hook is not None:
             x = step_hook(index, timestep, x)

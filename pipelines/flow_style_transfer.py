@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -131,6 +132,9 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_inference_steps: int | None = None,
         gamma: float = 0.75,
         tau: float = 1.5,
@@ -168,8 +172,14 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             prompt_embeds, pooled_prompt_embeds: given text embeddings instead of ``prompt`` (diffusers'
                 names and ``encode_prompt``'s outputs: ``(rows, tokens, joint_attention_dim)``, ``(rows,
                 pooled)``), one row or one per content image.
-            guidance_scale: FLUX.1-dev's distilled guidance input, used in inversion and generation alike
-                (None: 1.0, the StyleID no-guidance setting). SD3 runs without CFG: only 1.0 (or None).
+            guidance_scale: None or 1.0 (the default): the StyleID no-guidance setting, one transformer pass
+                per step. FLUX.1-dev: the distilled guidance input, in inversion and generation alike. SD3 /
+                SD3.5: classifier-free guidance in generation when above 1 (as ``StableDiffusion3Pipeline``),
+                both branches injected (as AttenST does on UNets), twice the generation's batch; the
+                inversions run the prompt alone (guidance 1), as on UNets.
+            negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional text of
+                SD3's classifier-free guidance (default ``""``), one or one per content image; unused without
+                it (as in diffusers). FLUX.1 has no CFG: a negative prompt is refused there.
             num_inference_steps: Euler steps N shared by inversion and generation (None: the family
                 pipeline's default: SD3 28, FLUX.1-dev 28, FLUX.1-schnell 4).
             gamma: image-token query preservation (0: the stylized latent's query, 1: the content's).
@@ -204,6 +214,13 @@ class _FlowStyleTransfer(AttentionKernelMixin):
                           unet_only)  # fmt: skip
         check_output_type(output_type)
         backbone = self._backbone(guidance_scale, max_sequence_length)
+        negative_embeds = (negative_prompt_embeds, negative_pooled_prompt_embeds)
+        negative_given = any(as_prompt_list(negative_prompt, "negative_prompt")) or any(
+            rows is not None for rows in negative_embeds
+        )
+        if self.family == "flux" and negative_given:
+            raise InputError("negative_prompt: FLUX.1 runs without classifier-free guidance (distilled); give none")
+        cfg = self.family == "sd3" and guidance_scale is not None and guidance_scale > 1.0
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         sites = resolve_flow_style_sites(self.transformer, injection_sites)
         extra = list(attention_controllers or [])
@@ -211,12 +228,15 @@ class _FlowStyleTransfer(AttentionKernelMixin):
 
         # 1. Contents (every batch item), one text per item, the shared schedule and the injection window.
         contents = self._latents(content_image, (width, height) if width and height else None, "content_image")
-        embeds = {name: rows for name, rows in (("prompt_embeds", prompt_embeds),
-                  ("pooled_prompt_embeds", pooled_prompt_embeds)) if rows is not None}  # fmt: skip
-        prompts = broadcast(
-            {"prompt": as_prompt_list(prompt)},
+        given = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
+                 "negative_prompt_embeds": negative_prompt_embeds,
+                 "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}  # fmt: skip
+        embeds = {name: rows for name, rows in given.items() if rows is not None and (cfg or "negative" not in name)}
+        texts_by_role = broadcast(
+            {"prompt": as_prompt_list(prompt), "negative_prompt": as_prompt_list(negative_prompt, "negative_prompt")},
             {"content_image": len(contents), **{name: len(rows) for name, rows in embeds.items()}},
-        )["prompt"]
+        )
+        prompts = texts_by_role["prompt"]
         batch = len(prompts)
         contents = contents.expand(batch, -1, -1, -1) if len(contents) == 1 else contents
         given_content = as_list(content_cache)
@@ -225,7 +245,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         schedule = flow_generation_schedule(backbone, steps, tuple(contents.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
         # one text per item, encoded (and the styles inverted) once per distinct prompt or embedding row
-        text_keys = list(range(batch)) if any(len(rows) > 1 for rows in embeds.values()) else prompts
+        per_item = any(len(embeds.get(name, ())) > 1 for name in ("prompt_embeds", "pooled_prompt_embeds"))
+        text_keys = list(range(batch)) if per_item else prompts
         row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
         encoded = {}
         for i, key in enumerate(text_keys):
@@ -233,6 +254,17 @@ class _FlowStyleTransfer(AttentionKernelMixin):
                 encoded[key] = self._conditioning(backbone, prompts[i], row(prompt_embeds, i),
                                                   row(pooled_prompt_embeds, i))  # fmt: skip
         texts = [encoded[key] for key in text_keys]
+        uncond = [None] * batch  # SD3's CFG: the unconditional text per item, encoded once per distinct one
+        if cfg:
+            negatives = texts_by_role["negative_prompt"]
+            negative_rows = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+            negative_keys = list(range(batch)) if any(len(embeds.get(n, ())) > 1 for n in negative_rows) else negatives
+            encoded_negative = {}
+            for i, key in enumerate(negative_keys):
+                if key not in encoded_negative:
+                    encoded_negative[key] = self._conditioning(backbone, negatives[i], row(negative_prompt_embeds, i),
+                                                               row(negative_pooled_prompt_embeds, i))  # fmt: skip
+            uncond = [encoded_negative[key] for key in negative_keys]
         size = _pixel_size(self, contents)
         if mask is not None:
             style_size = size
@@ -268,9 +300,9 @@ class _FlowStyleTransfer(AttentionKernelMixin):
             # 4. Generation per content and style: AdaIN'd start latent, injected attention.
             options = {"sites": sites, "keys": keys, "gamma": gamma, "tau": tau, "adain_strength": adain_strength,
                        "mask": mask_batch_tensor(mask), "callback": (callback_on_step_end, names),
-                       "extra": extra}  # fmt: skip
+                       "extra": extra, "guidance_scale": guidance_scale}  # fmt: skip
             latents = [
-                self._generate(backbone, content_features, cache, texts[index], schedule, options)
+                self._generate(backbone, content_features, cache, (texts[index], uncond[index]), schedule, options)
                 for index, content_features in enumerate(content_caches)
                 for cache in caches_by_text[text_keys[index]]
             ]
@@ -287,9 +319,8 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         options = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
         if self.family == "flux":
             options["guidance_scale"] = 1.0 if guidance_scale is None else float(guidance_scale)
-        elif guidance_scale not in (None, 1.0):
-            raise InputError(f"guidance_scale={guidance_scale}: style transfer on sd3 runs without classifier-free "
-                             "guidance (1.0)")  # fmt: skip
+        elif guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         return backbone_for(self, **options)
 
     def _conditioning(self, backbone, prompt, prompt_embeds, pooled_prompt_embeds) -> FlowConditioning:
@@ -312,8 +343,10 @@ class _FlowStyleTransfer(AttentionKernelMixin):
                        family=expected["family"])  # fmt: skip
         check_flow_schedule(cache.extra, schedule_extra(schedule), label)
 
-    def _generate(self, backbone, content_cache, cache, conditioning, schedule, options) -> torch.Tensor:
-        """One stylized latent: the AdaIN'd content start latent, Euler steps with injected attention."""
+    def _generate(self, backbone, content_cache, cache, texts, schedule, options) -> torch.Tensor:
+        """One stylized latent: the AdaIN'd content start latent, Euler steps with injected attention
+        (``texts``: the conditional text and the unconditional one of SD3's CFG, or None)."""
+        conditioning, uncond = texts
         device, gamma = self._execution_device, options["gamma"]
         start = content_cache.final_latent.to(device, self.transformer.dtype)
         if options["adain_strength"] is not None:
@@ -330,8 +363,9 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         progress = lambda steps: self.progress_bar(list(steps))  # noqa: E731
         with self._attach(controller):
             return generate_stylized(
-                backbone, start, conditioning, schedule, compose(*options["extra"], controller),
-                step_hook=hook if callback is not None else None, progress=progress, interrupted=lambda: self.interrupt,
+                backbone, start, conditioning, schedule, compose(*options["extra"], controller), uncond=uncond,
+                guidance_scale=options["guidance_scale"] or 1.0, step_hook=hook if callback is not None else None,
+                progress=progress, interrupted=lambda: self.interrupt,
             )  # fmt: skip
 
 

@@ -76,6 +76,94 @@ def test_without_injection_it_is_plain_inversion_and_regeneration(sd3, sd3_pipe)
     torch.testing.assert_close(out.images, reference, rtol=1e-4, atol=1e-4)
 
 
+def _reference_cfg_regeneration(base, image: Image.Image, steps: int, prompt: str, negative: str, scale: float):
+    """Euler inversion under ``prompt`` (guidance 1), then Euler sampling with SD3's CFG
+    (``v_u + s (v_c - v_u)``, as StableDiffusion3Pipeline), by hand with the stock pipeline parts."""
+    vae, transformer = base.vae, base.transformer
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    embeds, negative_embeds, pooled, negative_pooled = base.encode_prompt(
+        prompt, None, None, negative_prompt=negative, do_classifier_free_guidance=True
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+    scheduler.set_timesteps(steps)
+    sigmas, timesteps = scheduler.sigmas.tolist(), [*scheduler.timesteps.tolist(), 0.0]
+
+    def velocity(latents, t, text, text_pooled):
+        return transformer(latents, encoder_hidden_states=text, pooled_projections=text_pooled,
+                           timestep=torch.tensor([t] * len(latents)), return_dict=False)[0]  # fmt: skip
+
+    for i in reversed(range(steps)):
+        x = x + (sigmas[i] - sigmas[i + 1]) * velocity(x, timesteps[i + 1], embeds, pooled)
+    for t in scheduler.timesteps:
+        both = velocity(torch.cat([x, x]), float(t), torch.cat([negative_embeds, embeds]),
+                        torch.cat([negative_pooled, pooled]))  # fmt: skip
+        uncond, cond = both.chunk(2)
+        x = scheduler.step(uncond + scale * (cond - uncond), t, x, return_dict=False)[0]
+    return x
+
+
+@torch.no_grad()
+def test_sd3_classifier_free_guidance_matches_the_stock_pipeline_arithmetic(sd3, sd3_pipe):
+    """guidance_scale > 1 on SD3: CFG in generation exactly as StableDiffusion3Pipeline (inversions at guidance 1);
+    1.0 is the single-pass run; a negative prompt changes the CFG run only."""
+    content = _image(0)
+    plain = {"injection_sigmas": (0.0, 0.0), "adain_strength": None, "output_type": "latent", "prompt": "a"}
+    out = sd3(content, [_image(1)], num_inference_steps=STEPS, guidance_scale=4.0, negative_prompt="b", **plain)
+    reference = _reference_cfg_regeneration(sd3_pipe, content, STEPS, "a", "b", 4.0)
+    torch.testing.assert_close(out.images, reference, rtol=1e-4, atol=1e-4)
+    single = sd3(content, [_image(1)], num_inference_steps=STEPS, guidance_scale=1.0, negative_prompt="b", **plain)
+    unguided = sd3(content, [_image(1)], num_inference_steps=STEPS, **plain)
+    torch.testing.assert_close(single.images, unguided.images, rtol=0, atol=0)
+    assert not torch.allclose(out.images, single.images, atol=1e-3)
+
+
+@torch.no_grad()
+def test_sd3_classifier_free_guidance_injects_both_rows(sd3, monkeypatch):
+    """With CFG the step's batch is [uncond, cond] and the style's image keys replace the image keys of both."""
+    import pipelines.flow_style_transfer as module
+    from editkit.flow_style import FlowStyleInjectionController, timestep_key
+
+    site = "transformer_blocks.0.attn"
+    seen = []
+
+    class Recording(FlowStyleInjectionController):  # the injection's output: the kernel's keys
+        def on_qkv(self, s, query, key, value):
+            query, key, value = super().on_qkv(s, query, key, value)
+            if s.name == site:
+                seen.append((self._key, key[:, :, s.layout.image].clone()))
+            return query, key, value
+
+    monkeypatch.setattr(module, "FlowStyleInjectionController", Recording)
+    out = sd3(_image(0), [_image(1)], num_inference_steps=STEPS, guidance_scale=3.0, injection_sites=[site],
+              output_type="latent")  # fmt: skip
+    style = out.style_caches[0]
+    assert len(seen) == STEPS and all(keys.shape[0] == 2 for _, keys in seen)
+    injected = [(key, keys) for key, keys in seen if key is not None]
+    assert [key for key, _ in injected] == [timestep_key(t) for t in _timesteps(sd3, STEPS)[1:]]
+    for key, keys in injected:  # every step but the first (no inversion call at t_0), both rows
+        expected = style.features[(site, key)]["key"][0].to(keys.dtype) * 1.5  # tau
+        for row in range(2):
+            torch.testing.assert_close(keys[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def _timesteps(pipe, steps: int) -> list[float]:
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.tolist()
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf")])
+def test_sd3_guidance_scale_must_be_finite_and_not_negative(sd3, scale):
+    with pytest.raises(InputError, match="guidance_scale must be a finite number >= 0"):
+        sd3(_image(0), [_image(1)], num_inference_steps=STEPS, guidance_scale=scale, output_type="latent")
+
+
+def test_negative_prompt_is_refused_on_flux(flux):
+    with pytest.raises(InputError, match=r"FLUX\.1 runs without classifier-free guidance"):
+        flux(_image(0), [_image(1)], num_inference_steps=STEPS, negative_prompt="blurry", output_type="latent")
+
+
 class _Replay(AttentionController):
     """Records a call's q/k/v at ``site`` (first call), for the hand-written reference."""
 
@@ -267,7 +355,7 @@ def test_a_prompt_per_content_inverts_the_style_per_prompt(sd3):
     given = sd3(contents, [style], prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=STEPS,
                 output_type="latent")  # fmt: skip
     torch.testing.assert_close(given.images, out.images, rtol=1e-5, atol=1e-5)
-    with pytest.raises(InputError, match=r"prompt: 3, content_image: 2"):
+    with pytest.raises(InputError, match=r"got prompt: 3, .*content_image: 2"):
         sd3(contents, [style], prompt=["a", "b", "c"], num_inference_steps=STEPS, output_type="latent")
     with pytest.raises(InputError, match="prompt or prompt_embeds, not both"):
         sd3(contents, [style], prompt="a", prompt_embeds=embeds, pooled_prompt_embeds=pooled,
