@@ -245,26 +245,13 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         schedule = flow_generation_schedule(backbone, steps, tuple(contents.shape[-2:]))
         keys = flow_injection_keys(schedule, injection_sigmas)
         # one text per item, encoded (and the styles inverted) once per distinct prompt or embedding row
-        per_item = any(len(embeds.get(name, ())) > 1 for name in ("prompt_embeds", "pooled_prompt_embeds"))
-        text_keys = list(range(batch)) if per_item else prompts
-        row = lambda rows, i: None if rows is None else rows[i : i + 1] if len(rows) > 1 else rows  # noqa: E731
-        encoded = {}
-        for i, key in enumerate(text_keys):
-            if key not in encoded:
-                encoded[key] = self._conditioning(backbone, prompts[i], row(prompt_embeds, i),
-                                                  row(pooled_prompt_embeds, i))  # fmt: skip
-        texts = [encoded[key] for key in text_keys]
-        uncond = [None] * batch  # SD3's CFG: the unconditional text per item, encoded once per distinct one
+        text_keys = _text_keys(prompts, embeds, "prompt_embeds", "pooled_prompt_embeds")
+        texts = self._encode_once(backbone, prompts, text_keys, prompt_embeds, pooled_prompt_embeds)
+        uncond = [None] * batch  # SD3's CFG: the unconditional text per item
         if cfg:
             negatives = texts_by_role["negative_prompt"]
-            negative_rows = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-            negative_keys = list(range(batch)) if any(len(embeds.get(n, ())) > 1 for n in negative_rows) else negatives
-            encoded_negative = {}
-            for i, key in enumerate(negative_keys):
-                if key not in encoded_negative:
-                    encoded_negative[key] = self._conditioning(backbone, negatives[i], row(negative_prompt_embeds, i),
-                                                               row(negative_pooled_prompt_embeds, i))  # fmt: skip
-            uncond = [encoded_negative[key] for key in negative_keys]
+            negative_keys = _text_keys(negatives, embeds, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+            uncond = self._encode_once(backbone, negatives, negative_keys, *negative_embeds)
         size = _pixel_size(self, contents)
         if mask is not None:
             style_size = size
@@ -322,6 +309,15 @@ class _FlowStyleTransfer(AttentionKernelMixin):
         elif guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         return backbone_for(self, **options)
+
+    def _encode_once(self, backbone, prompts, keys, prompt_embeds, pooled_prompt_embeds) -> list[FlowConditioning]:
+        """One text per item, encoded once per distinct key (a prompt, or an item's embedding row)."""
+        encoded = {}
+        for i, key in enumerate(keys):
+            if key not in encoded:
+                encoded[key] = self._conditioning(backbone, prompts[i], _row(prompt_embeds, i),
+                                                  _row(pooled_prompt_embeds, i))  # fmt: skip
+        return [encoded[key] for key in keys]
 
     def _conditioning(self, backbone, prompt, prompt_embeds, pooled_prompt_embeds) -> FlowConditioning:
         if prompt_embeds is None and pooled_prompt_embeds is None:
@@ -382,6 +378,17 @@ class SD3StyleTransferPipeline(_FlowStyleTransfer, SD3PipelineBase):
 
 class FluxStyleTransferPipeline(_FlowStyleTransfer, FluxPipelineBase):
     """Style transfer on FLUX.1 dev / schnell (``FluxPipeline``'s components; see ``_FlowStyleTransfer``)."""
+
+
+def _text_keys(prompts: list[str], embeds: dict, *names: str) -> list:
+    """What tells the items' texts apart: their prompts, or their indices when embeddings have a row per item."""
+    per_item = any(len(embeds.get(name, ())) > 1 for name in names)
+    return list(range(len(prompts))) if per_item else list(prompts)
+
+
+def _row(rows: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Item ``index``'s row of given embeddings (one row: shared by every item)."""
+    return None if rows is None else rows[index : index + 1] if len(rows) > 1 else rows
 
 
 def _pixel_size(pipe, latents: torch.Tensor) -> tuple[int, int]:
