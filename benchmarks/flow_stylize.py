@@ -142,16 +142,13 @@ def _ops(run) -> int:
 def _shapes_setup(model: Path, pairs: int, seed_offset: int):
     """The shapes-sd3 style pipeline and the ``pairs`` held-out contents / styles (images, scenes) of the benchmark
     (seeds ``101 / 202 + seed_offset``, as ``benchmarks/stylize.py``)."""
-    from benchmarks.shapes.world import sample_batch
+    from benchmarks.shapes.style_metrics import stylize_pairs
     from editkit.models import load_pipeline
     from pipelines.flow_style_transfer import SD3StyleTransferPipeline
 
     pipe = load_pipeline(SD3StyleTransferPipeline, model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=pairs, training=False, pattern_prob=0.0)
-    styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=pairs, training=False, pattern_prob=0.5,
-                                           background_prob=0.5)  # fmt: skip
-    return pipe, (contents, content_scenes), (styles, style_scenes)
+    return pipe, *stylize_pairs(pairs, seed_offset)
 
 
 def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int = 0, oracle: bool = False) -> dict:

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from editkit.flow_style import FlowStyleInjectionController, _with_extra
+from editkit.flow_style import _MASK_PENALTY, FlowStyleInjectionController, _with_extra
 
 #: A token belongs to an object when the object covers at least this share of its pixels.
 TOKEN_COVER = 0.25
-_PENALTY = 1e4
 
 
 def token_mask(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
@@ -52,7 +51,7 @@ def matched_controller(content_mask: np.ndarray, style_mask: np.ndarray) -> type
             self._head_dim = query.shape[-1]
             image = site.layout.image  # after the swap the image keys are the style's
             on_content, on_style = token_mask(content_mask, site.grid), token_mask(style_mask, site.grid)
-            big = math.sqrt(_PENALTY * math.sqrt(self._head_dim))
+            big = math.sqrt(_MASK_PENALTY * math.sqrt(self._head_dim))
             query_extra, key_extra = query.new_zeros(query.shape[-2], 2), key.new_zeros(key.shape[-2], 2)
             query_extra[image, 0], query_extra[image, 1] = big * on_content, big * (1 - on_content)
             key_extra[image, 0], key_extra[image, 1] = -big * (1 - on_style), -big * on_style
@@ -95,11 +94,9 @@ def ideal_stylization(content_scene, style_scene, keep_background: bool = False)
 
 def metric_ceiling(pairs: int, keep_background: bool = False) -> dict:
     """The stylize benchmark's figures for :func:`ideal_stylization` on its pairs (seeds 101 / 202)."""
-    from benchmarks.shapes.style_metrics import score_pair
-    from benchmarks.shapes.world import sample_batch
+    from benchmarks.shapes.style_metrics import score_pair, stylize_pairs
 
-    contents, _, content_scenes = sample_batch(seed=101, n=pairs, training=False, pattern_prob=0.0)
-    styles, _, style_scenes = sample_batch(seed=202, n=pairs, training=False, pattern_prob=0.5, background_prob=0.5)
+    (contents, content_scenes), (styles, style_scenes) = stylize_pairs(pairs)
     scores = [
         score_pair(content, style, ideal_stylization(cs, ss, keep_background), cs, ss)
         for content, style, cs, ss in zip(contents, styles, content_scenes, style_scenes, strict=True)

@@ -170,13 +170,11 @@ def shapes_quality(device: str, pairs: int = 16, steps: int = 25, settings: dict
     from PIL import Image
 
     from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.style_metrics import score_pair
-    from benchmarks.shapes.world import sample_batch
+    from benchmarks.shapes.style_metrics import score_pair, stylize_pairs
 
     pipe = StyleTransferPipeline.from_pretrained(SHAPES_MODEL).to(device)
     pipe.set_progress_bar_config(disable=True)
-    contents, _, content_scenes = sample_batch(seed=101, n=pairs, training=False, pattern_prob=0.0)
-    styles, _, style_scenes = sample_batch(seed=202, n=pairs, training=False, pattern_prob=0.5, background_prob=0.5)
+    (contents, content_scenes), (styles, style_scenes) = stylize_pairs(pairs)
     scores, kept = [], []
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
         out = pipe(

@@ -5,6 +5,7 @@
   their IoU with the content's object masks (the content's shape kept, whatever its new colour).
 - ``score_pair``: every figure of one (content, style, output) triple, with the detector's reading
   of the output (background and the main object's pattern) for background and pattern transfer.
+- ``stylize_pairs``: the (content, style) pairs every stylize benchmark scores.
 """
 
 from __future__ import annotations
@@ -12,10 +13,23 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.shapes.detect import detect
-from benchmarks.shapes.world import Scene, shape_mask
+from benchmarks.shapes.world import Scene, sample_batch, shape_mask
 
 #: Summed absolute RGB difference from the border colour above which a pixel is foreground.
 FOREGROUND_THRESHOLD = 60.0
+
+
+Images = tuple[np.ndarray, list[Scene]]  # (n, H, W, 3) uint8 renders and their scenes
+
+
+def stylize_pairs(n: int, seed_offset: int = 0) -> tuple[Images, Images]:
+    """``n`` held-out pairs: ``(contents, their scenes), (styles, their scenes)``. Contents are solid objects
+    (seed ``101 + seed_offset``); styles have patterns and non-white backgrounds half of the time (seed
+    ``202 + seed_offset``, the world's training mix), so pattern and background transfer can be measured."""
+    contents, _, content_scenes = sample_batch(seed=101 + seed_offset, n=n, training=False, pattern_prob=0.0)
+    styles, _, style_scenes = sample_batch(seed=202 + seed_offset, n=n, training=False, pattern_prob=0.5,
+                                           background_prob=0.5)  # fmt: skip
+    return (contents, content_scenes), (styles, style_scenes)
 
 
 def colour_distance(image: np.ndarray, reference: np.ndarray) -> float:
