@@ -65,21 +65,31 @@ def test_decay_added_on_resume_cools_the_learning_rate_to_zero(tmp_path, data):
     assert resumed.optimizer.param_groups[0]["lr"] == 0.0  # after the last step
 
 
-def test_frozen_text_towers_stay_put_and_resume_exactly(tmp_path, data):
-    """``train_text_towers=False``: the towers keep the shapes-sd weights, projections and transformer train,
-    and a resumed run still equals the straight one."""
-    frozen = dataclasses.replace(CONFIG, train_text_towers=False)
+@pytest.mark.parametrize(
+    ("overrides", "frozen_names"),
+    [
+        ({"train_text_towers": False}, ("text_encoder", "text_encoder_2")),
+        ({"frozen_text_towers": ("text_encoder",)}, ("text_encoder",)),
+    ],
+)
+def test_frozen_text_towers_stay_put_and_resume_exactly(tmp_path, data, overrides, frozen_names):
+    """Frozen towers (both with ``train_text_towers=False``, or those named in ``frozen_text_towers``) keep
+    the shapes-sd weights; the other tower, the projections and the transformer train; a resumed run still
+    equals the straight one."""
+    frozen = dataclasses.replace(CONFIG, **overrides)
     start = _weights(T.new_state(frozen, T.SHAPES_SD))
     straight = T.run(T.new_state(frozen, T.SHAPES_SD), data, None, 0.0)
     after = _weights(straight)
-    towers = [k for k in after if k.startswith("model.text_encoder") and ".text_model." in k]
-    assert towers and all(torch.equal(after[k], start[k]) for k in towers)
+    for name in ("text_encoder", "text_encoder_2"):
+        tower = [k for k in after if k.startswith(f"model.{name}.text_model.")]
+        moved = [k for k in tower if not torch.equal(after[k], start[k])]
+        assert tower and (moved == [] if name in frozen_names else len(moved) > len(tower) // 2), name
     for key in ("model.text_encoder.text_projection.weight", "model.transformer.proj_out.weight"):
         assert not torch.equal(after[key], start[key]), key
     checkpoint = tmp_path / "ckpt.safetensors"
     T.run(T.new_state(dataclasses.replace(frozen, steps=2), T.SHAPES_SD), data, checkpoint, checkpoint_every=1e9)
     resumed = T.run(T.load_state(checkpoint, T.SHAPES_SD, steps=4), data, None, 0.0)
-    assert resumed.config.train_text_towers is False
+    assert T.frozen_towers(resumed.config) == frozen_names
     again = _weights(resumed)
     for key, value in after.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
@@ -114,6 +124,36 @@ def test_text_tower_learning_rate_scale_holds_through_decay_and_resume(tmp_path,
     expected_weights, got = _weights(state), _weights(resumed)
     for key, value in expected_weights.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_unknown_frozen_tower_is_refused():
+    with pytest.raises(ValueError, match="unknown tower"):
+        T.new_state(dataclasses.replace(CONFIG, frozen_text_towers=("text_encoder_3",)), T.SHAPES_SD)
+
+
+def test_ema_update_is_the_exponential_moving_average():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema.parameters(), model.parameters())]
+    T.ema_update(ema, model, 0.9)
+    for got, want in zip(ema.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want.detach())
+
+
+def test_fused_optimizer_trains_as_the_default_one(data):
+    """``fused_optimizer``: the same AdamW steps (equal to float rounding), a speed option only."""
+    plain = _weights(T.run(T.new_state(CONFIG, T.SHAPES_SD), data, None, 0.0))
+    fused_state = T.new_state(dataclasses.replace(CONFIG, fused_optimizer=True), T.SHAPES_SD)
+    assert fused_state.optimizer.defaults["fused"] is True
+    fused = _weights(T.run(fused_state, data, None, 0.0))
+    start = _weights(T.new_state(CONFIG, T.SHAPES_SD))
+    key = "model.transformer.proj_out.weight"
+    assert not torch.equal(plain[key], start[key])
+    # A key bias has zero gradient in exact arithmetic (softmax ignores a constant added to every key's
+    # score), so Adam's normalised step on its rounding noise differs between the two kernels: left out.
+    compared = [name for name in plain if not name.endswith("k_proj.bias")]
+    assert len(compared) > 0.9 * len(plain)
+    for name in compared:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
