@@ -1,4 +1,5 @@
-"""Text conditioning for SD 1.x/2.x and SDXL UNets, shared by every editkit pipeline.
+"""Text conditioning for SD 1.x/2.x and SDXL UNets, shared by every editkit pipeline (and the
+classifier-free guidance combination every UNet and flow loop uses).
 
 ``encode_text`` returns what one UNet call needs for a list of prompts: the cross-attention
 context and, for SDXL, ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids),
@@ -20,6 +21,7 @@ __all__ = [
     "EMBEDDING_NAMES",
     "PromptEncodingMixin",
     "TextConditioning",
+    "classifier_free_guidance",
     "clean_prompt",
     "conditioning_from_embeds",
     "encode_text",
@@ -32,6 +34,11 @@ EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_emb
 
 #: Longest prompt accepted at all (characters); CLIP reads 77 tokens, the rest is truncated with a warning.
 MAX_PROMPT_CHARS = 10_000
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """out = u + w (c - u)  (classifier-free guidance, Ho & Salimans 2022, eq. 6)."""
+    return uncond + guidance_scale * (cond - uncond)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from editkit.attention import AttentionController, Site, site_matches
+from editkit.conditioning import classifier_free_guidance
 from editkit.inversion import model_eps
 from editkit.patchnce import (
     DIRECTIONS,
@@ -72,11 +73,6 @@ REFERENCE_LATENT_PIXELS = 64 * 64
 def noise_latents(latents: torch.Tensor, noise: torch.Tensor, alpha_prod: torch.Tensor | float) -> torch.Tensor:
     """z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps  (DDPM forward process, Ho et al. 2020, eq. 4)."""
     return alpha_prod**0.5 * latents + (1 - alpha_prod) ** 0.5 * noise
-
-
-def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """out = u + w (c - u)  (classifier-free guidance, Ho & Salimans 2022, eq. 6)."""
-    return uncond + guidance_scale * (cond - uncond)
 
 
 def guided_eps(

@@ -27,6 +27,7 @@ import torch
 
 from editkit.attention import AttentionController
 from editkit.backbones import FlowBackbone, FlowConditioning, euler_step
+from editkit.conditioning import classifier_free_guidance
 from editkit.constraints import AlignedConstraints
 from editkit.flow_compose_maps import FlowMapStore, PromptTokens
 from editkit.flow_inversion import FlowSchedule
@@ -102,8 +103,7 @@ def velocity(run: FlowComposeRun, latents: torch.Tensor, timestep: torch.Tensor)
         return _denoise(run, latents, timestep, run.cond).float()
     run.controller.batch_roles = ("uncond", "cond")
     both = _denoise(run, torch.cat([latents] * 2), timestep, FlowConditioning.cat([run.uncond, run.cond]))
-    uncond, cond = both.chunk(2)
-    return (uncond + run.guidance_scale * (cond - uncond)).float()
+    return classifier_free_guidance(*both.chunk(2), run.guidance_scale).float()
 
 
 def attention_maps(run: FlowComposeRun, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,9 @@ import torch
 
 from editkit.attention import IMAGE_KINDS, Site, site_matches
 from editkit.backbones import FlowBackbone, FlowConditioning, flow_noisy
+from editkit.conditioning import classifier_free_guidance
 from editkit.contrastive import (
     ContrastiveFeatureRecorder,
-    classifier_free_guidance,
     contrastive_loss,
     sample_noise,
     sample_timestep,

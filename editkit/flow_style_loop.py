@@ -18,6 +18,7 @@ import torch
 
 from editkit.attention import AttentionController, compose
 from editkit.backbones import FlowBackbone, FlowConditioning, euler_step
+from editkit.conditioning import classifier_free_guidance
 from editkit.flow_inversion import FlowSchedule, flow_invert, flow_schedule, flux_mu
 from editkit.flow_style import FlowStyleFeatureRecorder, StepHook, flow_model_fingerprint, timestep_key
 from editkit.style import StyleCache
@@ -151,7 +152,7 @@ def generate_stylized(
         else:
             both = torch.cat([x, x]).to(start.dtype)
             v_uncond, v_cond = backbone.denoise(both, t, FlowConditioning.cat([uncond, conditioning])).float().chunk(2)
-            velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+            velocity = classifier_free_guidance(v_uncond, v_cond, guidance_scale)
         x = euler_step(x, velocity, sigmas[index], sigmas[index + 1])
         if step_hook is not None:
             x = step_hook(index, timestep, x)

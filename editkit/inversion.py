@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from editkit.conditioning import classifier_free_guidance
 from editkit.numerics import check_finite, is_finite
 
 if TYPE_CHECKING:
@@ -221,8 +222,7 @@ def ddim_invert(
             return_dict=False,
         )[0].float()
         if cfg:
-            uncond, cond = output.chunk(2)
-            output = uncond + guidance_scale * (cond - uncond)
+            output = classifier_free_guidance(*output.chunk(2), guidance_scale)
         return model_eps(output, sample, alpha_t, prediction_type)
 
     generation_timesteps = [int(t) for t in ddim.timesteps]

@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.backbones.pipeline_bases import UNetComponents
-from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, guidance_conditioning
+from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, classifier_free_guidance, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
@@ -249,7 +249,7 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
                     captured.append(token_maps(probs, run.aligned.last_token, **run.map_kwargs))
                 if run.cfg is not None:
                     uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + run.guidance_scale * (cond - uncond)
+                    noise_pred = classifier_free_guidance(uncond, cond, run.guidance_scale)
                     if run.guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
                         noise_pred = rescale_noise_cfg(noise_pred, cond, guidance_rescale=run.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from editkit.attention import AttentionController, AttentionKernelMixin, compose, exposed_ip_adapters
 from editkit.backbones.pipeline_bases import UNetComponents
-from editkit.conditioning import EMBEDDING_NAMES, guidance_conditioning
+from editkit.conditioning import EMBEDDING_NAMES, classifier_free_guidance, guidance_conditioning
 from editkit.errors import InputError
 from editkit.image import check_mask_aspect
 from editkit.inversion import (
@@ -226,7 +226,7 @@ class StyleTransferPipeline(AttentionKernelMixin, UNetComponents, DiffusionPipel
             output = self.unet(model_input.to(self.unet.dtype), t, **kwargs, return_dict=False)[0].float()
             if cfg:
                 uncond, cond = output.chunk(2)
-                output = uncond + guidance_scale * (cond - uncond)
+                output = classifier_free_guidance(uncond, cond, guidance_scale)
                 if guidance_rescale > 0:  # Lin et al. 2024, eq. 16, as diffusers' pipelines
                     output = rescale_noise_cfg(output, cond, guidance_rescale=guidance_rescale)
             alpha_t, alpha_prev = alpha_pair(int(t))
