@@ -228,7 +228,7 @@ def _raw_call(url: str, api_name: str, data: list) -> str:
 
 
 def _stylize_payload(content, style, mask=None) -> list:
-    return [content, style, 0.75, 1.5, True, 0.6, 1, mask, 0, "inversion_step"]
+    return [content, style, 0.75, 1.5, True, 0.6, 1, mask, 0, "inversion_step", "", "", 1.0]
 
 
 def test_server_files_outside_the_upload_folder_are_refused(server, tmp_path, token_file):

@@ -501,3 +501,79 @@ def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, caps
     assert "resample_steps=3 is a UNet (SD/SDXL) style transfer option; this is a sd3 (MM-DiT) model" in (
         capsys.readouterr().err
     )
+
+
+@torch.no_grad()
+def test_task_layer_reaches_sd3_classifier_free_guidance(sd3):
+    """StylizeOptions' guidance_scale / negative_prompt reach the pipeline: the task's image equals the pipeline's
+    own CFG run, the negative prompt matters only above guidance 1, and the record names the guidance used."""
+    from editkit.tasks import StylizeInputs, stylize
+    from editkit.tasks.common import make_generator
+    from editkit.tasks.stylize import StylizeOptions
+
+    content, style = _image(0), _image(1)
+
+    def task(**options):
+        options = StylizeOptions(num_inference_steps=STEPS, size=32, prompt="a", **options)
+        return stylize.run(sd3, StylizeInputs(content, [style]), options)
+
+    guided = task(guidance_scale=4.0, negative_prompt="b")
+    direct = sd3(content, [style], prompt="a", negative_prompt="b", guidance_scale=4.0, num_inference_steps=STEPS,
+                 width=32, height=32, generator=make_generator(0), output_type="np").images  # fmt: skip
+    as_array = np.asarray(guided.images[0], dtype=np.float32) / 255
+    assert np.abs(as_array - direct[0]).max() <= 1 / 255 + 1e-6
+    assert guided.records[0]["used"]["guidance_scale"] == 4.0 and guided.records[0]["negative_prompt"] == "b"
+    other_negative = task(guidance_scale=4.0, negative_prompt="c")
+    unguided, unguided_negative = task(), task(negative_prompt="c")
+    assert unguided.records[0]["used"]["guidance_scale"] == 1.0
+
+    def pixels(result):
+        return np.asarray(result.images[0], dtype=np.int16)
+
+    assert np.abs(pixels(guided) - pixels(other_negative)).max() > 2
+    assert np.abs(pixels(guided) - pixels(unguided)).max() > 2
+    assert np.array_equal(pixels(unguided), pixels(unguided_negative))  # no CFG: the negative is unused
+
+
+def test_task_layer_refuses_a_negative_prompt_on_flux_before_model_work(flux):
+    from editkit.tasks import StylizeInputs, stylize
+    from editkit.tasks.options import OptionError
+    from editkit.tasks.stylize import StylizeOptions
+
+    calls, handle = _count_calls(flux)
+    try:
+        with pytest.raises(OptionError, match=r"negative_prompt.*FLUX runs without"):
+            stylize.run(flux, StylizeInputs(_image(0), [_image(1)]), StylizeOptions(negative_prompt="blurry"))
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_cli_and_app_take_the_guidance_and_the_negative_prompt(tmp_path, sd3_dir, capsys):
+    import json
+
+    from editkit.app.handlers import Handlers
+    from editkit.app.models import ModelManager
+    from editkit.cli import main
+
+    content, style = tmp_path / "c.png", tmp_path / "s.png"
+    _image(0).save(content)
+    _image(1).save(style)
+    out = tmp_path / "out.png"
+    common = [content, style, "--model", sd3_dir, "--steps", "2", "--size", "32", "--device", "cpu", "--prompt", "a"]
+    argv = ["stylize", *common, "-o", out, "--guidance-scale", "3", "--negative-prompt", "b"]
+    assert main([str(a) for a in argv]) == 0
+    record = json.loads(Image.open(out).text["editkit"])
+    assert record["used"]["guidance_scale"] == 3.0 and record["negative_prompt"] == "b" and record["prompt"] == "a"
+    bad = tmp_path / "bad.png"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in ["stylize", *common, "-o", bad, "--guidance-scale", "-1"]])
+    assert exit_.value.code == 2 and not bad.exists() and "--guidance-scale" in capsys.readouterr().err
+
+    handlers = Handlers(ModelManager(sd3_dir, device="cpu"), tmp_path / "app", upload_folders=[tmp_path])
+    image, path, message = handlers.stylize({"path": str(content)}, {"path": str(style)}, 0.75, 1.5, True, 0.6, 2,
+                                            None, 0, "inversion_step", " a ", "b", 3.0)  # fmt: skip
+    assert image is not None, message
+    app_record = json.loads(Image.open(path).text["editkit"])
+    assert app_record["used"]["guidance_scale"] == 3.0 and app_record["prompt"] == "a"
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(out)))  # the same task under both

@@ -193,9 +193,15 @@ def _stylize_tab(handlers: Handlers) -> None:
                     label="Style features of step t from UNet(z_t-1, t) (inversion_step) or UNet(z_t, t) (StyleID's)",
                     elem_id="stylize-feature-timing",
                 )  # fmt: skip
+                with gr.Accordion("Text (optional)", open=False):
+                    prompt = gr.Textbox(value="", label="Prompt", elem_id="stylize-prompt")
+                    negative = gr.Textbox(
+                        value="", label="Negative prompt (not FLUX.1)", elem_id="stylize-negative-prompt"
+                    )
+                    guidance = _slider(StylizeOptions, "guidance_scale", elem_id="stylize-guidance")
             with gr.Column():
                 outputs = _result_column("stylize")
-        inputs = [content, style, gamma, tau, use_adain, adain, steps, mask, seed, timing]
+        inputs = [content, style, gamma, tau, use_adain, adain, steps, mask, seed, timing, prompt, negative, guidance]
         _wire(handlers, buttons, handlers.stylize, inputs, outputs, "stylize")
         uploads = [(content, "content image"), (style, "style image"), (mask, "mask image")]
         _report_uploads(handlers, uploads, outputs[2])

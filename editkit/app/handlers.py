@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import math
@@ -345,13 +346,21 @@ class Handlers:
         mask: Any,
         seed: Any,
         feature_timing: Any = StylizeOptions.feature_timing,
+        prompt: Any = StylizeOptions.prompt,
+        negative_prompt: Any = StylizeOptions.negative_prompt,
+        guidance_scale: Any = StylizeOptions.guidance_scale,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio's idiom)
     ) -> Outputs:
-        """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID); ``feature_timing``
-        as :class:`~editkit.tasks.StylizeOptions` (last, so API callers of the earlier form keep working)."""
+        """Stylize ``content`` with ``style``'s look (attention swapping, AttenST/StyleID); ``feature_timing``,
+        ``prompt``, ``negative_prompt`` and ``guidance_scale`` as :class:`~editkit.tasks.StylizeOptions` (last,
+        so API callers of the earlier forms keep working)."""
         adain = adain_strength if flag(use_adain, "use AdaIN") else None
         options = form_options(StylizeOptions, gamma=gamma, tau=tau, adain_strength=adain,
-                               num_inference_steps=steps, seed=seed, feature_timing=feature_timing)  # fmt: skip
+                               num_inference_steps=steps, seed=seed, feature_timing=feature_timing,
+                               guidance_scale=guidance_scale)  # fmt: skip
+        texts = {"prompt": text(prompt, "prompt", required=False),
+                 "negative_prompt": text(negative_prompt, "negative prompt", required=False)}  # fmt: skip
+        options = dataclasses.replace(options, **texts)
         content_path = self._upload(content, "content image")
         style_path = self._upload(style, "style image")
         content_image = read_image(content_path, "content")

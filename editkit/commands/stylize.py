@@ -35,7 +35,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 FLAGS = {
     "num_inference_steps": "--steps", "gamma": "--gamma", "tau": "--tau", "adain_strength": "--adain-strength",
     "resample_steps": "--resample-steps", "feature_timing": "--feature-timing", "injection_sites": "--sites",
-    "prompt": "--prompt", "size": "--size", "seed": "--seed",
+    "prompt": "--prompt", "size": "--size", "seed": "--seed", "guidance_scale": "--guidance-scale",
+    "negative_prompt": "--negative-prompt",
 }  # fmt: skip
 EXAMPLE = """examples:
   editkit stylize content.png style.png -o stylized.png --steps 50 --gamma 0.75 --tau 1.5
@@ -73,6 +74,8 @@ def register(subparsers) -> None:
     method.add_argument("--mask", type=Path, default=None, help="stylize only inside this mask (white = stylize)")
     add_size_option(method, StylizeOptions)
     add_knob(method, "--prompt", StylizeOptions, "prompt", type=str)
+    add_knob(method, "--guidance-scale", StylizeOptions, "guidance_scale")
+    add_knob(method, "--negative-prompt", StylizeOptions, "negative_prompt", type=str)
     add_seed_option(method, StylizeOptions)
     cache = parser.add_argument_group("style cache")
     cache.add_argument(

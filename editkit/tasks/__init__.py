@@ -48,7 +48,7 @@ def readme_defaults_table() -> str:
     return defaults_table(
         [
             ("stylize", StylizeOptions, {**steps, "gamma": "--gamma", "tau": "--tau",
-                                         "adain_strength": "--adain-strength"}),
+                                         "adain_strength": "--adain-strength", "guidance_scale": "--guidance-scale"}),
             ("edit", EditOptions, {**steps, "guidance_scale": "--guidance-scale", "contrast": "--contrast",
                                    "contrast_weight": "--contrast-weight", "learning_rate": "--learning-rate"}),
             ("compose", ComposeOptions, {**steps, "guidance_scale": "--guidance-scale", "verifier": "--verifier"}),

@@ -12,7 +12,7 @@ from PIL import Image
 from editkit.errors import InputError
 from editkit.image import resize_to
 from editkit.tasks.common import Size, make_generator, prepare_mask, processing_size, run_record
-from editkit.tasks.options import check_options, knob
+from editkit.tasks.options import OptionError, check_options, knob
 
 __all__ = ["FEATURE_TIMINGS", "UNET_STEPS", "StylizeInputs", "StylizeOptions", "StylizeResult", "default_steps", "run"]
 
@@ -49,6 +49,10 @@ class StylizeOptions:
                                "(StyleID's original)", choices=FEATURE_TIMINGS)  # fmt: skip
     injection_sites: tuple[str, ...] | None = knob(None, "self-attention sites/patterns (unset: the model's)")
     prompt: str = knob("", "optional text prompt")
+    guidance_scale: float = knob(1.0, "text guidance in generation (1: none, StyleID's; SD/SDXL/SD3 classifier-free "
+                                 "guidance above 1; FLUX.1-dev its distilled guidance input)", low=0,
+                                 label="Text guidance (1: none, StyleID's)", slider=(0, 10, 0.5))  # fmt: skip
+    negative_prompt: str = knob("", "what to avoid, under classifier-free guidance (not on FLUX.1: distilled)")
     size: Size = knob(None, "processing size: the longer side in pixels, or WIDTHxHEIGHT (unset: the model's size)")
     seed: int = knob(0, "random seed (a CPU generator)", low=0, integer=True, label="Seed")
 
@@ -108,6 +112,8 @@ def check_family_options(family: str, options: StylizeOptions) -> None:
                 )
     if options.injection_sites:
         check_site_names(family, list(options.injection_sites), "injection_sites")
+    if family == "flux" and options.negative_prompt:
+        raise OptionError("negative_prompt", "needs classifier-free guidance, which FLUX runs without (distilled)")
 
 
 def default_steps(pipe: Any, family: str) -> int:
@@ -144,6 +150,7 @@ def run(
               for s in inputs.styles]  # fmt: skip
     common = {
         "style_cache": list(inputs.style_caches), "prompt": options.prompt,
+        "negative_prompt": options.negative_prompt,
         "num_inference_steps": steps, "gamma": options.gamma, "tau": options.tau,
         "adain_strength": options.adain_strength, "mask": mask, "width": width, "height": height,
         "injection_sites": list(options.injection_sites) if options.injection_sites else None,
@@ -151,18 +158,19 @@ def run(
         "attention_controllers": list(attention_controllers),
     }  # fmt: skip
     used = {"size": [width, height], "num_inference_steps": steps, "seed": options.seed,
-            "sampler": "DDIM", "guidance_scale": 1.0}  # fmt: skip
+            "sampler": "DDIM", "guidance_scale": options.guidance_scale}  # fmt: skip
     if family in MMDIT_FAMILIES:
         from editkit.model_card import card_sequence_length
 
         sequence = card_sequence_length(pipe)  # e.g. 0 for a model trained without T5
-        out = pipe(resize_to(inputs.content, (width, height)), styles or None, max_sequence_length=sequence, **common)
+        out = pipe(resize_to(inputs.content, (width, height)), styles or None, max_sequence_length=sequence,
+                   guidance_scale=options.guidance_scale, **common)  # fmt: skip
         used.update(sampler="flow-matching Euler (inversion and generation)", family=family)
         if sequence is not None:
             used["max_sequence_length"] = sequence
     else:
         out = pipe(resize_to(inputs.content, (width, height)), styles or None, resample_steps=options.resample_steps,
-                   feature_timing=options.feature_timing, **common)  # fmt: skip
+                   feature_timing=options.feature_timing, guidance_scale=options.guidance_scale, **common)  # fmt: skip
     record = run_record("stylize", pipe, used, dataclasses.asdict(options), inputs.files)
     records = [{**record, "style_index": index} for index in range(len(out.images))]
     return StylizeResult(list(out.images), list(out.style_caches or []), records)
