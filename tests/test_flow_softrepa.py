@@ -272,3 +272,26 @@ def test_generate_task_uses_the_family_pipelines_defaults_when_unset(tmp_path, r
     used = result.records[0]["used"]
     assert (used["num_inference_steps"], used["guidance_scale"]) == expected
     assert len(pipe.scheduler.timesteps) == 28  # the pipeline ran the family's schedule
+
+
+@pytest.mark.parametrize("kind", ["unet", "mmdit"])
+def test_with_tensors_is_a_copy_holding_the_given_tensors(kind):
+    """``with_tensors`` (the keep-best tokens of a run): a new module with the given tokens and time embedding,
+    the same sites and file metadata; the original module is left as it was."""
+    from editkit.softrepa import SoftTokens
+
+    generator = torch.Generator().manual_seed(0)
+    if kind == "mmdit":
+        sites = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+        soft = MMDiTSoftTokens(torch.randn(2, 3, 32, generator=generator), sites, width=32, generator=generator)
+    else:
+        soft = SoftTokens(torch.randn(3, 32, generator=generator), ["down_blocks.0.attentions.0.transformer_blocks.0"
+                          ".attn2"], time_buckets=4, base_model="tiny")  # fmt: skip
+    before = {k: v.clone() for k, v in soft.tensors().items()}
+    best = {k: torch.randn(v.shape, generator=generator) for k, v in before.items()}
+    assert set(best) == {"tokens", "time_embedding"}
+    copy = soft.with_tensors(best)
+    assert type(copy) is type(soft) and copy is not soft and copy.metadata() == soft.metadata()
+    for name, value in copy.tensors().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0)
+        torch.testing.assert_close(soft.tensors()[name], before[name], rtol=0, atol=0)

@@ -45,6 +45,7 @@ from editkit.softrepa.tokens import (
     KIND_MMDIT,
     NUM_TRAIN_TIMESTEPS,
     check_finite_tensors,
+    copy_with_tensors,
 )
 
 __all__ = [
@@ -149,13 +150,7 @@ class MMDiTSoftTokens(nn.Module):
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> MMDiTSoftTokens:
         """A copy of this module holding ``tensors`` (e.g. the best tokens of a run)."""
-        copy = MMDiTSoftTokens(
-            tensors["tokens"], self.sites, width=self.stream_width, time_buckets=self.time_buckets,
-            num_train_timesteps=self.num_train_timesteps, base_model=self.base_model, family=self.family,
-        )  # fmt: skip
-        if copy.time_embedding is not None:
-            copy.time_embedding.data.copy_(tensors["time_embedding"])
-        return copy
+        return copy_with_tensors(self, tensors)
 
     def check_finite(self, when: str) -> None:
         """Raise :class:`NumericalError` when a value is NaN, infinite or beyond ``MAX_TOKEN_ABS``."""

@@ -18,6 +18,7 @@ sites, time buckets, token width, base model) and are validated against the UNet
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -180,13 +181,7 @@ class SoftTokens(nn.Module):
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> SoftTokens:
         """A copy of this module holding ``tensors`` (e.g. the best tokens of a run)."""
-        copy = SoftTokens(
-            tensors["tokens"], self.sites, time_buckets=self.time_buckets, time_layout=self.time_layout,
-            num_train_timesteps=self.num_train_timesteps, base_model=self.base_model, family=self.family,
-        )  # fmt: skip
-        if copy.time_embedding is not None:
-            copy.time_embedding.data.copy_(tensors["time_embedding"])
-        return copy
+        return copy_with_tensors(self, tensors)
 
     def metadata(self) -> dict[str, str]:
         """The file metadata describing this module (all values strings, as safetensors requires)."""
@@ -224,6 +219,17 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], when: str) -> None:
                 f"the soft {name.replace('_', ' ')} became non-finite or exploded {when}; "
                 "lower --learning-rate (the last good checkpoint is kept)"
             )
+
+
+def copy_with_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of a soft-token module (UNet or MM-DiT) holding ``tensors``: ``"tokens"`` and, when the
+    module has one, ``"time_embedding"``, of the module's own shapes (e.g. the best tensors of its run)."""
+    clone = copy.deepcopy(module)
+    with torch.no_grad():
+        clone.tokens.copy_(tensors["tokens"])
+        if clone.time_embedding is not None:
+            clone.time_embedding.copy_(tensors["time_embedding"])
+    return clone
 
 
 class SoftTokenController(AttentionController):
