@@ -577,3 +577,19 @@ def test_cli_and_app_take_the_guidance_and_the_negative_prompt(tmp_path, sd3_dir
     app_record = json.loads(Image.open(path).text["editkit"])
     assert app_record["used"]["guidance_scale"] == 3.0 and app_record["prompt"] == "a"
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(out)))  # the same task under both
+
+
+def test_cli_refuses_a_negative_prompt_on_a_flux_folder(tmp_path, flux_dir, capsys):
+    from editkit.cli import main
+
+    content = tmp_path / "c.png"
+    _image(0).save(content)
+    out = tmp_path / "out.png"
+    argv = ["stylize", content, content, "-o", out, "--model", flux_dir, "--steps", "2", "--size", "32", "--device",
+            "cpu", "--negative-prompt", "blurry"]  # fmt: skip
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and not out.exists()
+    assert "negative_prompt" in (err := capsys.readouterr().err) and "FLUX runs without" in err
