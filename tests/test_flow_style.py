@@ -485,19 +485,25 @@ def test_default_sites_on_the_released_topologies():
     assert flux == [f"single_transformer_blocks.{i}.attn" for i in range(20, 38)]
 
 
-def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, capsys):
+def _refused_cli_stylize(tmp_path, model_dir, *flags) -> tuple[int, bool]:
+    """``editkit stylize`` on ``model_dir`` with ``flags``: (exit code, whether the output was written)."""
     from editkit.cli import main
 
     content = tmp_path / "c.png"
     _image(0).save(content)
     out = tmp_path / "out.png"
-    argv = ["stylize", content, content, "-o", out, "--model", sd3_dir, "--steps", "2", "--size", "32", "--device",
-            "cpu", "--resample-steps", "3"]  # fmt: skip
+    argv = ["stylize", content, content, "-o", out, "--model", model_dir, "--steps", "2", "--size", "32", "--device",
+            "cpu", *flags]  # fmt: skip
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exit_:
         code = exit_.code
-    assert code == 2 and not out.exists()
+    return code, out.exists()
+
+
+def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, capsys):
+    code, written = _refused_cli_stylize(tmp_path, sd3_dir, "--resample-steps", "3")
+    assert code == 2 and not written
     assert "resample_steps=3 is a UNet (SD/SDXL) style transfer option; this is a sd3 (MM-DiT) model" in (
         capsys.readouterr().err
     )
@@ -580,16 +586,6 @@ def test_cli_and_app_take_the_guidance_and_the_negative_prompt(tmp_path, sd3_dir
 
 
 def test_cli_refuses_a_negative_prompt_on_a_flux_folder(tmp_path, flux_dir, capsys):
-    from editkit.cli import main
-
-    content = tmp_path / "c.png"
-    _image(0).save(content)
-    out = tmp_path / "out.png"
-    argv = ["stylize", content, content, "-o", out, "--model", flux_dir, "--steps", "2", "--size", "32", "--device",
-            "cpu", "--negative-prompt", "blurry"]  # fmt: skip
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 2 and not out.exists()
+    code, written = _refused_cli_stylize(tmp_path, flux_dir, "--negative-prompt", "blurry")
+    assert code == 2 and not written
     assert "negative_prompt" in (err := capsys.readouterr().err) and "FLUX runs without" in err
