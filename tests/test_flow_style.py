@@ -400,11 +400,12 @@ def test_caches_of_another_family_or_method_are_refused(sd3, flux):
 @pytest.mark.parametrize("option, value", [("resample_steps", 2), ("feature_timing", "inverted_latent")])
 def test_unet_only_options_are_refused_before_model_work(sd3, option, value):
     from editkit.tasks import StylizeInputs, stylize
+    from editkit.tasks.options import OptionError
     from editkit.tasks.stylize import StylizeOptions
 
     calls, handle = _count_calls(sd3)
     try:
-        with pytest.raises(InputError, match=rf"{option}=.* UNet .* sd3 \(MM-DiT\)"):
+        with pytest.raises(OptionError, match=rf"{option} .*: a UNet .* sd3 \(MM-DiT\)"):
             stylize.run(sd3, StylizeInputs(_image(0), [_image(1)]), StylizeOptions(**{option: value}))
         with pytest.raises(InputError, match=r"injection_sites: 'up_blocks.1.attentions.0' is a UNet .* sd3"):
             options = StylizeOptions(injection_sites=("up_blocks.1.attentions.0",))
@@ -485,9 +486,16 @@ def test_default_sites_on_the_released_topologies():
     assert flux == [f"single_transformer_blocks.{i}.attn" for i in range(20, 38)]
 
 
-def _refused_cli_stylize(tmp_path, model_dir, *flags) -> tuple[int, bool]:
-    """``editkit stylize`` on ``model_dir`` with ``flags``: (exit code, whether the output was written)."""
+def _refused_cli_stylize(tmp_path, model_dir, *flags, monkeypatch) -> tuple[int, bool]:
+    """``editkit stylize`` on ``model_dir`` with ``flags``, refused before the model loads (loading fails the
+    test): (exit code, whether the output was written)."""
     from editkit.cli import main
+    from editkit.commands import stylize as stylize_command
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the family options were checked")
+
+    monkeypatch.setattr(stylize_command, "load_method_pipeline", no_loading)
 
     content = tmp_path / "c.png"
     _image(0).save(content)
@@ -501,10 +509,10 @@ def _refused_cli_stylize(tmp_path, model_dir, *flags) -> tuple[int, bool]:
     return code, out.exists()
 
 
-def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, capsys):
-    code, written = _refused_cli_stylize(tmp_path, sd3_dir, "--resample-steps", "3")
+def test_cli_refuses_a_unet_only_flag_on_an_mmdit_folder(tmp_path, sd3_dir, capsys, monkeypatch):
+    code, written = _refused_cli_stylize(tmp_path, sd3_dir, "--resample-steps", "3", monkeypatch=monkeypatch)
     assert code == 2 and not written
-    assert "resample_steps=3 is a UNet (SD/SDXL) style transfer option; this is a sd3 (MM-DiT) model" in (
+    assert "--resample-steps 3: a UNet (SD/SDXL) style transfer option; this is a sd3 (MM-DiT) model" in (
         capsys.readouterr().err
     )
 
@@ -585,7 +593,7 @@ def test_cli_and_app_take_the_guidance_and_the_negative_prompt(tmp_path, sd3_dir
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(out)))  # the same task under both
 
 
-def test_cli_refuses_a_negative_prompt_on_a_flux_folder(tmp_path, flux_dir, capsys):
-    code, written = _refused_cli_stylize(tmp_path, flux_dir, "--negative-prompt", "blurry")
+def test_cli_refuses_a_negative_prompt_on_a_flux_folder(tmp_path, flux_dir, capsys, monkeypatch):
+    code, written = _refused_cli_stylize(tmp_path, flux_dir, "--negative-prompt", "blurry", monkeypatch=monkeypatch)
     assert code == 2 and not written
-    assert "negative_prompt" in (err := capsys.readouterr().err) and "FLUX runs without" in err
+    assert "--negative-prompt needs classifier-free guidance, which FLUX runs without" in capsys.readouterr().err

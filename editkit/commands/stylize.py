@@ -223,10 +223,27 @@ def _load_inputs(plan: _Plan, args: argparse.Namespace):
     return contents, styles, caches, mask
 
 
+def _check_family(args: argparse.Namespace, options: StylizeOptions) -> None:
+    """Options of the other model kind (``--resample-steps`` on SD3, ``--negative-prompt`` on FLUX.1) are refused
+    from the model's index, before it loads, with the flag and the family named."""
+    from editkit.models import model_source_family
+    from editkit.tasks.options import OptionError
+    from editkit.tasks.stylize import check_family_options
+
+    family = model_source_family(args.model)
+    if family is None:  # a Hub repo not cached yet: the task checks once it is loaded
+        return
+    try:
+        check_family_options(family, options)
+    except OptionError as error:
+        raise InputError(f"{FLAGS.get(error.field, error.field)} {error.problem}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     plan = _plan(args)
     contents, styles, caches, mask = _load_inputs(plan, args)
+    _check_family(args, options)
 
     from editkit.tasks import StylizeInputs, stylize
 

@@ -99,16 +99,18 @@ UNET_ONLY_OPTIONS = {"resample_steps": 0, "feature_timing": "inversion_step"}
 
 
 def check_family_options(family: str, options: StylizeOptions) -> None:
-    """Refuse, before any model work, options of the other architecture (InputError naming option and family)."""
+    """Refuse, before any model work, options of the other architecture (OptionError naming the option and the
+    family; a site name of the other architecture: InputError naming the site)."""
     from editkit.backbones import MMDIT_FAMILIES, check_site_names
 
     if family in MMDIT_FAMILIES:
         for name, default in UNET_ONLY_OPTIONS.items():
             value = getattr(options, name)
             if value != default:
-                raise InputError(
-                    f"{name}={value!r} is a UNet (SD/SDXL) style transfer option; this is a {family} (MM-DiT) model, "
-                    f"whose style transfer inverts with the flow ODE (leave {name} at {default!r})"
+                raise OptionError(
+                    name,
+                    f"{value!r}: a UNet (SD/SDXL) style transfer option; this is a {family} (MM-DiT) model, whose "
+                    f"style transfer inverts with the flow ODE (leave it at {default!r})",
                 )
     if options.injection_sites:
         check_site_names(family, list(options.injection_sites), "injection_sites")
