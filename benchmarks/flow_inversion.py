@@ -24,33 +24,20 @@ import torch
 from benchmarks.shapes.detect import detect_batch
 from benchmarks.shapes.evaluate import call_kwargs, load_pipeline
 from benchmarks.shapes.world import sample_batch
+from editkit.backbones import backbone_for
 from editkit.flow_inversion import FLOW_METHODS, flow_invert, flow_sample, flow_schedule
 
 logger = logging.getLogger(__name__)
 
 
-def sd3_velocity(pipe, prompts: list[str], guidance_scale: float = 1.0, **encode_kwargs):
-    """``velocity(latents, sigma, timestep)`` of an SD3 pipeline's transformer for ``prompts`` (CFG when > 1)."""
-    cfg = guidance_scale > 1.0
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompts, prompts, prompts, do_classifier_free_guidance=cfg, **encode_kwargs
-    )
-    if cfg:
-        embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+def sd3_velocity(pipe, prompts: list[str], **backbone_options):
+    """``velocity(latents, sigma, timestep)`` of an SD3 pipeline's transformer for ``prompts``, through editkit's
+    backbone (``backbone_options``: e.g. ``max_sequence_length``). No guidance: the inversions run at CFG 1."""
+    backbone = backbone_for(pipe, **backbone_options)
+    conditioning = backbone.encode_text(prompts)
 
     def velocity(latents: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        model_input = torch.cat([latents] * 2) if cfg else latents
-        out = pipe.transformer(
-            hidden_states=model_input,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
-            timestep=timestep.expand(model_input.shape[0]),
-            return_dict=False,
-        )[0]
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+        return backbone.denoise(latents, timestep, conditioning)
 
     return velocity
 
