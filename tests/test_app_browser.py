@@ -12,10 +12,12 @@ A screenshot of each tab is saved under ``$EDITKIT_SCREENSHOT_DIR`` (default: py
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 180_000
+#: Every other wait (a click, a field's value, an element appearing): generous, as on a busy CI core
+#: (Playwright's defaults, 5 s for expectations and 30 s for actions, failed there).
+WAIT_MS = 60_000
 VIEWPORT = {"width": 1280, "height": 900}
 #: The smallest displayed width of a result image, in CSS pixels.
 MIN_DISPLAY_WIDTH = 256
@@ -85,15 +90,18 @@ def screenshots(tmp_path_factory) -> Path:
 def browser():
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        playwright_api.expect.set_options(timeout=WAIT_MS)
         try:
             yield browser
         finally:
+            playwright_api.expect.set_options(timeout=5_000)  # Playwright's default
             browser.close()
 
 
 @pytest.fixture
 def page(browser, url):
     context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(WAIT_MS)
     try:
         page = context.new_page()
         page.goto(url, wait_until="domcontentloaded")
@@ -211,9 +219,20 @@ def test_errors_and_rejected_uploads_go_to_the_messages_box(page, tmp_path, scre
     print(f"screenshot: {path}")
 
 
-def test_progress_names_the_phase_and_cancel_stops_the_run(page, served):
-    """The run's progress bar names its phase; Cancel drops the run (its inversions may finish first)."""
+def test_progress_names_the_phase_and_cancel_stops_the_run(page, served, monkeypatch):
+    """The run's progress bar names its phase; Cancel drops the run. The run is held inside its third UNet call
+    until Cancel has been clicked, so that a fast machine cannot finish it first."""
     expect = playwright_api.expect
+    release, calls = threading.Event(), itertools.count()
+    unet = served[0].editkit_manager.pipeline("stylize").unet  # shared by the app's pipelines
+    forward = unet.forward
+
+    def held_forward(*args, **kwargs):
+        if next(calls) == 2:
+            release.wait(TIMEOUT_MS / 1000)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", held_forward)
     _open_tab(page, "Stylize", "stylize")
     page.locator("#stylize-content input[type=file]").set_input_files(str(EXAMPLES / "content.png"))
     page.locator("#stylize-style input[type=file]").set_input_files(str(EXAMPLES / "style.png"))
@@ -222,9 +241,12 @@ def test_progress_names_the_phase_and_cancel_stops_the_run(page, served):
     page.locator("#stylize-run").click()
     progress = page.locator("#stylize-result")  # the run's one progress bar sits on the result box
     phase = re.compile(r"(inverting content|inverting style|generating) - \d")
-    expect(progress).to_contain_text(phase, timeout=TIMEOUT_MS)
-    page.locator("#stylize-cancel").click()
-    expect(page.locator("#stylize-messages textarea")).to_have_value("Cancelled.", timeout=TIMEOUT_MS)
+    try:
+        expect(progress).to_contain_text(phase, timeout=TIMEOUT_MS)
+        page.locator("#stylize-cancel").click()
+        expect(page.locator("#stylize-messages textarea")).to_have_value("Cancelled.", timeout=TIMEOUT_MS)
+    finally:
+        release.set()  # the held call returns; the pipeline then sees the interrupt after its step
     expect(progress).not_to_contain_text(re.compile(r"\d+/100"), timeout=TIMEOUT_MS)
     expect(page.locator("#stylize-result img")).to_have_count(0)
     with served[0].editkit_manager.session():  # the worker thread has let go of the model: nothing left running
