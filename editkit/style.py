@@ -246,6 +246,16 @@ class StyleCache:
             "extra": self.extra,
         }
 
+    def check_family(self, family: str | None, label: str = "style cache") -> None:
+        """Refuse (InputError) a cache made on another model family; ``family=None`` or a cache without one passes.
+
+        Separate from :meth:`validate` so the CLI can refuse it from the model's index, before the model loads."""
+        if family is not None and self.family and self.family != family:
+            raise InputError(
+                f"{label} was made on a {self.family} model ({self.model_name or '?'}), this is a {family} model: "
+                "attention features do not transfer between model families; recompute the cache with this model"
+            )
+
     def validate(
         self,
         *,
@@ -260,11 +270,7 @@ class StyleCache:
         """Refuse (InputError, one line) a cache made for another family, model, size, site set or schedule."""
         if self.kind != kind:
             raise InputError(f"{label} holds {self.kind} features, a {kind} cache is needed")
-        if family is not None and self.family and self.family != family:
-            raise InputError(
-                f"{label} was made on a {self.family} model ({self.model_name or '?'}), this is a {family} model: "
-                "attention features do not transfer between model families; recompute the cache with this model"
-            )
+        self.check_family(family, label)
         if self.model != model:
             raise InputError(
                 f"{label} was made with another model ({self.model_name or '?'}, fingerprint {self.model}); "

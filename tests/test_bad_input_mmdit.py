@@ -78,7 +78,14 @@ def _cache_made_on(family: str, folder: Path) -> Path:
     return cache.save(folder / f"{family}-cache.safetensors")
 
 
-def test_style_cache_of_another_family(capsys, images, sdxl_dir):
+def test_style_cache_of_another_family(capsys, images, sdxl_dir, monkeypatch):
+    """Refused from the model's index, before the model loads (loading fails the test)."""
+    from editkit.commands import stylize as stylize_command
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the style cache's family was checked")
+
+    monkeypatch.setattr(stylize_command, "load_method_pipeline", no_loading)
     content, _, tmp = images
     path = _cache_made_on("sd", tmp)
     loaded = StyleCache.load(path)

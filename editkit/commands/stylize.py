@@ -223,9 +223,10 @@ def _load_inputs(plan: _Plan, args: argparse.Namespace):
     return contents, styles, caches, mask
 
 
-def _check_family(args: argparse.Namespace, options: StylizeOptions) -> None:
-    """Options of the other model kind (``--resample-steps`` on SD3, ``--negative-prompt`` on FLUX.1) are refused
-    from the model's index, before it loads, with the flag and the family named."""
+def _check_family(args: argparse.Namespace, options: StylizeOptions, caches: list) -> None:
+    """Options of the other model kind (``--resample-steps`` on SD3, ``--negative-prompt`` on FLUX.1) and style
+    caches made on another family are refused from the model's index, before it loads, with the flag and the
+    family named."""
     from editkit.models import model_source_family
     from editkit.tasks.options import OptionError
     from editkit.tasks.stylize import check_family_options
@@ -237,13 +238,15 @@ def _check_family(args: argparse.Namespace, options: StylizeOptions) -> None:
         check_family_options(family, options)
     except OptionError as error:
         raise InputError(f"{FLAGS.get(error.field, error.field)} {error.problem}") from None
+    for cache in caches:
+        cache.check_family(family)
 
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     plan = _plan(args)
     contents, styles, caches, mask = _load_inputs(plan, args)
-    _check_family(args, options)
+    _check_family(args, options, caches)
 
     from editkit.tasks import StylizeInputs, stylize
 
