@@ -104,14 +104,33 @@ def test_style_cache_family_is_checked_in_the_header(tmp_path):
         StyleCache.load(path)
 
 
-def test_token_file_of_another_family(capsys, tmp_path, sd15_pipe, sdxl_dir):
+def _no_model_loading(monkeypatch) -> None:
+    """Loading a pipeline fails the test: what is checked here must be refused from the model's index."""
+    from editkit import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the soft tokens' family was checked")
+
+    monkeypatch.setattr(models, "load_pipeline", no_loading)
+
+
+@pytest.mark.parametrize("command", ["softrepa generate", "edit"])
+def test_token_file_of_another_family(capsys, images, monkeypatch, sd15_pipe, sdxl_dir, sd3_dir, command):
+    """UNet tokens on SDXL (another UNet family) and on SD3 (another kind), refused before the model loads."""
+    _no_model_loading(monkeypatch)
+    content, _, tmp_path = images
     tokens = SoftTokens(torch.randn(2, 16), default_sites(sd15_pipe.unet), base_model="tiny-sd", family="sd")
     path = save_soft_tokens(tokens, tmp_path / "tokens.safetensors")
     assert read_soft_tokens(path).family == "sd"
     out = tmp_path / "out.png"
-    argv = ["softrepa", "generate", "a red car", "--soft-tokens", path, "-o", out, "--model", sdxl_dir,
-            "--steps", "1", "--size", "32", "--device", "cpu"]  # fmt: skip
-    _assert_exit_2(capsys, argv, "soft tokens trained on a sd model (tiny-sd) do not apply to this sdxl model", out)
+    common = ["--soft-tokens", path, "-o", out, "--steps", "1", "--size", "32", "--device", "cpu"]
+    if command == "edit":
+        argv = ["edit", content, "--source-prompt", "a", "--target-prompt", "b", "--model", sd3_dir, *common]
+    else:
+        argv = ["softrepa", "generate", "a red car", "--model", sdxl_dir, *common]
+    family = "sd3" if command == "edit" else "sdxl"
+    message = f"soft tokens trained on a sd model (tiny-sd) do not apply to this {family} model"
+    _assert_exit_2(capsys, argv, message, out)
 
 
 def test_token_file_with_an_unknown_family(tmp_path, sd15_pipe):

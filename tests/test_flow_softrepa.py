@@ -212,7 +212,7 @@ def test_tokens_of_another_family_are_refused(tmp_path, sd3_pipe, flux_pipe, sd1
         load_soft_tokens(sd3_file, model=sd15_pipe.unet)
     unet_tokens = SoftTokens(torch.zeros(2, 16), default_sites(sd15_pipe.unet), family="sd")
     unet_file = save_soft_tokens(unet_tokens, tmp_path / "sd.safetensors")
-    with pytest.raises(ModelLoadError, match=r"trained on sd model .* this sd3 model"):
+    with pytest.raises(ModelLoadError, match=r"trained on a sd model .* this sd3 model"):
         load_soft_tokens(unet_file, model=sd3_pipe.transformer)
     out = tmp_path / "o.png"
     argv = ["softrepa", "generate", "a red square", "--soft-tokens", str(unet_file), "--model", str(sd3_dir)]

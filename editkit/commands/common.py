@@ -172,8 +172,9 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
 def load_method_pipeline(task: str, args: argparse.Namespace) -> tuple[object, list]:
     """The pipeline of ``task`` (editkit.tasks) for --model/--device/--dtype with --attention and --compile
     applied, and the controllers of --soft-tokens (an empty list without it) to pass as ``attention_controllers``."""
-    from editkit.tasks import load_task_pipeline, soft_token_controllers
+    from editkit.tasks import check_soft_tokens_source, load_task_pipeline, soft_token_controllers
 
+    check_soft_tokens_source(args.soft_tokens, args.model)  # before the model loads
     attention = getattr(args, "attention", "sdpa")
     pipe = load_task_pipeline(task, args.model, device=args.device, dtype=args.dtype, attention=attention,
                               compile_mode=args.compile)  # fmt: skip

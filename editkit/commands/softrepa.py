@@ -293,7 +293,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from editkit.errors import InputError
     from editkit.image import SAVE_FORMATS, save_image
-    from editkit.tasks import GenerateInputs, generate, load_task_pipeline, png_metadata
+    from editkit.tasks import GenerateInputs, check_soft_tokens_source, generate, load_task_pipeline, png_metadata
 
     options = make_options(GenerateOptions, GENERATE_FLAGS, args)
     check_output_path(args.output, args.overwrite, suffixes=SAVE_FORMATS)
@@ -303,6 +303,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if not args.soft_tokens.is_file():
         raise InputError(f"soft-token file not found: {args.soft_tokens}")
+    check_soft_tokens_source(args.soft_tokens, args.model)  # before the model loads
     pipe = load_task_pipeline("generate", args.model, device=args.device, dtype=args.dtype, compile_mode=args.compile)
     result = generate.run(pipe, GenerateInputs(args.prompt, args.soft_tokens), options)
     record = {**result.records[0], **run_settings(args)}

@@ -45,6 +45,7 @@ from editkit.softrepa.tokens import (
     KIND_MMDIT,
     NUM_TRAIN_TIMESTEPS,
     check_finite_tensors,
+    check_token_family,
     copy_with_tensors,
 )
 
@@ -261,13 +262,8 @@ def validate_for_transformer(
     """Refuse tokens made for another model: same family, widths, and existing joint sites."""
     from editkit.models import model_family
 
-    family = model_family(transformer)
+    check_token_family(soft_tokens, model_family(transformer), path)
     origin = soft_tokens.base_model or "another model"
-    if soft_tokens.family and soft_tokens.family != family:
-        raise ModelLoadError(
-            f"{path}: soft tokens trained on a {soft_tokens.family} model ({origin}) do not apply to this "
-            f"{family} model; train tokens for this model family"
-        )
     embedder = uncompiled(transformer).context_embedder
     if (soft_tokens.width, soft_tokens.stream_width) != (embedder.in_features, embedder.out_features):
         raise ModelLoadError(

@@ -46,6 +46,7 @@ __all__ = [
     "TOKEN_INITS",
     "SoftTokenController",
     "SoftTokens",
+    "check_token_family",
     "default_sites",
     "initial_tokens",
     "load_soft_tokens",
@@ -59,6 +60,7 @@ FORMAT_NAME = "editkit-softrepa"
 FORMAT_VERSION = 2  # 2: time_layout (shared Embedding(buckets, width) by default); 1 files read as per-token
 KIND_UNET_CONTEXT = "unet-cross-context"
 KIND_MMDIT = "mmdit-text-stream"  # editkit.softrepa.mmdit_tokens
+MMDIT_FAMILIES = ("sd3", "flux")  # the families whose tokens are KIND_MMDIT
 TIME_SHARED = "shared"
 TIME_PER_TOKEN = "per-token"
 TIME_LAYOUTS = (TIME_SHARED, TIME_PER_TOKEN)
@@ -401,16 +403,28 @@ def _family_field(metadata: dict[str, str], path: Path) -> str:
     return family
 
 
+def check_token_family(soft_tokens, family: str, path: str | os.PathLike = "soft tokens") -> None:
+    """Refuse tokens (UNet or MM-DiT) trained on another model family than ``family``, or of the other kind.
+
+    Needs only the family's name, so the CLI runs it from the model's index before the model loads
+    (:func:`editkit.tasks.check_soft_tokens_source`); :func:`load_soft_tokens` runs it again on the
+    loaded model. Files written before the ``family`` field are checked by kind only.
+    """
+    mmdit_tokens = soft_tokens.kind == KIND_MMDIT
+    other_family = bool(soft_tokens.family) and soft_tokens.family != family
+    if other_family or mmdit_tokens != (family in MMDIT_FAMILIES):
+        trained = f"a {soft_tokens.family}" if soft_tokens.family else ("an MM-DiT" if mmdit_tokens else "a UNet")
+        raise ModelLoadError(
+            f"{path}: soft tokens trained on {trained} model ({soft_tokens.base_model or '?'}) do not apply to "
+            f"this {family} model; train tokens for this model family"
+        )
+
+
 def validate_for_unet(soft_tokens: SoftTokens, unet, path: str | os.PathLike = "soft tokens") -> None:
     """Refuse tokens made for another model: same family, width ``cross_attention_dim``, existing sites."""
     from editkit.models import model_family
 
-    family = model_family(unet)
-    if soft_tokens.family and soft_tokens.family != family:
-        raise ModelLoadError(
-            f"{path}: soft tokens trained on a {soft_tokens.family} model ({soft_tokens.base_model or '?'}) "
-            f"do not apply to this {family} model; train tokens for this model family"
-        )
+    check_token_family(soft_tokens, model_family(unet), path)
     width = unet.config.cross_attention_dim
     if soft_tokens.width != width:
         raise ModelLoadError(
@@ -437,14 +451,8 @@ def load_soft_tokens(path: str | os.PathLike, *, unet=None, model=None, strength
     model = model if model is not None else unet
     soft_tokens = read_soft_tokens(path)
     family = model_family(model)
-    mmdit_model = family in ("sd3", "flux")
-    if (soft_tokens.kind == KIND_MMDIT) != mmdit_model:
-        trained = soft_tokens.family or ("an MM-DiT" if soft_tokens.kind == KIND_MMDIT else "a UNet")
-        raise ModelLoadError(
-            f"{path}: soft tokens trained on {trained} model ({soft_tokens.base_model or '?'}) do not apply to "
-            f"this {family} model; train tokens for this model family"
-        )
-    if mmdit_model:
+    check_token_family(soft_tokens, family, path)
+    if family in MMDIT_FAMILIES:
         from editkit.softrepa.mmdit_tokens import MMDiTSoftTokenController, validate_for_transformer
 
         validate_for_transformer(soft_tokens, model, path)

@@ -13,7 +13,7 @@ from editkit.tasks.common import make_generator, png_metadata, processing_size, 
 from editkit.tasks.compose import ComposeInputs, ComposeOptions
 from editkit.tasks.edit import EditInputs, EditOptions
 from editkit.tasks.generate import GenerateInputs, GenerateOptions
-from editkit.tasks.loading import load_task_pipeline, pipeline_class, soft_token_controllers
+from editkit.tasks.loading import check_soft_tokens_source, load_task_pipeline, pipeline_class, soft_token_controllers
 from editkit.tasks.options import OptionError, defaults_table
 from editkit.tasks.stylize import StylizeInputs, StylizeOptions
 
@@ -27,6 +27,7 @@ __all__ = [
     "OptionError",
     "StylizeInputs",
     "StylizeOptions",
+    "check_soft_tokens_source",
     "compose",
     "defaults_table",
     "edit",

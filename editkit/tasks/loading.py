@@ -106,6 +106,22 @@ def load_task_pipeline(
     return pipe
 
 
+def check_soft_tokens_source(path: str | os.PathLike | None, model: str | os.PathLike) -> None:
+    """Refuse a token file trained on another family than ``model``'s, from the model's index, before it loads.
+
+    A no-op without a file, or for a Hub repo not cached yet (:func:`soft_token_controllers` checks the
+    loaded model in any case). The file itself is read and checked whole (it is small).
+    """
+    if not path:
+        return
+    from editkit.models import model_source_family
+    from editkit.softrepa import check_token_family, read_soft_tokens
+
+    family = model_source_family(model)
+    if family is not None:
+        check_token_family(read_soft_tokens(path), family, path)
+
+
 def soft_token_controllers(pipe: Any, path: str | os.PathLike | None, strength: float = 1.0) -> list:
     """The controllers of a SoftREPA token file (empty without one), to pass as ``attention_controllers``."""
     if not path:
