@@ -227,6 +227,8 @@ def shapes_gain(
     evaluations: int = 4,
     hard_negatives: int = 0,
     learning_rate: float = 1e-3,
+    denoise_weight: float = 10.0,
+    logit_form: str = "exp",
 ) -> dict:
     """Held-out accuracy of shapes-sd3 without tokens and with the tokens of ``evaluations`` checkpoints.
 
@@ -234,7 +236,9 @@ def shapes_gain(
     token file (``best_val_metric``) is one of the scored checkpoints.
     ``hard_negatives`` > 0: editkit's hard negatives as extra columns, tokens kept by the hard-negative metric.
     ``learning_rate``: the peak rate (the reference's 1e-3 by default). Each checkpoint also records how far its
-    tokens moved from the first checkpoint's (relative L2 of the token tensors).
+    tokens moved from the first checkpoint's (relative L2 of the token tensors). ``denoise_weight``: the plain
+    denoising loss's weight beside the contrastive loss (the reference's 10 by default; 0: contrastive alone);
+    ``logit_form``: the reference's bounded ``"exp"`` logits or ``"linear"`` ones (``ContrastiveLossConfig``).
     """
     from benchmarks.shapes.evaluate import call_kwargs, evaluate, load_pipeline
     from benchmarks.softrepa_curve import checkpoint_tokens, write_training_data
@@ -256,6 +260,7 @@ def shapes_gain(
             checkpoint_every=every, keep_checkpoints=10**6, val_fraction=0.1, progress=False, seed=seed,
             max_sequence_length=kwargs.get("max_sequence_length"), hard_negatives=hard_negatives,
             keep_best="hard-negatives" if hard_negatives else "group", learning_rate=learning_rate,
+            loss=ContrastiveLossConfig(denoise_weight=denoise_weight, logit_form=logit_form),
         )  # fmt: skip
         trained = train_soft_tokens(config, pipe=pipe, report=lambda entry: logger.info(evaluation_line(entry)))
         template = read_soft_tokens(output)
@@ -271,8 +276,8 @@ def shapes_gain(
             logger.info("step %d: %s", entry["step"], curve[-1]["minus_without"])
     return {
         "model": str(model), "steps": steps, "batch_size": batch_size, "prompts_per_category": prompts,
-        "hard_negatives": hard_negatives, "learning_rate": learning_rate,
-        "best_val_metric": trained.best_metric, "without_tokens": before, "curve": curve,
+        "hard_negatives": hard_negatives, "learning_rate": learning_rate, "denoise_weight": denoise_weight,
+        "logit_form": logit_form, "best_val_metric": trained.best_metric, "without_tokens": before, "curve": curve,
     }  # fmt: skip
 
 
@@ -311,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes-evaluations", type=int, default=4, help="checkpoints scored along training")
     parser.add_argument("--shapes-hard-negatives", type=int, default=0, help="as softrepa train --hard-negatives")
     parser.add_argument("--shapes-lr", type=float, default=1e-3, help="peak learning rate of the token training")
+    parser.add_argument(
+        "--shapes-denoise-weight", type=float, default=10.0, help="denoising loss weight (reference 10; 0: none)"
+    )
+    parser.add_argument("--shapes-logit-form", choices=("exp", "linear"), default="exp", help="reference: exp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -330,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             args.shapes_evaluations,
             args.shapes_hard_negatives,
             args.shapes_lr,
+            args.shapes_denoise_weight,
+            args.shapes_logit_form,
         )
     print_json(result)
 
