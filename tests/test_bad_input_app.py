@@ -139,6 +139,21 @@ def test_bad_token_files_are_messages(handlers, tmp_path, build, fragment):
     assert fragment in message and str(tmp_path) not in message and "the token file" in message
 
 
+def test_token_file_of_another_family_is_refused_before_the_model_loads(sd15_dir, sd15_pipe, tmp_path):
+    from editkit.softrepa import SoftTokens, default_sites, save_soft_tokens
+
+    tokens = SoftTokens(torch.randn(2, 16), default_sites(sd15_pipe.unet), base_model="tiny-xl", family="sdxl")
+    path = save_soft_tokens(tokens, tmp_path / "xl.safetensors")
+    manager = ModelManager(sd15_dir, device="cpu")
+    own = Handlers(manager, tmp_path / "out", upload_folders=[tmp_path])
+    size, error = own.check_upload({"path": str(path)}, "soft-token", kind="tokens")
+    assert size is None and "trained on a sdxl model (tiny-xl) do not apply to this sd model" in error
+    assert "the soft-token file" in error and str(tmp_path) not in error
+    message = _message(lambda: own.generate_with_tokens("a car", {"path": str(path)}, 1.0, 1, 7.5, 0))
+    assert "do not apply to this sd model" in message and "the token file" in message
+    assert not manager.loaded  # refused from the model's index
+
+
 def test_masks_empty_other_size_and_unreadable(handlers, tmp_path):
     good = {"path": str(bad.good_image(tmp_path, size=(80, 64)))}
     _, _, messages = _stylize(handlers, good, good, mask={"path": str(bad.mask(tmp_path, "other size"))})

@@ -322,16 +322,24 @@ class Handlers:
             if path is None:
                 return None, None
             if kind == "tokens":
-                from editkit.softrepa import read_soft_tokens
-
-                try:
-                    read_soft_tokens(path)
-                except EditkitError as error:
-                    raise type(error)(str(error).replace(path, f"the {label} file")) from None
+                self._check_tokens(path, f"the {label} file")
                 return None, None
             return read_image(path, label.removesuffix(" image")).size, None
         except EditkitError as error:
             return None, str(error)
+
+    def _check_tokens(self, path: str, name: str) -> None:
+        """Read a token file whole and refuse one trained on another family than the served model's, before the
+        model loads (``name`` replaces the server's path in the message)."""
+        from editkit.softrepa import check_token_family, read_soft_tokens
+
+        try:
+            tokens = read_soft_tokens(path)
+            family = self.manager.family()
+            if family is not None:
+                check_token_family(tokens, family, path)
+        except EditkitError as error:
+            raise type(error)(str(error).replace(path, name)) from None
 
     @guarded
     def stylize(
@@ -448,6 +456,7 @@ class Handlers:
         token_path = self._upload(tokens, "soft-token")
         if token_path is None:
             raise InputError("upload a soft-token file (.safetensors)")
+        self._check_tokens(token_path, "the token file")
         inputs = GenerateInputs(prompt_text, token_path, files=_files(soft_tokens=token_path))
 
         def work(pipe) -> tuple[Image.Image, dict, list[str]]:
