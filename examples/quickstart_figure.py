@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = "M=assets/models/shapes-sd; E=assets/examples"
 #: The README's quickstart commands (tests/test_quickstart_figure.py keeps the two in step).
 COMMANDS = (
-    'editkit compose "a red circle to the left of a blue square" --model $M -o compose.png --steps 25',
+    'editkit compose "a blue square to the left of a red circle" --model $M -o compose.png --steps 25',
     "editkit stylize $E/content.png $E/style.png --model $M -o stylized.png --steps 25",
     'editkit edit $E/edit.png --source-prompt "a green triangle and a yellow square" \\\n'
     '    --target-prompt "a blue triangle and a yellow square" --model $M -o edited.png --steps 100',
 )
 #: (label, inputs, output) per sheet row; paths relative to the scratch folder.
 ROWS = (
-    ("compose: text -> 'a red circle to the left of a blue square'", (), "compose.png"),
+    ("compose: text -> 'a blue square to the left of a red circle'", (), "compose.png"),
     ("stylize: content + style", ("assets/examples/content.png", "assets/examples/style.png"), "stylized.png"),
     ("edit: green triangle -> blue triangle", ("assets/examples/edit.png",), "edited.png"),
 )
