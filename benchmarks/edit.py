@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.shapes.style_metrics import box_iou
 from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json, saved_activation_bytes
 
 SHAPES_MODEL = Path("assets/models/shapes-sd")
@@ -182,11 +183,8 @@ def _score(before, after) -> dict:
     success = blue is not None and blue.shape == "circle"
     if red is None or blue is None:
         return {"success": float(success), "iou": 0.0, "centroid_shift_px": 32.0}
-    (a0, a1, a2, a3), (b0, b1, b2, b3) = red.bbox, blue.bbox
-    inter = max(0, min(a2, b2) - max(a0, b0)) * max(0, min(a3, b3) - max(a1, b1))
-    union = (a2 - a0) * (a3 - a1) + (b2 - b0) * (b3 - b1) - inter
     shift = float(np.hypot(red.centroid[0] - blue.centroid[0], red.centroid[1] - blue.centroid[1]))
-    return {"success": float(success), "iou": inter / union, "centroid_shift_px": shift}
+    return {"success": float(success), "iou": box_iou(red.bbox, blue.bbox), "centroid_shift_px": shift}
 
 
 def main() -> None:

@@ -200,6 +200,10 @@ def _summary(scores: list[dict], kept: list[bool]) -> dict:
         "median_colour_distance_ratio": float(np.median([s["colour_distance_ratio"] for s in scores])),
         "content_mask_iou_mean": mean("content_mask_iou", scores),
         "content_mask_iou_at_least_0.7": float(np.mean([s["content_mask_iou"] >= 0.7 for s in scores])),
+        "content_box_iou_mean": mean("content_box_iou", scores),
+        "content_box_iou_at_least_0.7": float(np.mean([s["content_box_iou"] >= 0.7 for s in scores])),
+        "success_moved_and_iou_0.7": float(np.mean([_succeeded(s, "content_mask_iou") for s in scores])),
+        "success_moved_and_box_iou_0.7": float(np.mean([_succeeded(s, "content_box_iou") for s in scores])),
         "background_transferred": mean("background_transferred", new_background),
         "background_pairs": len(new_background),
         "pattern_transferred": float(np.mean([s["output_pattern"] not in ("solid", "none") for s in patterned]))
@@ -207,6 +211,11 @@ def _summary(scores: list[dict], kept: list[bool]) -> dict:
         else None,
         "pattern_pairs": len(patterned),
     }
+
+
+def _succeeded(score: dict, iou: str = "content_mask_iou") -> bool:
+    """Colour moved toward the style and the content kept (``iou`` >= 0.7: the mask's, or the detector boxes')."""
+    return score["colour_moved_toward_style"] > 0 and score[iou] >= 0.7
 
 
 def _layout_kept(content_objects, output_objects, tolerance: float = 4.0) -> bool:

@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.shapes.style_metrics import colour_distance, foreground_mask, mask_iou, scene_mask  # noqa: E402
+from benchmarks.shapes.detect import detect  # noqa: E402
+from benchmarks.shapes.style_metrics import (  # noqa: E402
+    box_iou,
+    colour_distance,
+    content_box_iou,
+    foreground_mask,
+    mask_iou,
+    scene_mask,
+)
 from benchmarks.shapes.world import Scene, ShapeObject, render  # noqa: E402
 
 
@@ -37,3 +45,18 @@ def test_style_metrics_on_rendered_scenes():
     assert mask_iou(foreground_mask(blue), scene_mask(square)) > 0.95  # also on a gray background
     assert mask_iou(foreground_mask(red), scene_mask(square)) < 0.8
     assert mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+
+
+def test_box_iou_of_detections_against_hand_computed_overlaps():
+    assert box_iou((0, 0, 4, 4), (2, 0, 6, 4)) == 8 / 24  # 2x4 overlap, 16 + 16 - 8 union
+    assert box_iou((0, 0, 4, 4), (4, 4, 8, 8)) == 0.0 and box_iou((1, 2, 5, 7), (1, 2, 5, 7)) == 1.0
+    square = Scene("white", (ShapeObject("square", "blue", "solid", 12, 16, 6),), "single")
+    moved = Scene("gray", (ShapeObject("square", "red", "solid", 15, 16, 6),), "single")  # 3 px right, recoloured
+    (a,), (b,) = detect(render(square)), detect(render(moved))
+    side = a.bbox[2] - a.bbox[0]
+    assert b.bbox[2] - b.bbox[0] == side and b.bbox[0] - a.bbox[0] == 3  # the detector reads the drawn squares
+    expected = (side - 3) * side / (2 * side * side - (side - 3) * side)
+    assert content_box_iou([a], [b]) == expected  # any colour counts
+    assert content_box_iou([a], []) == 0.0 and content_box_iou([], [b]) == 1.0
+    two = Scene("white", (square.objects[0], ShapeObject("circle", "green", "solid", 26, 6, 4)), "pair")
+    assert content_box_iou(detect(render(two)), [b]) == 0.0  # the circle is lost: the worst object counts

@@ -3,6 +3,8 @@
 - ``colour_distance``: distance of per-channel RGB mean and std (the statistics AdaIN moves).
 - ``foreground_mask`` / ``mask_iou``: the pixels that differ from the image's border colour, and
   their IoU with the content's object masks (the content's shape kept, whatever its new colour).
+- ``box_iou`` / ``content_box_iou``: the detector's reading of the same: each object detected in the
+  content against the best-overlapping output detection of any colour (box IoU), the worst object's.
 - ``score_pair``: every figure of one (content, style, output) triple, with the detector's reading
   of the output (background and the main object's pattern) for background and pattern transfer.
 - ``stylize_pairs``: the (content, style) pairs every stylize benchmark scores.
@@ -58,6 +60,20 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """IoU of two ``(x0, y0, x1, y1)`` boxes with exclusive ends (the detector's ``bbox``)."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def content_box_iou(content_objects, output_objects) -> float:
+    """The lowest, over the content's detections, of the best box IoU with an output detection of any colour
+    (0 when the output has none; 1 when the content has none)."""
+    best = [max((box_iou(c.bbox, o.bbox) for o in output_objects), default=0.0) for c in content_objects]
+    return min(best, default=1.0)
+
+
 def _main_object(detections, mask: np.ndarray):
     """The detection overlapping ``mask`` most (None when none does)."""
     best, best_overlap = None, 0
@@ -74,13 +90,15 @@ def score_pair(content: np.ndarray, style: np.ndarray, output: np.ndarray, conte
     to_style, to_content = colour_distance(output, style), colour_distance(output, content)
     before = colour_distance(content, style)
     mask = scene_mask(content_scene)
-    main = _main_object(detect(output), mask)
+    output_objects = detect(output)
+    main = _main_object(output_objects, mask)
     style_pattern = style_scene.objects[0].pattern if style_scene.objects else "solid"
     return {
         "palette_nearer_style": float(to_style < to_content),
         "colour_moved_toward_style": float(to_style < before),
         "colour_distance_ratio": to_style / before if before else 1.0,
         "content_mask_iou": mask_iou(foreground_mask(output), mask),
+        "content_box_iou": content_box_iou(detect(content), output_objects),
         "style_pattern": style_pattern,
         "output_pattern": main.pattern if main is not None else "none",
         "background_changed": content_scene.background != style_scene.background,
