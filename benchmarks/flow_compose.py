@@ -152,16 +152,17 @@ def shapes_accuracy(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
     common.update(call_kwargs(args.model))
-    guided = {"loss_preset": args.losses, "scale_factor": args.scale_factor}
+    guided = {"loss_preset": args.losses, "scale_factor": args.scale_factor, "noise_refiner": args.noise_refiner}
     if args.map_sites:
         guided["map_sites"] = list(args.map_sites)
-    results: dict = {"model": str(args.model), "num_prompts": args.shapes_prompts, "steps": args.shapes_steps}
+    results: dict = {"model": str(args.model), "num_prompts": args.shapes_prompts, "steps": args.shapes_steps,
+                     "prompt_and_noise_seed": args.shapes_seed}  # fmt: skip
     results.update(guided, verifier=args.verifier, map_sites=args.map_sites or _default_sites(pipe))
     for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
-        prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
+        prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
         images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
         chosen_refined = 0
-        for seed, prompt in enumerate(prompts):
+        for seed, prompt in enumerate(prompts, start=args.shapes_seed):
             text = prompt.caption
             plain = pipe(text, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common)
             out = pipe(text, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
@@ -203,6 +204,12 @@ def main() -> None:
     parser.add_argument("--losses", choices=("attend-excite", "paper"), default="attend-excite")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
+    parser.add_argument(
+        "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
+    )
+    parser.add_argument(
+        "--noise-refiner", choices=("single-step", "initno"), default="single-step", help="shapes part: stage 2"
+    )
     args = parser.parse_args()
     result: dict = {"benchmark": "flow_compose", "environment": environment()}
     if args.t5_tokens is None:
