@@ -450,9 +450,7 @@ def load_soft_tokens(path: str | os.PathLike, *, unet=None, model=None, strength
 
     model = model if model is not None else unet
     soft_tokens = read_soft_tokens(path)
-    family = model_family(model)
-    check_token_family(soft_tokens, family, path)
-    if family in MMDIT_FAMILIES:
+    if model_family(model) in MMDIT_FAMILIES:  # both validators refuse tokens of another family or kind first
         from editkit.softrepa.mmdit_tokens import MMDiTSoftTokenController, validate_for_transformer
 
         validate_for_transformer(soft_tokens, model, path)
