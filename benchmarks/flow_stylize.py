@@ -13,7 +13,7 @@ content cache (queries), per image at this size and step count.
 
 Shapes (``--only shapes``): ``assets/models/shapes-sd3`` (or ``--model``), 32 px; contents and styles
 as in ``benchmarks/stylize.py`` (held-out scenes, seeds 101 / 202), scored with its metric code
-(``benchmarks.shapes.style_metrics``, ``benchmarks.stylize._summary``): colour moved toward the
+(``benchmarks.shapes.style_metrics``, ``summarize``): colour moved toward the
 style, the content's object mask kept (IoU >= 0.7), both in one pair (``success``).
 ``--sweep`` scores block choices (``--sweep-pairs`` pairs each) to choose the default.
 
@@ -158,23 +158,20 @@ def shapes(model: Path, pairs: int, steps: int, settings: dict, seed_offset: int
 
     from PIL import Image
 
-    from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.style_metrics import scene_mask, score_pair
+    from benchmarks.shapes.style_metrics import scene_mask, score_pair, succeeded, summarize
     from benchmarks.style_oracle import oracle_matching
-    from benchmarks.stylize import _layout_kept, _succeeded, _summary
 
     pipe, (contents, content_scenes), (styles, style_scenes) = _shapes_setup(model, pairs, seed_offset)
-    scores, kept = [], []
+    scores = []
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
         matching = oracle_matching(scene_mask(content_scene), scene_mask(style_scene)) if oracle else None
         with matching or contextlib.nullcontext():
             out = pipe(Image.fromarray(content), [Image.fromarray(style)], num_inference_steps=steps,
                        output_type="pt", max_sequence_length=0, **settings)  # fmt: skip
         result = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        kept.append(_layout_kept(detect(content), detect(result)))
         scores.append(score_pair(content, style, result, content_scene, style_scene))
-    success = [_succeeded(s) for s in scores]  # _summary has it, and the same with the detector's box IoU
-    summary = _summary(scores, kept)
+    success = [succeeded(s) for s in scores]  # summarize has it, and the same with the detector's box IoU
+    summary = summarize(scores)
     by_background = {}  # where the pairs fail: (pairs, success) per style background
     for ok, style_scene in zip(success, style_scenes, strict=True):
         count, hits = by_background.get(style_scene.background, (0, 0))

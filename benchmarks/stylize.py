@@ -169,61 +169,20 @@ def shapes_quality(device: str, pairs: int = 16, steps: int = 25, settings: dict
         return {"skipped": f"{SHAPES_MODEL} has no trained model yet (run benchmarks/shapes/train.py)"}
     from PIL import Image
 
-    from benchmarks.shapes.detect import detect
-    from benchmarks.shapes.style_metrics import score_pair, stylize_pairs
+    from benchmarks.shapes.style_metrics import score_pair, stylize_pairs, summarize
 
     pipe = StyleTransferPipeline.from_pretrained(SHAPES_MODEL).to(device)
     pipe.set_progress_bar_config(disable=True)
     (contents, content_scenes), (styles, style_scenes) = stylize_pairs(pairs)
-    scores, kept = [], []
+    scores = []
     for content, style, content_scene, style_scene in zip(contents, styles, content_scenes, style_scenes):
         out = pipe(
             Image.fromarray(content), Image.fromarray(style), num_inference_steps=steps, output_type="pt",
             **(settings or {}),
         )  # fmt: skip
         result = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        kept.append(_layout_kept(detect(content), detect(result)))
         scores.append(score_pair(content, style, result, content_scene, style_scene))
-    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults"} | _summary(scores, kept)
-
-
-def _summary(scores: list[dict], kept: list[bool]) -> dict:
-    patterned = [s for s in scores if s["style_pattern"] != "solid"]
-    new_background = [s for s in scores if s["background_changed"]]
-    mean = lambda key, rows: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
-    return {
-        "layout_kept": float(np.mean(kept)),
-        "palette_nearer_style_than_content": mean("palette_nearer_style", scores),
-        "colour_moved_toward_style": mean("colour_moved_toward_style", scores),
-        "mean_colour_distance_content_to_style": float(np.mean([s["distances"][0] for s in scores])),
-        "mean_colour_distance_output_to_style": float(np.mean([s["distances"][1] for s in scores])),
-        "median_colour_distance_ratio": float(np.median([s["colour_distance_ratio"] for s in scores])),
-        "content_mask_iou_mean": mean("content_mask_iou", scores),
-        "content_mask_iou_at_least_0.7": float(np.mean([s["content_mask_iou"] >= 0.7 for s in scores])),
-        "content_box_iou_mean": mean("content_box_iou", scores),
-        "content_box_iou_at_least_0.7": float(np.mean([s["content_box_iou"] >= 0.7 for s in scores])),
-        "success_moved_and_iou_0.7": float(np.mean([_succeeded(s, "content_mask_iou") for s in scores])),
-        "success_moved_and_box_iou_0.7": float(np.mean([_succeeded(s, "content_box_iou") for s in scores])),
-        "background_transferred": mean("background_transferred", new_background),
-        "background_pairs": len(new_background),
-        "pattern_transferred": float(np.mean([s["output_pattern"] not in ("solid", "none") for s in patterned]))
-        if patterned
-        else None,
-        "pattern_pairs": len(patterned),
-    }
-
-
-def _succeeded(score: dict, iou: str = "content_mask_iou") -> bool:
-    """Colour moved toward the style and the content kept (``iou`` >= 0.7: the mask's, or the detector boxes')."""
-    return score["colour_moved_toward_style"] > 0 and score[iou] >= 0.7
-
-
-def _layout_kept(content_objects, output_objects, tolerance: float = 4.0) -> bool:
-    """Every object detected in the content has an output detection (any colour) within ``tolerance`` px."""
-    return all(
-        any(np.hypot(o.centroid[0] - c.centroid[0], o.centroid[1] - c.centroid[1]) <= tolerance for o in output_objects)
-        for c in content_objects
-    )
+    return {"pairs": pairs, "steps": steps, "settings": settings or "pipeline defaults"} | summarize(scores)
 
 
 def main() -> None:

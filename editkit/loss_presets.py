@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 
+from editkit.compose_choices import LOSS_PRESETS
 from editkit.constraints import AlignedConstraints
 from editkit.refine import LossPlan, LossWeights, constraint_loss, entity_maps, relation_gap
 
@@ -48,7 +49,6 @@ __all__ = [
     "unified_loss",
 ]
 
-LOSS_PRESETS = ("attend-excite", "paper")
 #: The paper's unified loss: every term with weight 1.
 PAPER_WEIGHTS = LossWeights(missing=1.0, mixing=1.0, binding=1.0, spatial=1.0)
 

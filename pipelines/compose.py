@@ -22,11 +22,12 @@ from diffusers.utils import BaseOutput
 from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, AttentionKernelMixin, compose
 from editkit.backbones.pipeline_bases import UNetComponents
+from editkit.compose_choices import check_compose_choices
 from editkit.conditioning import EMBEDDING_NAMES, TextConditioning, classifier_free_guidance, guidance_conditioning
 from editkit.constraints import AlignedConstraints, Constraints, align, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.inversion import decode_latents
-from editkit.loss_presets import LOSS_PRESETS, preset_weights, unified_loss
+from editkit.loss_presets import preset_weights, unified_loss
 from editkit.pipeline_io import (
     as_list,
     as_prompt_list,
@@ -59,8 +60,6 @@ from editkit.refine import (
 from editkit.verifiers import ConstraintStatus, Verifier, make_verifier
 
 logger = logging.getLogger(__name__)
-
-NOISE_REFINERS = ("single-step", "initno")
 
 
 @dataclass
@@ -126,9 +125,7 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
     """
 
     # -- inputs -------------------------------------------------------------------------------
-    def check_inputs(
-        self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale=7.5
-    ):
+    def check_inputs(self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, guidance_scale=7.5):
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("prompt must be a non-empty string (one prompt per call)")
         if not (isinstance(guidance_scale, int | float) and math.isfinite(guidance_scale) and guidance_scale >= 0):
@@ -143,8 +140,6 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
             raise InputError(
                 f"verifier must be 'attention', 'shapes' or a Verifier instance (vqa/detector), got {verifier!r}"
             )
-        if noise_refiner not in NOISE_REFINERS:
-            raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
 
     def prepare_constraints(
         self, prompt: str, constraints: Constraints | dict | None, parser: str, notes: list[str]
@@ -390,11 +385,10 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
         unet_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or unet_size, width or unet_size
         max_iter_to_alter = num_inference_steps // 2 if max_iter_to_alter is None else max_iter_to_alter
-        checks = (height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner, guidance_scale)
+        checks = (height, width, num_inference_steps, max_iter_to_alter, verifier, guidance_scale)
         for text in prompts:
             self.check_inputs(text, *checks)
-        if loss_preset not in LOSS_PRESETS:
-            raise InputError(f"unknown loss preset {loss_preset!r}; use {', '.join(LOSS_PRESETS)}")
+        check_compose_choices(loss_preset, noise_refiner)
         check_output_type(output_type)
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         total = len(prompts) * num_images_per_prompt

@@ -28,12 +28,13 @@ from editkit.attention import AttentionController, attach, compose
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
 from editkit.backbones import FluxBackbone, SD3Backbone, check_site_names
 from editkit.backbones.pipeline_bases import FluxPipelineBase, SD3PipelineBase
+from editkit.compose_choices import check_compose_choices
 from editkit.constraints import Constraints, constraints_from_dict, parse_prompt
 from editkit.errors import InputError
 from editkit.flow_compose import FlowComposeRun, compose_one, with_tokens
 from editkit.flow_compose_maps import FlowMapStore, align_prompt, map_sites_for, text_streams
 from editkit.flow_inversion import flow_schedule, flux_mu
-from editkit.loss_presets import LOSS_PRESETS, preset_weights
+from editkit.loss_presets import preset_weights
 from editkit.pipeline_io import (
     as_list,
     as_prompt_list,
@@ -47,8 +48,6 @@ from editkit.pipeline_io import (
 )
 from editkit.refine import loss_plan, step_sizes
 from editkit.verifiers import ConstraintStatus, Verifier, make_verifier
-
-NOISE_REFINERS = ("single-step", "initno")
 
 
 @dataclass
@@ -113,7 +112,7 @@ class _FlowCompose(AttentionKernelMixin):
         raise NotImplementedError
 
     # -- inputs -------------------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier, noise_refiner):
+    def check_inputs(self, prompt, height, width, num_inference_steps, max_iter_to_alter, verifier):
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("prompt must be a non-empty string (constraints are parsed from it)")
         multiple = self.size_multiple
@@ -125,8 +124,6 @@ class _FlowCompose(AttentionKernelMixin):
             raise InputError(f"max_iter_to_alter must be in 0..num_inference_steps, got {max_iter_to_alter}")
         if not (isinstance(verifier, Verifier) or verifier in ("attention", "shapes")):
             raise InputError(f"verifier must be 'attention', 'shapes' or a Verifier instance, got {verifier!r}")
-        if noise_refiner not in NOISE_REFINERS:
-            raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
 
     @property
     def size_multiple(self) -> int:
@@ -227,9 +224,8 @@ class _FlowCompose(AttentionKernelMixin):
         steps = self.default_steps() if num_inference_steps is None else int(num_inference_steps)
         guided = steps // 2 if max_iter_to_alter is None else max_iter_to_alter
         for text in prompts:
-            self.check_inputs(text, height, width, steps, guided, verifier, noise_refiner)
-        if loss_preset not in LOSS_PRESETS:
-            raise InputError(f"unknown loss preset {loss_preset!r}; use {', '.join(LOSS_PRESETS)}")
+            self.check_inputs(text, height, width, steps, guided, verifier)
+        check_compose_choices(loss_preset, noise_refiner)
         if negative_prompt is not None and self.family == "flux":
             raise InputError("negative_prompt: FLUX runs without classifier-free guidance here (distilled guidance)")
         if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):

@@ -20,6 +20,8 @@ from benchmarks.shapes.style_metrics import (  # noqa: E402
     foreground_mask,
     mask_iou,
     scene_mask,
+    score_pair,
+    summarize,
 )
 from benchmarks.shapes.world import Scene, ShapeObject, render  # noqa: E402
 
@@ -60,3 +62,17 @@ def test_box_iou_of_detections_against_hand_computed_overlaps():
     assert content_box_iou([a], []) == 0.0 and content_box_iou([], [b]) == 1.0
     two = Scene("white", (square.objects[0], ShapeObject("circle", "green", "solid", 26, 6, 4)), "pair")
     assert content_box_iou(detect(render(two)), [b]) == 0.0  # the circle is lost: the worst object counts
+
+
+def test_layout_and_summary_of_scored_pairs():
+    content = Scene("white", (ShapeObject("circle", "red", "solid", 16, 16, 8),), "single")
+    style = Scene("gray", (ShapeObject("square", "blue", "solid", 16, 16, 8),), "single")
+    recoloured = Scene("gray", (ShapeObject("circle", "blue", "solid", 17, 16, 8),), "single")  # 1 px: kept
+    moved = Scene("gray", (ShapeObject("circle", "blue", "solid", 24, 16, 8),), "single")  # 8 px: not kept
+    images = [render(scene) for scene in (content, style, recoloured, moved)]
+    kept, lost = (score_pair(images[0], images[1], out, content, style) for out in images[2:])
+    assert kept["layout_kept"] and not lost["layout_kept"]
+    assert kept["palette_nearer_style"] == 1.0 and kept["background_transferred"]  # blue on gray, as the style
+    summary = summarize([kept, lost])
+    assert summary["layout_kept"] == 0.5 and summary["background_pairs"] == 2
+    assert summary["content_mask_iou_at_least_0.7"] == 0.5  # the moved circle leaves the content's mask

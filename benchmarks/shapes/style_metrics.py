@@ -6,7 +6,9 @@
 - ``box_iou`` / ``content_box_iou``: the detector's reading of the same: each object detected in the
   content against the best-overlapping output detection of any colour (box IoU), the worst object's.
 - ``score_pair``: every figure of one (content, style, output) triple, with the detector's reading
-  of the output (background and the main object's pattern) for background and pattern transfer.
+  of the output (background and the main object's pattern) for background and pattern transfer, and
+  whether the layout is kept (``layout_kept``); each image is detected once.
+- ``summarize``: the benchmarks' figures over many scored pairs (``succeeded``: one pair's success).
 - ``stylize_pairs``: the (content, style) pairs every stylize benchmark scores.
 """
 
@@ -90,7 +92,7 @@ def score_pair(content: np.ndarray, style: np.ndarray, output: np.ndarray, conte
     to_style, to_content = colour_distance(output, style), colour_distance(output, content)
     before = colour_distance(content, style)
     mask = scene_mask(content_scene)
-    output_objects = detect(output)
+    content_objects, output_objects = detect(content), detect(output)
     main = _main_object(output_objects, mask)
     style_pattern = style_scene.objects[0].pattern if style_scene.objects else "solid"
     return {
@@ -98,12 +100,53 @@ def score_pair(content: np.ndarray, style: np.ndarray, output: np.ndarray, conte
         "colour_moved_toward_style": float(to_style < before),
         "colour_distance_ratio": to_style / before if before else 1.0,
         "content_mask_iou": mask_iou(foreground_mask(output), mask),
-        "content_box_iou": content_box_iou(detect(content), output_objects),
+        "content_box_iou": content_box_iou(content_objects, output_objects),
+        "layout_kept": layout_kept(content_objects, output_objects),
         "style_pattern": style_pattern,
         "output_pattern": main.pattern if main is not None else "none",
         "background_changed": content_scene.background != style_scene.background,
         "background_transferred": _background_of(output) == style_scene.background,
         "distances": (before, to_style),
+    }
+
+
+def layout_kept(content_objects, output_objects, tolerance: float = 4.0) -> bool:
+    """Every object detected in the content has an output detection (any colour) within ``tolerance`` px."""
+    return all(
+        any(np.hypot(o.centroid[0] - c.centroid[0], o.centroid[1] - c.centroid[1]) <= tolerance for o in output_objects)
+        for c in content_objects
+    )
+
+
+def succeeded(score: dict, iou: str = "content_mask_iou") -> bool:
+    """Colour moved toward the style and the content kept (``iou`` >= 0.7: the mask's, or the detector boxes')."""
+    return score["colour_moved_toward_style"] > 0 and score[iou] >= 0.7
+
+
+def summarize(scores: list[dict]) -> dict:
+    """The stylize benchmarks' figures over ``score_pair`` rows (fractions of pairs, means, medians)."""
+    patterned = [s for s in scores if s["style_pattern"] != "solid"]
+    new_background = [s for s in scores if s["background_changed"]]
+    mean = lambda key, rows: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
+    return {
+        "layout_kept": mean("layout_kept", scores),
+        "palette_nearer_style_than_content": mean("palette_nearer_style", scores),
+        "colour_moved_toward_style": mean("colour_moved_toward_style", scores),
+        "mean_colour_distance_content_to_style": float(np.mean([s["distances"][0] for s in scores])),
+        "mean_colour_distance_output_to_style": float(np.mean([s["distances"][1] for s in scores])),
+        "median_colour_distance_ratio": float(np.median([s["colour_distance_ratio"] for s in scores])),
+        "content_mask_iou_mean": mean("content_mask_iou", scores),
+        "content_mask_iou_at_least_0.7": float(np.mean([s["content_mask_iou"] >= 0.7 for s in scores])),
+        "content_box_iou_mean": mean("content_box_iou", scores),
+        "content_box_iou_at_least_0.7": float(np.mean([s["content_box_iou"] >= 0.7 for s in scores])),
+        "success_moved_and_iou_0.7": float(np.mean([succeeded(s, "content_mask_iou") for s in scores])),
+        "success_moved_and_box_iou_0.7": float(np.mean([succeeded(s, "content_box_iou") for s in scores])),
+        "background_transferred": mean("background_transferred", new_background),
+        "background_pairs": len(new_background),
+        "pattern_transferred": float(np.mean([s["output_pattern"] not in ("solid", "none") for s in patterned]))
+        if patterned
+        else None,
+        "pattern_pairs": len(patterned),
     }
 
 

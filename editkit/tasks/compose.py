@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
 from editkit.errors import InputError
 from editkit.tasks.common import Size, make_generator, processing_size, run_record
 from editkit.tasks.options import OptionError, check_options, knob
@@ -28,8 +29,6 @@ __all__ = [
 ]
 
 VERIFIERS = ("auto", "attention", "shapes", "vqa", "detector")
-LOSSES = ("attend-excite", "paper")
-NOISE_REFINERS = ("single-step", "initno")
 BLOCKS = ("down", "mid", "up")
 #: (steps, guidance scale) when unset, per family: SD/SDXL the UNet pipeline's (A&E's 50 steps), SD3 and
 #: FLUX.1 diffusers' StableDiffusion3Pipeline / FluxPipeline defaults (FLUX.1-dev: distilled guidance 3.5).
@@ -62,7 +61,8 @@ class ComposeOptions:
     verifier: str = knob("auto", "constraint verifier (auto: shapes for a shapes-world model, attention otherwise)",
                          choices=VERIFIERS)  # fmt: skip
     verifier_model: str | None = knob(None, "weights of the vqa (BLIP) or detector (OWL-ViT) verifier")
-    losses: str = knob("attend-excite", "loss formulation: attend-excite or paper (the paper's own)", choices=LOSSES)
+    losses: str = knob("attend-excite", "loss formulation: attend-excite or paper (the paper's own)",
+                       choices=LOSS_PRESETS)  # fmt: skip
     noise_refiner: str = knob("single-step", "noise refinement: the paper's single step or InitNO",
                               choices=NOISE_REFINERS)  # fmt: skip
     attention_blocks: tuple[str, ...] | None = knob(
