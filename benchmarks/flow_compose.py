@@ -14,15 +14,22 @@ Accuracy (``--shapes``; ``assets/models/shapes-sd3``, or ``--model``): pair colo
 relation accuracy on held-out shapes-world prompts with fixed seeds, scored by the deterministic
 detector, for plain generation, stage 1, stage 2 alone (always refined) and the verifier's choice
 (so the gain from selection is reported apart), as ``benchmarks/compose.py`` does for the UNet.
+``--noise-refinement-rounds R``: stage 2 in R rounds (the pipeline's option; "always refined" is then the
+best round). ``--random-direction-control``: an ablation of stage 2, each refinement replaced by a step of the
+same length in a random direction (seeded), which keeps the re-draw and the verifier's selection but not
+the constraint loss's direction, so the refinement's own share of the gain can be told apart.
 
     python -m benchmarks.flow_compose --family sd3 --blocks 4 --size 128 --steps 6 --repeats 2 --first-block
     python -m benchmarks.flow_compose --family flux --blocks 2 --size 128 --steps 6 --repeats 2
     python -m benchmarks.flow_compose --shapes --model /work/main/assets/models/shapes-sd3 --shapes-prompts 32
+    python -m benchmarks.flow_compose --shapes --shapes-prompts 96 --verifier shapes --noise-refiner initno \
+        --noise-refinement-rounds 3 [--random-direction-control]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -140,11 +147,34 @@ def _default_sites(pipe) -> list[str]:
     return default_map_sites(pipe.transformer)
 
 
+@contextlib.contextmanager
+def random_direction_refiners(seed: int = 0):
+    """Stage 2's refiners (both) replaced by a step of their own length in a seeded random direction."""
+    import editkit.flow_compose as module
+
+    generator = torch.Generator().manual_seed(seed)
+    originals = {name: getattr(module, name) for name in ("initno_refine", "single_step_refine")}
+
+    def randomised(refiner):
+        def refine(noise, faulty, loss_fn, **kwargs):
+            length = (refiner(noise, faulty, loss_fn, **kwargs).float() - noise.float()).norm()
+            direction = torch.randn(noise.shape, generator=generator)
+            return (noise.float() + direction * length / direction.norm()).to(noise.dtype)
+
+        return refine
+
+    for name, refiner in originals.items():
+        setattr(module, name, randomised(refiner))
+    try:
+        yield
+    finally:
+        for name, refiner in originals.items():
+            setattr(module, name, refiner)
+
+
 def shapes_accuracy(args) -> dict:
     """Pair colours(+shapes) and relation accuracy for plain / stage 1 / always refined / chosen images."""
-    from benchmarks.shapes.detect import detect_batch
     from benchmarks.shapes.evaluate import call_kwargs, score_pair, score_relation
-    from benchmarks.shapes.world import held_out_prompts
     from editkit.models import load_pipeline
     from pipelines.flow_compose import SD3ComposePipeline
 
@@ -152,37 +182,48 @@ def shapes_accuracy(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
     common.update(call_kwargs(args.model))
-    guided = {"loss_preset": args.losses, "scale_factor": args.scale_factor, "noise_refiner": args.noise_refiner}
+    guided = {"loss_preset": args.losses, "scale_factor": args.scale_factor, "noise_refiner": args.noise_refiner,
+              "noise_refinement_rounds": args.noise_refinement_rounds}  # fmt: skip
     if args.map_sites:
         guided["map_sites"] = list(args.map_sites)
     results: dict = {"model": str(args.model), "num_prompts": args.shapes_prompts, "steps": args.shapes_steps,
                      "prompt_and_noise_seed": args.shapes_seed}  # fmt: skip
-    results.update(guided, verifier=args.verifier, map_sites=args.map_sites or _default_sites(pipe))
-    for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
-        prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
-        images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
-        chosen_refined = 0
-        for seed, prompt in enumerate(prompts, start=args.shapes_seed):
-            text = prompt.caption
-            plain = pipe(text, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common)
-            out = pipe(text, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
-            # the pick is one of two deterministic candidates: regenerate only the other one
-            if out.chosen == "refined":
-                refined = out.images
-                stage1 = pipe(text, latents=out.initial_noise, refine=False, **guided, **common).images
-            else:
-                stage1 = refined = out.images
-                if out.refined_noise is not None:
-                    refined = pipe(text, latents=out.refined_noise, refine=False, **guided, **common).images
-            for name, batch in (("plain", plain.images), ("stage1", stage1), ("refined", refined)):
-                images[name].append(batch)
-            images["chosen"].append(out.images)
-            chosen_refined += out.chosen == "refined"
-        for name, batch in images.items():
-            scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
-            results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
-        results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
+    results.update(guided, verifier=args.verifier, map_sites=args.map_sites or _default_sites(pipe),
+                   random_direction_control=args.random_direction_control)  # fmt: skip
+    with random_direction_refiners() if args.random_direction_control else contextlib.nullcontext():
+        for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
+            _score_category(pipe, args, category, scorer, common, guided, results)
     return results
+
+
+def _score_category(pipe, args, category: str, scorer, common: dict, guided: dict, results: dict) -> None:
+    """One prompt category's figures (plain / stage 1 / refined / chosen) into ``results``."""
+    from benchmarks.shapes.detect import detect_batch
+    from benchmarks.shapes.world import held_out_prompts
+
+    prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
+    images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
+    chosen_refined = 0
+    for seed, prompt in enumerate(prompts, start=args.shapes_seed):
+        text = prompt.caption
+        plain = pipe(text, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common)
+        out = pipe(text, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
+        # the pick is one of two deterministic candidates: regenerate only the other one
+        if out.chosen == "refined":
+            refined = out.images
+            stage1 = pipe(text, latents=out.initial_noise, refine=False, **guided, **common).images
+        else:
+            stage1 = refined = out.images
+            if out.refined_noise is not None:
+                refined = pipe(text, latents=out.refined_noise, refine=False, **guided, **common).images
+        for name, batch in (("plain", plain.images), ("stage1", stage1), ("refined", refined)):
+            images[name].append(batch)
+        images["chosen"].append(out.images)
+        chosen_refined += out.chosen == "refined"
+    for name, batch in images.items():
+        scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
+        results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
+    results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
 
 
 def main() -> None:
@@ -209,6 +250,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--noise-refiner", choices=("single-step", "initno"), default="single-step", help="shapes part: stage 2"
+    )
+    parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
+    parser.add_argument(
+        "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"
     )
     args = parser.parse_args()
     result: dict = {"benchmark": "flow_compose", "environment": environment()}

@@ -17,9 +17,12 @@ LOSS_PRESETS = ("attend-excite", "paper")
 NOISE_REFINERS = ("single-step", "initno")
 
 
-def check_compose_choices(loss_preset: str, noise_refiner: str) -> None:
-    """Raise :class:`~editkit.errors.InputError` naming the choices when either name is unknown."""
+def check_compose_choices(loss_preset: str, noise_refiner: str, noise_refinement_rounds: int = 1) -> None:
+    """Raise :class:`~editkit.errors.InputError` naming the choices when a name is unknown or the rounds < 1."""
     if loss_preset not in LOSS_PRESETS:
         raise InputError(f"unknown loss preset {loss_preset!r}; use {', '.join(LOSS_PRESETS)}")
     if noise_refiner not in NOISE_REFINERS:
         raise InputError(f"unknown noise refiner {noise_refiner!r}; use {', '.join(NOISE_REFINERS)}")
+    rounds = noise_refinement_rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"noise_refinement_rounds must be an integer >= 1 (1: the paper's stage 2), got {rounds!r}")

@@ -32,7 +32,16 @@ from editkit.constraints import AlignedConstraints
 from editkit.flow_compose_maps import FlowMapStore, PromptTokens
 from editkit.flow_inversion import FlowSchedule
 from editkit.loss_presets import unified_loss
-from editkit.refine import LossPlan, LossWeights, MapsCaptured, initno_refine, min_peak, single_step_refine, token_maps
+from editkit.refine import (
+    LossPlan,
+    LossWeights,
+    MapsCaptured,
+    initno_refine,
+    min_peak,
+    refine_in_rounds,
+    single_step_refine,
+    token_maps,
+)
 from editkit.verifiers import ConstraintStatus, Verifier
 
 __all__ = [
@@ -225,7 +234,8 @@ def verify(run: FlowComposeRun, verifier: Verifier, latents: torch.Tensor, maps)
 def compose_one(run: FlowComposeRun, noise: torch.Tensor, verifier: Verifier, options: dict) -> dict:
     """Stage 1, verification and stage 2 for one image; the output fields (``final``: the chosen latents).
 
-    ``options``: ``refine`` (bool), ``noise_refiner``, ``noise_step_size``, ``initno_steps``.
+    ``options``: ``refine`` (bool), ``noise_refiner``, ``noise_step_size``, ``initno_steps``,
+    ``noise_refinement_rounds``.
     """
     verify_on = options["refine"] and not run.aligned.empty
     # 1. Stage 1: guided generation
@@ -233,14 +243,21 @@ def compose_one(run: FlowComposeRun, noise: torch.Tensor, verifier: Verifier, op
     # 2. Verification
     report_before = verify(run, verifier, final, maps) if verify_on else None
     faulty = verifier.faulty_entities(report_before) if verify_on else []
-    # 3. Stage 2: refine the same z_T on the faulty entities, regenerate, verify, keep the better
+
+    # 3. Stage 2: refine the same z_T on the faulty entities, regenerate, verify (in rounds), keep the better
+    def refine(latest: torch.Tensor, entities) -> torch.Tensor:
+        step_size, initno_steps = options["noise_step_size"], options["initno_steps"]
+        return refine_noise(run, latest, entities, options["noise_refiner"], step_size, initno_steps).to(noise.dtype)
+
+    def regenerate(refined: torch.Tensor):
+        second, second_maps = denoise(run, refined)
+        return second, verify(run, verifier, second, second_maps)
+
+    rounds = options["noise_refinement_rounds"]
+    best = refine_in_rounds(noise, faulty, rounds, refine, regenerate, verifier, stop=lambda: run.pipe.interrupt)
     refined_noise, report_after, chosen = None, None, "stage1"
-    if faulty and not run.pipe.interrupt:
-        refined_noise = refine_noise(
-            run, noise, faulty, options["noise_refiner"], options["noise_step_size"], options["initno_steps"]
-        ).to(noise.dtype)
-        second, second_maps = denoise(run, refined_noise)
-        report_after = verify(run, verifier, second, second_maps)
+    if best is not None:
+        second, refined_noise, report_after = best
         if verifier.rank(report_after) > verifier.rank(report_before):
             final, chosen = second, "refined"
     return {

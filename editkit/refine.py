@@ -40,6 +40,7 @@ __all__ = [
     "min_peak",
     "missing_loss",
     "mixing_loss",
+    "refine_in_rounds",
     "single_step_refine",
     "soft_iou",
     "spatial_loss",
@@ -443,3 +444,32 @@ def initno_refine(
             if kl_to_standard_normal(mean, log_var).item() <= max_kl:
                 best = (mean + (0.5 * log_var).exp() * base).detach()
     return best.to(noise.dtype)
+
+
+def refine_in_rounds(
+    noise: torch.Tensor,
+    faulty: Sequence[int],
+    rounds: int,
+    refine: Callable[[torch.Tensor, Sequence[int]], torch.Tensor],
+    regenerate: Callable[[torch.Tensor], tuple[torch.Tensor, list]],
+    verifier,
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+    """Stage 2 in up to ``rounds`` rounds: ``(latents, refined noise, report)`` of the best round, or ``None``.
+
+    Round 1 is the paper's stage 2: ``refine(noise, faulty)``, then ``regenerate`` (stage 1 again, and the
+    verifier's report). Each further round (editkit's extension, after InitNO's several optimisation rounds)
+    refines the previous round's noise on the entities its image still fails, and runs only while a
+    constraint fails. The best round by ``verifier.rank`` is returned (the earliest on a tie); the caller
+    compares it with stage 1. ``stop()`` (a callback's interrupt) ends the rounds early.
+    """
+    best = None
+    for _ in range(rounds):
+        if not faulty or stop():
+            break
+        noise = refine(noise, faulty)
+        latents, report = regenerate(noise)
+        if best is None or verifier.rank(report) > verifier.rank(best[2]):
+            best = (latents, noise, report)
+        faulty = verifier.faulty_entities(report) if not all(status.satisfied for status in report) else []
+    return best

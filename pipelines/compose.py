@@ -53,6 +53,7 @@ from editkit.refine import (
     map_divisor,
     map_grid,
     min_peak,
+    refine_in_rounds,
     single_step_refine,
     step_sizes,
     token_maps,
@@ -320,6 +321,7 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
         noise_refiner: str = "single-step",
         noise_step_size: float = 20.0,
         initno_steps: int = 10,
+        noise_refinement_rounds: int = 1,
         constraint_parser: str = "auto",
         output_type: str = "pil",
         return_dict: bool = True,
@@ -367,6 +369,11 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
                 ``Verifier`` (``editkit.verifiers.VQAVerifier``, ...).
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
+            noise_refinement_rounds: stage 2's rounds (default 1, the paper's). Each further round is
+                editkit's extension, after InitNO's several optimisation rounds: it refines the previous
+                round's z_T on the entities that round's image still fails, regenerates and verifies, and
+                runs only while a constraint fails; the best round by the verifier is compared with stage 1.
+                Each round costs one refinement and one stage 1 (``benchmarks/RESULTS.md``, session 14).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
             num_images_per_prompt, generator (one or one per image), eta, guidance_rescale, *prompt_embeds
                 (pooled ones on SDXL), cross_attention_kwargs, latents, callback_on_step_end(_tensor_inputs):
@@ -388,7 +395,7 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
         checks = (height, width, num_inference_steps, max_iter_to_alter, verifier, guidance_scale)
         for text in prompts:
             self.check_inputs(text, *checks)
-        check_compose_choices(loss_preset, noise_refiner)
+        check_compose_choices(loss_preset, noise_refiner, noise_refinement_rounds)
         check_output_type(output_type)
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         total = len(prompts) * num_images_per_prompt
@@ -420,6 +427,7 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
             "max_iter_to_alter": max_iter_to_alter, "attention_blocks": attention_blocks, "refine": refine,
             "verifier": make_verifier(verifier),
             "noise_refiner": noise_refiner, "noise_step_size": noise_step_size, "initno_steps": initno_steps,
+            "noise_refinement_rounds": noise_refinement_rounds,
             "constraint_parser": constraint_parser, "callback": (callback_on_step_end, names),
             "attention_controllers": list(attention_controllers or []),
         }  # fmt: skip
@@ -486,17 +494,22 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
             report_before = self.verify(verifier, final, maps, run) if verify else None
             faulty = verifier.faulty_entities(report_before) if verify else []
 
-            # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify
+            # 6. Stage 2: refine the same z_T on the faulty entities, regenerate, verify (in rounds)
+            def refine(latest, entities):
+                self.scheduler.set_timesteps(steps, device=device)
+                refiner, step_size = options["noise_refiner"], options["noise_step_size"]
+                return self.refine_noise(latest, entities, timesteps, run, refiner, step_size, options["initno_steps"])
+
+            def regenerate(refined):
+                self.scheduler.set_timesteps(steps, device=device)
+                second, second_maps = self.denoise(refined, timesteps, run, generator, callback, "refinement")
+                return second, self.verify(verifier, second, second_maps, run)
+
+            rounds = options["noise_refinement_rounds"]
+            best = refine_in_rounds(initial_noise, faulty, rounds, refine, regenerate, verifier, lambda: self.interrupt)
             refined_noise, report_after, chosen = None, None, "stage1"
-            if faulty and not self.interrupt:
-                self.scheduler.set_timesteps(steps, device=device)
-                refined_noise = self.refine_noise(
-                    initial_noise, faulty, timesteps, run, options["noise_refiner"], options["noise_step_size"],
-                    options["initno_steps"],
-                )  # fmt: skip
-                self.scheduler.set_timesteps(steps, device=device)
-                second, second_maps = self.denoise(refined_noise, timesteps, run, generator, callback, "refinement")
-                report_after = self.verify(verifier, second, second_maps, run)
+            if best is not None:
+                second, refined_noise, report_after = best
                 if verifier.rank(report_after) > verifier.rank(report_before):
                     final, chosen = second, "refined"
         return {

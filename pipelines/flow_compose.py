@@ -177,6 +177,7 @@ class _FlowCompose(AttentionKernelMixin):
         noise_refiner: str = "single-step",
         noise_step_size: float = 20.0,
         initno_steps: int = 10,
+        noise_refinement_rounds: int = 1,
         constraint_parser: str = "auto",
         output_type: str = "pil",
         return_dict: bool = True,
@@ -200,8 +201,8 @@ class _FlowCompose(AttentionKernelMixin):
             scale_factor, scale_range, refinement_thresholds, max_refinement_steps, loss_preset, *_weight,
                 spatial_margin, token_softmax_scale, smooth_attention, smoothing_kernel_size,
                 smoothing_sigma, refine, verifier, noise_refiner, noise_step_size, initno_steps,
-                constraint_parser, attention_controllers: as in ``ComposePipeline`` (A&E's step sizes,
-                the two loss presets, the verifiers and noise refiners, unchanged).
+                noise_refinement_rounds, constraint_parser, attention_controllers: as in ``ComposePipeline``
+                (A&E's step sizes, the two loss presets, the verifiers and noise refiners, unchanged).
             map_sites: the text-attending attention sites whose image-query x text-key attention is
                 averaged into the maps (names or block prefixes such as ``transformer_blocks.1``;
                 FLUX single blocks ``single_transformer_blocks.N``). None: the middle half of the
@@ -225,7 +226,7 @@ class _FlowCompose(AttentionKernelMixin):
         guided = steps // 2 if max_iter_to_alter is None else max_iter_to_alter
         for text in prompts:
             self.check_inputs(text, height, width, steps, guided, verifier)
-        check_compose_choices(loss_preset, noise_refiner)
+        check_compose_choices(loss_preset, noise_refiner, noise_refinement_rounds)
         if negative_prompt is not None and self.family == "flux":
             raise InputError("negative_prompt: FLUX runs without classifier-free guidance here (distilled guidance)")
         if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
@@ -268,7 +269,7 @@ class _FlowCompose(AttentionKernelMixin):
             thresholds=dict(refinement_thresholds or {}), max_refinement_steps=max_refinement_steps,
         )  # fmt: skip
         options = {"refine": refine, "noise_refiner": noise_refiner, "noise_step_size": noise_step_size,
-                   "initno_steps": initno_steps}  # fmt: skip
+                   "initno_steps": initno_steps, "noise_refinement_rounds": noise_refinement_rounds}  # fmt: skip
         streams = text_streams(self, self.family, sequence, map_text_encoders)
         verifier = make_verifier(verifier)
 

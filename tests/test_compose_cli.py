@@ -102,3 +102,22 @@ def test_attention_xformers_falls_back_to_sdpa_on_cpu_with_the_same_image(sd15_d
     assert np.array_equal(sdpa, xformers)
     meta = json.loads(Image.open(tmp_path / "xformers.png").text["editkit"])
     assert meta["attention"] == "xformers"
+
+
+def test_noise_refinement_rounds_reach_the_pipeline_and_bad_values_name_the_flag(
+    sd15_dir, tmp_path, capsys, monkeypatch
+):
+    from pipelines.compose import ComposePipeline
+
+    seen, original = [], ComposePipeline.__call__
+    monkeypatch.setattr(
+        ComposePipeline,
+        "__call__",
+        lambda self, *a, **k: (seen.append(k["noise_refinement_rounds"]), original(self, *a, **k))[1],
+    )
+    assert _run(sd15_dir, tmp_path, "--noise-refinement-rounds", "2", "--noise-refiner", "initno") == 0
+    assert seen == [2] and json.loads(Image.open(tmp_path / "out.png").text["editkit"])["noise_refinement_rounds"] == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal: usage, exit code 2
+        _run(sd15_dir, tmp_path, "--noise-refinement-rounds", "0", output="zero.png")
+    assert refused.value.code == 2 and not (tmp_path / "zero.png").exists()
+    assert "argument --noise-refinement-rounds: must be at least 1, got 0" in capsys.readouterr().err

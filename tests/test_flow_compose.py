@@ -207,6 +207,28 @@ def test_paper_preset_and_noise_refinement_run_on_flow_models():
     assert initno.refined_noise is not None and torch.isfinite(initno.refined_noise).all()
 
 
+def test_noise_refinement_rounds_chain_on_flow_models(monkeypatch):
+    import editkit.flow_compose as module
+    from editkit.verifiers import AttentionVerifier
+
+    pipe = _compose(_stock("sd3"))
+    refined_from, original = [], module.single_step_refine
+
+    def recording(noise, faulty, loss_fn, **kwargs):
+        refined_from.append(noise.clone())
+        return original(noise, faulty, loss_fn, **kwargs)
+
+    monkeypatch.setattr(module, "single_step_refine", recording)
+    forced = AttentionVerifier(peak_threshold=2.0)  # fails every entity: every round runs
+    out = pipe(PROMPT, generator=_seeded(), verifier=forced, noise_refinement_rounds=2, **SMALL)
+    assert len(refined_from) == 2 and torch.equal(refined_from[0], out.initial_noise.float())
+    assert not torch.equal(refined_from[1], refined_from[0])  # round 2 starts from round 1's noise
+    one = pipe(PROMPT, generator=_seeded(), verifier=forced, **SMALL)
+    assert torch.allclose(refined_from[1], one.refined_noise.float())  # ... which is what one round returns
+    with pytest.raises(InputError, match="noise_refinement_rounds"):
+        pipe(PROMPT, generator=_seeded(), noise_refinement_rounds=0, **SMALL)
+
+
 def test_bad_inputs_are_refused_with_the_option_named():
     from editkit.tasks.compose import ComposeOptions, check_family_options
     from editkit.tasks.options import OptionError

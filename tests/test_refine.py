@@ -21,6 +21,7 @@ from editkit.refine import (
     map_grid,
     missing_loss,
     mixing_loss,
+    refine_in_rounds,
     single_step_refine,
     soft_iou,
     spatial_loss,
@@ -467,6 +468,83 @@ def test_stage2_refines_exactly_the_stage1_noise(compose_pipe, monkeypatch):
     assert torch.equal(out.refined_noise, out.initial_noise + 0.5)
     assert out.chosen == "stage1" and len(out.report_after) == 1  # tie: the stage-1 image is kept
     assert all(image.size == (64, 64) for image in seen["images"])  # model verifiers get decoded images
+
+
+class _Scripted(Verifier):
+    """Fails the entities listed per call, in order (one constraint per entity of two)."""
+
+    name = "scripted"
+
+    def __init__(self, failing_per_call):
+        self.failing = list(failing_per_call)
+
+    def verify(self, image, aligned, maps):
+        failing = self.failing.pop(0)
+        return [ConstraintStatus("entity", str(e), e not in failing, float(e not in failing), (e,)) for e in (0, 1)]
+
+
+def test_refine_in_rounds_chains_the_rounds_and_keeps_the_best():
+    verifier = _Scripted([{1}, {0, 1}, {0, 1}])  # round 1 fixes entity 0, round 2 breaks it again
+    calls = []
+
+    def refine(noise, faulty):
+        calls.append((noise.clone(), list(faulty)))
+        return noise + 1
+
+    def regenerate(noise):
+        return noise * 10, verifier.verify(None, None, None)
+
+    latents, noise, report = refine_in_rounds(torch.zeros(1), [0, 1], 3, refine, regenerate, verifier)
+    assert [(n.item(), f) for n, f in calls] == [(0.0, [0, 1]), (1.0, [1]), (2.0, [0, 1])]  # each from the last
+    assert noise.item() == 1.0 and latents.item() == 10.0  # round 1 ranks best (1 of 2 satisfied)
+    assert [s.satisfied for s in report] == [True, False]
+
+
+def test_refine_in_rounds_stops_when_everything_holds_or_on_interrupt():
+    verifier = _Scripted([set(), {1}])
+    rounds = []
+
+    def refine(noise, faulty):
+        rounds.append(list(faulty))
+        return noise + 1
+
+    def regenerate(noise):
+        return noise, verifier.verify(None, None, None)
+
+    _, noise, _ = refine_in_rounds(torch.zeros(1), [1], 5, refine, regenerate, verifier)
+    assert rounds == [[1]] and noise.item() == 1.0  # round 1's image satisfies every constraint: no round 2
+    assert refine_in_rounds(torch.zeros(1), [], 5, refine, regenerate, verifier) is None  # nothing faulty
+    assert refine_in_rounds(torch.zeros(1), [1], 5, refine, regenerate, verifier, stop=lambda: True) is None
+
+
+def test_noise_refinement_rounds_in_the_pipeline(compose_pipe, monkeypatch):
+    import pipelines.compose as module
+
+    starts = []
+
+    def shifting_refiner(noise, faulty, loss_fn, *, step_size):
+        return noise + 0.5
+
+    class StillFaulty(Verifier):
+        name = "stub"
+
+        def verify(self, image, aligned, maps):
+            return [ConstraintStatus("entity", "bird", False, -float(len(starts)), (1,))]  # worse every round
+
+    original = compose_pipe.denoise
+    monkeypatch.setattr(module, "single_step_refine", shifting_refiner)
+    monkeypatch.setattr(compose_pipe, "denoise", lambda noise, *a: (starts.append(noise), original(noise, *a))[1])
+    out = _generate(compose_pipe, verifier=StillFaulty(), noise_refinement_rounds=3)
+    assert len(starts) == 4  # stage 1, then one generation per round, each from the previous round's noise
+    assert all(torch.allclose(start, out.initial_noise + 0.5 * k) for k, start in enumerate(starts))
+    assert torch.equal(out.refined_noise, out.initial_noise + 0.5)  # the best round (the first) is reported
+    assert out.chosen == "stage1"
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, True])
+def test_noise_refinement_rounds_must_be_a_positive_integer(compose_pipe, rounds):
+    with pytest.raises(InputError, match="noise_refinement_rounds"):
+        _generate(compose_pipe, noise_refinement_rounds=rounds)
 
 
 def test_report_and_selection_with_attention_verifier(compose_pipe):

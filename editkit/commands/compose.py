@@ -32,6 +32,7 @@ FLAGS = {
     "num_inference_steps": "--steps", "max_iter_to_alter": "--max-iter-to-alter", "guidance_scale": "--guidance-scale",
     "negative_prompt": "--negative-prompt", "refine": "--no-refine", "verifier": "--verifier",
     "verifier_model": "--verifier-model", "losses": "--losses", "noise_refiner": "--noise-refiner",
+    "noise_refinement_rounds": "--noise-refinement-rounds",
     "attention_blocks": "--attention-blocks", "map_sites": "--map-sites", "map_text_encoders": "--map-text-encoders",
     "max_sequence_length": "--max-sequence-length", "size": "--size", "seed": "--seed",
 }  # fmt: skip
@@ -69,6 +70,7 @@ def register(subparsers) -> None:
     add_knob(method, "--losses", ComposeOptions, "losses")
     add_knob(method, "--verifier-model", ComposeOptions, "verifier_model", type=str)
     add_knob(method, "--noise-refiner", ComposeOptions, "noise_refiner")
+    add_knob(method, "--noise-refinement-rounds", ComposeOptions, "noise_refinement_rounds")
     add_knob(method, "--steps", ComposeOptions, "num_inference_steps")
     add_knob(method, "--max-iter-to-alter", ComposeOptions, "max_iter_to_alter")
     add_knob(method, "--attention-blocks", ComposeOptions, "attention_blocks", nargs="+", choices=("down", "mid", "up"))

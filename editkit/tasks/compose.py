@@ -65,6 +65,10 @@ class ComposeOptions:
                        choices=LOSS_PRESETS)  # fmt: skip
     noise_refiner: str = knob("single-step", "noise refinement: the paper's single step or InitNO",
                               choices=NOISE_REFINERS)  # fmt: skip
+    noise_refinement_rounds: int = knob(
+        1, "stage-2 rounds: 1 is the paper's; each further round refines the last round's noise on what still "
+        "fails (editkit's extension; one more generation each)", low=1, integer=True,
+    )  # fmt: skip
     attention_blocks: tuple[str, ...] | None = knob(
         None, "UNet only: blocks whose cross-attention maps guide (unset: down up, the paper; down alone: cheaper)"
     )
@@ -216,6 +220,7 @@ def run(
         verifier=verifier,
         loss_preset=options.losses,
         noise_refiner=options.noise_refiner,
+        noise_refinement_rounds=options.noise_refinement_rounds,
         attention_controllers=list(attention_controllers),
         **_method_arguments(pipe, options, family),
     )  # fmt: skip
