@@ -148,9 +148,42 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def stage_images(pipe, prompt: str, out, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's and stage 2's images of a compose output ``out`` (stage 2's: stage 1's where nothing was refined).
+
+    The verifier's pick is one of the two candidates (generation is deterministic from z_T), so only the other
+    one is regenerated, from its noise, with ``kwargs`` (the call's options) and no refinement.
+    """
+    if out.chosen == "refined":
+        return pipe(prompt, latents=out.initial_noise, refine=False, **kwargs).images, out.images
+    if out.refined_noise is None:
+        return out.images, out.images
+    return out.images, pipe(prompt, latents=out.refined_noise, refine=False, **kwargs).images
+
+
+def score_category(pipe, category: str, prompts, first_seed: int, scorer, verifier, guided: dict, common: dict) -> dict:
+    """Plain / stage 1 / refined / chosen figures of one prompt category (seeds from ``first_seed``), by ``scorer``."""
+    from benchmarks.shapes.detect import detect_batch
+
+    images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
+    chosen_refined = 0
+    for seed, prompt in enumerate(prompts, start=first_seed):
+        plain = pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
+        out = pipe(prompt.caption, generator=_seeded(seed), verifier=verifier, **guided, **common)
+        stage1, refined = stage_images(pipe, prompt.caption, out, **guided, **common)
+        for name, batch in (("plain", plain), ("stage1", stage1), ("refined", refined), ("chosen", out.images)):
+            images[name].append(batch)
+        chosen_refined += out.chosen == "refined"
+    results = {}
+    for name, batch in images.items():
+        scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
+        results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
+    results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
+    return results
+
+
 def shapes_accuracy(args) -> dict:
     """Pair colour binding and relation accuracy for plain / stage 1 / always refined / chosen images."""
-    from benchmarks.shapes.detect import detect_batch
     from benchmarks.shapes.evaluate import score_pair, score_relation
     from benchmarks.shapes.world import held_out_prompts
 
@@ -164,31 +197,7 @@ def shapes_accuracy(args) -> dict:
     scorers = {"pair": score_pair, "relation": score_relation}
     for category, scorer in scorers.items():
         prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
-        images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
-        chosen_refined = 0
-        for seed, prompt in enumerate(prompts):
-            images["plain"].append(
-                pipe(prompt.caption, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common).images
-            )
-            out = pipe(prompt.caption, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
-            # The verifier's pick is one of the two candidates (DDIM is deterministic), so only the
-            # other one has to be regenerated.
-            if out.chosen == "refined":
-                refined = out.images
-                stage1 = pipe(prompt.caption, latents=out.initial_noise, refine=False, **guided, **common).images
-            else:
-                stage1 = out.images
-                refined = stage1
-                if out.refined_noise is not None:  # stage 2 alone: stage 1 from the refined noise
-                    refined = pipe(prompt.caption, latents=out.refined_noise, refine=False, **guided, **common).images
-            images["stage1"].append(stage1)
-            images["refined"].append(refined)
-            images["chosen"].append(out.images)
-            chosen_refined += out.chosen == "refined"
-        for name, batch in images.items():
-            scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
-            results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
-        results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
+        results.update(score_category(pipe, category, prompts, 0, scorer, args.verifier, guided, common))
     return results
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compose import PROMPT, _seeded, _to_uint8
+from benchmarks.compose import PROMPT, _seeded, score_category
 from benchmarks.timing import environment, interleaved_medians, print_json
 from editkit.verifiers import AttentionVerifier
 
@@ -175,6 +175,7 @@ def random_direction_refiners(seed: int = 0):
 def shapes_accuracy(args) -> dict:
     """Pair colours(+shapes) and relation accuracy for plain / stage 1 / always refined / chosen images."""
     from benchmarks.shapes.evaluate import call_kwargs, score_pair, score_relation
+    from benchmarks.shapes.world import held_out_prompts
     from editkit.models import load_pipeline
     from pipelines.flow_compose import SD3ComposePipeline
 
@@ -192,38 +193,11 @@ def shapes_accuracy(args) -> dict:
                    random_direction_control=args.random_direction_control)  # fmt: skip
     with random_direction_refiners() if args.random_direction_control else contextlib.nullcontext():
         for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
-            _score_category(pipe, args, category, scorer, common, guided, results)
+            prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
+            results.update(
+                score_category(pipe, category, prompts, args.shapes_seed, scorer, args.verifier, guided, common)
+            )
     return results
-
-
-def _score_category(pipe, args, category: str, scorer, common: dict, guided: dict, results: dict) -> None:
-    """One prompt category's figures (plain / stage 1 / refined / chosen) into ``results``."""
-    from benchmarks.shapes.detect import detect_batch
-    from benchmarks.shapes.world import held_out_prompts
-
-    prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
-    images: dict[str, list[torch.Tensor]] = {"plain": [], "stage1": [], "refined": [], "chosen": []}
-    chosen_refined = 0
-    for seed, prompt in enumerate(prompts, start=args.shapes_seed):
-        text = prompt.caption
-        plain = pipe(text, generator=_seeded(seed), max_iter_to_alter=0, refine=False, **common)
-        out = pipe(text, generator=_seeded(seed), verifier=args.verifier, **guided, **common)
-        # the pick is one of two deterministic candidates: regenerate only the other one
-        if out.chosen == "refined":
-            refined = out.images
-            stage1 = pipe(text, latents=out.initial_noise, refine=False, **guided, **common).images
-        else:
-            stage1 = refined = out.images
-            if out.refined_noise is not None:
-                refined = pipe(text, latents=out.refined_noise, refine=False, **guided, **common).images
-        for name, batch in (("plain", plain.images), ("stage1", stage1), ("refined", refined)):
-            images[name].append(batch)
-        images["chosen"].append(out.images)
-        chosen_refined += out.chosen == "refined"
-    for name, batch in images.items():
-        scores = scorer(prompts, detect_batch(_to_uint8(torch.cat(batch))))
-        results.update({f"{category}_{name}_{key}": value for key, value in scores.items()})
-    results[f"{category}_chosen_refined_fraction"] = chosen_refined / len(prompts)
 
 
 def main() -> None:
