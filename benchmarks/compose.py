@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
+from editkit.compose_choices import LOSS_PRESETS
 from editkit.verifiers import AttentionVerifier
 from pipelines.compose import ComposePipeline
 
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument(
         "--attention-blocks", nargs="+", default=["down", "up"], help="shapes part: the guidance maps' blocks"
     )
-    parser.add_argument("--losses", choices=("attend-excite", "paper"), default="attend-excite", help="shapes part")
+    parser.add_argument("--losses", choices=LOSS_PRESETS, default="attend-excite", help="shapes part")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention", help="shapes part")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")

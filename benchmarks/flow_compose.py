@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.compose import PROMPT, _seeded, score_category
 from benchmarks.timing import environment, interleaved_medians, print_json
+from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
 from editkit.verifiers import AttentionVerifier
 
 SHAPES_MODEL = Path("assets/models/shapes-sd3")
@@ -216,15 +217,13 @@ def main() -> None:
     parser.add_argument("--shapes-prompts", type=int, default=32)
     parser.add_argument("--shapes-steps", type=int, default=25)
     parser.add_argument("--map-sites", nargs="+", default=None, help="shapes part: the map blocks (default: the rule)")
-    parser.add_argument("--losses", choices=("attend-excite", "paper"), default="attend-excite")
+    parser.add_argument("--losses", choices=LOSS_PRESETS, default="attend-excite")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
     parser.add_argument(
         "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
     )
-    parser.add_argument(
-        "--noise-refiner", choices=("single-step", "initno"), default="single-step", help="shapes part: stage 2"
-    )
+    parser.add_argument("--noise-refiner", choices=NOISE_REFINERS, default="single-step", help="shapes part: stage 2")
     parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
     parser.add_argument(
         "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"

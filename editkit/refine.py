@@ -458,10 +458,12 @@ def refine_in_rounds(
     """Stage 2 in up to ``rounds`` rounds: ``(latents, refined noise, report)`` of the best round, or ``None``.
 
     Round 1 is the paper's stage 2: ``refine(noise, faulty)``, then ``regenerate`` (stage 1 again, and the
-    verifier's report). Each further round (editkit's extension, after InitNO's several optimisation rounds)
-    refines the previous round's noise on the entities its image still fails, and runs only while a
-    constraint fails. The best round by ``verifier.rank`` is returned (the earliest on a tie); the caller
-    compares it with stage 1. ``stop()`` (a callback's interrupt) ends the rounds early.
+    verifier's report). Each further round is editkit's extension: it refines the previous round's noise on
+    the entities its image still fails, and runs only while a constraint fails. (InitNO's own rounds restart
+    from fresh noise; continuing from the last round keeps stage 2 a refinement of stage 1's z_T. A refiner's
+    bound, such as InitNO's KL, holds per round, so R rounds may move the noise up to R times as far.)
+    The best round by ``verifier.rank`` is returned (the earliest on a tie); the caller compares it with
+    stage 1. ``stop()`` (a callback's interrupt) ends the rounds early.
     """
     best = None
     for _ in range(rounds):

@@ -370,10 +370,10 @@ class ComposePipeline(AttentionKernelMixin, UNetComponents, DiffusionPipeline):
             noise_refiner: ``"single-step"`` (paper: one step of ``noise_step_size`` per faulty
                 entity) or ``"initno"`` (Adam on mean/log-variance with a KL bound, ``initno_steps``).
             noise_refinement_rounds: stage 2's rounds (default 1, the paper's). Each further round is
-                editkit's extension, after InitNO's several optimisation rounds: it refines the previous
-                round's z_T on the entities that round's image still fails, regenerates and verifies, and
-                runs only while a constraint fails; the best round by the verifier is compared with stage 1.
-                Each round costs one refinement and one stage 1 (``benchmarks/RESULTS.md``, session 14).
+                editkit's extension: it refines the previous round's z_T on the entities that round's image
+                still fails, regenerates and verifies, and runs only while a constraint fails; the best round
+                by the verifier is compared with stage 1 (``editkit.refine.refine_in_rounds``). Each round
+                costs one refinement and one stage 1 (``benchmarks/RESULTS.md``, session 14).
             attention_controllers: extra controllers (e.g. SoftREPA tokens) attached for the run.
             num_images_per_prompt, generator (one or one per image), eta, guidance_rescale, *prompt_embeds
                 (pooled ones on SDXL), cross_attention_kwargs, latents, callback_on_step_end(_tensor_inputs):
