@@ -14,7 +14,8 @@ the down path only, an opt-in deviation from the paper whose guided passes stop 
 Accuracy (only when ``assets/models/shapes-sd/model_index.json`` exists): two-object colour
 binding and relation accuracy on held-out shapes-world prompts with fixed seeds, measured by the
 deterministic detector, for plain generation, stage 1, stage 2 alone (always refined) and the
-verifier's choice, so the gain from selection is reported apart from the gain from refinement.
+verifier's choice, so the gain from selection is reported apart from the gain from refinement (``--noise-refiner``,
+``--noise-refinement-rounds``, ``--random-direction-control``: as in ``benchmarks/flow_compose.py``).
 ``--attention-blocks down`` measures the down-only maps there, ``--losses paper`` the paper's loss
 preset and ``--verifier shapes`` the detector as verifier (then "chosen" is selected by the very
 detector that scores it: an upper bound, as the paper's BLIP-VQA verifier on T2I-CompBench).
@@ -25,13 +26,14 @@ detector that scores it: an upper bound, as the paper's BLIP-VQA verifier on T2I
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.timing import environment, interleaved_medians, peak_memory, print_json
-from editkit.compose_choices import LOSS_PRESETS
+from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
 from editkit.verifiers import AttentionVerifier
 from pipelines.compose import ComposePipeline
 
@@ -183,6 +185,33 @@ def score_category(pipe, category: str, prompts, first_seed: int, scorer, verifi
     return results
 
 
+@contextlib.contextmanager
+def random_direction_refiners(module, seed: int = 0):
+    """``module``'s stage-2 refiners (both) replaced by a step of their own length in a seeded random direction.
+
+    The ablation keeps stage 2's re-draw and the verifier's selection but not the constraint loss's direction, so
+    the refinement's own share of the gain can be told apart (``module``: the method module that calls them).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    originals = {name: getattr(module, name) for name in ("initno_refine", "single_step_refine")}
+
+    def randomised(refiner):
+        def refine(noise, faulty, loss_fn, **kwargs):
+            length = (refiner(noise, faulty, loss_fn, **kwargs).float() - noise.float()).norm()
+            direction = torch.randn(noise.shape, generator=generator).to(noise.device)
+            return (noise.float() + direction * length / direction.norm()).to(noise.dtype)
+
+        return refine
+
+    for name, refiner in originals.items():
+        setattr(module, name, randomised(refiner))
+    try:
+        yield
+    finally:
+        for name, refiner in originals.items():
+            setattr(module, name, refiner)
+
+
 def shapes_accuracy(args) -> dict:
     """Pair colour binding and relation accuracy for plain / stage 1 / always refined / chosen images."""
     from benchmarks.shapes.evaluate import score_pair, score_relation
@@ -191,14 +220,22 @@ def shapes_accuracy(args) -> dict:
     pipe = ComposePipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     common = {"num_inference_steps": args.shapes_steps, "guidance_scale": 5.0, "output_type": "pt"}
-    guided = {"attention_blocks": tuple(args.attention_blocks), "loss_preset": args.losses}
-    guided["scale_factor"] = args.scale_factor
-    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps, "verifier": args.verifier}
+    guided = {"attention_blocks": tuple(args.attention_blocks), "loss_preset": args.losses,
+              "scale_factor": args.scale_factor, "noise_refiner": args.noise_refiner,
+              "noise_refinement_rounds": args.noise_refinement_rounds}  # fmt: skip
+    results: dict = {"num_prompts": args.shapes_prompts, "steps": args.shapes_steps, "verifier": args.verifier,
+                     "prompt_and_noise_seed": args.shapes_seed}  # fmt: skip
+    results["random_direction_control"] = args.random_direction_control
     results.update(guided)
-    scorers = {"pair": score_pair, "relation": score_relation}
-    for category, scorer in scorers.items():
-        prompts = held_out_prompts(category, args.shapes_prompts, seed=0)
-        results.update(score_category(pipe, category, prompts, 0, scorer, args.verifier, guided, common))
+    import pipelines.compose as method
+
+    control = random_direction_refiners(method) if args.random_direction_control else contextlib.nullcontext()
+    with control:
+        for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
+            prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
+            results.update(
+                score_category(pipe, category, prompts, args.shapes_seed, scorer, args.verifier, guided, common)
+            )
     return results
 
 
@@ -218,6 +255,14 @@ def main() -> None:
     parser.add_argument("--losses", choices=LOSS_PRESETS, default="attend-excite", help="shapes part")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention", help="shapes part")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
+    parser.add_argument(
+        "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
+    )
+    parser.add_argument("--noise-refiner", choices=NOISE_REFINERS, default="single-step", help="shapes part: stage 2")
+    parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
+    parser.add_argument(
+        "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"
+    )
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
     parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()

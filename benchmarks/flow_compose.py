@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compose import PROMPT, _seeded, score_category
+from benchmarks.compose import PROMPT, _seeded, random_direction_refiners, score_category
 from benchmarks.timing import environment, interleaved_medians, print_json
 from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
 from editkit.verifiers import AttentionVerifier
@@ -148,31 +148,6 @@ def _default_sites(pipe) -> list[str]:
     return default_map_sites(pipe.transformer)
 
 
-@contextlib.contextmanager
-def random_direction_refiners(seed: int = 0):
-    """Stage 2's refiners (both) replaced by a step of their own length in a seeded random direction."""
-    import editkit.flow_compose as module
-
-    generator = torch.Generator().manual_seed(seed)
-    originals = {name: getattr(module, name) for name in ("initno_refine", "single_step_refine")}
-
-    def randomised(refiner):
-        def refine(noise, faulty, loss_fn, **kwargs):
-            length = (refiner(noise, faulty, loss_fn, **kwargs).float() - noise.float()).norm()
-            direction = torch.randn(noise.shape, generator=generator)
-            return (noise.float() + direction * length / direction.norm()).to(noise.dtype)
-
-        return refine
-
-    for name, refiner in originals.items():
-        setattr(module, name, randomised(refiner))
-    try:
-        yield
-    finally:
-        for name, refiner in originals.items():
-            setattr(module, name, refiner)
-
-
 def shapes_accuracy(args) -> dict:
     """Pair colours(+shapes) and relation accuracy for plain / stage 1 / always refined / chosen images."""
     from benchmarks.shapes.evaluate import call_kwargs, score_pair, score_relation
@@ -192,7 +167,10 @@ def shapes_accuracy(args) -> dict:
                      "prompt_and_noise_seed": args.shapes_seed}  # fmt: skip
     results.update(guided, verifier=args.verifier, map_sites=args.map_sites or _default_sites(pipe),
                    random_direction_control=args.random_direction_control)  # fmt: skip
-    with random_direction_refiners() if args.random_direction_control else contextlib.nullcontext():
+    import editkit.flow_compose as method
+
+    control = random_direction_refiners(method) if args.random_direction_control else contextlib.nullcontext()
+    with control:
         for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
             prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
             results.update(

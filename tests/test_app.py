@@ -157,6 +157,18 @@ def test_compose_endpoint_reports_constraints(server, client):
     assert report["constraints"]["entities"] == ["circle"] and report["after_refinement"] is None
 
 
+def test_compose_endpoint_takes_stage_2_options(client):
+    """The refiner and the rounds reach the run (its saved parameters say so); calls without them keep the defaults."""
+    prompt = "a red circle and a blue square"
+    _, download, _, report = client.predict(prompt, "", True, 2, 7.5, 0, "initno", 2, api_name="/compose")
+    meta = _metadata(download)
+    assert (meta["noise_refiner"], meta["noise_refinement_rounds"]) == ("initno", 2)
+    assert report["before_refinement"] is not None
+    _, download, _, _ = client.predict(prompt, "", True, 2, 7.5, 0, api_name="/compose")
+    meta = _metadata(download)
+    assert (meta["noise_refiner"], meta["noise_refinement_rounds"]) == ("single-step", 1)
+
+
 def test_generate_with_tokens_uses_the_token_file(server, client, token_file):
     tokens = gradio_client.handle_file(str(token_file))
     with_tokens, download, _ = client.predict("a red circle", tokens, 1.0, 2, 7.5, 0, api_name="/generate_with_tokens")

@@ -88,11 +88,14 @@ def test_awkward_uploads_work(handlers, tmp_path, case):
         (lambda h, good: h.compose("a car", " " + "x" * 20_000, False, 2, 7.5, 0), "at most 16384"),
         (lambda h, good: h.compose("a car", '{"entities": ["car"]}', "maybe", 2, 7.5, 0), "refine must be"),
         (lambda h, good: _stylize(h, good, good, use_adain="perhaps"), "use AdaIN must be"),
+        (lambda h, good: h.compose("a car", "", True, 2, 7.5, 0, "adam", 1), "noise refiner must be one of"),
+        (lambda h, good: h.compose("a car", "", True, 2, 7.5, 0, "initno", 0), "noise refinement rounds must be"),
     ],
     ids=[
         "gamma-nan", "tau-inf", "steps-0", "steps-fraction", "no-content", "empty-target", "guidance-text",
         "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file", "constraints-100k-deep",
         "constraints-dict-deep", "constraints-20k-chars", "refine-not-a-flag", "adain-not-a-flag",
+        "noise-refiner-unknown", "rounds-0",
     ],
 )  # fmt: skip
 def test_bad_options_are_messages(handlers, tmp_path, call, fragment):

@@ -283,9 +283,14 @@ def _compose_tab(handlers: Handlers) -> None:
                 steps = _slider(ComposeOptions, "num_inference_steps", elem_id="compose-steps", value=default_steps)
                 guidance = _slider(ComposeOptions, "guidance_scale", value=default_guidance)
                 seed = _seed(ComposeOptions)
+                with gr.Accordion("Stage 2: noise refinement", open=False):
+                    spec = knob_of(ComposeOptions, "noise_refiner")
+                    refiner = gr.Radio(list(spec.choices), value=ComposeOptions.noise_refiner, label=spec.label,
+                                       elem_id="compose-noise-refiner")  # fmt: skip
+                    rounds = _slider(ComposeOptions, "noise_refinement_rounds", elem_id="compose-rounds")
             with gr.Column():
                 outputs = _result_column("compose", report=True)
-        inputs = [prompt, constraints, refine, steps, guidance, seed]
+        inputs = [prompt, constraints, refine, steps, guidance, seed, refiner, rounds]
         _wire(handlers, buttons, handlers.compose, inputs, outputs, "compose")
         _examples("compose", [["a red circle to the left of a blue square"]], [prompt])
 

@@ -421,11 +421,17 @@ class Handlers:
         steps: Any,
         guidance_scale: Any,
         seed: Any,
+        noise_refiner: Any = ComposeOptions.noise_refiner,
+        noise_refinement_rounds: Any = ComposeOptions.noise_refinement_rounds,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
     ) -> tuple[Image.Image, str, str, dict]:
-        """Generate ``prompt`` with its constraints enforced; also returns the constraint report."""
+        """Generate ``prompt`` with its constraints enforced; also returns the constraint report.
+
+        ``noise_refiner`` and ``noise_refinement_rounds`` (stage 2) come last and have the options' defaults, so
+        API calls written before they were exposed keep working."""
         options = form_options(ComposeOptions, refine=flag(refine, "refine"), num_inference_steps=steps,
-                               guidance_scale=guidance_scale, seed=seed)  # fmt: skip
+                               guidance_scale=guidance_scale, seed=seed, noise_refiner=noise_refiner,
+                               noise_refinement_rounds=noise_refinement_rounds)  # fmt: skip
         inputs = ComposeInputs(text(prompt, "prompt"), parse_constraints(constraints))
         report: dict[str, Any] = {}
 

@@ -64,10 +64,11 @@ class ComposeOptions:
     losses: str = knob("attend-excite", "loss formulation: attend-excite or paper (the paper's own)",
                        choices=LOSS_PRESETS)  # fmt: skip
     noise_refiner: str = knob("single-step", "noise refinement: the paper's single step or InitNO",
-                              choices=NOISE_REFINERS)  # fmt: skip
+                              choices=NOISE_REFINERS, label="Noise refiner (stage 2)")  # fmt: skip
     noise_refinement_rounds: int = knob(
         1, "stage-2 rounds: 1 is the paper's; each further round refines the last round's noise on what still "
         "fails (editkit's extension; one more generation each)", low=1, integer=True,
+        label="Refinement rounds (1: the paper's; each more: one more generation)", slider=(1, 5, 1),
     )  # fmt: skip
     attention_blocks: tuple[str, ...] | None = knob(
         None, "UNet only: blocks whose cross-attention maps guide (unset: down up, the paper; down alone: cheaper)"
