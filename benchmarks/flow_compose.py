@@ -8,7 +8,9 @@ diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` bit for bit: ``tests/
 stage 1 only (half of the steps guided) and the full two-stage pipeline forced through stage 2 (a
 verifier that fails every constraint: the worst case). Targets: stage 1 <= 1.8x, full <= 2.6x.
 Op counts: transformer blocks entered per sample row, and those entered with grad (each guided or
-refinement pass is backpropagated once to z_t, through exactly those blocks), counted by hooks.
+refinement pass is backpropagated once to z_t, through exactly those blocks), counted by hooks; memory:
+the activation bytes autograd saves for those backward passes (``saved_activation_bytes``). The transformer's
+weights require grad, as ``from_pretrained`` leaves them: the pipeline keeps them out of autograd itself.
 
 Accuracy (``--shapes``; ``assets/models/shapes-sd3``, or ``--model``): pair colours+shapes and
 relation accuracy on held-out shapes-world prompts with fixed seeds, scored by the deterministic
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compose import PROMPT, _seeded, random_direction_refiners, score_category
-from benchmarks.timing import environment, interleaved_medians, print_json
+from benchmarks.timing import environment, interleaved_medians, print_json, saved_activation_bytes
 from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
 from editkit.verifiers import AttentionVerifier
 
@@ -106,6 +108,9 @@ class OpCounter:
 def speed(args) -> dict:
     pipe = speed_pipelines(args.family, args.blocks, args.t5_tokens)
     pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.requires_grad_(
+        True
+    )  # as from_pretrained leaves it: the pipeline must keep weights out of autograd
     common = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "output_type": "pt"}
     common["max_sequence_length"] = args.t5_tokens
     half = args.steps // 2
@@ -132,6 +137,10 @@ def speed(args) -> dict:
     timings = interleaved_medians(runs, repeats=args.repeats, warmup=0, device="cpu")
     result = {"family": args.family, "blocks": args.blocks, "map_sites": _default_sites(pipe), "timings": timings}
     result["op_counts"] = counts
+    # memory of the guided passes on a CPU: what autograd keeps for their backward (weights excluded)
+    result["saved_activation_bytes"] = {
+        name: saved_activation_bytes(runs[name], pipe.transformer) for name in ("stage1", "full")
+    }
     for name in [name for name in runs if name != "plain"]:
         result[f"{name}_wall_ratio"] = timings[name]["median_s"] / timings["plain"]["median_s"]
         result[f"{name}_cpu_ratio"] = timings[name]["cpu_median_s"] / timings["plain"]["cpu_median_s"]

@@ -24,6 +24,7 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 
+from editkit.acceleration import frozen_weights
 from editkit.attention import AttentionController, attach, compose
 from editkit.attention.pipeline_mixin import AttentionKernelMixin
 from editkit.backbones import FluxBackbone, SD3Backbone, check_site_names
@@ -275,7 +276,9 @@ class _FlowCompose(AttentionKernelMixin):
 
         # 2.-5. Each output: constraints -> tokens, stage 1, verification, stage 2 (prompt-major)
         outputs = []
-        with attach(self.transformer, controller, **self._kernel_options()):
+        # the weights out of autograd while guiding: a loaded model's requires_grad=True would keep every
+        # layer's input for a weight gradient nobody asks for (twice the guided pass's activation memory)
+        with attach(self.transformer, controller, **self._kernel_options()), frozen_weights(self.transformer):
             for index in range(total):
                 item = index // num_images_per_prompt
                 notes: list[str] = []

@@ -207,6 +207,33 @@ def test_paper_preset_and_noise_refinement_run_on_flow_models():
     assert initno.refined_noise is not None and torch.isfinite(initno.refined_noise).all()
 
 
+def test_guided_and_refinement_passes_leave_the_weights_out_of_autograd():
+    """A transformer loaded for inference has requires_grad=True weights: the guidance graphs (stage 1 and 2)
+    must not include them, and each flag comes back as it was."""
+    from editkit.verifiers import AttentionVerifier
+
+    pipe = _compose(_stock("sd3"))
+    transformer = pipe.transformer
+    transformer.requires_grad_(True)
+    transformer.pos_embed.proj.weight.requires_grad_(False)  # one odd flag, to check each is restored
+    during: list[tuple[bool, bool]] = []
+
+    def record(module, args):
+        during.append((torch.is_grad_enabled(), any(p.requires_grad for p in module.parameters())))
+
+    handle = transformer.register_forward_pre_hook(record)
+    try:
+        forced = AttentionVerifier(peak_threshold=2.0)  # fails every entity: stage 2 runs too
+        out = pipe(PROMPT, generator=_seeded(), verifier=forced, max_iter_to_alter=2, **SMALL)
+    finally:
+        handle.remove()
+    assert out.refined_noise is not None
+    assert sum(grad for grad, _ in during) >= 5  # 2 guided passes per stage-1 run, and the refinement's
+    assert not any(weights for _, weights in during)
+    assert all(p.grad is None for p in transformer.parameters())
+    assert not transformer.pos_embed.proj.weight.requires_grad and transformer.proj_out.weight.requires_grad
+
+
 def test_noise_refinement_rounds_chain_on_flow_models(monkeypatch):
     import editkit.flow_compose as module
     from editkit.verifiers import AttentionVerifier

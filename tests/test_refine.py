@@ -627,3 +627,30 @@ def test_from_pretrained_both_families_and_from_pipe(sd15_dir, sdxl_dir, sd15_pi
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
     piped = ComposePipeline.from_pipe(sd15_pipe)
     assert piped.unet is sd15_pipe.unet
+
+
+def test_random_direction_control_keeps_each_refinement_length_and_restores_the_refiners():
+    """The benchmarks' ablation: a step of the refiner's own length in a seeded random direction, undone on exit."""
+    import types
+
+    from benchmarks.compose import random_direction_refiners
+
+    push = torch.arange(16.0).reshape(1, 1, 4, 4)
+
+    def towards_loss(noise, faulty, loss_fn, **kwargs):
+        return noise + push
+
+    module = types.SimpleNamespace(initno_refine=towards_loss, single_step_refine=towards_loss)
+    noise = torch.zeros(1, 1, 4, 4)
+    runs = []
+    for _ in range(2):
+        with random_direction_refiners(module, seed=3):
+            steps = [module.initno_refine(noise, [0], None) - noise, module.single_step_refine(noise, [0], None)]
+        runs.append(steps)
+        assert module.initno_refine is towards_loss and module.single_step_refine is towards_loss
+    for step in runs[0]:
+        assert torch.allclose(step.norm(), push.norm())
+        cosine = torch.nn.functional.cosine_similarity(step.flatten(), push.flatten(), dim=0)
+        assert abs(cosine) < 0.9  # not the refiner's direction
+    assert not torch.allclose(runs[0][0], runs[0][1])  # a new direction per call
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # seeded: the same draws again
