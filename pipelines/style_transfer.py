@@ -66,17 +66,14 @@ from editkit.pipeline_io import (
     unet_call_kwargs,
 )
 from editkit.style import (
-    FEATURE_TIMINGS,
-    FEATURES_BY_KIND,
     FeatureRecorder,
-    StyleCache,
     StyleInjectionController,
-    check_feature_timing,
     check_style_arguments,
     content_aware_adain,
     model_fingerprint,
     resolve_style_sites,
 )
+from editkit.style_file import FEATURE_TIMINGS, FEATURES_BY_KIND, StyleCache, check_feature_timing
 
 logger = logging.getLogger(__name__)
 
