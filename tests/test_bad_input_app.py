@@ -90,12 +90,13 @@ def test_awkward_uploads_work(handlers, tmp_path, case):
         (lambda h, good: _stylize(h, good, good, use_adain="perhaps"), "use AdaIN must be"),
         (lambda h, good: h.compose("a car", "", True, 2, 7.5, 0, "adam", 1), "noise refiner must be one of"),
         (lambda h, good: h.compose("a car", "", True, 2, 7.5, 0, "initno", 0), "noise refinement rounds must be"),
+        (lambda h, good: h.compose("a car", "", True, 2, 7.5, 0, "initno", 10**9), "between 1 and 10"),
     ],
     ids=[
         "gamma-nan", "tau-inf", "steps-0", "steps-fraction", "no-content", "empty-target", "guidance-text",
         "empty-prompt", "constraints-not-object", "guidance-nan", "no-token-file", "constraints-100k-deep",
         "constraints-dict-deep", "constraints-20k-chars", "refine-not-a-flag", "adain-not-a-flag",
-        "noise-refiner-unknown", "rounds-0",
+        "noise-refiner-unknown", "rounds-0", "rounds-1e9",
     ],
 )  # fmt: skip
 def test_bad_options_are_messages(handlers, tmp_path, call, fragment):

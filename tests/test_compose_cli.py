@@ -120,4 +120,4 @@ def test_noise_refinement_rounds_reach_the_pipeline_and_bad_values_name_the_flag
     with pytest.raises(SystemExit) as refused:  # argparse's refusal: usage, exit code 2
         _run(sd15_dir, tmp_path, "--noise-refinement-rounds", "0", output="zero.png")
     assert refused.value.code == 2 and not (tmp_path / "zero.png").exists()
-    assert "argument --noise-refinement-rounds: must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --noise-refinement-rounds: must be between 1 and 10, got 0" in capsys.readouterr().err

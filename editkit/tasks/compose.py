@@ -67,7 +67,8 @@ class ComposeOptions:
                               choices=NOISE_REFINERS, label="Noise refiner (stage 2)")  # fmt: skip
     noise_refinement_rounds: int = knob(
         1, "stage-2 rounds: 1 is the paper's; each further round refines the last round's noise on what still "
-        "fails (editkit's extension; one more generation each)", low=1, integer=True,
+        "fails (editkit's extension; one more generation each; at most 10, so a request cannot run for hours)",
+        low=1, high=10, integer=True,
         label="Refinement rounds (1: the paper's; each more: one more generation)", slider=(1, 5, 1),
     )  # fmt: skip
     attention_blocks: tuple[str, ...] | None = knob(
