@@ -212,10 +212,25 @@ def random_direction_refiners(module, seed: int = 0):
             setattr(module, name, refiner)
 
 
-def shapes_accuracy(args) -> dict:
-    """Pair colour binding and relation accuracy for plain / stage 1 / always refined / chosen images."""
+def score_categories(pipe, args, guided: dict, common: dict, method) -> dict:
+    """Pair and relation figures on the draw of ``args`` (``--random-direction-control``: with ``method``'s refiners
+    randomised, ``method`` being the module that calls them)."""
     from benchmarks.shapes.evaluate import score_pair, score_relation
     from benchmarks.shapes.world import held_out_prompts
+
+    results: dict = {}
+    control = random_direction_refiners(method) if args.random_direction_control else contextlib.nullcontext()
+    with control:
+        for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
+            prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
+            results.update(
+                score_category(pipe, category, prompts, args.shapes_seed, scorer, args.verifier, guided, common)
+            )
+    return results
+
+
+def shapes_accuracy(args) -> dict:
+    """Pair colour binding and relation accuracy for plain / stage 1 / always refined / chosen images."""
 
     pipe = ComposePipeline.from_pretrained(SHAPES_MODEL).to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -229,14 +244,20 @@ def shapes_accuracy(args) -> dict:
     results.update(guided)
     import pipelines.compose as method
 
-    control = random_direction_refiners(method) if args.random_direction_control else contextlib.nullcontext()
-    with control:
-        for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
-            prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
-            results.update(
-                score_category(pipe, category, prompts, args.shapes_seed, scorer, args.verifier, guided, common)
-            )
+    results.update(score_categories(pipe, args, guided, common, method))
     return results
+
+
+def add_stage2_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shapes part's prompt draw and stage-2 options (shared with ``benchmarks/flow_compose.py``)."""
+    parser.add_argument(
+        "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
+    )
+    parser.add_argument("--noise-refiner", choices=NOISE_REFINERS, default="single-step", help="shapes part: stage 2")
+    parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
+    parser.add_argument(
+        "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"
+    )
 
 
 def main() -> None:
@@ -255,14 +276,7 @@ def main() -> None:
     parser.add_argument("--losses", choices=LOSS_PRESETS, default="attend-excite", help="shapes part")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention", help="shapes part")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
-    parser.add_argument(
-        "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
-    )
-    parser.add_argument("--noise-refiner", choices=NOISE_REFINERS, default="single-step", help="shapes part: stage 2")
-    parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
-    parser.add_argument(
-        "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"
-    )
+    add_stage2_arguments(parser)
     parser.add_argument("--shapes-only", "--skip-speed", action="store_true", help="skip the full-size speed part")
     parser.add_argument("--skip-shapes", action="store_true", help="skip the shapes-world part")
     args = parser.parse_args()

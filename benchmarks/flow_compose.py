@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compose import PROMPT, _seeded, random_direction_refiners, score_category
+from benchmarks.compose import PROMPT, _seeded, add_stage2_arguments, score_categories
 from benchmarks.timing import environment, interleaved_medians, print_json, saved_activation_bytes
-from editkit.compose_choices import LOSS_PRESETS, NOISE_REFINERS
+from editkit.compose_choices import LOSS_PRESETS
 from editkit.verifiers import AttentionVerifier
 
 SHAPES_MODEL = Path("assets/models/shapes-sd3")
@@ -109,9 +109,8 @@ class OpCounter:
 def speed(args) -> dict:
     pipe = speed_pipelines(args.family, args.blocks, args.t5_tokens)
     pipe.set_progress_bar_config(disable=True)
-    pipe.transformer.requires_grad_(
-        True
-    )  # as from_pretrained leaves it: the pipeline must keep weights out of autograd
+    # requires_grad as from_pretrained leaves it: the pipeline must keep the weights out of autograd itself
+    pipe.transformer.requires_grad_(True)
     common = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "output_type": "pt"}
     common["max_sequence_length"] = args.t5_tokens
     half = args.steps // 2
@@ -173,8 +172,7 @@ def _default_sites(pipe) -> list[str]:
 
 def shapes_accuracy(args) -> dict:
     """Pair colours(+shapes) and relation accuracy for plain / stage 1 / always refined / chosen images."""
-    from benchmarks.shapes.evaluate import call_kwargs, score_pair, score_relation
-    from benchmarks.shapes.world import held_out_prompts
+    from benchmarks.shapes.evaluate import call_kwargs
     from editkit.models import load_pipeline
     from pipelines.flow_compose import SD3ComposePipeline
 
@@ -192,13 +190,7 @@ def shapes_accuracy(args) -> dict:
                    random_direction_control=args.random_direction_control)  # fmt: skip
     import editkit.flow_compose as method
 
-    control = random_direction_refiners(method) if args.random_direction_control else contextlib.nullcontext()
-    with control:
-        for category, scorer in {"pair": score_pair, "relation": score_relation}.items():
-            prompts = held_out_prompts(category, args.shapes_prompts, seed=args.shapes_seed)
-            results.update(
-                score_category(pipe, category, prompts, args.shapes_seed, scorer, args.verifier, guided, common)
-            )
+    results.update(score_categories(pipe, args, guided, common, method))
     return results
 
 
@@ -221,14 +213,7 @@ def main() -> None:
     parser.add_argument("--losses", choices=LOSS_PRESETS, default="attend-excite")
     parser.add_argument("--verifier", choices=("attention", "shapes"), default="attention")
     parser.add_argument("--scale-factor", type=float, default=20.0, help="shapes part: guided step size (A&E: 20)")
-    parser.add_argument(
-        "--shapes-seed", type=int, default=0, help="shapes part: prompt draw, and first generation seed (default 0)"
-    )
-    parser.add_argument("--noise-refiner", choices=NOISE_REFINERS, default="single-step", help="shapes part: stage 2")
-    parser.add_argument("--noise-refinement-rounds", type=int, default=1, help="shapes part: stage 2's rounds")
-    parser.add_argument(
-        "--random-direction-control", action="store_true", help="shapes part: ablation, random refinement directions"
-    )
+    add_stage2_arguments(parser)
     args = parser.parse_args()
     result: dict = {"benchmark": "flow_compose", "environment": environment()}
     if args.t5_tokens is None:
